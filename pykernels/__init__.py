@@ -1,0 +1,12 @@
+"""pykernels: fused kernels for activation probes, model selection and
+likelihood-landscape flatness, with a plain-PyTorch reference for every op.
+
+Importing never needs a GPU, Triton or the compiled extension; see
+`pykernels.backends()` for what can run here.
+"""
+
+from .backend import backends
+from .probes.scoring import probe_scores
+
+__version__ = "0.1.0"
+__all__ = ["backends", "probe_scores"]

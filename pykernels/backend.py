@@ -1,0 +1,140 @@
+"""Which implementation of an op runs.
+
+Every op has a plain-PyTorch `reference` and any of three fast backends:
+`cpu` (C++ kernel), `cuda` (CUDA C++ kernel), `triton` (Triton kernel).
+The choice, in order of precedence:
+  1. the op's `backend=` argument;
+  2. the environment variable PYKERNELS_BACKEND;
+  3. the fastest available for the tensors' device: cpu for CPU tensors,
+     cuda (then triton) for CUDA tensors, else reference.
+A backend asked for by name that cannot run raises an error saying why; it is
+never silently replaced.
+
+With TRITON_INTERPRET=1 set before triton is imported, the triton backend runs
+on CPU tensors through Triton's interpreter (slow: for tests), and only when asked
+for by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from typing import Iterable
+
+import torch
+
+from . import _ops
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "PYKERNELS_BACKEND"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why not, or what it runs on
+
+    def __str__(self) -> str:
+        return f"{self.name:<9} {'yes' if self.available else 'no ':<3}  {self.reason}"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - broken installs
+        return f"importing triton failed: {exc}"
+    return None
+
+
+def _status(name: str) -> BackendStatus:
+    if name == "reference":
+        return BackendStatus(name, True, "plain PyTorch, any device")
+    if name == "cpu":
+        if not _ops.LOADED:
+            return BackendStatus(name, False, f"compiled extension not loaded ({_ops.LOAD_ERROR})")
+        return BackendStatus(name, True, f"C++ kernels, {_ops.cpu_isa()} SIMD, {torch.get_num_threads()} threads")
+    if name == "cuda":
+        if not _ops.LOADED:
+            return BackendStatus(name, False, f"compiled extension not loaded ({_ops.LOAD_ERROR})")
+        if not _ops.has_kernel("probe_scores", "CUDA"):
+            return BackendStatus(name, False, "extension built without CUDA (see setup.py)")
+        if not torch.cuda.is_available():
+            return BackendStatus(name, False, "CUDA kernels built, but no CUDA device is visible")
+        return BackendStatus(name, True, f"CUDA kernels on {torch.cuda.get_device_name()}")
+    if name == "triton":
+        err = _triton_import_error()
+        if err:
+            return BackendStatus(name, False, err)
+        if torch.cuda.is_available():
+            return BackendStatus(name, True, "Triton kernels on the GPU")
+        if triton_interpreted():
+            return BackendStatus(name, True, "Triton interpreter on the CPU (TRITON_INTERPRET=1; slow)")
+        return BackendStatus(name, False, "no GPU, and TRITON_INTERPRET=1 is not set")
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend, whether it can run here, and why (not)."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+def _op_has_kernel(op: str, name: str) -> bool:
+    """Compiled backends: is pykernels::<op> registered for that dispatch key?"""
+    if name in ("cpu", "cuda"):
+        return _ops.has_kernel(op, name.upper())
+    return True
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+
+
+@torch.compiler.assume_constant_result
+def select(op: str, device: torch.device, implemented: Iterable[str], requested: str | None = None) -> str:
+    """The backend `op` runs with for tensors on `device` (see the module docstring).
+
+    Under torch.compile the choice is made once, while tracing, and baked into
+    the compiled graph.
+    """
+    implemented = tuple(implemented)
+    if requested is None:
+        requested = os.environ.get(ENV_VAR) or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+        if requested not in implemented:
+            raise ValueError(f"{op} has no {requested!r} backend; it has {implemented}")
+        status = _status(requested)
+        if not status.available:
+            raise RuntimeError(f"{op}: backend {requested!r} is not available: {status.reason}")
+        if not _op_has_kernel(op, requested):
+            raise RuntimeError(f"{op}: the compiled extension has no {requested} kernel for it (rebuild?)")
+        if not _runs_on(requested, device):
+            raise ValueError(f"{op}: backend {requested!r} cannot run on {device.type} tensors")
+        return requested
+    preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    for name in preference:
+        if (
+            name in implemented
+            and _status(name).available
+            and _runs_on(name, device)
+            and _op_has_kernel(op, name)
+        ):
+            return name
+    return "reference"

@@ -1,0 +1,74 @@
+"""Builds pykernels._C, the compiled operator library.
+
+Sources are globbed by folder, the same way CMakeLists.txt does (see csrc/README.md):
+  csrc/core/*.cpp, csrc/ops/*.cpp      always (CPU kernels + bindings)
+  csrc/core/*.cu, csrc/ops/cuda/*.cpp  when building with CUDA
+
+CUDA is built when the installed torch has CUDA and nvcc is found, or when
+PYKERNELS_BUILD_CUDA=1 forces it (=0 disables it). With no GPU visible, the
+architectures default to TORCH_CUDA_ARCH_LIST="8.0;9.0".
+PYKERNELS_NO_EXTENSION=1 installs the pure-Python package only.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(*patterns):
+    files = []
+    for pattern in patterns:
+        files += sorted(glob.glob(os.path.join("csrc", pattern)))
+    return files
+
+
+def _want_cuda(cpp_extension):
+    forced = os.environ.get("PYKERNELS_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extensions():
+    if os.environ.get("PYKERNELS_NO_EXTENSION") == "1":
+        return [], {}
+    from torch.utils import cpp_extension
+
+    cxx = ["-O3", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    sources = _sources("core/*.cpp", "ops/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc", "core")]
+    if not _want_cuda(cpp_extension):
+        ext = cpp_extension.CppExtension(
+            "pykernels._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("PYKERNELS_PYTHON_MODULE", "1")],
+            extra_compile_args={"cxx": cxx},
+        )
+        return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # CUDA wheels of torch ship some toolkit headers (cusparse.h, ...) in site-packages.
+    import torch
+
+    torch_site = os.path.dirname(os.path.dirname(torch.__file__))
+    include_dirs += sorted(glob.glob(os.path.join(torch_site, "nvidia", "cu*", "include")))
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    ext = cpp_extension.CUDAExtension(
+        "pykernels._C",
+        sources + _sources("core/*.cu", "ops/cuda/*.cpp"),
+        include_dirs=include_dirs,
+        define_macros=[("PYKERNELS_PYTHON_MODULE", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,32 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors:
+TRITON_INTERPRET must be set before triton is first imported, hence here.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import pykernels  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _clean_backend_env(monkeypatch):
+    # A PYKERNELS_BACKEND from the caller's shell must not redirect the tests.
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    yield
+
+
+def pytest_sessionstart(session):
+    # CI names the backends that must run (PYKERNELS_REQUIRE_BACKENDS="cpu triton"),
+    # so a broken build fails loudly instead of turning into skipped tests.
+    required = os.environ.get("PYKERNELS_REQUIRE_BACKENDS", "").split()
+    status = pykernels.backends()
+    missing = [f"{n}: {status[n].reason}" for n in required if not status[n].available]
+    if missing:
+        raise pytest.UsageError("required backends unavailable: " + "; ".join(missing))

@@ -1,0 +1,52 @@
+"""Bad input to pykernels.probe_scores: errors that name the argument, the
+expected and the actual value."""
+
+import pytest
+import torch
+
+import pykernels
+
+
+def layers(L=2, B=2, T=5, H=8, dtype=torch.float32):
+    return [torch.randn(B, T, H, dtype=dtype) for _ in range(L)]
+
+
+W = torch.randn(2, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(hidden_states=[]), ValueError, "at least one layer"),
+        (dict(hidden_states="x"), TypeError, "hidden_states must be a .* got str"),
+        (dict(hidden_states=torch.randn(2, 5, 8)), ValueError, r"hidden_states must have 4 dims .* got shape \(2, 5, 8\)"),
+        (dict(hidden_states=[torch.randn(5, 8), torch.randn(5, 8)]), ValueError, r"hidden_states\[0\] must have 3 dims"),
+        (dict(hidden_states=layers(dtype=torch.float64)), TypeError, r"hidden_states\[0\] must have dtype in \(float32, float16, bfloat16\), got float64"),
+        (dict(hidden_states=[torch.randn(2, 5, 8), torch.randn(2, 5, 8).half()]), TypeError, r"hidden_states\[1\] must have dtype in \(float32\)"),
+        (dict(hidden_states=[torch.randn(2, 5, 8), torch.randn(2, 6, 8)]), ValueError, r"hidden_states\[1\] has shape \(2, 6, 8\) but layer 0 has \(2, 5, 8\)"),
+        (dict(weight=torch.randn(3, 8, 3)), ValueError, "weight has 3 at dim 0 but the number of layers L is 2"),
+        (dict(weight=torch.randn(2, 9, 3)), ValueError, "weight has 9 at dim 1 but the hidden size H"),
+        (dict(weight=torch.randn(2, 8)), ValueError, r"weight must have 3 dims \[L, H, K\]"),
+        (dict(weight=torch.randint(0, 2, (2, 8, 3))), TypeError, "weight must have dtype in"),
+        (dict(bias=torch.randn(4)), ValueError, "bias has 4 at dim 0 but the number of heads K"),
+        (dict(smoothing="mean"), ValueError, r"smoothing must be one of \('none', 'swim', 'ema'\), got 'mean'"),
+        (dict(window=0), ValueError, "window must be >= 1, got 0"),
+        (dict(window=2.5), TypeError, "window must be an int, got float"),
+        (dict(smoothing="ema", ema_alpha=0.0), ValueError, r"ema_alpha must lie in \(0, 1\], got 0.0"),
+        (dict(smoothing="ema", ema_alpha=1.5), ValueError, r"ema_alpha must lie in \(0, 1\], got 1.5"),
+        (dict(smoothing="swim", ema_alpha=0.5), ValueError, "ema_alpha only applies to smoothing='ema'"),
+        (dict(lengths=torch.tensor([5, 6])), ValueError, r"lengths must lie in \[0, T=5\], got values in \[5, 6\]"),
+        (dict(lengths=torch.tensor([-1, 2])), ValueError, r"lengths must lie in \[0, T=5\]"),
+        (dict(lengths=torch.tensor([5, 5, 5])), ValueError, "lengths has 3 at dim 0 but the batch size B is 2"),
+        (dict(lengths=torch.tensor([5.0, 5.0])), TypeError, "lengths must have dtype in"),
+        (dict(weight=torch.randn(2, 8, 3, device="meta")), ValueError, "weight must be on cpu .* got meta"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_input(kwargs, exc, pattern, backend):
+    if backend == "cpu" and not pykernels.backends()["cpu"].available:
+        pytest.skip("cpu backend unavailable")
+    args = dict(hidden_states=layers(), weight=W, backend=backend)
+    args.update(kwargs)
+    with pytest.raises(exc, match=pattern):
+        pykernels.probe_scores(**args)
