@@ -40,7 +40,10 @@ def _extensions():
         return [], {}
     from torch.utils import cpp_extension
 
-    cxx = ["-O3", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is inline and runs serially in a translation unit
+    # compiled without OpenMP. The libgomp it links is the one torch already loaded.
+    cxx = ["-O3", "-std=c++17", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
+    link = ["-fopenmp"]
     sources = _sources("core/*.cpp", "ops/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "core")]
     if not _want_cuda(cpp_extension):
@@ -50,6 +53,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("PYKERNELS_PYTHON_MODULE", "1")],
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
         return [ext], {"build_ext": cpp_extension.BuildExtension}
 
@@ -66,6 +70,7 @@ def _extensions():
         include_dirs=include_dirs,
         define_macros=[("PYKERNELS_PYTHON_MODULE", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

@@ -1,0 +1,117 @@
+"""Benchmark cases, timing and the machine's memory bandwidth.
+
+A Case is one shape of one op: the implementations to time (our backends) and
+the baselines a user would otherwise run, each a zero-argument callable. Every
+callable of a case is timed in the same process, back to back, and reported as
+the median of repeats; speedups are ratios of those medians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class BenchContext:
+    device: torch.device
+    quick: bool
+    min_repeats: int = 5
+    budget_s: float = 1.0  # time spent measuring one callable, after warm-up
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclasses.dataclass
+class Case:
+    op: str  # table this case belongs to, e.g. "probe_scores"
+    shape: str  # human-readable shape, e.g. "L=32 H=1024 tokens=4096 K=4"
+    dtype: str
+    implementations: dict[str, Callable[[], Any]]  # ours: "cpu", "cuda", "triton", ...
+    baselines: dict[str, Callable[[], Any]]  # what a user would run instead
+    bytes_read: Optional[int] = None  # minimum bytes the op must read (memory-bound ops)
+    notes: str = ""
+
+
+@dataclasses.dataclass
+class Measurement:
+    op: str
+    shape: str
+    dtype: str
+    name: str
+    kind: str  # "ours" or "baseline"
+    median_ms: float
+    repeats: int
+    gbps: Optional[float] = None
+    pct_bandwidth: Optional[float] = None
+    speedups: dict[str, float] = dataclasses.field(default_factory=dict)  # vs each baseline
+    error: Optional[str] = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_callable(fn: Callable[[], Any], ctx: BenchContext) -> tuple[float, int]:
+    """Median seconds per call and the number of timed calls."""
+    fn()  # warm-up (compilation, caches, allocator)
+    _sync(ctx.device)
+    start = time.perf_counter()
+    fn()
+    _sync(ctx.device)
+    first = max(time.perf_counter() - start, 1e-7)
+    repeats = int(min(200, max(ctx.min_repeats, ctx.budget_s / first)))
+    times = []
+    if ctx.is_cuda:
+        for _ in range(repeats):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), repeats
+
+
+def measure_read_bandwidth(ctx: BenchContext) -> float:
+    """Bytes/s of a large `tensor.sum()` on the device: the read rate the
+    memory-bound kernels are compared with."""
+    n = (64 if ctx.quick else 128) * 2**20 if ctx.device.type == "cpu" else 512 * 2**20
+    x = torch.ones(n, dtype=torch.float32, device=ctx.device)
+    seconds, _ = time_callable(lambda: x.sum(), ctx)
+    return n * 4 / seconds
+
+
+def run_case(case: Case, ctx: BenchContext, bandwidth: float) -> list[Measurement]:
+    rows: list[Measurement] = []
+    for kind, fns in (("baseline", case.baselines), ("ours", case.implementations)):
+        for name, fn in fns.items():
+            row = Measurement(case.op, case.shape, case.dtype, name, kind, float("nan"), 0)
+            try:
+                seconds, row.repeats = time_callable(fn, ctx)
+            except Exception as exc:  # one failing implementation must not end the run
+                row.error = f"{type(exc).__name__}: {exc}"
+                rows.append(row)
+                continue
+            row.median_ms = seconds * 1e3
+            if case.bytes_read:
+                row.gbps = case.bytes_read / seconds / 1e9
+                row.pct_bandwidth = 100.0 * case.bytes_read / seconds / bandwidth
+            rows.append(row)
+    base = {r.name: r.median_ms for r in rows if r.kind == "baseline" and r.error is None}
+    for r in rows:
+        if r.error is None:
+            r.speedups = {b: ms / r.median_ms for b, ms in base.items() if b != r.name}
+    return rows
