@@ -37,3 +37,30 @@ if LOADED:
     def _probe_scores_fake(hidden_states, weight, bias, lengths, smoothing, window, ema_alpha):
         h0 = hidden_states[0]
         return h0.new_empty((h0.shape[0], h0.shape[1], weight.shape[2]), dtype=torch.float32)
+
+    # Model selection (docs: pykernels/selection/correlation.py).
+    @torch.library.register_fake("pykernels::pairwise_corr_distance")
+    def _pairwise_corr_distance_fake(features, triu):
+        B, N = features.shape[0], features.shape[1]
+        return features.new_empty((B, N * (N - 1) // 2) if triu else (B, N, N))
+
+    @torch.library.register_fake("pykernels::spearman")
+    def _spearman_fake(x, y):
+        return x.new_empty((x.shape[0],), dtype=torch.float64)
+
+    @torch.library.register_fake("pykernels::parc_spearman")
+    def _parc_spearman_fake(features, classes):
+        return features.new_empty((features.shape[0],), dtype=torch.float64)
+
+    def _distance_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.triu = inputs[1]
+
+    def _distance_backward(ctx, grad):
+        from .reference.parc import pairwise_corr_distance_backward
+
+        (features,) = ctx.saved_tensors
+        return pairwise_corr_distance_backward(features, ctx.triu, grad), None
+
+    torch.library.register_autograd("pykernels::pairwise_corr_distance", _distance_backward,
+                                    setup_context=_distance_setup_context)

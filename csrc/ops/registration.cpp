@@ -25,6 +25,12 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "probe_scores(Tensor[] hidden_states, Tensor weight, Tensor? bias, Tensor? lengths, "
       "str smoothing, int window, float ema_alpha) -> Tensor");
+  // Model selection: row-wise Pearson distances, Spearman with average ranks, and PARC's fused
+  // distance -> rank -> correlation against same/different-class labels (docs:
+  // pykernels/selection/correlation.py).
+  m.def("pairwise_corr_distance(Tensor features, bool triu) -> Tensor");
+  m.def("spearman(Tensor x, Tensor y) -> Tensor");
+  m.def("parc_spearman(Tensor features, Tensor classes) -> Tensor");
   // Which SIMD build the CPU kernels use on this machine ("avx512", "avx2", "scalar").
   m.def("cpu_isa() -> str", []() -> std::string { return pykernels::core::probe_scores_cpu_isa(); });
 }

@@ -1,0 +1,253 @@
+// CPU model-selection kernels: normalised rows, row-tile dot products, and ranking by a bucket
+// sort. Values are spread over ~m/8 buckets by linear interpolation between their min and max
+// (a monotone map, so equal values share a bucket and buckets are ordered); each bucket, a few
+// values on average, is then sorted on its own. Ranks and tie groups are exact: positions are
+// integers and ties are detected by comparing doubles, never by rounding them.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "parc.h"
+
+namespace pykernels::core {
+namespace {
+
+constexpr int64_t kTile = 256;          // columns of one row handled per pass over zt
+constexpr int64_t kValuesPerBucket = 8;  // average bucket size of the sorts
+constexpr int64_t kMaxBuckets = int64_t(1) << 26;
+
+// Maps a value to its bucket; monotone non-decreasing in the value.
+struct Buckets {
+  double lo = 0.0, scale = 0.0;
+  int64_t count = 1;
+
+  Buckets(double lo_, double hi, int64_t values) : lo(lo_) {
+    count = std::clamp<int64_t>(values / kValuesPerBucket, 1, kMaxBuckets);
+    const double span = hi - lo;
+    scale = (span > 0.0 && std::isfinite(span)) ? double(count) / span : 0.0;
+  }
+
+  int64_t operator()(double v) const {
+    if (scale == 0.0 || !(v > lo)) return 0;
+    const double x = (v - lo) * scale;
+    return x >= double(count - 1) ? count - 1 : int64_t(x);
+  }
+};
+
+template <typename T, typename Less>
+void sort_small(T* first, T* last, Less less) {
+  if (last - first > 24) {
+    std::sort(first, last, less);
+    return;
+  }
+  for (T* i = first + 1; i < last; ++i) {
+    T v = *i;
+    T* j = i;
+    for (; j > first && less(v, *(j - 1)); --j) *j = *(j - 1);
+    *j = v;
+  }
+}
+
+// Counting sort into buckets: emit(position, i) places item i; afterwards bucket k occupies
+// positions [end[k-1], end[k]) (end[-1] = 0).
+template <typename ValueAt, typename Emit>
+void bucket_order(int64_t m, const Buckets& buckets, ValueAt value_at, Emit emit, std::vector<int64_t>& end) {
+  end.assign(size_t(buckets.count) + 1, 0);
+  for (int64_t i = 0; i < m; ++i) ++end[size_t(buckets(value_at(i))) + 1];
+  std::partial_sum(end.begin(), end.end(), end.begin());  // end[k] = start of bucket k
+  for (int64_t i = 0; i < m; ++i) emit(end[size_t(buckets(value_at(i)))]++, i);
+  end.pop_back();  // end[k] = end of bucket k
+}
+
+template <typename T>
+void finite_range(const T* v, int64_t stride, int64_t m, double& lo, double& hi) {
+  lo = std::numeric_limits<double>::infinity();
+  hi = -lo;
+  for (int64_t i = 0; i < m; ++i) {
+    const double x = double(v[i * stride]);
+    if (std::isfinite(x)) {
+      lo = std::min(lo, x);
+      hi = std::max(hi, x);
+    }
+  }
+}
+
+template <typename T>
+const T* model_row(const FeatureBatch& f, int64_t b, int64_t row) {
+  return static_cast<const T*>(f.data) + (b * f.n + row) * f.d;
+}
+
+// acc[jj] = <row i, row j0 + jj> for jj < len, from transposed normalised rows zt [d, n],
+// each summed in k order (so a pair's value does not depend on where it sits).
+template <typename Z>
+void dot_row_tile(const Z* __restrict zt, int64_t n, int64_t d, int64_t i, int64_t j0, int64_t len,
+                  Z* __restrict acc) {
+  for (int64_t jj = 0; jj < len; ++jj) acc[jj] = Z(0);
+  for (int64_t k = 0; k < d; ++k) {
+    const Z a = zt[k * n + i];
+    const Z* __restrict col = zt + k * n + j0;
+    for (int64_t jj = 0; jj < len; ++jj) acc[jj] += a * col[jj];
+  }
+  for (int64_t jj = 0; jj < len; ++jj) acc[jj] = duplicate_correlation(zt + i, zt + j0 + jj, d, n, acc[jj]);
+}
+
+}  // namespace
+
+template <typename Z>
+bool normalize_row_cpu(const FeatureBatch& f, int64_t b, int64_t row, Z* zt, int64_t column) {
+  const int64_t d = f.d, n = f.n;
+  double mean = 0.0, norm2 = 0.0;
+  auto value = [&](int64_t k) -> double {
+    return f.dtype == FloatType::Float32 ? double(model_row<float>(f, b, row)[k])
+                                         : model_row<double>(f, b, row)[k];
+  };
+  for (int64_t k = 0; k < d; ++k) mean += value(k);
+  mean /= double(d);
+  for (int64_t k = 0; k < d; ++k) norm2 += (value(k) - mean) * (value(k) - mean);
+  const double inv = 1.0 / std::sqrt(norm2);
+  const bool ok = norm2 > 0.0 && std::isfinite(inv) && std::isfinite(norm2);
+  for (int64_t k = 0; k < d; ++k)
+    zt[k * n + column] = ok ? Z((value(k) - mean) * inv) : std::numeric_limits<Z>::quiet_NaN();
+  return ok;
+}
+
+template <typename Z>
+void corr_distance_rows_cpu(const Z* zt, int64_t n, int64_t d, int64_t row_begin, int64_t row_end,
+                            bool triu, Z* out) {
+  Z acc[kTile];
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const int64_t first = triu ? i + 1 : 0;
+    for (int64_t j0 = first; j0 < n; j0 += kTile) {
+      const int64_t len = std::min(kTile, n - j0);
+      dot_row_tile(zt, n, d, i, j0, len, acc);
+      Z* dst = triu ? out + triu_index(i, j0, n) : out + i * n + j0;
+      for (int64_t jj = 0; jj < len; ++jj) dst[jj] = corr_distance(acc[jj]);
+    }
+    // A row's distance to itself is 0 by definition (NaN for an undefined row).
+    if (!triu) out[i * n + i] = std::isnan(zt[i]) ? zt[i] : Z(0);
+  }
+}
+
+template <typename T>
+double twice_average_ranks_cpu(const T* values, int64_t stride, int64_t m, int64_t* twice_rank,
+                               RankScratch& s) {
+  double lo, hi;
+  finite_range(values, stride, m, lo, hi);
+  const Buckets buckets(lo, hi, m);
+  s.items.resize(size_t(m));
+  auto value_at = [&](int64_t i) { return double(values[i * stride]); };
+  bucket_order(m, buckets, value_at, [&](int64_t pos, int64_t i) { s.items[size_t(pos)] = RankItem{value_at(i), i}; },
+               s.bucket_end);
+  int64_t begin = 0;
+  for (const int64_t end : s.bucket_end) {
+    sort_small(s.items.data() + begin, s.items.data() + end,
+               [](const RankItem& a, const RankItem& b) { return a.value < b.value; });
+    begin = end;
+  }
+  double ties = 0.0;
+  for (int64_t start = 0, stop; start < m; start = stop) {
+    stop = start + 1;
+    while (stop < m && s.items[size_t(stop)].value == s.items[size_t(start)].value) ++stop;
+    // Positions start..stop-1 hold ranks start+1..stop; their average, doubled, is start+stop+1.
+    for (int64_t p = start; p < stop; ++p) twice_rank[s.items[size_t(p)].index] = start + stop + 1;
+    ties += tie_term(double(stop - start));
+  }
+  return ties;
+}
+
+double spearman_from_ranks_cpu(const int64_t* twice_rank_x, const int64_t* twice_rank_y, int64_t m,
+                               double ties_x, double ties_y) {
+  // |2r - m - 1| < m, so each product is below m^2 (exact in int64 for m < 3e9) and the sum,
+  // up to m^3, is exact in 128 bits.
+  __int128 sum = 0;
+  for (int64_t i = 0; i < m; ++i)
+    sum += __int128((twice_rank_x[i] - m - 1) * (twice_rank_y[i] - m - 1));
+  return spearman_rho(m, double(sum), ties_x, ties_y);
+}
+
+void parc_labels_cpu(const int64_t* classes, int64_t n, int64_t* order, int64_t* block_end,
+                     int64_t* n_same, int64_t* n_diff) {
+  std::iota(order, order + n, int64_t(0));
+  std::stable_sort(order, order + n, [&](int64_t a, int64_t b) { return classes[a] < classes[b]; });
+  int64_t same = 0;
+  for (int64_t start = 0, stop; start < n; start = stop) {
+    stop = start + 1;
+    while (stop < n && classes[order[stop]] == classes[order[start]]) ++stop;
+    for (int64_t p = start; p < stop; ++p) block_end[p] = stop;
+    same += (stop - start) * (stop - start - 1) / 2;
+  }
+  *n_same = same;
+  *n_diff = n * (n - 1) / 2 - same;
+}
+
+double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_t b, ParcScratch& s) {
+  const int64_t n = f.n, d = f.d, n_same = labels.n_same;
+  const int64_t m = n * (n - 1) / 2;
+  s.zt.resize(size_t(d * n));
+  for (int64_t p = 0; p < n; ++p)
+    if (!normalize_row_cpu(f, b, labels.order[p], s.zt.data(), p)) return pk_nan();
+
+  // Distances in class order: row p's same-class pairs (p < j < block_end[p]) go to the first
+  // n_same slots, its different-class pairs to the rest, each part in row order.
+  s.pairs.resize(size_t(m));
+  double* same_out = s.pairs.data();
+  double* diff_out = s.pairs.data() + n_same;
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  double acc[kTile];
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t e = labels.block_end[p];
+    for (int64_t j0 = p + 1; j0 < n; j0 += kTile) {
+      const int64_t len = std::min(kTile, n - j0);
+      dot_row_tile(s.zt.data(), n, d, p, j0, len, acc);
+      for (int64_t jj = 0; jj < len; ++jj) {
+        const double dist = corr_distance(acc[jj]);
+        lo = std::min(lo, dist);
+        hi = std::max(hi, dist);
+        if (j0 + jj < e) *same_out++ = dist;
+        else *diff_out++ = dist;
+      }
+    }
+  }
+
+  // Bucket both parts on one scale, then walk the buckets in order: every different-class value
+  // in bucket k is above every same-class value of the earlier buckets, and within a bucket a
+  // merge of the two sorted parts counts the rest of U and the tie groups.
+  const Buckets buckets(lo, hi, m);
+  s.bucketed.resize(size_t(m));
+  double* same = s.bucketed.data();
+  double* diff = s.bucketed.data() + n_same;
+  const double* pairs = s.pairs.data();
+  bucket_order(n_same, buckets, [&](int64_t i) { return pairs[i]; },
+               [&](int64_t pos, int64_t i) { same[pos] = pairs[i]; }, s.same_end);
+  bucket_order(m - n_same, buckets, [&](int64_t i) { return pairs[n_same + i]; },
+               [&](int64_t pos, int64_t i) { diff[pos] = pairs[n_same + i]; }, s.diff_end);
+  int64_t twice_u = 0, i = 0, j = 0;
+  double ties = 0.0;
+  for (int64_t k = 0; k < buckets.count; ++k) {
+    const int64_t s1 = s.same_end[size_t(k)], d1 = s.diff_end[size_t(k)];
+    sort_small(same + i, same + s1, std::less<double>());
+    sort_small(diff + j, diff + d1, std::less<double>());
+    while (i < s1 || j < d1) {
+      const double v = (j >= d1 || (i < s1 && same[i] < diff[j])) ? same[i] : diff[j];
+      int64_t a = 0, c = 0;
+      while (i < s1 && same[i] == v) ++i, ++a;
+      while (j < d1 && diff[j] == v) ++j, ++c;
+      // Each of the c different-class values lies above the i - a same-class values before this
+      // group (earlier buckets included) and ties with its a ones: 2U grows by c (2 (i - a) + a).
+      twice_u += c * (2 * (i - a) + a);
+      ties += tie_term(double(a + c));
+    }
+  }
+  return parc_rho(n_same, labels.n_diff, twice_u, ties);
+}
+
+template bool normalize_row_cpu<float>(const FeatureBatch&, int64_t, int64_t, float*, int64_t);
+template bool normalize_row_cpu<double>(const FeatureBatch&, int64_t, int64_t, double*, int64_t);
+template void corr_distance_rows_cpu<float>(const float*, int64_t, int64_t, int64_t, int64_t, bool, float*);
+template void corr_distance_rows_cpu<double>(const double*, int64_t, int64_t, int64_t, int64_t, bool,
+                                             double*);
+template double twice_average_ranks_cpu<float>(const float*, int64_t, int64_t, int64_t*, RankScratch&);
+template double twice_average_ranks_cpu<double>(const double*, int64_t, int64_t, int64_t*, RankScratch&);
+
+}  // namespace pykernels::core

@@ -1,0 +1,157 @@
+"""The model-selection ops: row-wise Pearson distances, Spearman correlation, and PARC's fused
+distance -> rank -> correlation kernel.
+
+pairwise_corr_distance(features)
+    d_ij = 1 - r_ij, r_ij the Pearson correlation between samples i and j across the feature
+    dims (each row centred on its own mean), clipped to [-1, 1] as np.corrcoef does. Batched
+    over models; the strict upper triangle (M = N(N-1)/2 pairs, row-major, as
+    np.triu_indices(N, 1) orders them) can be produced without the N x N matrix.
+
+spearman(x, y)
+    Spearman's rho over the last dim with average ranks for ties (scipy.stats.spearmanr). Ranks
+    are exact integers (never rounded to the input dtype: float32 ranks stop being exact past
+    2^24 values); correlations are computed in float64 and returned as float64. A y shared by
+    every row (e.g. one label-distance vector against many models) is ranked once.
+
+parc_spearman(features, classes)
+    Spearman between the feature distances of all pairs (float64) and the label distance of
+    one-hot class labels, which is two-valued: 0 for a same-class pair, C / (C - 1) otherwise.
+    Only the feature side is ranked: with U the Mann-Whitney count of (different, same) pairs
+    whose different-class distance is larger (ties 1/2),
+        rho = (U - n0 n1 / 2) / (sqrt(n0 n1) sigma_R),  12 M sigma_R^2 = M^3 - M - sum(t^3 - t)
+    over the tie groups t of the distances (n0 / n1 same / different-class pairs). The samples
+    are ordered by class once per call, so every same-class pair lies in a diagonal block.
+    pykernels.selection.parc multiplies by 100 and adds the PCA and scaling of the paper.
+
+NaN: a sample whose features are constant (zero variance across dims) or non-finite has no
+correlation with anything: its distances are NaN, and a model holding one gets a NaN rho.
+spearman returns NaN for a row that holds a NaN or whose x or y is constant.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backend as _backend
+from .._validation import check_tensor
+
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
+_FEATURE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _feature_batch(name: str, features) -> tuple[torch.Tensor, bool]:
+    """[N, D] or [B, N, D] float features -> ([B, N, D] float32/float64, had a batch dim)."""
+    check_tensor(name, features, dtypes=_FEATURE_DTYPES)
+    if features.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [N, D] or [B, N, D], got shape {tuple(features.shape)}")
+    batched = features.dim() == 3
+    x = features if batched else features.unsqueeze(0)
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one feature dim, got shape {tuple(features.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # float16 / bfloat16 are computed in float32
+    return x.contiguous(), batched
+
+
+def pairwise_corr_distance(features: torch.Tensor, *, triu: bool = False,
+                           backend: Optional[str] = None) -> torch.Tensor:
+    """1 - Pearson correlation between every pair of rows (samples) of each model's features.
+
+    Args:
+        features: [N, D] or [B, N, D]; float32 or float64 (float16 / bfloat16 are widened to
+            float32). Differentiable (float32 / float64).
+        triu: return only the strict upper triangle, [..., N(N-1)/2] in np.triu_indices order;
+            the N x N matrix is never built by the compiled backends.
+        backend: "reference", "cpu", "cuda" or "triton"; default: $PYKERNELS_BACKEND, else the
+            fastest available for the tensors' device (pykernels.backends()).
+
+    Returns:
+        [B, N, N] (zero diagonal) or [B, N(N-1)/2], without B for 2-D input; float32, or float64
+        for float64 features. Rows of a constant or non-finite sample are NaN.
+    """
+    x, batched = _feature_batch("features", features)
+    name = _backend.select("pairwise_corr_distance", x.device, IMPLEMENTED, backend)
+    if name == "reference":
+        from ..reference.parc import pairwise_corr_distance as op
+    elif name == "triton":
+        from ..triton.parc import pairwise_corr_distance_triton as op
+    else:
+        op = torch.ops.pykernels.pairwise_corr_distance
+    out = op(x, bool(triu))
+    return out if batched else out[0]
+
+
+def _spearman_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    wide = (torch.float64,) + tuple(t for t in (x.dtype, y.dtype) if not t.is_floating_point)
+    return torch.float64 if x.dtype in wide or y.dtype in wide else torch.float32
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Spearman's rank correlation over the last dim, with average ranks for ties.
+
+    Args:
+        x: [..., M] values (float or integer; float16 / bfloat16 are ranked as float32).
+        y: the same shape as x, or broadcastable to it (e.g. [M] shared by every row: ranked
+            once).
+        backend: see pairwise_corr_distance.
+
+    Returns:
+        float64 [...]: one rho per row; NaN where a row holds a NaN, or x or y is constant.
+    """
+    check_tensor("x", x)
+    check_tensor("y", y, device=x.device)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim [..., M], got a 0-d tensor")
+    dtype = _spearman_dtype(x, y)
+    xs, ys = x.to(dtype), y.to(dtype)  # converted before broadcasting, so a shared y stays one row
+    try:
+        ys = ys.expand_as(xs)
+    except RuntimeError:
+        raise ValueError(f"y of shape {tuple(y.shape)} does not broadcast to x's shape {tuple(x.shape)}") from None
+    lead, m = x.shape[:-1], x.shape[-1]
+    xs = xs.reshape(-1, m)
+    if all(ys.stride(i) == 0 or ys.shape[i] == 1 for i in range(len(lead))):
+        ys = ys[(0,) * len(lead)].expand(xs.shape[0], m)  # row stride 0: the kernels rank y once
+    else:
+        ys = ys.reshape(-1, m)
+    name = _backend.select("spearman", x.device, IMPLEMENTED, backend)
+    if name == "reference":
+        from ..reference.parc import spearman as op
+    elif name == "triton":
+        from ..triton.parc import spearman_triton as op
+    else:
+        op = torch.ops.pykernels.spearman
+    return op(xs, ys).reshape(lead)
+
+
+def parc_spearman(features: torch.Tensor, classes: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Spearman between each model's pairwise feature distances and the same/different-class
+    label distances: PARC / 100, without its PCA and scaling (see pykernels.selection.parc).
+
+    Args:
+        features: [N, D] or [B, N, D] (float16 / bfloat16 widened; distances in float64).
+        classes: [N] integer class ids (any values; equal ids = same class).
+        backend: see pairwise_corr_distance.
+
+    Returns:
+        float64 [B] (0-d for 2-D features); NaN for a model with a constant or non-finite sample,
+        or when every pair is same-class or every pair is different-class.
+    """
+    x, batched = _feature_batch("features", features)
+    check_tensor("classes", classes, ndim=1, device=x.device, shape_doc="[N]")
+    if classes.dtype.is_floating_point or classes.dtype == torch.bool:
+        raise TypeError(f"classes must hold integer class ids, got dtype {str(classes.dtype).replace('torch.', '')}")
+    if classes.shape[0] != x.shape[1]:
+        raise ValueError(f"classes has {classes.shape[0]} labels but features have N={x.shape[1]} samples")
+    ids = classes.to(torch.int64).contiguous()
+    name = _backend.select("parc_spearman", x.device, IMPLEMENTED, backend)
+    if name == "reference":
+        from ..reference.parc import parc_spearman as op
+    elif name == "triton":
+        from ..triton.parc import parc_spearman_triton as op
+    else:
+        op = torch.ops.pykernels.parc_spearman
+    out = op(x, ids)
+    return out if batched else out[0]
