@@ -1,5 +1,7 @@
-"""Model selection (PARC and transferability estimators)."""
+"""Model selection: rank a bank of pretrained models for a target task without fine-tuning
+(PARC and the transferability estimators it is compared with)."""
 
 from .correlation import pairwise_corr_distance, parc_spearman, spearman
+from .parc import PARC, parc
 
-__all__ = ["pairwise_corr_distance", "parc_spearman", "spearman"]
+__all__ = ["PARC", "pairwise_corr_distance", "parc", "parc_spearman", "spearman"]
