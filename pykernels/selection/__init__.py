@@ -2,6 +2,10 @@
 (PARC and the transferability estimators it is compared with)."""
 
 from .correlation import pairwise_corr_distance, parc_spearman, spearman
+from .estimators import gbc, hscore, hscore_shrinkage, leep, logme, nce, one_nn_cv, transrate
 from .parc import PARC, parc
 
-__all__ = ["PARC", "pairwise_corr_distance", "parc", "parc_spearman", "spearman"]
+__all__ = [
+    "PARC", "gbc", "hscore", "hscore_shrinkage", "leep", "logme", "nce", "one_nn_cv", "pairwise_corr_distance",
+    "parc", "parc_spearman", "spearman", "transrate",
+]
