@@ -22,6 +22,27 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_select(args) -> int:
+    from pykernels.selection import score_models
+    from pykernels.selection.bank import load_entry
+
+    labels = load_entry(args.labels, "labels")[0]
+    if labels.dim() != 1 and not (args.methods == "parc" and labels.dim() == 2):
+        raise SystemExit(f"--labels must hold class ids [N], got shape {tuple(labels.shape)}")
+    table = score_models(args.bank, labels.numpy() if labels.dim() == 1 else labels, methods=args.methods.split(",")
+                         if args.methods != "all" else "all", num_classes=args.num_classes,
+                         pca_dim=None if args.pca_dim == 0 else args.pca_dim, mode=args.mode,
+                         batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    print(table)
+    if args.csv:
+        table.to_csv(args.csv)
+        print(f"csv: {args.csv}")
+    if args.json:
+        table.to_json(args.json)
+        print(f"json: {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pykernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +57,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-results", help="folder for results.json and the plots")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("select", help="rank a bank of models for a target task (PARC and other estimators)")
+    p.add_argument("--bank", required=True,
+                   help="folder of per-model probe features (.npy/.npz/.pt/.pth/.safetensors; dicts may add 'probs')")
+    p.add_argument("--labels", required=True, help="the probe set's class ids [N] (.npy/.pt/.safetensors)")
+    p.add_argument("--methods", default="parc",
+                   help="comma-separated: parc, leep, nce, hscore, hscore_shrinkage, logme, one_nn_cv, gbc, "
+                        "transrate; or 'all' (default: parc)")
+    p.add_argument("--num-classes", type=int, help="number of target classes (default: labels.max() + 1)")
+    p.add_argument("--pca-dim", type=int, default=32, help="PARC's PCA dims (default 32; 0 = no PCA)")
+    p.add_argument("--mode", choices=("exact", "reference"), default="exact", help="PARC mode (default exact)")
+    p.add_argument("--batch-size", type=int, default=16, help="models loaded and scored together (default 16)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument("--json", help="also write the table as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_select)
 
     args = parser.parse_args(argv)
     return args.func(args)
