@@ -1,0 +1,319 @@
+"""The model-selection ops: the reference against hand-worked cases and scipy / numpy, then every
+fast backend against the reference (random, tie-heavy and degenerate inputs), then torch
+integration (opcheck, torch.compile, autograd)."""
+
+import numpy as np
+import pytest
+import torch
+
+import pykernels
+from pykernels.reference import parc as ref
+
+from tests.helpers import backend_device, backend_params
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+
+def features(B, N, D, seed, dtype=torch.float64, device="cpu", kind="random"):
+    """Random rows; "quantized": every row is one of 4 prototype rows (and one negated), so
+    distances repeat exactly, including 0 and 2."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    else:
+        protos = torch.randn(4, D, generator=g, dtype=torch.float64)
+        x = protos[torch.randint(0, 4, (B, N), generator=g)]
+        x[:, 1] = -x[:, 0]
+    return x.to(device, dtype)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def test_reference_distances_match_numpy_corrcoef():
+    x = features(2, 30, 7, seed=0)
+    for b in range(2):
+        expect = 1 - np.corrcoef(x[b].numpy())
+        got = ref.pairwise_corr_distance(x, triu=False)[b].numpy()
+        np.testing.assert_allclose(got, expect, atol=1e-14, rtol=0)
+        upper = np.triu_indices(30, 1)
+        np.testing.assert_allclose(ref.pairwise_corr_distance(x, triu=True)[b].numpy(), expect[upper], atol=1e-14)
+
+
+def test_reference_distances_by_hand():
+    # Rows (1, 2, 3), (2, 4, 6) (perfectly correlated), (3, 2, 1) (anti-correlated), (1, 0, 1):
+    # r = 1, -1 and 0 with the first row.
+    x = torch.tensor([[[1.0, 2, 3], [2, 4, 6], [3, 2, 1], [1, 0, 1]]], dtype=torch.float64)
+    d = ref.pairwise_corr_distance(x)[0]
+    torch.testing.assert_close(d[0, :], torch.tensor([0.0, 0, 2, 1], dtype=torch.float64), atol=1e-15, rtol=0)
+    assert torch.equal(d.diagonal(), torch.zeros(4, dtype=torch.float64))
+
+
+def test_reference_average_ranks_match_scipy():
+    v = torch.tensor([3.0, 1, 3, 2, 3, -0.0, 0.0, float("inf")])
+    np.testing.assert_array_equal(ref.average_ranks(v).numpy(), scipy_stats.rankdata(v.numpy()))
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties"])
+def test_reference_spearman_matches_scipy(kind):
+    g = torch.Generator().manual_seed(1)
+    if kind == "continuous":
+        x, y = torch.randn(3, 200, generator=g), torch.randn(3, 200, generator=g)
+    else:
+        x, y = torch.randint(0, 4, (3, 200), generator=g).double(), torch.randint(0, 3, (3, 200), generator=g).double()
+    got = ref.spearman(x.double(), y.double())
+    expect = [scipy_stats.spearmanr(x[b], y[b])[0] for b in range(3)]
+    np.testing.assert_allclose(got.numpy(), expect, atol=1e-13, rtol=0)
+
+
+def test_reference_parc_is_spearman_against_onehot_label_distances():
+    x = features(2, 40, 6, seed=2)
+    classes = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(3))
+    onehot = torch.nn.functional.one_hot(classes, 4).double()
+    label = ref.pairwise_corr_distance(onehot[None], triu=True)[0]
+    # Up to float noise the label distance is two-valued: 0 and C / (C - 1).
+    assert torch.allclose(torch.unique(label.round(decimals=12)), torch.tensor([0.0, 4 / 3], dtype=torch.float64))
+    for b in range(2):
+        dist = ref.pairwise_corr_distance(x[b:b + 1], triu=True)[0].numpy()
+        expect = scipy_stats.spearmanr(dist, label.round(decimals=12).numpy())[0]
+        torch.testing.assert_close(ref.parc_spearman(x[b:b + 1], classes)[0].item(), expect, atol=1e-13, rtol=0)
+
+
+def test_closed_form_against_point_biserial_formula():
+    # With no ties, PARC = 100 (2 AUC - 1) sqrt(3 n0 n1 / (M^2 - 1)) (spec: the closed form).
+    x = features(1, 50, 8, seed=4)
+    classes = torch.randint(0, 5, (50,), generator=torch.Generator().manual_seed(5))
+    dist = ref.pairwise_corr_distance(x, triu=True)[0]
+    i, j = torch.triu_indices(50, 50, 1)
+    diff = classes[i] != classes[j]
+    d_diff, d_same = dist[diff], dist[~diff]
+    n1, n0, M = d_diff.numel(), d_same.numel(), dist.numel()
+    auc = (d_diff[:, None] > d_same[None, :]).double().mean()
+    expect = (2 * auc - 1) * torch.sqrt(torch.tensor(3.0 * n0 * n1 / (M**2 - 1), dtype=torch.float64))
+    for backend in ["reference"] + [b for b in ("cpu",) if pykernels.backends()[b].available]:
+        torch.testing.assert_close(pykernels.parc_spearman(x, classes, backend=backend)[0], expect, atol=1e-13, rtol=0)
+
+
+# ---------------------------------------------------------------- backends vs reference
+
+SHAPES = [(1, 3, 2), (2, 17, 5), (3, 70, 33), (1, 130, 9)]
+
+
+def _tol(dtype):
+    return 2e-6 if dtype == torch.float32 else 1e-13
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("triu", [False, True], ids=["full", "triu"])
+def test_distances_match_reference(backend, dtype, triu):
+    device = backend_device(backend)
+    for seed, (B, N, D) in enumerate(SHAPES):
+        for kind in ("random", "quantized"):
+            x = features(B, N, D, seed, dtype, device, kind)
+            expect = ref.pairwise_corr_distance(x.double().cpu(), triu=triu)
+            got = pykernels.pairwise_corr_distance(x, triu=triu, backend=backend)
+            assert got.dtype == dtype and got.device.type == device
+            torch.testing.assert_close(got.double().cpu(), expect, atol=_tol(dtype), rtol=0,
+                                       msg=lambda m: f"B{B} N{N} D{D} {kind}: {m}")
+            if kind == "quantized":  # duplicates are exactly 0 apart, negations exactly 2
+                assert (got == 0).sum() == (expect == 0).sum() and (got == 2).sum() == (expect == 2).sum()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_distances_of_half_precision_and_strided_inputs(backend):
+    device = backend_device(backend)
+    base = features(2, 20, 12, seed=7, device=device)
+    for x in (base[:, ::2, 1::2], base.transpose(1, 2)[:, :10].transpose(1, 2), base.half(), base.bfloat16()):
+        expect = ref.pairwise_corr_distance(x.double().cpu(), triu=True)
+        got = pykernels.pairwise_corr_distance(x, triu=True, backend=backend)
+        assert got.dtype in (torch.float32, torch.float64)
+        torch.testing.assert_close(got.double().cpu(), expect, atol=3e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_undefined_rows_are_nan_and_nothing_else(backend):
+    device = backend_device(backend) if backend != "reference" else "cpu"
+    x = features(2, 12, 6, seed=8, device=device)
+    x[0, 3] = 5.0  # constant sample
+    x[1, 7, 2] = float("inf")
+    d = pykernels.pairwise_corr_distance(x, backend=backend).cpu()
+    bad = torch.zeros(2, 12, 12, dtype=torch.bool)
+    bad[0, 3, :] = bad[0, :, 3] = True
+    bad[1, 7, :] = bad[1, :, 7] = True
+    assert torch.equal(torch.isnan(d), bad)
+    r = pykernels.parc_spearman(x, torch.arange(12) % 3, backend=backend).cpu()
+    assert torch.isnan(r).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_spearman_matches_reference(backend, dtype):
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(9)
+    for M in (2, 3, 37, 1000):
+        for kind in ("continuous", "ties"):
+            if kind == "continuous":
+                x = torch.randn(3, M, generator=g, dtype=torch.float64)
+                y = 0.3 * x + torch.randn(3, M, generator=g, dtype=torch.float64)
+            else:
+                x = torch.randint(0, 5, (3, M), generator=g).double()
+                y = torch.randint(0, 3, (3, M), generator=g).double()
+            x, y = x.to(device, dtype), y.to(device, dtype)
+            expect = ref.spearman(x.double().cpu(), y.double().cpu())
+            got = pykernels.spearman(x, y, backend=backend)
+            assert got.dtype == torch.float64 and got.shape == (3,)
+            torch.testing.assert_close(got.cpu(), expect, atol=1e-12, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_spearman_shared_y_nan_and_batch_shapes(backend):
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 3, 50, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(50, generator=g, dtype=torch.float64).to(device)
+    x[1, 2, 4] = float("nan")
+    got = pykernels.spearman(x, y, backend=backend).cpu()
+    assert got.shape == (2, 3)
+    expect = ref.spearman(x.reshape(6, 50).cpu(), y.cpu().expand(6, 50)).reshape(2, 3)
+    torch.testing.assert_close(got, expect, atol=1e-12, rtol=0, equal_nan=True)
+    assert torch.isnan(got[1, 2]) and torch.isfinite(got.flatten()[:5]).all()
+    constant = pykernels.spearman(x[0], torch.ones(50, dtype=torch.float64, device=device), backend=backend)
+    assert torch.isnan(constant).all()
+    # Non-contiguous rows, integer and float32 mixes.
+    xi = torch.randint(0, 9, (4, 60), generator=g).to(device)
+    yf = torch.randn(60, 4, generator=g).to(device).T
+    torch.testing.assert_close(pykernels.spearman(xi, yf, backend=backend).cpu(),
+                               ref.spearman(xi.double().cpu(), yf.double().cpu()), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_parc_spearman_matches_reference(backend):
+    device = backend_device(backend)
+    shapes = [(1, 3, 2, 2), (2, 40, 6, 3), (3, 90, 33, 7), (2, 150, 4, 12)]
+    if backend == "triton" and device == "cpu":
+        shapes = shapes[:2] + [(1, 70, 33, 7)]  # the interpreter is slow
+    for seed, (B, N, D, C) in enumerate(shapes):
+        for kind in ("random", "quantized"):
+            x = features(B, N, D, seed, torch.float64, device, kind)
+            classes = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(seed)) * 7 - 3
+            classes[:2] = torch.tensor([1, 2]) if C > 1 else 0  # at least two classes
+            expect = ref.parc_spearman(x.cpu(), classes)
+            got = pykernels.parc_spearman(x, classes.to(device), backend=backend)
+            torch.testing.assert_close(got.cpu(), expect, atol=1e-12, rtol=0, equal_nan=True,
+                                       msg=lambda m: f"B{B} N{N} D{D} C{C} {kind}: {m}")
+            got32 = pykernels.parc_spearman(x.float(), classes.to(device), backend=backend)
+            expect32 = ref.parc_spearman(x.float().cpu(), classes)
+            torch.testing.assert_close(got32.cpu(), expect32, atol=1e-12, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_parc_spearman_one_sided_labels_are_nan(backend):
+    device = backend_device(backend) if backend != "reference" else "cpu"
+    x = features(1, 10, 4, seed=11, device=device)
+    assert torch.isnan(pykernels.parc_spearman(x, torch.zeros(10, dtype=torch.long, device=device), backend=backend)).all()
+    assert torch.isnan(pykernels.parc_spearman(x, torch.arange(10, device=device), backend=backend)).all()
+
+
+def test_cpu_parc_ranks_exactly_past_float32_precision():
+    """Ranks beyond 2^24 pairs: N = 5,800 samples give M = 16.8M > 2^24 pairs. Features with
+    many exact ties (rows from a small set) make every rank matter; the fused kernel must equal
+    the rank-sum formula evaluated on float64 distances sorted by torch."""
+    if not pykernels.backends()["cpu"].available:
+        pytest.skip("cpu backend unavailable")
+    N = 5800
+    x = features(1, N, 3, seed=12, kind="quantized")
+    x = x + 1e-3 * torch.randn(1, N, 3, generator=torch.Generator().manual_seed(13), dtype=torch.float64).round(
+        decimals=1)
+    classes = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(14))
+    got = pykernels.parc_spearman(x, classes, backend="cpu")
+    dist = pykernels.pairwise_corr_distance(x, triu=True, backend="cpu")[0]
+    assert dist.numel() > 2**24
+    i, j = torch.triu_indices(N, N, 1)
+    different = classes[i] != classes[j]
+    del i, j
+    # Average ranks from a float64 sort: run starts/ends by value.
+    values, order = torch.sort(dist)
+    _, counts = torch.unique_consecutive(values, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    mean_rank = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)
+    rank_sum_diff = mean_rank[different[order]].sum()
+    n1 = int(different.sum())
+    n0 = dist.numel() - n1
+    M = dist.numel()
+    twice_u = 2 * rank_sum_diff - n1 * (n1 + 1)
+    ties = (counts.double() ** 3 - counts.double()).sum()
+    spread = (M**3 - M - float(ties)) / (12 * M)
+    expect = (float(twice_u) - n0 * n1) / (2 * np.sqrt(n0 * n1 * spread))
+    assert abs(got.item() - expect) < 1e-9
+    # Ranks held in float32 would be wrong here: they round beyond 2^24.
+    assert not torch.equal(mean_rank.float().double(), mean_rank)
+
+
+# ---------------------------------------------------------------- torch integration
+
+
+def _ops(backend):
+    if backend == "triton":
+        from pykernels.triton import parc as tp
+
+        return tp.pairwise_corr_distance_triton, tp.spearman_triton, tp.parc_spearman_triton
+    ops = torch.ops.pykernels
+    return ops.pairwise_corr_distance.default, ops.spearman.default, ops.parc_spearman.default
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck(backend):
+    device = backend_device(backend)
+    dist, spear, parc_op = _ops(backend)
+    x = features(2, 9, 4, seed=15, device=device)
+    for dtype in (torch.float32, torch.float64):
+        for triu in (False, True):
+            torch.library.opcheck(dist, (x.to(dtype), triu))
+    a, b = torch.randn(3, 20, device=device, dtype=torch.float64), torch.randn(3, 20, device=device, dtype=torch.float64)
+    torch.library.opcheck(spear, (a, b), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    classes = torch.arange(9, device=device) % 3
+    torch.library.opcheck(parc_op, (x, classes), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_torch_compile_fullgraph_calls_the_kernels(backend, monkeypatch):
+    device = backend_device(backend)
+    monkeypatch.setenv("PYKERNELS_BACKEND", backend)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def rank_models(x, classes, y):
+        d = pykernels.pairwise_corr_distance(x, triu=True)
+        return pykernels.parc_spearman(x, classes) * 100, pykernels.spearman(d, y)
+
+    x = features(2, 12, 5, seed=16, device=device)
+    classes = torch.arange(12, device=device) % 4
+    y = torch.randn(66, device=device, dtype=torch.float64)
+    compiled = torch.compile(rank_models, fullgraph=True, backend=capture)
+    for got, expect in zip(compiled(x, classes, y), rank_models(x, classes, y)):
+        torch.testing.assert_close(got, expect)
+    names = {str(n.target) for g in graphs for n in g.graph.nodes}
+    suffix = "_triton" if backend == "triton" else ""
+    for op in ("pairwise_corr_distance", "spearman", "parc_spearman"):
+        assert any(f"{op}{suffix}" in n for n in names), f"{op} missing from the graph"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("triu", [False, True], ids=["full", "triu"])
+def test_distance_gradient_matches_autograd_of_the_reference(backend, triu):
+    device = backend_device(backend)
+    x = features(2, 7, 5, seed=17, device=device).requires_grad_(True)
+    weights = torch.randn(2, 21 if triu else 49, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    weights = weights.to(device).reshape((2, 21) if triu else (2, 7, 7))
+    (pykernels.pairwise_corr_distance(x, triu=triu, backend=backend) * weights).sum().backward()
+    xr = x.detach().cpu().clone().requires_grad_(True)
+    (ref.pairwise_corr_distance(xr, triu=triu) * weights.cpu()).sum().backward()
+    torch.testing.assert_close(x.grad.cpu(), xr.grad, atol=1e-12, rtol=0)
+    if backend == "triton" and device == "cpu":
+        return  # the backward is the same plain-PyTorch code; finite differences are slow interpreted
+    assert torch.autograd.gradcheck(lambda t: pykernels.pairwise_corr_distance(t, triu=triu, backend=backend),
+                                    (x.detach().clone().requires_grad_(True),))
