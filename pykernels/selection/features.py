@@ -72,7 +72,10 @@ def extract_features(model: torch.nn.Module, data, *, batch_size: int = 128,
     start, seen = time.perf_counter(), 0
     try:
         for batch in _batches(data, batch_size):
-            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            if isinstance(batch, (tuple, list)):  # (inputs,) or (inputs, labels, ...)
+                x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+            else:
+                x, y = batch, None
             captured.clear()
             out = model(x.to(device))
             if not captured:
