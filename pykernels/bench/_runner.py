@@ -134,6 +134,11 @@ def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick
             print(f"note: {note}", file=stream)
         if plot and plot_op(op, op_rows, os.path.join(out_dir, f"{op}.png")):
             print(f"plot: {os.path.join(out_dir, op + '.png')}", file=stream)
+    if plot:  # suites may draw their own figures (e.g. scaling curves) with a plot(rows, out_dir)
+        for name in suite_names():
+            draw = getattr(importlib.import_module(f"pykernels.bench.{name}"), "plot", None)
+            for path in (draw(rows, out_dir) if draw else []):
+                print(f"plot: {path}", file=stream)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"environment": env, "results": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
     print(f"\nresults: {os.path.join(out_dir, 'results.json')} ({time.perf_counter() - t0:.0f} s)", file=stream)
