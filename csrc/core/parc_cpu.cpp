@@ -35,29 +35,28 @@ struct Buckets {
   }
 };
 
-template <typename T, typename Less>
-void sort_small(T* first, T* last, Less less) {
-  if (last - first > 24) {
-    std::sort(first, last, less);
-    return;
-  }
-  for (T* i = first + 1; i < last; ++i) {
-    T v = *i;
-    T* j = i;
-    for (; j > first && less(v, *(j - 1)); --j) *j = *(j - 1);
-    *j = v;
-  }
-}
-
-// Counting sort into buckets: emit(position, i) places item i; afterwards bucket k occupies
-// positions [end[k-1], end[k]) (end[-1] = 0).
-template <typename ValueAt, typename Emit>
-void bucket_order(int64_t m, const Buckets& buckets, ValueAt value_at, Emit emit, std::vector<int64_t>& end) {
+// Sorts m items by a double key: a counting sort into buckets (monotone in the key), std::sort
+// of the rare buckets that came out large, then one insertion-sort pass over the whole array,
+// cheap because every item already sits within its bucket's few positions. item_at(i) makes
+// item i; the sorted items go to out[0, m).
+template <typename Item, typename ItemAt, typename KeyOf>
+void bucket_sort(int64_t m, const Buckets& buckets, ItemAt item_at, KeyOf key, Item* out, std::vector<int64_t>& end) {
   end.assign(size_t(buckets.count) + 1, 0);
-  for (int64_t i = 0; i < m; ++i) ++end[size_t(buckets(value_at(i))) + 1];
+  for (int64_t i = 0; i < m; ++i) ++end[size_t(buckets(key(item_at(i)))) + 1];
   std::partial_sum(end.begin(), end.end(), end.begin());  // end[k] = start of bucket k
-  for (int64_t i = 0; i < m; ++i) emit(end[size_t(buckets(value_at(i)))]++, i);
-  end.pop_back();  // end[k] = end of bucket k
+  for (int64_t i = 0; i < m; ++i) {
+    const Item it = item_at(i);
+    out[end[size_t(buckets(key(it)))]++] = it;
+  }
+  auto less = [&](const Item& a, const Item& b) { return key(a) < key(b); };
+  for (int64_t k = 0, begin = 0; k < buckets.count; begin = end[size_t(k)], ++k)
+    if (end[size_t(k)] - begin > 32) std::sort(out + begin, out + end[size_t(k)], less);
+  for (int64_t i = 1; i < m; ++i) {
+    const Item v = out[i];
+    int64_t j = i;
+    for (; j > 0 && less(v, out[j - 1]); --j) out[j] = out[j - 1];
+    out[j] = v;
+  }
 }
 
 template <typename T>
@@ -134,17 +133,9 @@ double twice_average_ranks_cpu(const T* values, int64_t stride, int64_t m, int64
                                RankScratch& s) {
   double lo, hi;
   finite_range(values, stride, m, lo, hi);
-  const Buckets buckets(lo, hi, m);
   s.items.resize(size_t(m));
-  auto value_at = [&](int64_t i) { return double(values[i * stride]); };
-  bucket_order(m, buckets, value_at, [&](int64_t pos, int64_t i) { s.items[size_t(pos)] = RankItem{value_at(i), i}; },
-               s.bucket_end);
-  int64_t begin = 0;
-  for (const int64_t end : s.bucket_end) {
-    sort_small(s.items.data() + begin, s.items.data() + end,
-               [](const RankItem& a, const RankItem& b) { return a.value < b.value; });
-    begin = end;
-  }
+  bucket_sort(m, Buckets(lo, hi, m), [&](int64_t i) { return RankItem{double(values[i * stride]), i}; },
+              [](const RankItem& it) { return it.value; }, s.items.data(), s.bucket_end);
   double ties = 0.0;
   for (int64_t start = 0, stop; start < m; start = stop) {
     stop = start + 1;
@@ -210,34 +201,44 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
     }
   }
 
-  // Bucket both parts on one scale, then walk the buckets in order: every different-class value
-  // in bucket k is above every same-class value of the earlier buckets, and within a bucket a
-  // merge of the two sorted parts counts the rest of U and the tie groups.
-  const Buckets buckets(lo, hi, m);
+  // Sort both parts, then walk the different-class values in order with a cursor on the
+  // same-class ones: each run of c equal different-class values lies above the same-class values
+  // before the cursor and ties with the a equal to it.
   s.bucketed.resize(size_t(m));
   double* same = s.bucketed.data();
   double* diff = s.bucketed.data() + n_same;
   const double* pairs = s.pairs.data();
-  bucket_order(n_same, buckets, [&](int64_t i) { return pairs[i]; },
-               [&](int64_t pos, int64_t i) { same[pos] = pairs[i]; }, s.same_end);
-  bucket_order(m - n_same, buckets, [&](int64_t i) { return pairs[n_same + i]; },
-               [&](int64_t pos, int64_t i) { diff[pos] = pairs[n_same + i]; }, s.diff_end);
-  int64_t twice_u = 0, i = 0, j = 0;
+  auto key = [](double v) { return v; };
+  bucket_sort(n_same, Buckets(lo, hi, n_same), [&](int64_t i) { return pairs[i]; }, key, same, s.same_end);
+  bucket_sort(m - n_same, Buckets(lo, hi, m - n_same), [&](int64_t i) { return pairs[n_same + i]; }, key, diff,
+              s.diff_end);
+  const int64_t n_diff = m - n_same;
+  int64_t twice_u = 0, i = 0;
   double ties = 0.0;
-  for (int64_t k = 0; k < buckets.count; ++k) {
-    const int64_t s1 = s.same_end[size_t(k)], d1 = s.diff_end[size_t(k)];
-    sort_small(same + i, same + s1, std::less<double>());
-    sort_small(diff + j, diff + d1, std::less<double>());
-    while (i < s1 || j < d1) {
-      const double v = (j >= d1 || (i < s1 && same[i] < diff[j])) ? same[i] : diff[j];
-      int64_t a = 0, c = 0;
-      while (i < s1 && same[i] == v) ++i, ++a;
-      while (j < d1 && diff[j] == v) ++j, ++c;
-      // Each of the c different-class values lies above the i - a same-class values before this
-      // group (earlier buckets included) and ties with its a ones: 2U grows by c (2 (i - a) + a).
-      twice_u += c * (2 * (i - a) + a);
-      ties += tie_term(double(a + c));
+  auto same_run_end = [&](int64_t from) {
+    int64_t e = from + 1;
+    while (e < n_same && same[e] == same[from]) ++e;
+    return e;
+  };
+  for (int64_t j = 0, j_end; j < n_diff; j = j_end) {
+    const double v = diff[j];
+    j_end = j + 1;
+    while (j_end < n_diff && diff[j_end] == v) ++j_end;
+    while (i < n_same && same[i] < v) {  // same-class runs wholly below v
+      const int64_t e = same_run_end(i);
+      ties += tie_term(double(e - i));
+      i = e;
     }
+    const int64_t below = i;
+    if (i < n_same && same[i] == v) i = same_run_end(i);
+    const int64_t a = i - below, c = j_end - j;
+    twice_u += c * (2 * below + a);
+    ties += tie_term(double(a + c));
+  }
+  while (i < n_same) {
+    const int64_t e = same_run_end(i);
+    ties += tie_term(double(e - i));
+    i = e;
   }
   return parc_rho(n_same, labels.n_diff, twice_u, ties);
 }
