@@ -52,15 +52,6 @@ if LOADED:
     def _parc_spearman_fake(features, classes):
         return features.new_empty((features.shape[0],), dtype=torch.float64)
 
-    def _distance_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.triu = inputs[1]
+    from .reference.parc import register_distance_autograd
 
-    def _distance_backward(ctx, grad):
-        from .reference.parc import pairwise_corr_distance_backward
-
-        (features,) = ctx.saved_tensors
-        return pairwise_corr_distance_backward(features, ctx.triu, grad), None
-
-    torch.library.register_autograd("pykernels::pairwise_corr_distance", _distance_backward,
-                                    setup_context=_distance_setup_context)
+    register_distance_autograd("pykernels::pairwise_corr_distance")

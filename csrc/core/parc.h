@@ -49,36 +49,18 @@ PK_HD Z duplicate_correlation(const Z* a, const Z* b, int64_t d, int64_t stride,
 // t^3 - t: what a group of t tied values removes from 12 * M * (variance of the average ranks).
 PK_HD double tie_term(double t) { return t * t * t - t; }
 
-PK_HD double pk_nan() {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(0x7ff8000000000000LL);
-#else
-  const uint64_t bits = 0x7ff8000000000000ULL;
-  double d;
-  std::memcpy(&d, &bits, sizeof d);
-  return d;
-#endif
+// The bits of one type read as another of the same size (memcpy compiles to a move, host and device).
+template <typename To, typename From>
+PK_HD To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
+  To out;
+  memcpy(&out, &v, sizeof out);
+  return out;
 }
 
-PK_HD int64_t double_bits(double d) {
-#if defined(__CUDA_ARCH__)
-  return __double_as_longlong(d);
-#else
-  int64_t b;
-  std::memcpy(&b, &d, sizeof b);
-  return b;
-#endif
-}
-
-PK_HD double bits_double(int64_t b) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(b);
-#else
-  double d;
-  std::memcpy(&d, &b, sizeof d);
-  return d;
-#endif
-}
+PK_HD double pk_nan() { return bit_cast<double>(INT64_C(0x7ff8000000000000)); }
+PK_HD int64_t double_bits(double d) { return bit_cast<int64_t>(d); }
+PK_HD double bits_double(int64_t b) { return bit_cast<double>(b); }
 
 // Signed-integer sort key of a double that orders like the double (-0 and +0 tie; no NaN).
 PK_HD int64_t order_key(double v) {

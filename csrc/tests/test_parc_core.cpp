@@ -8,20 +8,10 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "parc.h"
 
 using namespace pykernels::core;
-
-static int failures = 0;
-#define CHECK(cond, ...)                               \
-  do {                                                 \
-    if (!(cond)) {                                     \
-      ++failures;                                      \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                        \
-      std::printf("\n");                               \
-    }                                                  \
-  } while (0)
 
 // ---- naive references ----
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.parc import pairwise_corr_distance_backward
+from ..reference.parc import register_distance_autograd
 
 _INT64_MIN = -(2**63)
 
@@ -232,17 +232,7 @@ def _(features, triu):
     return features.new_empty((B, N * (N - 1) // 2) if triu else (B, N, N))
 
 
-def _distance_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.triu = inputs[1]
-
-
-def _distance_backward(ctx, grad):
-    (features,) = ctx.saved_tensors
-    return pairwise_corr_distance_backward(features, ctx.triu, grad), None
-
-
-pairwise_corr_distance_triton.register_autograd(_distance_backward, setup_context=_distance_setup)
+register_distance_autograd(pairwise_corr_distance_triton)
 
 
 def _twice_ranks(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,8 @@ def _tol(dtype):
 @pytest.mark.parametrize("triu", [False, True], ids=["full", "triu"])
 def test_distances_match_reference(backend, dtype, triu):
     device = backend_device(backend)
-    for seed, (B, N, D) in enumerate(SHAPES):
+    shapes = SHAPES[:3] if backend == "triton" and device == "cpu" else SHAPES  # the interpreter is slow
+    for seed, (B, N, D) in enumerate(shapes):
         for kind in ("random", "quantized"):
             x = features(B, N, D, seed, dtype, device, kind)
             expect = ref.pairwise_corr_distance(x.double().cpu(), triu=triu)
