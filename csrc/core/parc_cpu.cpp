@@ -10,12 +10,21 @@
 
 #include "parc.h"
 
+// No fused multiply-add contraction: a vectorised loop would fuse in its vector body and not in
+// its scalar remainder, so a pair's value would depend on where it sits in a row.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 namespace pykernels::core {
 namespace {
 
 constexpr int64_t kTile = 256;          // columns of one row handled per pass over zt
-constexpr int64_t kValuesPerBucket = 8;  // average bucket size of the sorts
-constexpr int64_t kMaxBuckets = int64_t(1) << 26;
+constexpr int64_t kValuesPerBucket = 8;  // average bucket size of the rank sorts
+constexpr int64_t kPairsPerBucket = 1;   // ... of PARC's grid, where most buckets need no sort
+constexpr int64_t kMaxBuckets = int64_t(1) << 24;  // bounds the count arrays at large M
 
 // Maps a value to its bucket; monotone non-decreasing in the value.
 struct Buckets {
@@ -59,6 +68,65 @@ void bucket_sort(int64_t m, const Buckets& buckets, ItemAt item_at, KeyOf key, I
   }
 }
 
+// Buckets over the bits of non-negative doubles in [lo, hi]: an integer subtraction and shift,
+// monotone in the value, about `values / kPairsPerBucket` of them.
+struct BitBuckets {
+  int64_t lo_bits = 0, count = 1;
+  int shift = 0;
+
+  BitBuckets(double lo, double hi, int64_t values) : lo_bits(double_bits(lo)) {
+    const uint64_t span = uint64_t(double_bits(hi) - lo_bits) + 1;
+    const uint64_t target = uint64_t(std::clamp<int64_t>(values / kPairsPerBucket, 1, kMaxBuckets));
+    while ((span >> shift) > target) ++shift;
+    count = int64_t(((span - 1) >> shift) + 1);
+  }
+
+  int64_t operator()(double v) const { return (double_bits(v) - lo_bits) >> shift; }
+};
+
+// Counting sort of m values into the grid's buckets (unsorted within a bucket): afterwards
+// bucket k is out[end[k-1], end[k]) (end[-1] = 0).
+void scatter_to_buckets(const double* in, int64_t m, const BitBuckets& grid, double* out, std::vector<int64_t>& end) {
+  end.assign(size_t(grid.count) + 1, 0);
+  for (int64_t i = 0; i < m; ++i) ++end[size_t(grid(in[i])) + 1];
+  std::partial_sum(end.begin(), end.end(), end.begin());
+  for (int64_t i = 0; i < m; ++i) out[end[size_t(grid(in[i]))]++] = in[i];
+  end.pop_back();
+}
+
+void sort_small(double* first, double* last) {
+  if (last - first > 24) {
+    std::sort(first, last);
+    return;
+  }
+  for (double* i = first + 1; i < last; ++i) {
+    const double v = *i;
+    double* j = i;
+    for (; j > first && v < *(j - 1); --j) *j = *(j - 1);
+    *j = v;
+  }
+}
+
+// sum(t^3 - t) over the groups of equal values among k unsorted values. Ties are rare, so a
+// small group is first checked pairwise, and sorted only when it holds one.
+double tie_sum_unsorted(double* v, int64_t k) {
+  if (k < 2) return 0.0;
+  if (k <= 16) {
+    bool tie = false;
+    for (int64_t a = 0; a < k && !tie; ++a)
+      for (int64_t c = a + 1; c < k; ++c) tie |= v[a] == v[c];
+    if (!tie) return 0.0;
+  }
+  sort_small(v, v + k);
+  double ties = 0.0;
+  for (int64_t start = 0, stop; start < k; start = stop) {
+    stop = start + 1;
+    while (stop < k && v[stop] == v[start]) ++stop;
+    ties += tie_term(double(stop - start));
+  }
+  return ties;
+}
+
 template <typename T>
 void finite_range(const T* v, int64_t stride, int64_t m, double& lo, double& hi) {
   lo = std::numeric_limits<double>::infinity();
@@ -77,17 +145,39 @@ const T* model_row(const FeatureBatch& f, int64_t b, int64_t row) {
   return static_cast<const T*>(f.data) + (b * f.n + row) * f.d;
 }
 
-// acc[jj] = <row i, row j0 + jj> for jj < len, from transposed normalised rows zt [d, n],
-// each summed in k order (so a pair's value does not depend on where it sits).
+// acc[jj] = <row i, row j0 + jj> for jj < len, from transposed normalised rows zt [d, n], each
+// summed in k order (so a pair's value does not depend on where it sits; the loop vectorises
+// across jj). Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define PK_CPU_CLONES
+#endif
+
 template <typename Z>
-void dot_row_tile(const Z* __restrict zt, int64_t n, int64_t d, int64_t i, int64_t j0, int64_t len,
-                  Z* __restrict acc) {
+inline void dot_row_tile_body(const Z* __restrict zt, int64_t n, int64_t d, int64_t i, int64_t j0, int64_t len,
+                              Z* __restrict acc) {
   for (int64_t jj = 0; jj < len; ++jj) acc[jj] = Z(0);
   for (int64_t k = 0; k < d; ++k) {
     const Z a = zt[k * n + i];
     const Z* __restrict col = zt + k * n + j0;
     for (int64_t jj = 0; jj < len; ++jj) acc[jj] += a * col[jj];
   }
+}
+
+PK_CPU_CLONES void dot_row_tile_simd(const float* zt, int64_t n, int64_t d, int64_t i, int64_t j0, int64_t len,
+                                     float* acc) {
+  dot_row_tile_body(zt, n, d, i, j0, len, acc);
+}
+
+PK_CPU_CLONES void dot_row_tile_simd(const double* zt, int64_t n, int64_t d, int64_t i, int64_t j0, int64_t len,
+                                     double* acc) {
+  dot_row_tile_body(zt, n, d, i, j0, len, acc);
+}
+
+template <typename Z>
+void dot_row_tile(const Z* zt, int64_t n, int64_t d, int64_t i, int64_t j0, int64_t len, Z* acc) {
+  dot_row_tile_simd(zt, n, d, i, j0, len, acc);
   for (int64_t jj = 0; jj < len; ++jj) acc[jj] = duplicate_correlation(zt + i, zt + j0 + jj, d, n, acc[jj]);
 }
 
@@ -174,7 +264,7 @@ void parc_labels_cpu(const int64_t* classes, int64_t n, int64_t* order, int64_t*
 
 double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_t b, ParcScratch& s) {
   const int64_t n = f.n, d = f.d, n_same = labels.n_same;
-  const int64_t m = n * (n - 1) / 2;
+  const int64_t m = n * (n - 1) / 2, n_diff = m - n_same;
   s.zt.resize(size_t(d * n));
   for (int64_t p = 0; p < n; ++p)
     if (!normalize_row_cpu(f, b, labels.order[p], s.zt.data(), p)) return pk_nan();
@@ -184,7 +274,7 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
   s.pairs.resize(size_t(m));
   double* same_out = s.pairs.data();
   double* diff_out = s.pairs.data() + n_same;
-  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  double lo = std::numeric_limits<double>::infinity(), hi = 0.0;
   double acc[kTile];
   for (int64_t p = 0; p < n; ++p) {
     const int64_t e = labels.block_end[p];
@@ -192,55 +282,49 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
       const int64_t len = std::min(kTile, n - j0);
       dot_row_tile(s.zt.data(), n, d, p, j0, len, acc);
       for (int64_t jj = 0; jj < len; ++jj) {
-        const double dist = corr_distance(acc[jj]);
-        lo = std::min(lo, dist);
-        hi = std::max(hi, dist);
-        if (j0 + jj < e) *same_out++ = dist;
-        else *diff_out++ = dist;
+        acc[jj] = corr_distance(acc[jj]);
+        lo = acc[jj] < lo ? acc[jj] : lo;
+        hi = acc[jj] > hi ? acc[jj] : hi;
       }
+      const int64_t split = std::clamp<int64_t>(e - j0, 0, len);
+      same_out = std::copy(acc, acc + split, same_out);
+      diff_out = std::copy(acc + split, acc + len, diff_out);
     }
   }
 
-  // Sort both parts, then walk the different-class values in order with a cursor on the
-  // same-class ones: each run of c equal different-class values lies above the same-class values
-  // before the cursor and ties with the a equal to it.
+  // Both parts go into one grid of buckets over the distances' bits (non-negative doubles order
+  // like their bits). Walking the buckets in order: every different-class value of bucket k lies
+  // above the same-class values of the earlier buckets; within a bucket, usually holding no
+  // same-class value, only ties remain to be found. The same-class part is sorted, the
+  // different-class part only where a bucket needs it.
+  const BitBuckets grid(lo, hi, m);
   s.bucketed.resize(size_t(m));
   double* same = s.bucketed.data();
   double* diff = s.bucketed.data() + n_same;
-  const double* pairs = s.pairs.data();
-  auto key = [](double v) { return v; };
-  bucket_sort(n_same, Buckets(lo, hi, n_same), [&](int64_t i) { return pairs[i]; }, key, same, s.same_end);
-  bucket_sort(m - n_same, Buckets(lo, hi, m - n_same), [&](int64_t i) { return pairs[n_same + i]; }, key, diff,
-              s.diff_end);
-  const int64_t n_diff = m - n_same;
-  int64_t twice_u = 0, i = 0;
+  scatter_to_buckets(s.pairs.data(), n_same, grid, same, s.same_end);
+  scatter_to_buckets(s.pairs.data() + n_same, n_diff, grid, diff, s.diff_end);
+  int64_t twice_u = 0;
   double ties = 0.0;
-  auto same_run_end = [&](int64_t from) {
-    int64_t e = from + 1;
-    while (e < n_same && same[e] == same[from]) ++e;
-    return e;
-  };
-  for (int64_t j = 0, j_end; j < n_diff; j = j_end) {
-    const double v = diff[j];
-    j_end = j + 1;
-    while (j_end < n_diff && diff[j_end] == v) ++j_end;
-    while (i < n_same && same[i] < v) {  // same-class runs wholly below v
-      const int64_t e = same_run_end(i);
-      ties += tie_term(double(e - i));
-      i = e;
+  for (int64_t k = 0, s0 = 0, d0 = 0; k < grid.count; s0 = s.same_end[size_t(k)], d0 = s.diff_end[size_t(k)], ++k) {
+    const int64_t s1 = s.same_end[size_t(k)], d1 = s.diff_end[size_t(k)];
+    if (s1 > s0) sort_small(same + s0, same + s1);
+    if (s1 == s0) {  // different-class values only: all above the s0 same-class values so far
+      twice_u += (d1 - d0) * 2 * s0;
+      ties += tie_sum_unsorted(diff + d0, d1 - d0);
+      continue;
     }
-    const int64_t below = i;
-    if (i < n_same && same[i] == v) i = same_run_end(i);
-    const int64_t a = i - below, c = j_end - j;
-    twice_u += c * (2 * below + a);
-    ties += tie_term(double(a + c));
+    sort_small(diff + d0, diff + d1);
+    for (int64_t i = s0, j = d0; i < s1 || j < d1;) {  // merge the two sorted runs by value
+      const double v = (j >= d1 || (i < s1 && same[i] < diff[j])) ? same[i] : diff[j];
+      int64_t a = 0, c = 0;
+      while (i < s1 && same[i] == v) ++i, ++a;
+      while (j < d1 && diff[j] == v) ++j, ++c;
+      // c different-class values above the i - a same-class values before this group, tied with a.
+      twice_u += c * (2 * (i - a) + a);
+      ties += tie_term(double(a + c));
+    }
   }
-  while (i < n_same) {
-    const int64_t e = same_run_end(i);
-    ties += tie_term(double(e - i));
-    i = e;
-  }
-  return parc_rho(n_same, labels.n_diff, twice_u, ties);
+  return parc_rho(n_same, n_diff, twice_u, ties);
 }
 
 template bool normalize_row_cpu<float>(const FeatureBatch&, int64_t, int64_t, float*, int64_t);

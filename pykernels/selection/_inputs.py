@@ -24,6 +24,7 @@ class Models:
 
     tensors: list[torch.Tensor]  # [N, D_i] each
     single: bool  # given as one [N, D] matrix: results are 0-d
+    batch: Optional[torch.Tensor] = None  # the [B, N, D] tensor when given as one
 
     @property
     def n(self) -> int:
@@ -31,6 +32,9 @@ class Models:
 
     def groups(self):
         """(indices, [b, N, D] batch) for runs of models with equal width, dtype and device."""
+        if self.batch is not None:
+            yield list(range(self.batch.shape[0])), self.batch
+            return
         by_kind: dict[tuple, list[int]] = {}
         for i, t in enumerate(self.tensors):
             by_kind.setdefault((t.shape[1], t.dtype, t.device), []).append(i)
@@ -71,7 +75,8 @@ def as_models(name: str, features, *, min_samples: int = 3) -> Models:
     if n0 < min_samples:
         raise ValueError(f"{name} has N={n0} samples; at least {min_samples} are needed")
     tensors = [t if t.dtype.is_floating_point else t.double() for t in tensors]
-    return Models(tensors, single)
+    batch = features if isinstance(features, torch.Tensor) and features.dim() == 3 else None
+    return Models(tensors, single, batch if batch is not None and batch.dtype.is_floating_point else None)
 
 
 @dataclasses.dataclass
