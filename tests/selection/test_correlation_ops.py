@@ -216,6 +216,7 @@ def test_parc_spearman_one_sided_labels_are_nan(backend):
     assert torch.isnan(pykernels.parc_spearman(x, torch.arange(10, device=device), backend=backend)).all()
 
 
+@pytest.mark.slow
 def test_cpu_parc_ranks_exactly_past_float32_precision():
     """Ranks beyond 2^24 pairs: N = 5,800 samples give M = 16.8M > 2^24 pairs. Features with
     many exact ties (rows from a small set) make every rank matter; the fused kernel must equal
@@ -318,3 +319,16 @@ def test_distance_gradient_matches_autograd_of_the_reference(backend, triu):
         return  # the backward is the same plain-PyTorch code; finite differences are slow interpreted
     assert torch.autograd.gradcheck(lambda t: pykernels.pairwise_corr_distance(t, triu=triu, backend=backend),
                                     (x.detach().clone().requires_grad_(True),))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.id == "cpu"])
+def test_spearman_ranks_exactly_past_float32_precision(backend):
+    """M = 2^24 + 3 values with heavy ties: scipy (float64 average ranks) agrees to 1e-12."""
+    m = 2**24 + 3
+    g = torch.Generator().manual_seed(19)
+    x = torch.randint(0, 5000, (1, m), generator=g).double()
+    y = x + torch.randint(0, 3000, (1, m), generator=g).double()
+    got = pykernels.spearman(x, y, backend=backend)
+    expect = scipy_stats.spearmanr(x[0].numpy(), y[0].numpy())[0]
+    assert abs(got.item() - expect) < 1e-12
