@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -11,6 +12,20 @@
 
 namespace pykernels::ops {
 namespace {
+
+// Runs body(item, scratch) for items [0, count) on the intra-op pool, each thread taking the next
+// item as it finishes one: on a busy machine a delayed thread then delays one item, not a
+// fixed share of them. Scratch is per thread.
+template <typename Scratch, typename Body>
+void for_each_item(int64_t count, Body body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t item = next++; item < count; item = next++) body(item, scratch);
+  });
+}
 
 template <typename Z>
 void corr_distances(const core::FeatureBatch& f, bool triu, at::Tensor& out) {
@@ -71,20 +86,25 @@ void spearman_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out) {
       shared_ties = core::twice_average_ranks_cpu(yp, y.stride(1), M, shared_ranks.data(), scratch);
     }
   }
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    core::RankScratch scratch;
-    std::vector<int64_t> rx(static_cast<size_t>(M)), ry(shared_y ? 0 : static_cast<size_t>(M));
-    for (int64_t b = begin; b < end; ++b) {
-      const T* xb = xp + b * x.stride(0);
-      const T* yb = yp + b * y.stride(0);
-      if (row_has_nan(xb, x.stride(1), M) || (shared_y ? shared_nan : row_has_nan(yb, y.stride(1), M))) {
-        o[b] = core::pk_nan();
-        continue;
-      }
-      const double tx = core::twice_average_ranks_cpu(xb, x.stride(1), M, rx.data(), scratch);
-      const double ty = shared_y ? shared_ties : core::twice_average_ranks_cpu(yb, y.stride(1), M, ry.data(), scratch);
-      o[b] = core::spearman_from_ranks_cpu(rx.data(), shared_y ? shared_ranks.data() : ry.data(), M, tx, ty);
+  struct Scratch {
+    core::RankScratch sort;
+    std::vector<int64_t> rx, ry;
+  };
+  for_each_item<Scratch>(B, [&](int64_t b, Scratch& s) {
+    const T* xb = xp + b * x.stride(0);
+    const T* yb = yp + b * y.stride(0);
+    if (row_has_nan(xb, x.stride(1), M) || (shared_y ? shared_nan : row_has_nan(yb, y.stride(1), M))) {
+      o[b] = core::pk_nan();
+      return;
     }
+    s.rx.resize(size_t(M));
+    const double tx = core::twice_average_ranks_cpu(xb, x.stride(1), M, s.rx.data(), s.sort);
+    double ty = shared_ties;
+    if (!shared_y) {
+      s.ry.resize(size_t(M));
+      ty = core::twice_average_ranks_cpu(yb, y.stride(1), M, s.ry.data(), s.sort);
+    }
+    o[b] = core::spearman_from_ranks_cpu(s.rx.data(), shared_y ? shared_ranks.data() : s.ry.data(), M, tx, ty);
   });
 }
 
@@ -109,10 +129,8 @@ at::Tensor parc_spearman_cpu(const at::Tensor& features, const at::Tensor& class
                         &labels.n_diff);
   at::Tensor out = at::empty({f.batch}, x.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  at::parallel_for(0, f.batch, 1, [&](int64_t begin, int64_t end) {
-    core::ParcScratch scratch;
-    for (int64_t b = begin; b < end; ++b) o[b] = core::parc_spearman_cpu(f, labels, b, scratch);
-  });
+  for_each_item<core::ParcScratch>(
+      f.batch, [&](int64_t b, core::ParcScratch& scratch) { o[b] = core::parc_spearman_cpu(f, labels, b, scratch); });
   return out;
 }
 

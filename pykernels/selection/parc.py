@@ -72,16 +72,20 @@ def exact_pca(x: torch.Tensor, dims: int) -> torch.Tensor:
     b, n, d = x.shape
     centred = x - x.mean(1, keepdim=True)
     eps = torch.finfo(torch.float64).eps
+    gram = centred.transpose(1, 2) @ centred if d <= n else centred @ centred.transpose(1, 2)
+    finite = torch.isfinite(gram).flatten(1).all(1)  # NaN / Inf features: LAPACK would fail
+    gram = torch.where(finite[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
     if d <= n:
-        values, loadings = _top_eigenpairs(centred.transpose(1, 2) @ centred, dims)
+        values, loadings = _top_eigenpairs(gram, dims)
     else:  # the N x N Gram matrix is smaller: loadings = X^T u / sqrt(lambda)
-        values, u = _top_eigenpairs(centred @ centred.transpose(1, 2), dims)
+        values, u = _top_eigenpairs(gram, dims)
         loadings = (centred.transpose(1, 2) @ u) / values.clamp_min(torch.finfo(torch.float64).tiny).sqrt()[:, None, :]
     kept = values > values[:, :1].clamp_min(0) * max(n, d) * eps
     top = loadings.abs().argmax(1, keepdim=True)
     signs = torch.where(loadings.gather(1, top) < 0, -1.0, 1.0).to(loadings.dtype)
     loadings = loadings * signs * kept[:, None, :]
-    return centred @ loadings
+    projected = centred @ loadings
+    return torch.where(finite[:, None, None], projected, torch.full_like(projected, float("nan")))
 
 
 def _top_eigenpairs(sym: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +110,8 @@ def _top_eigenpairs(sym: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 def standard_scale(x: torch.Tensor) -> torch.Tensor:
     """Per column of x [b, N, f]: mean 0, population std 1; a constant column stays at 0."""
-    centred = x - x.mean(1, keepdim=True)
-    std = centred.pow(2).mean(1, keepdim=True).sqrt()
-    return centred / torch.where(std > 0, std, torch.ones_like(std))
+    var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+    return (x - mean) / torch.where(var > 0, var.sqrt(), torch.ones_like(var))
 
 
 def _reference_reduce(x: torch.Tensor, dims: Optional[int]) -> torch.Tensor:
@@ -208,25 +211,24 @@ def parc(features: FeaturesLike, labels, *, num_classes: Optional[int] = None,
         label_distances = _exact_label_distances(y)
 
     out = torch.full((len(models.tensors),), float("nan"), dtype=torch.float64, device=models.tensors[0].device)
-    bad = []
     for indices, batch in models.groups():
-        finite = torch.isfinite(batch).flatten(1).all(1)
-        bad += [i for i, ok in zip(indices, finite.tolist()) if not ok]
-        keep = [i for i, ok in zip(indices, finite.tolist()) if ok]
-        if not keep:
-            continue
-        batch = batch[finite]
-        if mode == "reference":
-            reduced = torch.stack([_reference_reduce(f, k) for f in batch])
+        if mode == "reference":  # scikit-learn refuses NaN / Inf: such models are left at NaN
+            keep = [j for j, f in enumerate(batch) if bool(torch.isfinite(f).all())]
+            if not keep:
+                continue
+            reduced = torch.stack([_reference_reduce(batch[j], k) for j in keep])
+            indices = [indices[j] for j in keep]
         else:
+            # A NaN / Inf feature spreads NaN through PCA and scaling to every sample of its model,
+            # which the kernels score NaN: no separate finiteness pass over the features.
             x = batch.double()
             reduced = standard_scale(exact_pca(x, k) if k is not None else x)
         if label_distances is None:
             scores = parc_spearman(reduced, y.classes, backend=backend)
         else:
             scores = _spearman_chunks(reduced, label_distances, backend)
-        out[torch.tensor(keep, device=out.device)] = scores
-    _warn_nan(out, bad, models.single)
+        out[torch.tensor(indices, device=out.device)] = scores
+    _warn_nan(out, models)
     return 100.0 * (out[0] if models.single else out)
 
 
@@ -241,14 +243,15 @@ def _spearman_chunks(reduced: torch.Tensor, label_distances: torch.Tensor, backe
     return torch.cat(parts)
 
 
-def _warn_nan(out: torch.Tensor, non_finite: list[int], single: bool) -> None:
+def _warn_nan(out: torch.Tensor, models) -> None:
     nan = torch.isnan(out).nonzero().flatten().tolist()
     if not nan:
         return
-    which = "the model" if single else f"model(s) {nan}"
+    non_finite = [i for i in nan if not bool(torch.isfinite(models.tensors[i]).all())]
+    which = "the model" if models.single else f"model(s) {nan}"
     causes = []
     if non_finite:
-        causes.append(f"NaN/Inf features in {non_finite if not single else 'it'}")
+        causes.append("NaN/Inf features" + ("" if models.single else f" in {non_finite}"))
     if set(nan) - set(non_finite):
         causes.append("a sample whose reduced, scaled features are constant (its correlation is undefined)")
     warnings.warn(f"PARC is NaN for {which}: {'; '.join(causes)}", RuntimeWarning, stacklevel=3)
