@@ -72,7 +72,7 @@ def exact_pca(x: torch.Tensor, dims: int) -> torch.Tensor:
     b, n, d = x.shape
     centred = x - x.mean(1, keepdim=True)
     eps = torch.finfo(torch.float64).eps
-    gram = centred.transpose(1, 2) @ centred if d <= n else centred @ centred.transpose(1, 2)
+    gram = _gram(centred, features_side=d <= n)
     finite = torch.isfinite(gram).flatten(1).all(1)  # NaN / Inf features: LAPACK would fail
     gram = torch.where(finite[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
     if d <= n:
@@ -86,6 +86,15 @@ def exact_pca(x: torch.Tensor, dims: int) -> torch.Tensor:
     loadings = loadings * signs * kept[:, None, :]
     projected = centred @ loadings
     return torch.where(finite[:, None, None], projected, torch.full_like(projected, float("nan")))
+
+
+def _gram(centred: torch.Tensor, features_side: bool) -> torch.Tensor:
+    """X^T X [b, D, D] (features_side) or X X^T [b, N, N]. On the CPU numpy's matmul, which
+    here runs ~1.5x faster than torch's batched float64 matmul."""
+    if centred.device.type == "cpu" and not centred.requires_grad:
+        a = centred.numpy()
+        return torch.from_numpy(np.matmul(a.transpose(0, 2, 1), a) if features_side else np.matmul(a, a.transpose(0, 2, 1)))
+    return centred.transpose(1, 2) @ centred if features_side else centred @ centred.transpose(1, 2)
 
 
 def _top_eigenpairs(sym: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
