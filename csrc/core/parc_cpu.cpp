@@ -178,7 +178,11 @@ PK_CPU_CLONES void dot_row_tile_simd(const double* zt, int64_t n, int64_t d, int
 template <typename Z>
 void dot_row_tile(const Z* zt, int64_t n, int64_t d, int64_t i, int64_t j0, int64_t len, Z* acc) {
   dot_row_tile_simd(zt, n, d, i, j0, len, acc);
-  for (int64_t jj = 0; jj < len; ++jj) acc[jj] = duplicate_correlation(zt + i, zt + j0 + jj, d, n, acc[jj]);
+  Z largest = Z(0);
+#pragma omp simd reduction(max : largest)
+  for (int64_t jj = 0; jj < len; ++jj) largest = std::max(largest, std::abs(acc[jj]));
+  if (largest >= Z(kDuplicateGate))  // rare: only then look for duplicated samples
+    for (int64_t jj = 0; jj < len; ++jj) acc[jj] = duplicate_correlation(zt + i, zt + j0 + jj, d, n, acc[jj]);
 }
 
 }  // namespace
@@ -281,10 +285,11 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
     for (int64_t j0 = p + 1; j0 < n; j0 += kTile) {
       const int64_t len = std::min(kTile, n - j0);
       dot_row_tile(s.zt.data(), n, d, p, j0, len, acc);
+#pragma omp simd reduction(min : lo) reduction(max : hi)
       for (int64_t jj = 0; jj < len; ++jj) {
         acc[jj] = corr_distance(acc[jj]);
-        lo = acc[jj] < lo ? acc[jj] : lo;
-        hi = acc[jj] > hi ? acc[jj] : hi;
+        lo = std::min(lo, acc[jj]);
+        hi = std::max(hi, acc[jj]);
       }
       const int64_t split = std::clamp<int64_t>(e - j0, 0, len);
       same_out = std::copy(acc, acc + split, same_out);

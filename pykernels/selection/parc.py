@@ -73,8 +73,12 @@ def exact_pca(x: torch.Tensor, dims: int) -> torch.Tensor:
     centred = x - x.mean(1, keepdim=True)
     eps = torch.finfo(torch.float64).eps
     gram = _gram(centred, features_side=d <= n)
-    finite = torch.isfinite(gram).flatten(1).all(1)  # NaN / Inf features: LAPACK would fail
-    gram = torch.where(finite[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
+    # A NaN / Inf feature makes a diagonal entry (a sum of squares) non-finite; LAPACK would fail
+    # on such a matrix, so it is zeroed and the model's projections become NaN.
+    finite = torch.isfinite(gram.diagonal(dim1=1, dim2=2).sum(-1))
+    all_finite = bool(finite.all())
+    if not all_finite:
+        gram = torch.where(finite[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
     if d <= n:
         values, loadings = _top_eigenpairs(gram, dims)
     else:  # the N x N Gram matrix is smaller: loadings = X^T u / sqrt(lambda)
@@ -85,6 +89,8 @@ def exact_pca(x: torch.Tensor, dims: int) -> torch.Tensor:
     signs = torch.where(loadings.gather(1, top) < 0, -1.0, 1.0).to(loadings.dtype)
     loadings = loadings * signs * kept[:, None, :]
     projected = centred @ loadings
+    if all_finite:
+        return projected
     return torch.where(finite[:, None, None], projected, torch.full_like(projected, float("nan")))
 
 
