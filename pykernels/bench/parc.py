@@ -131,7 +131,7 @@ def _scaling_cases(ctx, ours, quick):
     for models in ((1, 4, 16) if quick else (1, 4, 16, 64)):
         case = _parc_case(ctx, ours, models, 500, 32, None, reference_models=min(models, 8),
                           note="time vs number of models: N=500, 32-d, no PCA")
-        case.op, case.shape = "parc_scaling", f"{models} model{'s' if models > 1 else ''} x N=500"
+        case.op, case.shape = "parc_scaling", f"N=500, {models} model{'s' if models > 1 else ''}"
         _SCALING[case.shape] = ("models", models)
         cases.append(case)
     return cases
@@ -184,6 +184,9 @@ def plot(rows, out_dir: str) -> list[str]:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ticks = sorted({v for a, v in _SCALING.values() if a == axis})
+        ax.minorticks_off()
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel(label)
         ax.set_ylabel("median time (ms)")
         ax.grid(True, which="both", alpha=0.3)
