@@ -17,7 +17,11 @@ PYTHON=${PYTHON:-python3}
 VENV=${PYKERNELS_VENV:-.venv}
 CUDA_VENV=${PYKERNELS_CUDA_VENV:-.venv-cuda}
 CUDA_TORCH=torch==2.14.1
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
+# pip, minus the local package index's "Location ... is ignored" warnings.
+pip_install() { "$1" -m pip install -q "${@:2}" 2> >(grep -v "is ignored: it is neither" >&2); }
+# Run a noisy build step with its output in a log, shown only if it fails.
+quiet() { local log=$1; shift; "$@" > "$log" 2>&1 || { tail -50 "$log"; echo "FAILED: $* (log: $log)"; exit 1; }; }
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -26,16 +30,17 @@ setup() {
   fi
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     step "installing torch==2.13.0 (CPU)"
-    "$VENV/bin/pip" install -q torch==2.13.0
+    pip_install "$VENV/bin/python" torch==2.13.0
   fi
   step "installing pinned tools (requirements-dev.txt)"
-  "$VENV/bin/pip" install -q -r requirements-dev.txt
-  if ! "$VENV/bin/python" -c "import pykernels" 2>/dev/null; then
-    step "installing pykernels (editable)"
-    "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e .
+  pip_install "$VENV/bin/python" -r requirements-dev.txt
+  mkdir -p build
+  if ! "$VENV/bin/python" -m pip show -q pykernels >/dev/null 2>&1; then
+    step "installing pykernels (editable, builds pykernels._C)"
+    quiet build/install.log pip_install "$VENV/bin/python" --no-build-isolation --no-deps -e .
   fi
   step "building pykernels._C (incremental)"
-  "$VENV/bin/python" setup.py -q build_ext --inplace
+  quiet build/build_ext.log "$VENV/bin/python" setup.py build_ext --inplace
   "$VENV/bin/pykernels" backends
 }
 
@@ -65,12 +70,13 @@ cuda_build() {
   fi
   step "CUDA extension against $CUDA_TORCH in $CUDA_VENV"
   [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
-  "$CUDA_VENV/bin/python" -c "import torch" 2>/dev/null || "$CUDA_VENV/bin/pip" install -q "$CUDA_TORCH"
-  "$CUDA_VENV/bin/pip" install -q numpy==2.4.6 ninja==1.13.2 setuptools==84.2.1 wheel
+  "$CUDA_VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$CUDA_VENV/bin/python" "$CUDA_TORCH"
+  pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 ninja==1.13.2 setuptools==84.2.1 wheel
   local nvcc_home
   nvcc_home=$(dirname "$(dirname "$(command -v nvcc)")")
+  mkdir -p build
   CUDA_HOME=${CUDA_HOME:-$nvcc_home} PYKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
-    "$CUDA_VENV/bin/python" setup.py -q build --build-base build/cuda --build-lib build/cuda/lib
+    quiet build/cuda_build.log "$CUDA_VENV/bin/python" setup.py build --build-base build/cuda --build-lib build/cuda/lib
   # Import the built package (not the source tree) and check its CUDA kernels registered.
   (cd build && PYTHONPATH="$PWD/cuda/lib" "../$CUDA_VENV/bin/python" ../scripts/check_cuda_build.py ../csrc/ops/cuda)
 }
