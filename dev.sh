@@ -36,10 +36,11 @@ setup() {
   pip_install "$VENV/bin/python" -r requirements-dev.txt
   mkdir -p build
   if ! "$VENV/bin/python" -m pip show -q pykernels >/dev/null 2>&1; then
-    step "installing pykernels (editable, builds pykernels._C)"
-    quiet build/install.log pip_install "$VENV/bin/python" --no-build-isolation --no-deps -e .
+    step "installing pykernels (editable)"
+    # The extension is built right after, in place, where rebuilds are incremental.
+    PYKERNELS_NO_EXTENSION=1 quiet build/install.log pip_install "$VENV/bin/python" --no-build-isolation --no-deps -e .
   fi
-  step "building pykernels._C (incremental)"
+  step "building pykernels._C"
   quiet build/build_ext.log "$VENV/bin/python" setup.py build_ext --inplace
   "$VENV/bin/pykernels" backends
 }
@@ -72,8 +73,11 @@ cuda_build() {
   [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
   "$CUDA_VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$CUDA_VENV/bin/python" "$CUDA_TORCH"
   pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 ninja==1.13.2 setuptools==84.2.1 wheel
+  # The toolkit root: the folder above nvcc's bin/ when it holds the headers
+  # (nvcc may be a wrapper outside the toolkit), else /usr/local/cuda.
   local nvcc_home
-  nvcc_home=$(dirname "$(dirname "$(command -v nvcc)")")
+  nvcc_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  [ -f "$nvcc_home/include/cuda_runtime.h" ] || nvcc_home=/usr/local/cuda
   mkdir -p build
   CUDA_HOME=${CUDA_HOME:-$nvcc_home} PYKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
     quiet build/cuda_build.log "$CUDA_VENV/bin/python" setup.py build --build-base build/cuda --build-lib build/cuda/lib
