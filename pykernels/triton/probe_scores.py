@@ -129,7 +129,8 @@ def probe_scores_triton(
     raw = torch.empty_like(out) if smooth else out
 
     block_k = triton.next_power_of_2(K)
-    block_t = 16
+    # Enough programs to keep every SM streaming (~1k for 4k tokens), up to 16 tokens each.
+    block_t = max(2, min(16, triton.next_power_of_2(triton.cdiv(B * T, 1024))))
     block_h = max(16, min(128, 8192 // (block_t * block_k), triton.next_power_of_2(H)))
     _probe_logits_kernel[(triton.cdiv(B * T, block_t),)](
         table[0], table[1], table[2], w, b, n_len, raw,
