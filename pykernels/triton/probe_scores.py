@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops import probe_scores_fake, register_probe_scores_autograd
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _FLT_MIN = 1.17549435e-38  # smallest normal float32; see ema_compose in csrc/core/probe_scores.h
 
@@ -148,7 +150,5 @@ def probe_scores_triton(
     return out
 
 
-@probe_scores_triton.register_fake
-def _(hidden_states, weight, bias, lengths, smoothing, window, ema_alpha):
-    h0 = hidden_states[0]
-    return h0.new_empty((h0.shape[0], h0.shape[1], weight.shape[2]), dtype=torch.float32)
+probe_scores_triton.register_fake(probe_scores_fake)
+register_probe_scores_autograd(probe_scores_triton)
