@@ -37,3 +37,110 @@ if LOADED:
     def _probe_scores_fake(hidden_states, weight, bias, lengths, smoothing, window, ema_alpha):
         h0 = hidden_states[0]
         return h0.new_empty((h0.shape[0], h0.shape[1], weight.shape[2]), dtype=torch.float32)
+
+
+# ---- flatness ops (pykernels/flatness/ops.py) ----
+# Reverse-mode autograd (differentiable to any order: each backward is built from
+# the ops themselves) and vmap rules, shared by the compiled ops and their Triton
+# twins. Forward mode (torch.func.jvp) is added by the autograd.Functions in
+# pykernels/flatness/ops.py, since custom ops cannot register a forward-mode rule.
+
+
+def register_flatness_rules(energy: str, logsumexp_hvp: str, probe_dots: str) -> None:
+    """Autograd and vmap rules for one backend's flatness ops, given their qualified names."""
+    energy_op = _resolve(energy)
+    lse_hvp_op = _resolve(logsumexp_hvp)
+
+    def energy_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    def energy_backward(ctx, grad):
+        logits, e = ctx.saved_tensors
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        softmax = torch.exp(logits.to(wide) + e.to(wide).unsqueeze(-1))  # E = -logsumexp
+        return (-grad.unsqueeze(-1) * softmax).to(logits.dtype)
+
+    def energy_vmap(info, in_dims, logits):
+        (dim,) = in_dims
+        if dim is None:
+            return energy_op(logits), None
+        return energy_op(logits.movedim(dim, 0)), 0
+
+    torch.library.register_autograd(energy, energy_backward, setup_context=energy_setup)
+    torch.library.register_vmap(energy, energy_vmap)
+
+    def lse_hvp_setup(ctx, inputs, output):
+        logits, tangents = inputs
+        ctx.save_for_backward(logits, tangents, output[0])
+
+    def lse_hvp_backward(ctx, grad_softmax, grad_energy, grad_hvp):
+        # With A = diag(s) - s s^T (symmetric) and h_i = s * (u_i - s.u_i):
+        #   d logits <- A (g_s + sum_i r_i) - g_E s,  r_i = g_h_i * (u_i - s.u_i) - (g_h_i . s) u_i
+        #   d u_i    <- A g_h_i
+        logits, tangents, s = ctx.saved_tensors
+        through_softmax = torch.zeros_like(logits) if grad_softmax is None else grad_softmax
+        if grad_hvp is not None:
+            centred = tangents - (s * tangents).sum(-1, keepdim=True)
+            r = grad_hvp * centred - (grad_hvp * s).sum(-1, keepdim=True) * tangents
+            through_softmax = through_softmax + r.sum(0)
+            products = lse_hvp_op(logits, torch.cat([through_softmax.unsqueeze(0), grad_hvp]))[2]
+            grad_logits, grad_tangents = products[0], products[1:]
+        else:
+            grad_logits, grad_tangents = lse_hvp_op(logits, through_softmax.unsqueeze(0))[2][0], None
+        if grad_energy is not None:
+            grad_logits = grad_logits - grad_energy.unsqueeze(-1) * s
+        return grad_logits, grad_tangents
+
+    def lse_hvp_vmap(info, in_dims, logits, tangents):
+        dim_l, dim_t = in_dims
+        if dim_l is None and dim_t is None:
+            return lse_hvp_op(logits, tangents), (None, None, None)
+        if dim_l is None:  # only the tangents are batched: fold the vmap dim into S
+            tangents = tangents.movedim(dim_t, 0)
+            V, S = tangents.shape[:2]
+            s, e, h = lse_hvp_op(logits, tangents.reshape(V * S, *tangents.shape[2:]))
+            return (s, e, h.reshape(V, S, *h.shape[1:])), (None, None, 0)
+        logits = logits.movedim(dim_l, 0)  # [V, ..., K]: the vmap dim becomes a leading row dim
+        if dim_t is None:
+            tangents = tangents.unsqueeze(1).expand(tangents.shape[0], logits.shape[0], *tangents.shape[1:])
+        else:
+            tangents = tangents.movedim(dim_t, 1)
+        return lse_hvp_op(logits, tangents), (0, 0, 1)
+
+    torch.library.register_autograd(logsumexp_hvp, lse_hvp_backward, setup_context=lse_hvp_setup)
+    torch.library.register_vmap(logsumexp_hvp, lse_hvp_vmap)
+
+    def dots_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def dots_backward(ctx, grad):
+        v, w = ctx.saved_tensors
+        return grad.unsqueeze(-1) * w, grad.unsqueeze(-1) * v
+
+    torch.library.register_autograd(probe_dots, dots_backward, setup_context=dots_setup)
+
+
+def _resolve(qualified: str):
+    namespace, name = qualified.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+if LOADED:
+
+    @torch.library.register_fake("pykernels::energy")
+    def _energy_fake(logits):
+        return logits.new_empty(logits.shape[:-1])
+
+    @torch.library.register_fake("pykernels::logsumexp_hvp")
+    def _logsumexp_hvp_fake(logits, tangents):
+        return logits.new_empty(logits.shape), logits.new_empty(logits.shape[:-1]), tangents.new_empty(tangents.shape)
+
+    @torch.library.register_fake("pykernels::fill_probes_")
+    def _fill_probes_fake(out, seed, offset, kind):
+        return None
+
+    @torch.library.register_fake("pykernels::probe_dots")
+    def _probe_dots_fake(v, w):
+        return v.new_empty(v.shape[:2])
+
+    register_flatness_rules("pykernels::energy", "pykernels::logsumexp_hvp", "pykernels::probe_dots")
