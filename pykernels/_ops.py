@@ -42,8 +42,48 @@ if LOADED:
 # ---- flatness ops (pykernels/flatness/ops.py) ----
 # Reverse-mode autograd (differentiable to any order: each backward is built from
 # the ops themselves) and vmap rules, shared by the compiled ops and their Triton
-# twins. Forward mode (torch.func.jvp) is added by the autograd.Functions in
-# pykernels/flatness/ops.py, since custom ops cannot register a forward-mode rule.
+# twins. The registered rules serve torch.compile and direct callers of
+# torch.ops.pykernels.*; in eager mode pykernels.flatness.ops wraps the same
+# formulas in autograd.Functions, which torch.func transforms (and forward mode) need.
+
+
+def energy_vjp(logits, energy, grad):
+    """d logits of energy = -logsumexp: -grad * softmax, from the saved output."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    softmax = torch.exp(logits.to(wide) + energy.to(wide).unsqueeze(-1))
+    return (-grad.unsqueeze(-1) * softmax).to(logits.dtype)
+
+
+def logsumexp_hvp_vjp(lse_hvp, logits, tangents, softmax, grad_softmax, grad_energy, grad_hvp):
+    """Backward of (s, E, h) = logsumexp_hvp(logits, tangents), with A = diag(s) - s s^T
+    (symmetric) and h_i = s * (u_i - s.u_i):
+      d logits <- A (g_s + sum_i r_i) - g_E s,  r_i = g_h_i * (u_i - s.u_i) - (g_h_i . s) u_i
+      d u_i    <- A g_h_i
+    Every product with A is one more `lse_hvp` call, so the result is differentiable again."""
+    s = softmax
+    through_softmax = torch.zeros_like(logits) if grad_softmax is None else grad_softmax
+    if grad_hvp is None:
+        grad_logits, grad_tangents = lse_hvp(logits, through_softmax.unsqueeze(0))[2][0], None
+    else:
+        centred = tangents - (s * tangents).sum(-1, keepdim=True)
+        r = grad_hvp * centred - (grad_hvp * s).sum(-1, keepdim=True) * tangents
+        through_softmax = through_softmax + r.sum(0)
+        products = lse_hvp(logits, torch.cat([through_softmax.unsqueeze(0), grad_hvp]))[2]
+        grad_logits, grad_tangents = products[0], products[1:]
+    if grad_energy is not None:
+        grad_logits = grad_logits - grad_energy.unsqueeze(-1) * s
+    return grad_logits, grad_tangents
+
+
+def logsumexp_hvp_jvp(lse_hvp, logits, tangents, softmax, d_logits, d_tangents):
+    """Forward-mode rule of logsumexp_hvp: ds = A dz, dE = -s . dz,
+    dh_i = A du_i + ds * (u_i - s.u_i) - s (ds . u_i)."""
+    s = softmax
+    d_s = lse_hvp(logits, d_logits.unsqueeze(0))[2][0]
+    d_h = lse_hvp(logits, d_tangents)[2] if d_tangents is not None else torch.zeros_like(tangents)
+    centred = tangents - (s * tangents).sum(-1, keepdim=True)
+    d_h = d_h + d_s * centred - s * (d_s * tangents).sum(-1, keepdim=True)
+    return d_s, -(s * d_logits).sum(-1), d_h
 
 
 def register_flatness_rules(energy: str, logsumexp_hvp: str, probe_dots: str) -> None:
@@ -55,10 +95,7 @@ def register_flatness_rules(energy: str, logsumexp_hvp: str, probe_dots: str) ->
         ctx.save_for_backward(inputs[0], output)
 
     def energy_backward(ctx, grad):
-        logits, e = ctx.saved_tensors
-        wide = torch.promote_types(logits.dtype, torch.float32)
-        softmax = torch.exp(logits.to(wide) + e.to(wide).unsqueeze(-1))  # E = -logsumexp
-        return (-grad.unsqueeze(-1) * softmax).to(logits.dtype)
+        return energy_vjp(*ctx.saved_tensors, grad)
 
     def energy_vmap(info, in_dims, logits):
         (dim,) = in_dims
@@ -74,22 +111,7 @@ def register_flatness_rules(energy: str, logsumexp_hvp: str, probe_dots: str) ->
         ctx.save_for_backward(logits, tangents, output[0])
 
     def lse_hvp_backward(ctx, grad_softmax, grad_energy, grad_hvp):
-        # With A = diag(s) - s s^T (symmetric) and h_i = s * (u_i - s.u_i):
-        #   d logits <- A (g_s + sum_i r_i) - g_E s,  r_i = g_h_i * (u_i - s.u_i) - (g_h_i . s) u_i
-        #   d u_i    <- A g_h_i
-        logits, tangents, s = ctx.saved_tensors
-        through_softmax = torch.zeros_like(logits) if grad_softmax is None else grad_softmax
-        if grad_hvp is not None:
-            centred = tangents - (s * tangents).sum(-1, keepdim=True)
-            r = grad_hvp * centred - (grad_hvp * s).sum(-1, keepdim=True) * tangents
-            through_softmax = through_softmax + r.sum(0)
-            products = lse_hvp_op(logits, torch.cat([through_softmax.unsqueeze(0), grad_hvp]))[2]
-            grad_logits, grad_tangents = products[0], products[1:]
-        else:
-            grad_logits, grad_tangents = lse_hvp_op(logits, through_softmax.unsqueeze(0))[2][0], None
-        if grad_energy is not None:
-            grad_logits = grad_logits - grad_energy.unsqueeze(-1) * s
-        return grad_logits, grad_tangents
+        return logsumexp_hvp_vjp(lse_hvp_op, *ctx.saved_tensors, grad_softmax, grad_energy, grad_hvp)
 
     def lse_hvp_vmap(info, in_dims, logits, tangents):
         dim_l, dim_t = in_dims

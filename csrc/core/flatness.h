@@ -82,11 +82,11 @@ PK_HD A lse_finish(A m, A sum) {
   return m + pk_log(sum);
 }
 
-// Softmax entry from the row's logsumexp: exp(z - lse). Rows with an infinite
-// lse give NaN where torch.softmax does (inf - inf).
+// Softmax entry from the row's logsumexp: exp(z - lse). A row whose lse is not
+// finite (a NaN or +inf logit, or all -inf) is NaN throughout, as in torch.softmax.
 template <typename A>
 PK_HD A softmax_at(A z, A lse) {
-  return pk_exp(z - lse);
+  return lse == A(INFINITY) ? A(NAN) : pk_exp(z - lse);
 }
 
 // One entry of (diag(s) - s s^T) u = s * (u - s.u), given dot = s.u.
