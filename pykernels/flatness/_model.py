@@ -146,6 +146,11 @@ def log_likelihood_fn(model: Callable, backend: Optional[str] = None) -> Callabl
 def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
     """One plain forward at x: the model's output must be finite [B, K] logits."""
     with torch.no_grad():
-        logits = check_logits(model(x), x.shape[0])
+        try:
+            out = model(x)
+        except Exception as exc:  # most often x lacks its batch dim: say what x was
+            raise RuntimeError(f"the model failed on x of shape {tuple(x.shape)} (x must be a batch [B, ...] "
+                               f"of the inputs the model takes): {type(exc).__name__}: {exc}") from exc
+        logits = check_logits(out, x.shape[0])
     check_finite_logits(logits)
     return logits

@@ -4,11 +4,12 @@ For such networks (ReLU, max-pool, eval-mode BatchNorm, ...) every logit is
 locally linear, so the Hessian of log p is exactly J^T (diag(s) - s s^T) J almost
 everywhere: exact_trace is exact and the Gauss-Newton HVP equals the full one.
 
-Checked by running the model once under a dispatch mode that records every ATen
-op touching a tensor that depends on x (x requires grad, the parameters do
-not). An op is piecewise linear in x when it is in PIECEWISE_LINEAR, or is
-multilinear (products) with at most one factor depending on x, or is a
-division whose divisor does not depend on x, or is eval-mode batch norm.
+Checked by running the model once under a dispatch mode that follows which
+tensors depend on x (x, then every output of an op with an x-dependent input)
+and records every ATen op applied to them. An op is piecewise linear in x when
+it is in _PIECEWISE_LINEAR, or is multilinear (products) with at most one
+factor depending on x, or is a division whose divisor does not depend on x, or
+is eval-mode batch norm.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 _PIECEWISE_LINEAR = {
     # linear maps and sums
@@ -65,26 +67,31 @@ def _is_piecewise_linear(name: str, func, args, kwargs, depends: list[bool]) -> 
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, x: torch.Tensor):
         super().__init__()
+        self.depends_on_x = WeakIdKeyDictionary({x: True})
         self.curved: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        depends = [t.requires_grad for t in tensors]
+        depends = [t in self.depends_on_x for t in tensors]
+        out = func(*args, **kwargs)
         if any(depends):
             name = _base_name(func)
             if not _is_piecewise_linear(name, func, args, kwargs, depends):
                 self.curved[name] = self.curved.get(name, 0) + 1
-        return func(*args, **kwargs)
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.depends_on_x[t] = True
+        return out
 
 
 def curved_ops(model: Callable, x: torch.Tensor) -> dict[str, int]:
     """ATen ops (with call counts) through which the model is not piecewise linear
-    in x; empty when it is. Runs the model once on x; the parameters must not
-    require grad (see _model.frozen_parameters)."""
-    recorder = _Recorder()
-    with torch.enable_grad(), recorder:
-        model(x.detach().requires_grad_())
+    in x; empty when it is. Runs the model once on x."""
+    x = x.detach()
+    recorder = _Recorder(x)
+    with torch.no_grad(), recorder:
+        model(x)
     return recorder.curved

@@ -9,8 +9,8 @@ hvp.ParameterHessian). Every estimator treats all B examples at once.
                  range Q of H, tr(Q^T H Q) is exact, and Hutchinson with S/3 probes
                  projected off Q estimates the rest; the standard error is that of
                  the projected part, given the sketch.
-  power          subspace iteration with a Rayleigh-Ritz step: the k eigenvalues of
-                 largest magnitude.
+  power          subspace iteration (k + 2 vectors) with a Rayleigh-Ritz step: the k
+                 eigenvalues of largest magnitude.
   lanczos        Lanczos with full reorthogonalisation (restarted on breakdown); the
                  k Ritz values of largest magnitude.
   slq            stochastic Lanczos quadrature: nodes and weights of the spectral
@@ -113,13 +113,16 @@ def _rayleigh_ritz(V: torch.Tensor, HV: torch.Tensor):
 
 
 def power_iteration(op, k: int, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> Eigen:
-    """Subspace iteration on k vectors per example, with Rayleigh-Ritz every step;
-    stops when every example's k values moved by <= tol (relative)."""
-    V = torch.linalg.qr(_per_example(draw_probes(op, k, seed, "gaussian"))).Q  # [B, D, k]
+    """Subspace iteration on k + 2 vectors per example (the two extra speed up
+    convergence of the k-th value), with Rayleigh-Ritz every step; stops when
+    every example's top k values moved by <= tol (relative)."""
+    p = min(op.dim, k + 2)
+    V = torch.linalg.qr(_per_example(draw_probes(op, p, seed, "gaussian"))).Q  # [B, D, p]
     theta = None
     for it in range(1, iters + 1):
         HV = _per_example(op.matvec(_as_vectors(V)))
         new_theta, ritz = _rayleigh_ritz(V, HV)
+        new_theta, ritz = new_theta[:, :k], ritz[:, :, :k]
         done = theta is not None and bool(
             ((new_theta - theta).abs() <= tol * new_theta.abs().clamp(min=torch.finfo(V.dtype).tiny)).all())
         theta = new_theta
