@@ -17,8 +17,10 @@ from . import ops
 
 TRAIN_MODES = ("eval", "raise")
 
-# Couple the examples of a batch in train mode (batch statistics).
+# Layers whose train mode changes log p: batch statistics couple the examples of a
+# batch; dropout makes log p random.
 _BATCH_COUPLED = (torch.nn.modules.batchnorm._BatchNorm,)
+_TRAIN_SPECIFIC = _BATCH_COUPLED + (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.instancenorm._InstanceNorm)
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _reported: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
@@ -92,26 +94,29 @@ def _train_mode_modules(model) -> list[tuple[str, torch.nn.Module]]:
 
 @contextlib.contextmanager
 def measurement_mode(model, train_mode: str = "eval", what: str = "measure") -> Iterator[None]:
-    """Runs the body with the model in eval mode.
+    """Runs the body with the model in eval mode, restoring every module's mode after.
 
-    A model in train mode is measured in eval mode (train_mode="eval", reported once
-    per model) or refused (train_mode="raise"): BatchNorm with batch statistics
-    couples the examples of a batch, so the Hessian of one example's log p would
-    depend on the rest of the batch, and dropout would make log p random.
+    If train mode matters (BatchNorm with batch statistics couples the examples of a
+    batch, so one example's Hessian would depend on the others; dropout makes log p
+    random), the model is measured in eval mode and this is reported once per model
+    (train_mode="eval"), or refused with an error (train_mode="raise").
     """
     check_choice("train_mode", train_mode, TRAIN_MODES)
     training = _train_mode_modules(model)
     if not training:
         yield
         return
-    coupled = [f"{type(m).__name__} '{name}'" for name, m in training if isinstance(m, _BATCH_COUPLED)]
-    why = (f"{', '.join(coupled[:3])} in train mode couples the examples of a batch"
-           if coupled else "train-mode layers (dropout, ...) make log p random")
-    if train_mode == "raise":
-        raise ValueError(f"the model is in train mode: {why}. Call model.eval() first, or pass "
-                         f"train_mode='eval' to {what} in eval mode")
-    report_once(model, f"train-mode:{what}", f"pykernels.flatness: the model is in train mode ({why}); "
-                                             f"{what} runs in eval mode and the model's modes are restored after")
+    special = [(name, m) for name, m in training if isinstance(m, _TRAIN_SPECIFIC)]
+    if special:
+        coupled = [f"{type(m).__name__} '{name}'" for name, m in special if isinstance(m, _BATCH_COUPLED)]
+        others = [f"{type(m).__name__} '{name}'" for name, m in special if not isinstance(m, _BATCH_COUPLED)]
+        why = (f"{', '.join(coupled[:3])} in train mode couples the examples of a batch" if coupled
+               else f"{', '.join(others[:3])} in train mode makes log p random")
+        if train_mode == "raise":
+            raise ValueError(f"the model is in train mode: {why}. Call model.eval() first, or pass "
+                             f"train_mode='eval' to {what} in eval mode")
+        report_once(model, f"train-mode:{what}", f"pykernels.flatness: the model is in train mode ({why}); "
+                                                 f"{what} runs in eval mode and the model's modes are restored after")
     flags = [(m, m.training) for _, m in training]
     model.eval()
     try:

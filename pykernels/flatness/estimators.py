@@ -43,7 +43,7 @@ ProgressFn = Optional[Callable[[int, int], None]]  # (done, total)
 def draw_probes(op, count: int, seed: int, kind: str, first: int = 0) -> torch.Tensor:
     """Probes first .. first + count - 1 of the stream `seed`, shape [count, B, D]."""
     shape = (count, op.batch, op.dim)
-    return ops.probes(shape, seed, kind=kind, offset=first * op.batch * op.dim, dtype=op.dtype, device=op.device)
+    return ops.probe_vectors(shape, seed, kind=kind, offset=first * op.batch * op.dim, dtype=op.dtype, device=op.device)
 
 
 def _mean_and_stderr(samples: torch.Tensor) -> Estimate:

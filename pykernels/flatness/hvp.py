@@ -21,6 +21,12 @@ Methods (`method=`):
                           logit-space step, then J^T by a vmapped vjp. Equal to
                           the Hessian almost everywhere for piecewise-linear
                           networks; elsewhere its positive semi-definite part.
+                          When at least K vectors are expected (estimators say
+                          how many) and J (K x D per example) fits in 2^25
+                          elements, J is formed once from K batched
+                          vector-Jacobian products and every product is then two
+                          small matrix products around the fused step: the
+                          rank <= K - 1 structure makes S probes cost K passes.
   "auto" (default)        "gauss-newton" when every op the model runs at x is
                           piecewise linear in x (checked, see _piecewise.py),
                           else "forward-over-reverse"; if forward mode fails
@@ -62,7 +68,8 @@ class InputHessian:
     """
 
     def __init__(self, model: Callable, x: torch.Tensor, *, method: str = "auto", backend: Optional[str] = None,
-                 chunk_size: Optional[int] = None, fd_step: Optional[float] = None):
+                 chunk_size: Optional[int] = None, fd_step: Optional[float] = None,
+                 expected_vectors: Optional[int] = None):
         check_choice("method", method, HVP_METHODS)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, minimum=1)
@@ -78,6 +85,10 @@ class InputHessian:
             method = "forward-over-reverse" if self.curved else "gauss-newton"
         self.method = method
         self._log_p = log_likelihood_fn(model, backend)
+        K = self.logits.shape[1]
+        self._use_jacobian = (method == "gauss-newton" and (expected_vectors or 0) >= K
+                              and K * self.batch * self.dim <= JACOBIAN_BUDGET)
+        self._jacobian: Optional[torch.Tensor] = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,7 +162,18 @@ class InputHessian:
         """J v for every vector: the logits (once) and [S, B, K] logit tangents."""
         return vmap(lambda v: jvp(self.model, (self.x,), (v,)), out_dims=(None, 0))(Vx)
 
+    def jacobian(self) -> torch.Tensor:
+        """J of the logits, [B, K, D] (formed once)."""
+        if self._jacobian is None:
+            self._jacobian = input_jacobian(self.model, self.x).transpose(0, 1)
+        return self._jacobian
+
     def _gauss_newton(self, Vx):
+        if self._use_jacobian:
+            J = self.jacobian()
+            U = torch.einsum("bkd,sbd->sbk", J, Vx.flatten(2))
+            AU = ops.logsumexp_hvp(self.logits, U, backend=self.backend)[2]
+            return torch.einsum("bkd,sbk->sbd", J, AU).reshape(Vx.shape)
         logits, U = self._logit_tangents(Vx)
         AU = ops.logsumexp_hvp(logits, U, backend=self.backend)[2]
         _, pullback = vjp(self.model, self.x)
@@ -166,11 +188,25 @@ class InputHessian:
             return ops.probe_dots(V, self.matvec(V), backend=self.backend)
         out = []
         for i in range(0, V.shape[0], self.chunk_size):
-            Vx = V[i : i + self.chunk_size].reshape(-1, self.batch, *self.shape)
-            logits, U = self._logit_tangents(Vx)
+            chunk = V[i : i + self.chunk_size]
+            if self._use_jacobian:
+                logits, U = self.logits, torch.einsum("bkd,sbd->sbk", self.jacobian(), chunk)
+            else:
+                logits, U = self._logit_tangents(chunk.reshape(-1, self.batch, *self.shape))
             AU = ops.logsumexp_hvp(logits, U, backend=self.backend)[2]
             out.append(ops.probe_dots(U, AU, backend=self.backend))
         return torch.cat(out)
+
+
+JACOBIAN_BUDGET = 2**25  # elements of J (K * B * D) the Gauss-Newton path may hold
+
+
+def input_jacobian(model: Callable, x: torch.Tensor) -> torch.Tensor:
+    """d logits / d x for each example, [K, B, D]: K vector-Jacobian products, batched."""
+    logits, pullback = vjp(model, x)
+    B, K = logits.shape
+    eye = torch.eye(K, dtype=logits.dtype, device=logits.device).unsqueeze(1)  # [K, 1, K]
+    return vmap(lambda e: pullback(e.expand(B, K))[0])(eye).reshape(K, B, -1)
 
 
 @contextlib.contextmanager
@@ -208,7 +244,8 @@ def hvp(model: Callable, x: torch.Tensor, v: torch.Tensor, *, method: str = "aut
         if V.dim() != x.dim() + 1 or V.shape[1:] != x.shape:
             raise ValueError(f"v must be [S, *x.shape] = [S, {', '.join(map(str, x.shape))}] or x's shape, "
                              f"got {tuple(v.shape)}")
-        H = InputHessian(model, x, method=method, backend=backend, chunk_size=chunk_size, fd_step=fd_step)
+        H = InputHessian(model, x, method=method, backend=backend, chunk_size=chunk_size, fd_step=fd_step,
+                         expected_vectors=V.shape[0])
         out = H.matvec(V.to(x.dtype).reshape(V.shape[0], H.batch, H.dim)).reshape(V.shape).detach()
         return out[0] if single else out
 

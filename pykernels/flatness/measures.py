@@ -31,7 +31,7 @@ import sys
 from typing import Callable, NamedTuple, Optional
 
 import torch
-from torch.func import grad, vjp, vmap
+from torch.func import grad
 
 from .._validation import check_choice, check_int
 from . import estimators as est
@@ -39,7 +39,7 @@ from . import ops
 from ._model import log_likelihood_fn, validated_logits
 from ._piecewise import curved_ops
 from .estimators import Estimate
-from .hvp import InputHessian, ParameterHessian, default_chunk_size, prepared
+from .hvp import InputHessian, ParameterHessian, default_chunk_size, input_jacobian, prepared
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 EIGEN_METHODS = ("power", "lanczos")
@@ -123,7 +123,7 @@ def hessian_trace(model: Callable, x: torch.Tensor, num_probes: int = 64, method
     check_choice("probes", probes, ops.PROBE_KINDS)
     _check_num_probes(num_probes, method)
     with prepared(model, x, train_mode, "hessian_trace"):
-        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size)
+        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=num_probes)
         return _trace(H, num_probes, method, probes, seed, _progress_printer("hessian_trace") if progress else None)
 
 
@@ -152,7 +152,8 @@ def top_eigenvalues(model: Callable, x: torch.Tensor, k: int = 1, method: str = 
     """
     check_choice("method", method, EIGEN_METHODS)
     with prepared(model, x, train_mode, "top_eigenvalues"):
-        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size)
+        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size,
+                         expected_vectors=(k + 2) * (iters or 30))
         result = _eigen(H, k, method, iters, tol, seed, return_eigenvectors)
         if not return_eigenvectors:
             return result.values
@@ -195,16 +196,12 @@ def exact_trace(model: Callable, x: torch.Tensor, *, check: bool = True, chunk_s
                                  f"model runs curved ops: {names}. Use hessian_trace, or check=False for the "
                                  f"trace of the Gauss-Newton part")
         B, K = logits.shape
-        D = x[0].numel()
-        chunk = chunk_size or max(1, 2**20 // max(1, K * D))
-        eye = torch.eye(K, dtype=logits.dtype, device=x.device)
+        chunk = chunk_size or max(1, 2**20 // max(1, K * x[0].numel()))
         out = []
         for b0 in range(0, B, chunk):
-            xb = x[b0 : b0 + chunk]
-            z, pullback = vjp(model, xb)
-            J = vmap(lambda e: pullback(e.expand_as(z))[0])(eye.unsqueeze(1)).reshape(K, xb.shape[0], D)
+            J = input_jacobian(model, x[b0 : b0 + chunk])  # [K, b, D]
             M = torch.einsum("lbd,kbd->lbk", J, J)  # tangent l = column l of J J^T
-            AM = ops.logsumexp_hvp(z, M, backend=backend)[2]  # AM[l, b] = A_b (J J^T)_b[:, l]
+            AM = ops.logsumexp_hvp(logits[b0 : b0 + chunk], M, backend=backend)[2]  # AM[l, b] = A_b (J J^T)_b[:, l]
             out.append(AM.diagonal(dim1=0, dim2=2).sum(-1))
         return torch.cat(out).detach()
 
@@ -227,7 +224,8 @@ def spectral_density(model: Callable, x: torch.Tensor, *, starts: int = 4, steps
     check_int("steps", steps, minimum=1)
     check_int("points", points, minimum=2)
     with prepared(model, x, train_mode, "spectral_density"):
-        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size)
+        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size,
+                         expected_vectors=starts * steps)
         nodes, weights = est.slq(H, steps, starts, seed)
     lo, hi = nodes.min().item(), nodes.max().item()
     width = sigma if sigma is not None else max(0.01 * (hi - lo), 1e-12)

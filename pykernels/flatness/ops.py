@@ -254,8 +254,8 @@ def fill_probes_(out: torch.Tensor, seed: int, *, offset: int = 0, kind: str = "
     return out
 
 
-def probes(shape: Sequence[int], seed: int, *, kind: str = "rademacher", offset: int = 0,
-           dtype: torch.dtype = torch.float32, device=None, backend: Optional[str] = None) -> torch.Tensor:
+def probe_vectors(shape: Sequence[int], seed: int, *, kind: str = "rademacher", offset: int = 0,
+                  dtype: torch.dtype = torch.float32, device=None, backend: Optional[str] = None) -> torch.Tensor:
     """A new tensor of `shape` filled by fill_probes_."""
     out = torch.empty(tuple(shape), dtype=dtype, device=device)
     return fill_probes_(out, seed, offset=offset, kind=kind, backend=backend)
