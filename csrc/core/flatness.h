@@ -123,6 +123,7 @@ PK_HD ProbeKey probe_key(uint64_t seed) {
 }
 
 // 32 random bits for `index`; stream 0 and 1 are independent draws (Gaussian needs two).
+// (fill_probes_cpu inlines this with the block key hoisted; keep the two in step.)
 PK_HD uint32_t probe_bits(ProbeKey key, uint64_t index, uint32_t stream) {
   const uint32_t block = mix32(uint32_t(index >> 32) ^ key.k1);
   const uint32_t a = mix32(uint32_t(index) ^ block);

@@ -1,19 +1,44 @@
 // CPU flatness kernels: one row (or probe row) at a time; the torch binding
-// splits rows across threads. Arithmetic lives in flatness.h.
+// splits rows across threads. Arithmetic lives in flatness.h; the loops keep
+// kLanes independent partial results so the compiler can vectorise them (a
+// single running sum would serialise on the add latency).
 #include "flatness.h"
 
 namespace pykernels::core {
 
 namespace {
 
+constexpr int kLanes = 8;
+
 // Row maximum and logsumexp of z[0, cols), widened to A.
 template <typename T, typename A = typename Elem<T>::Acc>
 A row_logsumexp(const T* z, int64_t cols) {
+  A lane_max[kLanes], lane_sum[kLanes] = {};
+  for (int j = 0; j < kLanes; ++j) lane_max[j] = A(-INFINITY);
+  int64_t k = 0;
+  for (; k + kLanes <= cols; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane_max[j] = lse_max_step(lane_max[j], Elem<T>::load(z + k + j));
   A m = A(-INFINITY);
-  for (int64_t k = 0; k < cols; ++k) m = lse_max_step(m, Elem<T>::load(z + k));
+  for (; k < cols; ++k) m = lse_max_step(m, Elem<T>::load(z + k));
+  for (int j = 0; j < kLanes; ++j) m = lse_max_step(m, lane_max[j]);
   A sum = A(0);
-  for (int64_t k = 0; k < cols; ++k) sum += lse_term(Elem<T>::load(z + k), m);
+  for (k = 0; k + kLanes <= cols; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane_sum[j] += lse_term(Elem<T>::load(z + k + j), m);
+  for (; k < cols; ++k) sum += lse_term(Elem<T>::load(z + k), m);
+  for (int j = 0; j < kLanes; ++j) sum += lane_sum[j];
   return lse_finish(m, sum);
+}
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  T part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += a[d + j] * b[d + j];
+  T total = T(0);
+  for (; d < n; ++d) total += a[d] * b[d];
+  for (int j = 0; j < kLanes; ++j) total += part[j];
+  return total;
 }
 
 }  // namespace
@@ -35,9 +60,8 @@ void logsumexp_hvp_rows_cpu(const LseHvpProblem<T>& p, int64_t row_begin, int64_
     for (int64_t i = 0; i < p.samples; ++i) {
       const T* u = p.tangents + i * p.tangent_sample_stride + r * p.tangent_row_stride;
       T* h = p.hvp + (i * p.rows + r) * K;
-      T dot = T(0);
-      for (int64_t k = 0; k < K; ++k) dot += s[k] * u[k];
-      for (int64_t k = 0; k < K; ++k) h[k] = lse_hvp_at(s[k], u[k], dot);
+      const T su = dot(s, u, K);
+      for (int64_t k = 0; k < K; ++k) h[k] = lse_hvp_at(s[k], u[k], su);
     }
   }
 }
@@ -45,24 +69,37 @@ void logsumexp_hvp_rows_cpu(const LseHvpProblem<T>& p, int64_t row_begin, int64_
 template <typename T>
 void fill_probes_cpu(T* out, int64_t begin, int64_t end, uint64_t seed, uint64_t offset, ProbeKind kind) {
   const ProbeKey key = probe_key(seed);
-  for (int64_t i = begin; i < end; ++i) out[i] = probe_value<T>(key, offset + uint64_t(i), kind);
+  // Elements whose index shares its high 32 bits share probe_bits' block key: hoist
+  // it, so the inner loops are pure 32-bit integer arithmetic (vectorised).
+  for (int64_t i = begin; i < end;) {
+    const uint64_t index = offset + uint64_t(i);
+    const uint64_t to_boundary = (uint64_t(1) << 32) - (index & 0xffffffffu);
+    const int64_t stop = uint64_t(end - i) < to_boundary ? end : i + int64_t(to_boundary);
+    const uint32_t block = mix32(uint32_t(index >> 32) ^ key.k1);
+    const uint32_t lo = uint32_t(index);
+    T* o = out + i;
+    const int64_t n = stop - i;
+    if (kind == ProbeKind::Rademacher) {
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t r = mix32(mix32((lo + uint32_t(j)) ^ block) ^ key.k2);
+        o[j] = T(1) - T(2) * T(r >> 31);  // = rademacher_from_bits(r)
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t a = mix32((lo + uint32_t(j)) ^ block);
+        o[j] = gaussian_from_bits<T>(mix32(a ^ key.k2), mix32(a ^ key.k2 ^ 0x27d4eb2fu));
+      }
+    }
+    i = stop;
+  }
 }
 
 template <typename T>
 void probe_dots_rows_cpu(const ProbeDotsProblem<T>& p, int64_t row_begin, int64_t row_end) {
-  constexpr int kLanes = 8;  // independent partial sums: the compiler vectorises them
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t s = r / p.batch, b = r % p.batch;
-    const T* v = p.v + s * p.v_sample_stride + b * p.v_batch_stride;
-    const T* w = p.w + s * p.w_sample_stride + b * p.w_batch_stride;
-    T part[kLanes] = {};
-    int64_t d = 0;
-    for (; d + kLanes <= p.dim; d += kLanes)
-      for (int j = 0; j < kLanes; ++j) part[j] += v[d + j] * w[d + j];
-    T total = T(0);
-    for (; d < p.dim; ++d) total += v[d] * w[d];
-    for (int j = 0; j < kLanes; ++j) total += part[j];
-    p.out[r] = total;
+    p.out[r] = dot(p.v + s * p.v_sample_stride + b * p.v_batch_stride,
+                   p.w + s * p.w_sample_stride + b * p.w_batch_stride, p.dim);
   }
 }
 
