@@ -5,13 +5,13 @@ Principle Behind Many Adversarial Defenses" (2020), on scikit-learn's bundled
 8x8 digits. One small ReLU CNN is trained four ways:
 
   standard     cross-entropy
-  adversarial  PGD adversarial training (Linf, eps = --eps, 7 steps; Madry et al.)
+  adversarial  PGD adversarial training (Linf, eps = --eps, 7 steps; Madry et al. 2018)
   noise        Gaussian noise augmentation (sigma = --noise)
   flat         cross-entropy + lambda * ||grad_x log p(x)||^2 (pykernels' grad-norm
                penalty; the paper's own regulariser is not available)
 
 For each model it reports clean accuracy, robust accuracy under a 20-step PGD
-attack, and every flatness measure of pykernels.flatness (mean, std and median
+attack (Linf, eps = --eps, inputs clamped to [0, 1]), and every flatness measure of pykernels.flatness (mean, std and median
 over test examples), writes side-by-side landscape plots, and states what the
 numbers say about the claim, whichever way they come out.
 
@@ -71,7 +71,7 @@ def train(defence: str, x, y, args) -> nn.Module:
         for idx in torch.randperm(len(y), generator=gen).split(args.batch_size):
             xb, yb = x[idx], y[idx]
             if defence == "adversarial":
-                xb = flatness.pgd(model, xb, yb, args.eps, steps=7, clamp=(0.0, 1.0))
+                xb = flatness.pgd(model, xb, yb, args.eps, steps=args.train_pgd_steps, clamp=(0.0, 1.0))
             elif defence == "noise":
                 xb = xb + args.noise * torch.randn(xb.shape, generator=gen)
             loss = F.cross_entropy(model(xb), yb)
@@ -171,6 +171,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eps", type=float, default=0.1, help="Linf radius of PGD training and evaluation")
+    parser.add_argument("--train-pgd-steps", type=int, default=7, help="PGD steps of adversarial training")
+    parser.add_argument("--pgd-steps", type=int, default=20, help="PGD steps of the robustness evaluation")
+    parser.add_argument("--train-examples", type=int, default=None, help="train on the first N (default all)")
     parser.add_argument("--noise", type=float, default=0.3, help="std of the noise augmentation")
     parser.add_argument("--flat-lambda", type=float, default=1.0, help="weight of the grad-norm penalty")
     parser.add_argument("--measure-examples", type=int, default=200, help="test examples the measures use")
@@ -182,23 +185,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="digits-flatness-out")
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.measure_examples, args.probes, args.steps = 2, 16, 16, 11
+        args.epochs, args.measure_examples, args.probes, args.steps = 4, 16, 16, 11
+        args.train_pgd_steps, args.pgd_steps, args.train_examples, args.batch_size = 3, 5, 512, 32
     torch.set_num_threads(max(1, torch.get_num_threads()))
     os.makedirs(args.out, exist_ok=True)
 
     x_train, y_train, x_test, y_test = load_digits(args.seed)
+    x_train, y_train = x_train[: args.train_examples], y_train[: args.train_examples]
     x_eval, y_eval = (x_test[:64], y_test[:64]) if args.quick else (x_test, y_test)
     x_measure = x_test[: args.measure_examples]
     results, models = {}, {}
     for d in DEFENCES:
         t0 = time.perf_counter()
         models[d] = model = train(d, x_train, y_train, args)
-        adv = flatness.pgd(model, x_eval, y_eval, args.eps, steps=20, clamp=(0.0, 1.0), seed=args.seed)
+        adv = flatness.pgd(model, x_eval, y_eval, args.eps, steps=args.pgd_steps, clamp=(0.0, 1.0), seed=args.seed)
         results[d] = {"clean acc": accuracy(model, x_eval, y_eval), "robust acc": accuracy(model, adv, y_eval),
                       "measures": summarise(measure(model, x_measure, args))}
         print(f"{d:>11}: trained and measured in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    print(f"\nPGD: Linf eps {args.eps}, 20 steps, on {len(y_eval)} test digits; measures: mean +- std (median) "
+    print(f"\nPGD: Linf eps {args.eps}, {args.pgd_steps} steps, on {len(y_eval)} test digits; measures: mean +- std (median) "
           f"over {len(x_measure)} test digits ({args.probes} probes / draws each)\n")
     print(table(results))
     lines = verdict(results)
