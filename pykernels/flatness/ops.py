@@ -77,9 +77,20 @@ def _kernels(name: str) -> _Kernels:
 # pykernels/_ops.py. Under torch.compile the ops are called directly.
 
 
-class _LogsumexpHvp(torch.autograd.Function):
+class _KernelFunction(torch.autograd.Function):
+    """forward(*tensors, kernels) calls one kernel; the tensor inputs are saved for
+    the backward and forward-mode rules, the kernel bundle travels on ctx."""
+
     generate_vmap_rule = True
 
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, ctx.kernels = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+
+
+class _LogsumexpHvp(_KernelFunction):
     @staticmethod
     def forward(logits, tangents, kernels):
         return kernels.logsumexp_hvp(logits, tangents)
@@ -108,22 +119,14 @@ def _lse_hvp_fn(kernels):
     return lambda logits, tangents: _LogsumexpHvp.apply(logits, tangents, kernels)
 
 
-class _Softmax(torch.autograd.Function):
+class _Softmax(_KernelFunction):
     """softmax over the last dim whose forward-mode and reverse-mode rules are the
     fused kernel: its Jacobian diag(s) - s s^T is symmetric, so both are one
     logsumexp_hvp call."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(logits, kernels):
         return torch.softmax(logits, dim=-1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        logits, ctx.kernels = inputs
-        ctx.save_for_backward(logits)
-        ctx.save_for_forward(logits)
 
     @staticmethod
     def backward(ctx, grad):
@@ -136,21 +139,13 @@ class _Softmax(torch.autograd.Function):
         return _LogsumexpHvp.apply(logits, tangent.unsqueeze(0), ctx.kernels)[2].squeeze(0)
 
 
-class _Energy(torch.autograd.Function):
+class _Energy(_KernelFunction):
     """The energy kernel with dE = -s . dz forward and -g s backward, both through
     _Softmax so that forward-over-reverse and double backward reach the fused kernel."""
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(logits, kernels):
         return kernels.energy(logits)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        logits, ctx.kernels = inputs
-        ctx.save_for_backward(logits)
-        ctx.save_for_forward(logits)
 
     @staticmethod
     def backward(ctx, grad):
@@ -163,18 +158,10 @@ class _Energy(torch.autograd.Function):
         return -(_Softmax.apply(logits, ctx.kernels) * tangent).sum(-1)
 
 
-class _ProbeDots(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _ProbeDots(_KernelFunction):
     @staticmethod
     def forward(v, w, kernels):
         return kernels.probe_dots(v, w)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        v, w, _ = inputs
-        ctx.save_for_backward(v, w)
-        ctx.save_for_forward(v, w)
 
     @staticmethod
     def backward(ctx, grad):
