@@ -58,6 +58,17 @@ def test_auto_method_picks_gauss_newton_only_for_piecewise_linear_models():
         assert InputHessian(small_cnn(nn.GELU), x).curved == {"gelu": 2}
 
 
+def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
+    model, x = small_cnn(nn.ReLU), inputs()
+    V = probes(7, x).flatten(2)
+    with prepared(model, x):
+        per_vector = InputHessian(model, x, method="gauss-newton")
+        with_jacobian = InputHessian(model, x, method="gauss-newton", expected_vectors=100)
+        assert with_jacobian._use_jacobian and not per_vector._use_jacobian
+        torch.testing.assert_close(with_jacobian.matvec(V), per_vector.matvec(V))
+        torch.testing.assert_close(with_jacobian.quad(V), per_vector.quad(V))
+
+
 def test_single_vector_shape_and_chunking():
     model, x = small_cnn(nn.GELU), inputs()
     V = probes(5, x)
