@@ -30,7 +30,7 @@ def _user_stacklevel() -> int:
     """The stacklevel of the first frame outside pykernels (and contextlib), so a
     warning points at the user's call."""
     level, frame = 1, sys._getframe(2)
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep)
                                  or frame.f_code.co_filename == contextlib.__file__):
         frame, level = frame.f_back, level + 1
     return level + 1
