@@ -12,7 +12,7 @@ from pykernels.cli import main
 from tests.flatness.models import inputs, small_cnn
 
 
-def tiny_factory(classes: int = 5):
+def tiny_factory():
     return small_cnn(nn.ReLU, dtype=torch.float32)
 
 
