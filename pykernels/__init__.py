@@ -5,8 +5,10 @@ Importing never needs a GPU, Triton or the compiled extension; see
 `pykernels.backends()` for what can run here.
 """
 
+from . import flatness
 from .backend import backends
+from .flatness.ops import energy, fill_probes_, logsumexp_hvp, probe_dots, probe_vectors
 from .probes.scoring import probe_scores
 
 __version__ = "0.1.0"
-__all__ = ["backends", "probe_scores"]
+__all__ = ["backends", "energy", "fill_probes_", "flatness", "logsumexp_hvp", "probe_dots", "probe_scores", "probe_vectors"]

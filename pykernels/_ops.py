@@ -76,3 +76,132 @@ def register_probe_scores_autograd(op) -> None:
 if LOADED:
     torch.library.register_fake("pykernels::probe_scores")(probe_scores_fake)
     register_probe_scores_autograd("pykernels::probe_scores")
+
+
+# ---- flatness ops (pykernels/flatness/ops.py) ----
+# Reverse-mode autograd (differentiable to any order: each backward is built from
+# the ops themselves) and vmap rules, shared by the compiled ops and their Triton
+# twins. The registered rules serve torch.compile and direct callers of
+# torch.ops.pykernels.*; in eager mode pykernels.flatness.ops wraps the same
+# formulas in autograd.Functions, which torch.func transforms (and forward mode) need.
+
+
+def energy_vjp(logits, energy, grad):
+    """d logits of energy = -logsumexp: -grad * softmax, from the saved output."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    softmax = torch.exp(logits.to(wide) + energy.to(wide).unsqueeze(-1))
+    return (-grad.unsqueeze(-1) * softmax).to(logits.dtype)
+
+
+def logsumexp_hvp_vjp(lse_hvp, logits, tangents, softmax, grad_softmax, grad_energy, grad_hvp):
+    """Backward of (s, E, h) = logsumexp_hvp(logits, tangents), with A = diag(s) - s s^T
+    (symmetric) and h_i = s * (u_i - s.u_i):
+      d logits <- A (g_s + sum_i r_i) - g_E s,  r_i = g_h_i * (u_i - s.u_i) - (g_h_i . s) u_i
+      d u_i    <- A g_h_i
+    Every product with A is one more `lse_hvp` call, so the result is differentiable again."""
+    s = softmax
+    through_softmax = torch.zeros_like(logits) if grad_softmax is None else grad_softmax
+    if grad_hvp is None:
+        grad_logits, grad_tangents = lse_hvp(logits, through_softmax.unsqueeze(0))[2][0], None
+    else:
+        centred = tangents - (s * tangents).sum(-1, keepdim=True)
+        r = grad_hvp * centred - (grad_hvp * s).sum(-1, keepdim=True) * tangents
+        through_softmax = through_softmax + r.sum(0)
+        products = lse_hvp(logits, torch.cat([through_softmax.unsqueeze(0), grad_hvp]))[2]
+        grad_logits, grad_tangents = products[0], products[1:]
+    if grad_energy is not None:
+        grad_logits = grad_logits - grad_energy.unsqueeze(-1) * s
+    return grad_logits, grad_tangents
+
+
+def logsumexp_hvp_jvp(lse_hvp, logits, tangents, softmax, d_logits, d_tangents):
+    """Forward-mode rule of logsumexp_hvp: ds = A dz, dE = -s . dz,
+    dh_i = A du_i + ds * (u_i - s.u_i) - s (ds . u_i)."""
+    s = softmax
+    d_s = lse_hvp(logits, d_logits.unsqueeze(0))[2][0]
+    d_h = lse_hvp(logits, d_tangents)[2] if d_tangents is not None else torch.zeros_like(tangents)
+    centred = tangents - (s * tangents).sum(-1, keepdim=True)
+    d_h = d_h + d_s * centred - s * (d_s * tangents).sum(-1, keepdim=True)
+    return d_s, -(s * d_logits).sum(-1), d_h
+
+
+def register_flatness_rules(energy: str, logsumexp_hvp: str, probe_dots: str) -> None:
+    """Autograd and vmap rules for one backend's flatness ops, given their qualified names."""
+    energy_op = _resolve(energy)
+    lse_hvp_op = _resolve(logsumexp_hvp)
+
+    def energy_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    def energy_backward(ctx, grad):
+        return energy_vjp(*ctx.saved_tensors, grad)
+
+    def energy_vmap(info, in_dims, logits):
+        (dim,) = in_dims
+        if dim is None:
+            return energy_op(logits), None
+        return energy_op(logits.movedim(dim, 0)), 0
+
+    torch.library.register_autograd(energy, energy_backward, setup_context=energy_setup)
+    torch.library.register_vmap(energy, energy_vmap)
+
+    def lse_hvp_setup(ctx, inputs, output):
+        logits, tangents = inputs
+        ctx.save_for_backward(logits, tangents, output[0])
+
+    def lse_hvp_backward(ctx, grad_softmax, grad_energy, grad_hvp):
+        return logsumexp_hvp_vjp(lse_hvp_op, *ctx.saved_tensors, grad_softmax, grad_energy, grad_hvp)
+
+    def lse_hvp_vmap(info, in_dims, logits, tangents):
+        dim_l, dim_t = in_dims
+        if dim_l is None and dim_t is None:
+            return lse_hvp_op(logits, tangents), (None, None, None)
+        if dim_l is None:  # only the tangents are batched: fold the vmap dim into S
+            tangents = tangents.movedim(dim_t, 0)
+            V, S = tangents.shape[:2]
+            s, e, h = lse_hvp_op(logits, tangents.reshape(V * S, *tangents.shape[2:]))
+            return (s, e, h.reshape(V, S, *h.shape[1:])), (None, None, 0)
+        logits = logits.movedim(dim_l, 0)  # [V, ..., K]: the vmap dim becomes a leading row dim
+        if dim_t is None:
+            tangents = tangents.unsqueeze(1).expand(tangents.shape[0], logits.shape[0], *tangents.shape[1:])
+        else:
+            tangents = tangents.movedim(dim_t, 1)
+        return lse_hvp_op(logits, tangents), (0, 0, 1)
+
+    torch.library.register_autograd(logsumexp_hvp, lse_hvp_backward, setup_context=lse_hvp_setup)
+    torch.library.register_vmap(logsumexp_hvp, lse_hvp_vmap)
+
+    def dots_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def dots_backward(ctx, grad):
+        v, w = ctx.saved_tensors
+        return grad.unsqueeze(-1) * w, grad.unsqueeze(-1) * v
+
+    torch.library.register_autograd(probe_dots, dots_backward, setup_context=dots_setup)
+
+
+def _resolve(qualified: str):
+    namespace, name = qualified.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+if LOADED:
+
+    @torch.library.register_fake("pykernels::energy")
+    def _energy_fake(logits):
+        return logits.new_empty(logits.shape[:-1])
+
+    @torch.library.register_fake("pykernels::logsumexp_hvp")
+    def _logsumexp_hvp_fake(logits, tangents):
+        return logits.new_empty(logits.shape), logits.new_empty(logits.shape[:-1]), tangents.new_empty(tangents.shape)
+
+    @torch.library.register_fake("pykernels::fill_probes_")
+    def _fill_probes_fake(out, seed, offset, kind):
+        return None
+
+    @torch.library.register_fake("pykernels::probe_dots")
+    def _probe_dots_fake(v, w):
+        return v.new_empty(v.shape[:2])
+
+    register_flatness_rules("pykernels::energy", "pykernels::logsumexp_hvp", "pykernels::probe_dots")

@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=_cmd_bench)
 
+    from pykernels.flatness.cli import add_parser as add_flatness_parser
+
+    add_flatness_parser(sub)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

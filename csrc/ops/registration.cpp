@@ -27,4 +27,11 @@ TORCH_LIBRARY(pykernels, m) {
       "str smoothing, int window, float ema_alpha) -> Tensor");
   // Which SIMD build the CPU kernels use on this machine ("avx512", "avx2", "scalar").
   m.def("cpu_isa() -> str", []() -> std::string { return pykernels::core::probe_scores_cpu_isa(); });
+
+  // Likelihood-landscape flatness (docs: pykernels/flatness/ops.py). The class dim
+  // of logits is the last; autograd, vmap and fake kernels: pykernels/_ops.py.
+  m.def("energy(Tensor logits) -> Tensor");
+  m.def("logsumexp_hvp(Tensor logits, Tensor tangents) -> (Tensor, Tensor, Tensor)");
+  m.def("fill_probes_(Tensor(a!) out, int seed, int offset, str kind) -> ()");
+  m.def("probe_dots(Tensor v, Tensor w) -> Tensor");
 }
