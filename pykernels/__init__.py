@@ -7,6 +7,7 @@ Importing never needs a GPU, Triton or the compiled extension; see
 
 from .backend import backends
 from .probes.scoring import probe_scores
+from .probes.stream import probe_accumulate_
 
 __version__ = "0.1.0"
-__all__ = ["backends", "probe_scores"]
+__all__ = ["backends", "probe_accumulate_", "probe_scores"]
