@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateProblem 
   __shared__ float shared[kThreads / kWarp];
   const int64_t n = blockIdx.x;
   const int64_t k0 = int64_t(blockIdx.y) * KG;
-  const void* row = static_cast<const char*>(p.hidden) + n * p.row_stride * dtype_size(D);
+  const void* row = static_cast<const char*>(p.hidden) + n * p.row_stride * (D == DType::Float32 ? 4 : 2);
   float acc[KG];
 #pragma unroll
   for (int k = 0; k < KG; ++k) acc[k] = 0.f;
