@@ -10,11 +10,15 @@
 
 namespace pykernels::ops {
 
+// Holds copies only when an input is not in a layout the kernels read in place.
 struct PackedAccumulate {
-  at::Tensor hidden, weight_t, acc;  // acc: the caller's tensor, or a contiguous stand-in
+  at::Tensor hidden_copy, weight_copy, acc_copy;
   core::AccumulateProblem problem{};
 };
 
+// The decode-time fast path (unit-stride rows, a float32 weight stored as [K, H]
+// and viewed as [H, K], contiguous acc) creates no tensor: per-call overhead is
+// what a probe hook on every layer pays.
 inline PackedAccumulate pack_accumulate(const at::Tensor& acc, const at::Tensor& hidden, const at::Tensor& weight_l) {
   TORCH_CHECK(hidden.dim() == 2, "probe_accumulate_: hidden must be [N, H], got ", hidden.sizes());
   TORCH_CHECK(weight_l.dim() == 2 && weight_l.size(0) == hidden.size(1),
@@ -26,21 +30,23 @@ inline PackedAccumulate pack_accumulate(const at::Tensor& acc, const at::Tensor&
   TORCH_CHECK(hidden.device() == acc.device() && weight_l.device() == acc.device(),
               "probe_accumulate_: acc, hidden and weight_l must be on one device");
   PackedAccumulate P;
-  P.hidden = H <= 1 || hidden.stride(1) == 1 ? hidden : hidden.contiguous();
-  // A float32 weight stored transposed (a [K, H] tensor viewed as [H, K], as
-  // LinearProbe keeps it) is used in place; any other layout costs one copy.
-  const bool transposed = weight_l.scalar_type() == at::kFloat && weight_l.t().is_contiguous();
-  P.weight_t = transposed ? weight_l.t() : weight_l.to(at::kFloat).t().contiguous();
-  P.acc = acc.is_contiguous() ? acc : at::zeros_like(acc, at::MemoryFormat::Contiguous);
-  P.problem = core::AccumulateProblem{P.hidden.data_ptr(), N > 1 ? P.hidden.stride(0) : H,
-                                      to_core_dtype(hidden.scalar_type()), N, H, K,
-                                      P.weight_t.data_ptr<float>(), P.acc.data_ptr<float>()};
+  const at::Tensor* x = &hidden;
+  if (H > 1 && hidden.stride(1) != 1) x = &(P.hidden_copy = hidden.contiguous());
+  const bool weight_in_place = weight_l.scalar_type() == at::kFloat && (H <= 1 || weight_l.stride(0) == 1) &&
+                               (K <= 1 || weight_l.stride(1) == H);
+  const float* w_t = weight_in_place
+                         ? weight_l.const_data_ptr<float>()
+                         : (P.weight_copy = weight_l.to(at::kFloat).t().contiguous()).const_data_ptr<float>();
+  float* out = acc.is_contiguous() ? acc.data_ptr<float>()
+                                   : (P.acc_copy = at::zeros_like(acc, at::MemoryFormat::Contiguous)).data_ptr<float>();
+  P.problem = core::AccumulateProblem{x->const_data_ptr(), N > 1 ? x->stride(0) : H, to_core_dtype(hidden.scalar_type()),
+                                      N, H, K, w_t, out};
   return P;
 }
 
 // After the kernel: a non-contiguous acc receives the sum computed in its stand-in.
 inline void finish_accumulate(const at::Tensor& acc, const PackedAccumulate& P) {
-  if (!P.acc.is_same(acc)) acc.add_(P.acc);
+  if (P.acc_copy.defined()) acc.add_(P.acc_copy);
 }
 
 struct PackedStreamStep {

@@ -38,6 +38,20 @@ from .stream import ProbeStream, accumulate_op
 from .training import LinearProbe
 
 
+def random_llama(hidden_size: int = 512, num_layers: int = 8, vocab_size: int = 32000, seed: int = 0,
+                 device=None) -> torch.nn.Module:
+    """A small Llama-architecture causal LM with random weights, built offline from a
+    config (for demos, tests and the overhead benchmark). eos 2, pad 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads = max(1, hidden_size // 64)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                      num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).to(device).eval()
+
+
 def find_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The ModuleList of decoder layers: the one whose length is the config's
     num_hidden_layers (Llama/Qwen/Mistral `model.layers`, GPT-2 `transformer.h`, ...)."""

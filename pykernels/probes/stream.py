@@ -15,6 +15,8 @@ arithmetic from csrc/core/probe_scores.h; bit-identical on the CPU kernels).
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -27,6 +29,20 @@ IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 _OUT_OF_RANGE, _DUPLICATED = 1, 2  # error bits of csrc/core/probe_guard.h
 
 
+@functools.lru_cache(maxsize=None)
+def _select_cached(op: str, device: torch.device, requested: Optional[str], env: Optional[str], interpreted: bool) -> str:
+    return _backend.select(op, device, IMPLEMENTED, requested)
+
+
+def _select(op: str, device: torch.device, requested: Optional[str]) -> str:
+    """backend.select, memoised (it costs microseconds; probe_accumulate_ runs per layer
+    per token). The key holds everything select reads that can change at run time."""
+    if torch.compiler.is_compiling():
+        return _backend.select(op, device, IMPLEMENTED, requested)
+    return _select_cached(op, device, requested, os.environ.get(_backend.ENV_VAR), _backend.triton_interpreted())
+
+
+@functools.lru_cache(maxsize=None)
 def accumulate_op(backend: str):
     """The raw probe_accumulate_ callable of a backend: no argument checks (hot paths
     validate once, then call this; the kernels still check shapes)."""
@@ -54,16 +70,28 @@ def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.T
             read in place; any other layout or dtype is converted on each call.
         backend: see pykernels.backends(); default: the fastest for the device.
     """
-    check_tensor("acc", acc, ndim=2, dtypes=(torch.float32,), shape_doc="[N, K]")
-    device = acc.device
-    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, device=device, shape_doc="[N, H]")
-    check_tensor("weight_l", weight_l, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), device=device,
-                 shape_doc="[H, K]")
-    check_dim("hidden", hidden, 0, acc.shape[0], "the number of rows N of acc")
-    check_dim("weight_l", weight_l, 0, hidden.shape[1], "the hidden size H of hidden")
-    check_dim("weight_l", weight_l, 1, acc.shape[1], "the number of heads K of acc")
-    accumulate_op(_backend.select("probe_accumulate_", device, IMPLEMENTED, backend))(acc, hidden, weight_l)
+    if not _accumulate_args_ok(acc, hidden, weight_l):  # one cheap test; the messages only on failure
+        check_tensor("acc", acc, ndim=2, dtypes=(torch.float32,), shape_doc="[N, K]")
+        check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, device=acc.device, shape_doc="[N, H]")
+        check_tensor("weight_l", weight_l, ndim=2, dtypes=_WEIGHT_DTYPES, device=acc.device, shape_doc="[H, K]")
+        check_dim("hidden", hidden, 0, acc.shape[0], "the number of rows N of acc")
+        check_dim("weight_l", weight_l, 0, hidden.shape[1], "the hidden size H of hidden")
+        check_dim("weight_l", weight_l, 1, acc.shape[1], "the number of heads K of acc")
+    accumulate_op(_select("probe_accumulate_", acc.device, backend))(acc, hidden, weight_l)
     return acc
+
+
+_WEIGHT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _accumulate_args_ok(acc, hidden, weight_l) -> bool:
+    try:
+        return (acc.dtype == torch.float32 and hidden.dtype in FLOAT_DTYPES and weight_l.dtype in _WEIGHT_DTYPES
+                and acc.dim() == 2 and hidden.dim() == 2 and weight_l.dim() == 2
+                and hidden.shape[0] == acc.shape[0] and weight_l.shape[0] == hidden.shape[1]
+                and weight_l.shape[1] == acc.shape[1] and hidden.device == acc.device == weight_l.device)
+    except AttributeError:  # not tensors: the detailed checks say which
+        return False
 
 
 def _step_op(backend: str):
@@ -135,7 +163,7 @@ class ProbeStream:
         self._meta = torch.zeros(max_slots + 1, 3, dtype=torch.int64, device=self.device)
         self._meta[:, 1] = -1
         self._status = torch.zeros(2, dtype=torch.int64, device=self.device)
-        self.backend = _backend.select("probe_stream_step", self.device, IMPLEMENTED, backend)
+        self.backend = _select("probe_stream_step", self.device, backend)
         self._op = _step_op(self.backend)
 
     def _threshold_tensor(self, threshold) -> torch.Tensor:
