@@ -172,7 +172,7 @@ class ProbeStream:
             t = t.expand(self.num_heads)
         if t.numel() != self.num_heads:
             raise ValueError(f"threshold must be a float or {self.num_heads} floats (one per head), got {t.numel()}")
-        return t.contiguous()
+        return t.contiguous().clone()  # the stream owns its thresholds
 
     # ------------------------------------------------------------------ stepping
 
