@@ -305,3 +305,14 @@ def test_fit_with_an_exhausted_generator_says_so():
     probe.fit(batches, epochs=1, progress=False)
     with pytest.raises(ValueError, match="fit got no batches"):
         probe.fit(batches, epochs=1, progress=False)
+
+
+def test_cli_describes_a_saved_probe(tmp_path, capsys):
+    from pykernels.cli import main
+
+    path = str(tmp_path / "p.safetensors")
+    LinearProbe(3, 8, 2, smoothing="ema", window=8, threshold=[0.5, 1.25]).save(path)
+    assert main(["probe-info", path]) == 0
+    out = capsys.readouterr().out
+    assert "LinearProbe over 3 layers x 8 hidden, 2 head(s)" in out
+    assert "smoothing ema, window 8, ema_alpha 0.2222" in out and "thresholds 0.5, 1.25" in out
