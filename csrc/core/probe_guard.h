@@ -83,6 +83,33 @@ PK_HD float stream_update(float* state, int64_t heads, int64_t k, int64_t count,
 // Fail closed: a NaN score counts as a crossing.
 PK_HD bool crosses(float score, float threshold) { return !(score <= threshold); }
 
+// Row r of a step whose slot ids were checked: advances its slot, writes its outputs.
+PK_HD void stream_step_row(const StreamStepProblem& p, int64_t r) {
+  const int64_t K = p.heads;
+  int64_t* meta = p.meta + p.slot_ids[r] * kMetaFields;
+  float* out = p.scores + r * K;
+  if (p.active != nullptr && !p.active[r]) {
+    for (int64_t k = 0; k < K; ++k) out[k] = 0.f;
+    p.flagged[r] = meta[kMetaFlagToken] >= 0;
+    return;
+  }
+  float* state = p.state + p.slot_ids[r] * p.ring * K;
+  bool crossed = false;
+  for (int64_t k = 0; k < K; ++k) {
+    out[k] = stream_update(state, K, k, meta[kMetaCount], p.window, p.alpha, p.logits[r * K + k]);
+    crossed = crossed || crosses(out[k], p.threshold[k]);
+  }
+  if (crossed && meta[kMetaFlagToken] < 0) meta[kMetaFlagToken] = meta[kMetaCount];
+  ++meta[kMetaCount];
+  p.flagged[r] = meta[kMetaFlagToken] >= 0;
+}
+
+// Row r of a step with bad slot ids: NaN scores, flagged (fail closed).
+PK_HD void stream_fail_row(const StreamStepProblem& p, int64_t r) {
+  for (int64_t k = 0; k < p.heads; ++k) p.scores[r * p.heads + k] = NAN;
+  p.flagged[r] = true;
+}
+
 void probe_stream_step_cpu(const StreamStepProblem& p);
 void probe_stream_step_cuda(const StreamStepProblem& p, void* stream);
 

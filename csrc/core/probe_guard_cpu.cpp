@@ -10,10 +10,9 @@
 namespace pykernels::core {
 
 void probe_stream_step_cpu(const StreamStepProblem& p) {
-  const int64_t K = p.heads;
   const int64_t step = ++p.status[0];
   int64_t error = 0;
-  for (int64_t r = 0; r < p.rows; ++r) {  // validate every row before touching any state
+  for (int64_t r = 0; r < p.rows; ++r) {  // check every row before touching any state
     const int64_t s = p.slot_ids[r];
     if (s < 0 || s >= p.slots) {
       error |= kSlotOutOfRange;
@@ -23,30 +22,10 @@ void probe_stream_step_cpu(const StreamStepProblem& p) {
     if (stamp == step) error |= kSlotDuplicated;
     stamp = step;
   }
-  if (error) {
-    p.status[1] |= error;
-    for (int64_t i = 0; i < p.rows * K; ++i) p.scores[i] = std::numeric_limits<float>::quiet_NaN();
-    std::fill(p.flagged, p.flagged + p.rows, true);
-    return;
-  }
+  p.status[1] |= error;
   for (int64_t r = 0; r < p.rows; ++r) {
-    const int64_t s = p.slot_ids[r];
-    int64_t* meta = p.meta + s * kMetaFields;
-    float* out = p.scores + r * K;
-    if (p.active != nullptr && !p.active[r]) {
-      std::fill(out, out + K, 0.f);
-      p.flagged[r] = meta[kMetaFlagToken] >= 0;
-      continue;
-    }
-    float* state = p.state + s * p.ring * K;
-    bool crossed = false;
-    for (int64_t k = 0; k < K; ++k) {
-      out[k] = stream_update(state, K, k, meta[kMetaCount], p.window, p.alpha, p.logits[r * K + k]);
-      crossed = crossed || crosses(out[k], p.threshold[k]);
-    }
-    if (crossed && meta[kMetaFlagToken] < 0) meta[kMetaFlagToken] = meta[kMetaCount];
-    ++meta[kMetaCount];
-    p.flagged[r] = meta[kMetaFlagToken] >= 0;
+    if (error) stream_fail_row(p, r);
+    else stream_step_row(p, r);
   }
 }
 

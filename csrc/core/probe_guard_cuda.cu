@@ -108,29 +108,9 @@ __global__ void __launch_bounds__(kThreads) stream_step_kernel(StreamStepProblem
     p.status[0] = step;
     p.status[1] |= int64_t(error);
   }
-  const int64_t K = p.heads;
   for (int64_t r = threadIdx.x; r < p.rows; r += blockDim.x) {
-    if (error) {
-      for (int64_t k = 0; k < K; ++k) p.scores[r * K + k] = __int_as_float(0x7fc00000);
-      p.flagged[r] = true;
-      continue;
-    }
-    int64_t* meta = p.meta + p.slot_ids[r] * kMetaFields;
-    float* out = p.scores + r * K;
-    if (p.active != nullptr && !p.active[r]) {
-      for (int64_t k = 0; k < K; ++k) out[k] = 0.f;
-      p.flagged[r] = meta[kMetaFlagToken] >= 0;
-      continue;
-    }
-    float* state = p.state + p.slot_ids[r] * p.ring * K;
-    bool crossed = false;
-    for (int64_t k = 0; k < K; ++k) {
-      out[k] = stream_update(state, K, k, meta[kMetaCount], p.window, p.alpha, p.logits[r * K + k]);
-      crossed = crossed || crosses(out[k], p.threshold[k]);
-    }
-    if (crossed && meta[kMetaFlagToken] < 0) meta[kMetaFlagToken] = meta[kMetaCount];
-    ++meta[kMetaCount];
-    p.flagged[r] = meta[kMetaFlagToken] >= 0;
+    if (error) stream_fail_row(p, r);
+    else stream_step_row(p, r);
   }
 }
 

@@ -10,20 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "probe_guard.h"
 
 using namespace pykernels::core;
-
-static int failures = 0;
-#define CHECK(cond, ...)                               \
-  do {                                                 \
-    if (!(cond)) {                                     \
-      ++failures;                                      \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                        \
-      std::printf("\n");                               \
-    }                                                  \
-  } while (0)
 
 // stream_update token by token == swim_at / the EMA recurrence over the whole series, bit for bit.
 static void test_stream_update_equals_whole_sequence() {
