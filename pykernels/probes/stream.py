@@ -42,10 +42,7 @@ def _select(op: str, device: torch.device, requested: Optional[str]) -> str:
     return _select_cached(op, device, requested, os.environ.get(_backend.ENV_VAR), _backend.triton_interpreted())
 
 
-@functools.lru_cache(maxsize=None)
-def accumulate_op(backend: str):
-    """The raw probe_accumulate_ callable of a backend: no argument checks (hot paths
-    validate once, then call this; the kernels still check shapes)."""
+def _accumulate_impl(backend: str):
     if backend == "reference":
         from ..reference.probe_guard import probe_accumulate_ as reference
 
@@ -55,6 +52,13 @@ def accumulate_op(backend: str):
 
         return probe_accumulate_triton
     return torch.ops.pykernels.probe_accumulate_.default
+
+
+@functools.lru_cache(maxsize=None)
+def accumulate_op(backend: str):
+    """The raw probe_accumulate_ callable of a backend: no argument checks (hot paths
+    validate once, then call this; the kernels still check shapes)."""
+    return _accumulate_impl(backend)
 
 
 def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor, *,
@@ -77,7 +81,8 @@ def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.T
         check_dim("hidden", hidden, 0, acc.shape[0], "the number of rows N of acc")
         check_dim("weight_l", weight_l, 0, hidden.shape[1], "the hidden size H of hidden")
         check_dim("weight_l", weight_l, 1, acc.shape[1], "the number of heads K of acc")
-    accumulate_op(_select("probe_accumulate_", acc.device, backend))(acc, hidden, weight_l)
+    resolve = _accumulate_impl if torch.compiler.is_compiling() else accumulate_op  # dynamo skips lru_cache
+    resolve(_select("probe_accumulate_", acc.device, backend))(acc, hidden, weight_l)
     return acc
 
 
