@@ -171,8 +171,10 @@ class ProbeGuard:
     # ------------------------------------------------------------------ use
 
     def reset(self) -> None:
-        """Clear every slot (a new batch of requests) and the last flags."""
+        """Clear every slot (a new batch of requests) and the last flags, and take the
+        probe's current thresholds (e.g. after probe.calibrate)."""
         self.stream.reset()
+        self.stream.threshold.copy_(self.probe.threshold)
         self.flagged = None
 
     def stopping_criteria(self) -> "ProbeStoppingCriteria":

@@ -48,7 +48,8 @@ def _check_loss_inputs(token_logits, labels, lengths, window, reduction):
     check_choice("reduction", reduction, REDUCTIONS)
     if B and T == 0:
         raise ValueError("token_logits has T = 0 tokens: every sequence needs at least one")
-    if not torch.compiler.is_compiling() and B:
+    capturing = token_logits.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and B:  # value checks: one host sync on a GPU
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > T:
             raise ValueError(f"lengths must lie in [1, T={T}] (each sequence needs a token), got values in [{lo}, {hi}]")

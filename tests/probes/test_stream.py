@@ -322,3 +322,32 @@ def test_accumulate_argument_errors():
         probe_accumulate_(acc, torch.randn(1, 3, 8), torch.randn(8, 2))
     with pytest.raises(ValueError, match="weight_l must be on cpu"):
         probe_accumulate_(acc, torch.randn(3, 8), torch.randn(8, 2, device="meta"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_stream_step_replays_in_a_cuda_graph(backend):
+    if not pykernels.backends()[backend].available:
+        pytest.skip(f"{backend} backend unavailable")
+    eager = ProbeStream(8, 2, smoothing="swim", window=4, threshold=0.5, device="cuda", backend=backend)
+    graphed = ProbeStream(8, 2, smoothing="swim", window=4, threshold=0.5, device="cuda", backend=backend)
+    ids = torch.tensor([5, 1, 6], device="cuda")
+    z_in = torch.zeros(3, 2, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles here)
+        graphed.step(ids, z_in)
+        graphed.reset()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_scores, out_flags = graphed.step(ids, z_in)
+    z = torch.randn(10, 3, 2, generator=torch.Generator().manual_seed(0)).cuda()
+    for t in range(10):
+        z_in.copy_(z[t])
+        graph.replay()
+        s, f = eager.step(ids, z[t])
+        torch.testing.assert_close(out_scores, s, rtol=0, atol=0)
+        assert torch.equal(out_flags, f)
+    assert torch.equal(graphed.flags(ids)[1], eager.flags(ids)[1])
