@@ -2,18 +2,23 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "probe_guard_common.h"
 
 namespace pykernels::ops {
 namespace {
 
-constexpr int64_t kAccumulateGrain = 64;  // rows per task: a decode batch stays on one thread
+// Elements per task: a decode step (and a short prefill) stays on the calling
+// thread, where a fork/join would cost more than the dot products.
+constexpr int64_t kAccumulateGrainElements = int64_t(1) << 20;
 
 void probe_accumulate_cpu(at::Tensor& acc, const at::Tensor& hidden, const at::Tensor& weight_l) {
   TORCH_CHECK(acc.device().is_cpu(), "probe_accumulate_ (CPU kernel): expected CPU tensors");
   PackedAccumulate P = pack_accumulate(acc, hidden, weight_l);
   if (P.problem.heads > 0 && P.problem.hidden_size > 0) {
-    at::parallel_for(0, P.problem.rows, kAccumulateGrain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, kAccumulateGrainElements / P.problem.hidden_size);
+    at::parallel_for(0, P.problem.rows, grain, [&](int64_t begin, int64_t end) {
       core::probe_accumulate_cpu(P.problem, begin, end);
     });
   }

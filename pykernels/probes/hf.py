@@ -161,7 +161,7 @@ class ProbeGuard:
         active = None if self._mask is None else self._mask[:, -T:].bool()
         slots = self._slots[:B]
         for t in range(T):
-            _, flagged = self.stream.step(slots, z[:, t], None if active is None else active[:, t])
+            _, flagged = self.stream._step_checked_args(slots, z[:, t], None if active is None else active[:, t])
         self.flagged = flagged
         self.timer.seconds += time.perf_counter() - start
         self.timer.forwards += 1

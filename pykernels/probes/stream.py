@@ -135,9 +135,8 @@ class ProbeStream:
     the state untouched, return NaN scores with every row flagged, and raise:
     at once for CPU state, and from the next `flags()` / `check()` for GPU
     state or inside torch.compile (reading device memory earlier would cost a
-    sync, or break the graph). Buffers are
-    allocated once, so a step with device-resident slot_ids can be captured in
-    a CUDA graph.
+    sync, or break the graph). Buffers are allocated once, so a step with
+    device-resident slot_ids can be captured in a CUDA graph.
 
     Thread safety: one ProbeStream must not be stepped or reset from two threads
     at once (its buffers are shared state; guard it with a lock). Separate
@@ -177,7 +176,7 @@ class ProbeStream:
             t = t.expand(self.num_heads)
         if t.numel() != self.num_heads:
             raise ValueError(f"threshold must be a float or {self.num_heads} floats (one per head), got {t.numel()}")
-        return t.contiguous().clone()  # the stream owns its thresholds
+        return t.clone(memory_format=torch.contiguous_format)  # the stream owns its thresholds
 
     # ------------------------------------------------------------------ stepping
 
@@ -210,6 +209,12 @@ class ProbeStream:
         if active is not None:
             check_tensor("active", active, ndim=1, dtypes=(torch.bool,), device=self.device, shape_doc="[n]")
             check_dim("active", active, 0, ids.shape[0], "the number of slot_ids n")
+        return self._step_checked_args(ids, token_logits, active)
+
+    def _step_checked_args(self, ids: torch.Tensor, token_logits: torch.Tensor,
+                           active: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # step() without the argument checks, for callers that built the arguments
+        # themselves (ProbeGuard, once per token); the kernels still check shapes.
         S = self.max_slots
         out = self._op(self._state[:S], self._meta[:S], self._status, ids, token_logits, active, self.threshold,
                        self._kernel_window, self.ema_alpha)
