@@ -145,22 +145,23 @@ PK_HD int64_t swbce_length(const int64_t* lengths, int64_t b, int64_t seq_len) {
 
 PK_HD int64_t swbce_first_prediction(int64_t n, int64_t window) { return n >= window ? window - 1 : n - 1; }
 
+// softplus(x) and sigmoid(x) from a = exp(-|x|), which both need (one exp for both).
 template <typename T>
-PK_HD T swbce_softplus(T x) {
-  return (x > T(0) ? x : T(0)) + log1p(exp(-(x > T(0) ? x : -x)));
-}
+PK_HD T softplus_from(T x, T a) { return (x > T(0) ? x : T(0)) + log1p(a); }
 
 template <typename T>
-PK_HD T swbce_bce(T y, T x) { return swbce_softplus(x) - y * x; }
+PK_HD T sigmoid_from(T x, T a) { return x >= T(0) ? T(1) / (T(1) + a) : a / (T(1) + a); }
 
+// bce(y, x) = -(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))) = softplus(x) - y x.
 template <typename T>
-PK_HD T swbce_sigmoid(T x) { return T(1) / (T(1) + exp(-x)); }
+PK_HD T swbce_bce(T y, T x, T a) { return softplus_from(x, a) - y * x; }
 
-// d loss / d zbar_t from the prediction's weight w, zbar, label and the sequence loss.
+// d loss / d zbar_t from the prediction's weight w, zbar (with a = exp(-|zbar|)),
+// its bce, the label and the sequence loss.
 template <typename T>
-PK_HD T swbce_dzbar(T w, T zbar, T y, T loss, T tau, bool detach_weights) {
-  const T g = w * (swbce_sigmoid(zbar) - y);
-  return detach_weights ? g : g + w * (swbce_bce(y, zbar) - loss) / tau;
+PK_HD T swbce_dzbar(T w, T zbar, T a, T bce, T y, T loss, T tau, bool detach_weights) {
+  const T g = w * (sigmoid_from(zbar, a) - y);
+  return detach_weights ? g : g + w * (bce - loss) / tau;
 }
 
 // Number of tokens in the window of prediction t.

@@ -38,39 +38,51 @@ void swbce_sequence(const SwbceProblem& p, int64_t b) {
   const T y = static_cast<const T*>(p.labels)[b];
   const T tau = T(p.tau);
   const int64_t n = swbce_length(p.lengths, b, p.seq_len);
-  const int64_t first = swbce_first_prediction(n, M);
+  const int64_t first = swbce_first_prediction(n, M), P = n - first;
 
-  std::vector<T> zbar(size_t(n - first));
-  T top = -std::numeric_limits<T>::infinity();
-  for (int64_t t = first; t < n; ++t) {
-    zbar[t - first] = swim_at(z, 1, t, M);
-    top = std::max(top, zbar[t - first] / tau);
+  // Per prediction: zbar, a = exp(-|zbar|), bce, and the softmax numerator.
+  thread_local std::vector<T> work;
+  work.resize(size_t(4 * P));
+  T *zbar = work.data(), *a = zbar + P, *bce = a + P, *e = bce + P;
+  if (n >= M) {
+    // Full windows: prediction i averages z[i .. i + M - 1]. Summed oldest first
+    // from zero exactly as swim_at does (so bit-identical), window position by
+    // window position, which the compiler vectorises across predictions.
+    std::fill(zbar, zbar + P, T(0));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < P; ++i) zbar[i] += z[i + m];
+    for (int64_t i = 0; i < P; ++i) zbar[i] /= T(M);
+  } else {
+    zbar[0] = swim_at(z, 1, n - 1, M);  // one prediction over all n tokens
   }
-  if (!(top > -std::numeric_limits<T>::infinity())) top = T(0);  // all -inf or NaN: let NaN through below
+  T top = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < P; ++i) {
+    a[i] = exp(-std::fabs(zbar[i]));
+    bce[i] = swbce_bce(y, zbar[i], a[i]);
+    top = std::max(top, zbar[i] / tau);  // std::max skips NaN, which reaches the loss through exp below
+  }
+  if (!(top > -std::numeric_limits<T>::infinity())) top = T(0);
   T denom = T(0), weighted = T(0);
-  for (int64_t t = first; t < n; ++t) {
-    const T e = exp(zbar[t - first] / tau - top);
-    denom += e;
-    weighted += e * swbce_bce(y, zbar[t - first]);
+  for (int64_t i = 0; i < P; ++i) {
+    e[i] = exp(zbar[i] / tau - top);
+    denom += e[i];
+    weighted += e[i] * bce[i];
   }
   const T loss = weighted / denom;
   static_cast<T*>(p.loss)[b] = loss;
   if (p.grad == nullptr) return;
 
   T* grad = static_cast<T*>(p.grad) + b * T_;
-  // d loss / d zbar_t, divided by the window's token count, in place of zbar.
-  for (int64_t t = first; t < n; ++t) {
-    const T w = exp(zbar[t - first] / tau - top) / denom;
-    zbar[t - first] = swbce_dzbar(w, zbar[t - first], y, loss, tau, p.detach_weights) / T(swim_count(t, M));
-  }
-  for (int64_t s = 0; s < T_; ++s) {
-    T g = T(0);
-    if (s < n) {
-      // Predictions t in [max(s, first), min(s + M - 1, n - 1)] have s in their window.
-      const int64_t hi = std::min(s + M - 1, n - 1);
-      for (int64_t t = std::max(s, first); t <= hi; ++t) g += zbar[t - first];
-    }
-    grad[s] = g;
+  // d loss / d zbar_t divided by the window's token count, in place of e.
+  for (int64_t i = 0; i < P; ++i)
+    e[i] = swbce_dzbar(e[i] / denom, zbar[i], a[i], bce[i], y, loss, tau, p.detach_weights) /
+           T(swim_count(first + i, M));
+  std::fill(grad, grad + T_, T(0));
+  if (n >= M) {  // prediction i's window is tokens i .. i + M - 1
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < P; ++i) grad[i + m] += e[i];
+  } else {
+    std::fill(grad, grad + n, e[0]);
   }
 }
 

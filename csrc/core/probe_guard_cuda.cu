@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) swbce_kernel(SwbceProblem p, T* work
   for (int64_t t = first + threadIdx.x; t < n; t += kThreads) {
     const T e = exp(zbar[t] / tau - top);
     denom += e;
-    weighted += e * swbce_bce(y, zbar[t]);
+    weighted += e * swbce_bce(y, zbar[t], exp(-fabs(zbar[t])));
   }
   denom = block_sum(denom, shared);
   weighted = block_sum(weighted, shared);
@@ -147,8 +147,9 @@ __global__ void __launch_bounds__(kThreads) swbce_kernel(SwbceProblem p, T* work
   if (p.grad == nullptr) return;
 
   for (int64_t t = first + threadIdx.x; t < n; t += kThreads) {
-    const T w = exp(zbar[t] / tau - top) / denom;
-    zbar[t] = swbce_dzbar(w, zbar[t], y, loss, tau, p.detach_weights) / T(swim_count(t, M));
+    const T w = exp(zbar[t] / tau - top) / denom, a = exp(-fabs(zbar[t]));
+    zbar[t] = swbce_dzbar(w, zbar[t], a, swbce_bce(y, zbar[t], a), y, loss, tau, p.detach_weights) /
+              T(swim_count(t, M));
   }
   __syncthreads();
   T* grad = static_cast<T*>(p.grad) + b * Tn;

@@ -22,13 +22,12 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from .. import backend as _backend
 from .._validation import INDEX_DTYPES, check_choice, check_dim, check_int, check_tensor
 from ..reference import probe_guard as _ref
 from ..reference.probe_scores import probe_logits
 from .scoring import DEFAULT_WINDOW, SMOOTHINGS, _as_layers, default_ema_alpha, probe_scores
+from .stream import _select
 
-IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 REDUCTIONS = ("mean", "none")
 LOSSES = ("softmax_bce", "cumulative_max", "annealed")
 
@@ -50,10 +49,10 @@ def _check_loss_inputs(token_logits, labels, lengths, window, reduction):
         raise ValueError("token_logits has T = 0 tokens: every sequence needs at least one")
     capturing = token_logits.is_cuda and torch.cuda.is_current_stream_capturing()
     if not torch.compiler.is_compiling() and not capturing and B:  # value checks: one host sync on a GPU
-        lo, hi = int(lengths.min()), int(lengths.max())
+        lo, hi = (int(v) for v in torch.aminmax(lengths))
         if lo < 1 or hi > T:
             raise ValueError(f"lengths must lie in [1, T={T}] (each sequence needs a token), got values in [{lo}, {hi}]")
-        y_lo, y_hi = float(labels.min()), float(labels.max())
+        y_lo, y_hi = (float(v) for v in torch.aminmax(labels.detach()))
         if not (0.0 <= y_lo and y_hi <= 1.0):  # also catches NaN
             raise ValueError(f"labels must lie in [0, 1] (soft labels allowed), got values in [{y_lo}, {y_hi}]")
 
@@ -87,7 +86,7 @@ def softmax_weighted_bce(token_logits: torch.Tensor, labels: torch.Tensor, lengt
         raise ValueError(f"tau must be a positive finite float, got {tau}")
     if token_logits.dtype in (torch.float16, torch.bfloat16):
         token_logits = token_logits.float()
-    name = _backend.select("softmax_weighted_bce_fwd", token_logits.device, IMPLEMENTED, backend)
+    name = _select("softmax_weighted_bce_fwd", token_logits.device, backend)
     if name == "reference":
         return _ref.softmax_weighted_bce(token_logits, labels, lengths, window, tau, detach_weights, reduction)
     compute_grad = token_logits.requires_grad and torch.is_grad_enabled()
