@@ -30,7 +30,8 @@ _OUT_OF_RANGE, _DUPLICATED = 1, 2  # error bits of csrc/core/probe_guard.h
 
 
 @functools.lru_cache(maxsize=None)
-def _select_cached(op: str, device: torch.device, requested: Optional[str], env: Optional[str], interpreted: bool) -> str:
+def _select_cached(op: str, device: torch.device, requested: Optional[str], env: Optional[str],
+                   interpreted: bool) -> str:
     return _backend.select(op, device, IMPLEMENTED, requested)
 
 
@@ -42,23 +43,25 @@ def _select(op: str, device: torch.device, requested: Optional[str]) -> str:
     return _select_cached(op, device, requested, os.environ.get(_backend.ENV_VAR), _backend.triton_interpreted())
 
 
-def _accumulate_impl(backend: str):
+def backend_op(name: str, backend: str):
+    """The callable running op pykernels::<name> on a compiled or Triton backend, or
+    its reference function (for the ops whose reference has the op's signature)."""
     if backend == "reference":
-        from ..reference.probe_guard import probe_accumulate_ as reference
+        from ..reference import probe_guard as reference
 
-        return reference
+        return {"probe_accumulate_": reference.probe_accumulate_, "probe_stream_step": reference.stream_step}[name]
     if backend == "triton":
-        from ..triton.probe_guard import probe_accumulate_triton
+        from ..triton import probe_guard as triton_ops
 
-        return probe_accumulate_triton
-    return torch.ops.pykernels.probe_accumulate_.default
+        return getattr(triton_ops, name.rstrip("_") + "_triton")
+    return getattr(torch.ops.pykernels, name).default
 
 
 @functools.lru_cache(maxsize=None)
 def accumulate_op(backend: str):
     """The raw probe_accumulate_ callable of a backend: no argument checks (hot paths
     validate once, then call this; the kernels still check shapes)."""
-    return _accumulate_impl(backend)
+    return backend_op("probe_accumulate_", backend)
 
 
 def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor, *,
@@ -81,8 +84,10 @@ def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.T
         check_dim("hidden", hidden, 0, acc.shape[0], "the number of rows N of acc")
         check_dim("weight_l", weight_l, 0, hidden.shape[1], "the hidden size H of hidden")
         check_dim("weight_l", weight_l, 1, acc.shape[1], "the number of heads K of acc")
-    resolve = _accumulate_impl if torch.compiler.is_compiling() else accumulate_op  # dynamo skips lru_cache
-    resolve(_select("probe_accumulate_", acc.device, backend))(acc, hidden, weight_l)
+    name = _select("probe_accumulate_", acc.device, backend)
+    # Dynamo traces through lru_cache wrappers with a warning, so resolve plainly there.
+    op = backend_op("probe_accumulate_", name) if torch.compiler.is_compiling() else accumulate_op(name)
+    op(acc, hidden, weight_l)
     return acc
 
 
@@ -97,18 +102,6 @@ def _accumulate_args_ok(acc, hidden, weight_l) -> bool:
                 and weight_l.shape[1] == acc.shape[1] and hidden.device == acc.device == weight_l.device)
     except AttributeError:  # not tensors: the detailed checks say which
         return False
-
-
-def _step_op(backend: str):
-    if backend == "reference":
-        from ..reference.probe_guard import stream_step
-
-        return stream_step
-    if backend == "triton":
-        from ..triton.probe_guard import probe_stream_step_triton
-
-        return probe_stream_step_triton
-    return torch.ops.pykernels.probe_stream_step.default
 
 
 SlotIds = Union[torch.Tensor, Sequence[int]]
@@ -168,7 +161,7 @@ class ProbeStream:
         self._meta[:, 1] = -1
         self._status = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.backend = _select("probe_stream_step", self.device, backend)
-        self._op = _step_op(self.backend)
+        self._op = backend_op("probe_stream_step", self.backend)
 
     def _threshold_tensor(self, threshold) -> torch.Tensor:
         t = torch.as_tensor(threshold, dtype=torch.float32).to(self.device).reshape(-1)

@@ -26,7 +26,7 @@ from .._validation import INDEX_DTYPES, check_choice, check_dim, check_int, chec
 from ..reference import probe_guard as _ref
 from ..reference.probe_scores import probe_logits
 from .scoring import DEFAULT_WINDOW, SMOOTHINGS, _as_layers, default_ema_alpha, probe_scores
-from .stream import _select
+from .stream import _select, backend_op
 
 REDUCTIONS = ("mean", "none")
 LOSSES = ("softmax_bce", "cumulative_max", "annealed")
@@ -51,18 +51,11 @@ def _check_loss_inputs(token_logits, labels, lengths, window, reduction):
     if not torch.compiler.is_compiling() and not capturing and B:  # value checks: one host sync on a GPU
         lo, hi = (int(v) for v in torch.aminmax(lengths))
         if lo < 1 or hi > T:
-            raise ValueError(f"lengths must lie in [1, T={T}] (each sequence needs a token), got values in [{lo}, {hi}]")
+            raise ValueError(f"lengths must lie in [1, T={T}] (each sequence needs a token), "
+                             f"got values in [{lo}, {hi}]")
         y_lo, y_hi = (float(v) for v in torch.aminmax(labels.detach()))
         if not (0.0 <= y_lo and y_hi <= 1.0):  # also catches NaN
             raise ValueError(f"labels must lie in [0, 1] (soft labels allowed), got values in [{y_lo}, {y_hi}]")
-
-
-def _fused_op(backend: str):
-    if backend == "triton":
-        from ..triton.probe_guard import softmax_weighted_bce_fwd_triton
-
-        return softmax_weighted_bce_fwd_triton
-    return torch.ops.pykernels.softmax_weighted_bce_fwd.default
 
 
 def softmax_weighted_bce(token_logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor,
@@ -90,8 +83,8 @@ def softmax_weighted_bce(token_logits: torch.Tensor, labels: torch.Tensor, lengt
     if name == "reference":
         return _ref.softmax_weighted_bce(token_logits, labels, lengths, window, tau, detach_weights, reduction)
     compute_grad = token_logits.requires_grad and torch.is_grad_enabled()
-    loss, _ = _fused_op(name)(token_logits, labels.to(token_logits.dtype), lengths, window, tau, detach_weights,
-                              compute_grad)
+    fused = backend_op("softmax_weighted_bce_fwd", name)
+    loss, _ = fused(token_logits, labels.to(token_logits.dtype), lengths, window, tau, detach_weights, compute_grad)
     return loss.mean() if reduction == "mean" else loss
 
 

@@ -32,7 +32,8 @@ def stream_step(state, meta, status, slot_ids, token_logits, active, threshold, 
         error |= SLOT_DUPLICATED
     if error:
         status[1] |= error
-        return torch.full((n, K), float("nan"), device=state.device), torch.ones(n, dtype=torch.bool, device=state.device)
+        nan_scores = torch.full((n, K), float("nan"), device=state.device)
+        return nan_scores, torch.ones(n, dtype=torch.bool, device=state.device)
     scores = torch.zeros(n, K, device=state.device)
     flagged = torch.zeros(n, dtype=torch.bool, device=state.device)
     for r in range(n):

@@ -82,7 +82,8 @@ def test_accumulate_layers_equal_probe_scores(backend):
 def test_accumulate_opcheck_and_compile(backend):
     device = backend_device(backend)
     op = accumulate_op(backend)
-    acc, hidden, w = torch.randn(4, 2, device=device), torch.randn(4, 16, device=device), torch.randn(16, 2, device=device)
+    acc, hidden = torch.randn(4, 2, device=device), torch.randn(4, 16, device=device)
+    w = torch.randn(16, 2, device=device)
     torch.library.opcheck(op, (acc, hidden, w))
 
     def probe_two_layers(h1, h2, w):
@@ -91,7 +92,8 @@ def test_accumulate_opcheck_and_compile(backend):
         probe_accumulate_(acc, h2, w[1], backend=backend)
         return acc.sigmoid()
 
-    h1, h2, w2 = torch.randn(5, 16, device=device), torch.randn(5, 16, device=device), torch.randn(2, 16, 3, device=device)
+    h1, h2 = torch.randn(5, 16, device=device), torch.randn(5, 16, device=device)
+    w2 = torch.randn(2, 16, 3, device=device)
     compiled = torch.compile(probe_two_layers, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(h1, h2, w2), probe_two_layers(h1, h2, w2))
 
