@@ -330,7 +330,7 @@ def _plot_roc(out_dir: str, labels: torch.Tensor, scores: dict) -> None:
     ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
     ax.set_xlabel("benign exchanges flagged (false positive rate)")
     ax.set_ylabel("harmful exchanges flagged (true positive rate)")
-    ax.set_title("probe guard demo: test set (unseen words)")
+    ax.set_title("probe guard demo: test set (unseen words and phrasings)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = os.path.join(out_dir, "roc.png")
