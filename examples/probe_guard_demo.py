@@ -214,8 +214,10 @@ def streaming_guard(quick: bool) -> dict:
     print(f"\n== 4. streaming guard: random-weight Llama (hidden {hidden}, {layers} layers), batch {batch}, "
           f"{new} new tokens ==")
     for b in range(batch):
-        where = f"flagged at token {int(out.flag_index[b])}, stopped after {int(generated[b])} new tokens" \
-            if out.flagged[b] else f"not flagged, {int(generated[b])} new tokens"
+        i = int(out.flag_index[b])
+        at = f"prompt token {i}" if i < out.prompt_length else f"new token {i - out.prompt_length}"
+        where = f"flagged at {at}, stopped after {int(generated[b])} new tokens" if out.flagged[b] \
+            else f"not flagged, {int(generated[b])} new tokens"
         print(f"  sequence {b:2d}: {where}")
     share = guard.timer.seconds / total
     print(f"  guard time (accumulated timers in hooks + stream steps): {1e3 * guard.timer.seconds:.1f} ms of "
