@@ -9,6 +9,17 @@ from . import flatness
 from .backend import backends
 from .flatness.ops import energy, fill_probes_, logsumexp_hvp, probe_dots, probe_vectors
 from .probes.scoring import probe_scores
+from .probes.stream import probe_accumulate_
 
 __version__ = "0.1.0"
-__all__ = ["backends", "energy", "fill_probes_", "flatness", "logsumexp_hvp", "probe_dots", "probe_scores", "probe_vectors"]
+__all__ = [
+    "backends",
+    "energy",
+    "fill_probes_",
+    "flatness",
+    "logsumexp_hvp",
+    "probe_accumulate_",
+    "probe_dots",
+    "probe_scores",
+    "probe_vectors",
+]

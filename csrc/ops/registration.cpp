@@ -25,6 +25,17 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "probe_scores(Tensor[] hidden_states, Tensor weight, Tensor? bias, Tensor? lengths, "
       "str smoothing, int window, float ema_alpha) -> Tensor");
+  // Probe guard (docs: pykernels/probes/{guard,stream,training}.py): one layer of a
+  // probe added into a float32 accumulator in place; one streaming decode step
+  // over per-slot device state (window 0 = EMA); the fused training loss, which
+  // returns per-sequence losses and, when asked, their gradient w.r.t. token_logits.
+  m.def("probe_accumulate_(Tensor(a!) acc, Tensor hidden, Tensor weight_l) -> ()");
+  m.def(
+      "probe_stream_step(Tensor(a!) state, Tensor(b!) meta, Tensor(c!) status, Tensor slot_ids, "
+      "Tensor token_logits, Tensor? active, Tensor threshold, int window, float ema_alpha) -> (Tensor, Tensor)");
+  m.def(
+      "softmax_weighted_bce_fwd(Tensor token_logits, Tensor labels, Tensor lengths, int window, float tau, "
+      "bool detach_weights, bool compute_grad) -> (Tensor, Tensor)");
   // Which SIMD build the CPU kernels use on this machine ("avx512", "avx2", "scalar").
   m.def("cpu_isa() -> str", []() -> std::string { return pykernels::core::probe_scores_cpu_isa(); });
 

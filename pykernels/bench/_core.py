@@ -37,6 +37,7 @@ class Case:
     baselines: dict[str, Callable[[], Any]]  # what a user would run instead
     bytes_read: Optional[int] = None  # minimum bytes the op must read (memory-bound ops)
     notes: str = ""
+    summary: Optional[Callable[[], str]] = None  # printed under the table after the case ran
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """Plain-PyTorch reference implementations: the executable specification every
 backend is tested against. Written for clarity, any dtype (float64 in tests)."""
 
+from . import probe_guard
 from .probe_scores import ema, probe_logits, probe_scores, smoothing_adjoint, swim, window_sum
 
-__all__ = ["ema", "probe_logits", "probe_scores", "smoothing_adjoint", "swim", "window_sum"]
+__all__ = ["ema", "probe_guard", "probe_logits", "probe_scores", "smoothing_adjoint", "swim", "window_sum"]
