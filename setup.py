@@ -42,7 +42,8 @@ def _extensions():
 
     # -fopenmp: at::parallel_for is inline and runs serially in a translation unit
     # compiled without OpenMP. The libgomp it links is the one torch already loaded.
-    cxx = ["-O3", "-std=c++17", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
+    # No -std flag: torch's cpp_extension picks the standard its headers need (C++20 for 2.14).
+    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
     link = ["-fopenmp"]
     sources = _sources("core/*.cpp", "ops/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "core")]
@@ -63,7 +64,7 @@ def _extensions():
 
     torch_site = os.path.dirname(os.path.dirname(torch.__file__))
     include_dirs += sorted(glob.glob(os.path.join(torch_site, "nvidia", "cu*", "include")))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     ext = cpp_extension.CUDAExtension(
         "pykernels._C",
         sources + _sources("core/*.cu", "ops/cuda/*.cpp"),

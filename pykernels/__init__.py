@@ -5,10 +5,26 @@ Importing never needs a GPU, Triton or the compiled extension; see
 `pykernels.backends()` for what can run here.
 """
 
-from . import selection
+from . import flatness, selection
 from .backend import backends
+from .flatness.ops import energy, fill_probes_, logsumexp_hvp, probe_dots, probe_vectors
 from .probes.scoring import probe_scores
+from .probes.stream import probe_accumulate_
 from .selection.correlation import pairwise_corr_distance, parc_spearman, spearman
 
 __version__ = "0.1.0"
-__all__ = ["backends", "pairwise_corr_distance", "parc_spearman", "probe_scores", "selection", "spearman"]
+__all__ = [
+    "backends",
+    "energy",
+    "fill_probes_",
+    "flatness",
+    "logsumexp_hvp",
+    "pairwise_corr_distance",
+    "parc_spearman",
+    "probe_accumulate_",
+    "probe_dots",
+    "probe_scores",
+    "probe_vectors",
+    "selection",
+    "spearman",
+]

@@ -22,6 +22,18 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_probe_info(args) -> int:
+    from pykernels.probes import LinearProbe
+
+    probe = LinearProbe.load(args.path)
+    alpha = probe.resolved_ema_alpha if probe.smoothing == "ema" else None
+    print(f"{args.path}: LinearProbe over {probe.num_layers} layers x {probe.hidden_size} hidden, "
+          f"{probe.num_heads} head(s)")
+    print(f"smoothing {probe.smoothing}, window {probe.window}" + (f", ema_alpha {alpha:.4g}" if alpha else ""))
+    print("thresholds " + ", ".join(f"{t:.4g}" for t in probe.threshold.tolist()))
+    return 0
+
+
 def _cmd_select(args) -> int:
     from pykernels.selection import score_models
     from pykernels.selection.bank import load_entry
@@ -57,6 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-results", help="folder for results.json and the plots")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("probe-info", help="describe a saved LinearProbe (.safetensors)")
+    p.add_argument("path")
+    p.set_defaults(func=_cmd_probe_info)
+
+    from pykernels.flatness.cli import add_parser as add_flatness_parser
+
+    add_flatness_parser(sub)
 
     p = sub.add_parser("select", help="rank a bank of models for a target task (PARC and other estimators)")
     p.add_argument("--bank", required=True,

@@ -46,11 +46,13 @@ PK_HD int64_t clamped_length(const int64_t* lengths, int64_t b, int64_t seq_len)
 // (sequence, head) series whose consecutive tokens are `stride` floats apart.
 // Summed directly (not a running sum) so a NaN/Inf reaches exactly the
 // windows that contain it.
-PK_HD float swim_at(const float* z, int64_t stride, int64_t t, int64_t window) {
+// Templated on the element type so the float64 training loss shares it.
+template <typename T>
+PK_HD T swim_at(const T* z, int64_t stride, int64_t t, int64_t window) {
   const int64_t first = t + 1 > window ? t + 1 - window : 0;
-  float sum = 0.f;
+  T sum = T(0);
   for (int64_t s = first; s <= t; ++s) sum += z[s * stride];
-  return sum / float(t + 1 - first);
+  return sum / T(t + 1 - first);
 }
 
 // EMA as an affine map e -> decay * e + add. Token t's map is

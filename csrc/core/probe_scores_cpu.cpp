@@ -1,8 +1,10 @@
-// CPU probe scoring: picks the SIMD build of the logit kernel for this CPU and
-// implements the (cheap, sequential) smoothing pass.
+// CPU probe scoring: picks the SIMD build of the logit kernels (probe_scores,
+// probe_accumulate_) for this CPU and implements the (cheap, sequential)
+// smoothing pass.
 #include <cstdlib>
 #include <cstring>
 
+#include "probe_guard.h"
 #include "probe_scores.h"
 
 #define PK_KERNEL_NS scalar
@@ -13,6 +15,8 @@ namespace pykernels::core {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 void probe_logits_cpu_avx512(const ProbeScoresProblem& p, int64_t b, int64_t t0, int64_t t1);
 void probe_logits_cpu_avx2(const ProbeScoresProblem& p, int64_t b, int64_t t0, int64_t t1);
+void probe_accumulate_cpu_avx512(const AccumulateProblem& p, int64_t n0, int64_t n1);
+void probe_accumulate_cpu_avx2(const AccumulateProblem& p, int64_t n0, int64_t n1);
 #define PK_HAVE_X86_DISPATCH 1
 #endif
 
@@ -60,6 +64,16 @@ void probe_logits_cpu(const ProbeScoresProblem& p, int64_t b, int64_t t0, int64_
     case Isa::Avx2: probe_logits_cpu_avx2(p, b, t0, t1); return;
 #endif
     default: scalar::probe_logits_tile_any_dtype(p, b, t0, t1); return;
+  }
+}
+
+void probe_accumulate_cpu(const AccumulateProblem& p, int64_t n0, int64_t n1) {
+  switch (active_isa()) {
+#ifdef PK_HAVE_X86_DISPATCH
+    case Isa::Avx512: probe_accumulate_cpu_avx512(p, n0, n1); return;
+    case Isa::Avx2: probe_accumulate_cpu_avx2(p, n0, n1); return;
+#endif
+    default: scalar::accumulate_rows_any_dtype(p, n0, n1); return;
   }
 }
 

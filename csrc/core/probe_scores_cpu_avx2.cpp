@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "probe_guard.h"
 #include "probe_scores.h"
 
 #if defined(__clang__)
@@ -27,6 +28,9 @@
 namespace pykernels::core {
 void probe_logits_cpu_avx2(const ProbeScoresProblem& p, int64_t b, int64_t t0, int64_t t1) {
   avx2::probe_logits_tile_any_dtype(p, b, t0, t1);
+}
+void probe_accumulate_cpu_avx2(const AccumulateProblem& p, int64_t n0, int64_t n1) {
+  avx2::accumulate_rows_any_dtype(p, n0, n1);
 }
 }  // namespace pykernels::core
 

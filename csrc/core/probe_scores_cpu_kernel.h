@@ -1,4 +1,4 @@
-// The CPU probe-logit kernel, written once over the SIMD struct Vec (simd.h)
+// The CPU probe-logit kernels (probe_scores, probe_accumulate_), written once over the SIMD struct Vec (simd.h)
 // and compiled once per instruction set by probe_scores_cpu{,_avx2,_avx512}.cpp,
 // each in its own namespace PK_KERNEL_NS (see simd.h).
 //
@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "probe_guard.h"
 #include "probe_scores.h"
 #include "simd.h"
 
@@ -124,6 +125,38 @@ void probe_logits_tile(const ProbeScoresProblem& p, int64_t b, int64_t t_begin, 
       const void* rows[1] = {row(l, t)};
       dot_rows_all_heads<D, 1>(rows, rows, w, H, K, out + (t - t_begin) * K);
     }
+  }
+}
+
+// probe_accumulate: acc[n, :] += row_n . W for rows [n_begin, n_end), R rows at a time.
+template <DType D>
+void accumulate_rows(const AccumulateProblem& p, int64_t n_begin, int64_t n_end) {
+  constexpr int R = 4;
+  const int64_t elem = dtype_size(D), K = p.heads;
+  auto row = [&](int64_t n) -> const void* {
+    return static_cast<const char*>(p.hidden) + n * p.row_stride * elem;
+  };
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) {
+    const void* rows[R];
+    const void* next[R];
+    for (int r = 0; r < R; ++r) {
+      rows[r] = row(n + r);
+      next[r] = row(std::min(n + R + r, n_end - 1));
+    }
+    dot_rows_all_heads<D, R>(rows, next, p.weight_t, p.hidden_size, K, p.acc + n * K);
+  }
+  for (; n < n_end; ++n) {
+    const void* rows[1] = {row(n)};
+    dot_rows_all_heads<D, 1>(rows, rows, p.weight_t, p.hidden_size, K, p.acc + n * K);
+  }
+}
+
+inline void accumulate_rows_any_dtype(const AccumulateProblem& p, int64_t n_begin, int64_t n_end) {
+  switch (p.dtype) {
+    case DType::Float32: accumulate_rows<DType::Float32>(p, n_begin, n_end); break;
+    case DType::Float16: accumulate_rows<DType::Float16>(p, n_begin, n_end); break;
+    case DType::BFloat16: accumulate_rows<DType::BFloat16>(p, n_begin, n_end); break;
   }
 }
 

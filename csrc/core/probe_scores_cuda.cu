@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       rows[r] = static_cast<const char*>(table.data[li]) +
                 (tb[r] * table.stride_b[li] + tt[r] * table.stride_t[li]) * elem;
     if constexpr (kVectorized) {
+#pragma unroll 2  // two steps' loads in flight per lane: the kernel is bound by memory latency
       for (int64_t j = int64_t(lane) * kVecElems; j < H; j += kWarp * kVecElems) {
         float x[kTokensPerWarp][kVecElems];
 #pragma unroll

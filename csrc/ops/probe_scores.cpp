@@ -14,6 +14,10 @@ namespace pykernels::ops {
 namespace {
 
 constexpr int64_t kTileTokens = 64;  // tokens of one sequence per work item
+// Activations a thread should read at least before another one is woken: below
+// this (e.g. one decode step) waking threads costs more than it saves, and on a
+// busy machine a descheduled worker stalls the whole call.
+constexpr int64_t kMinElementsPerThread = int64_t(1) << 20;
 
 at::Tensor probe_scores_cpu(at::TensorList hidden_states, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
@@ -30,14 +34,20 @@ at::Tensor probe_scores_cpu(at::TensorList hidden_states, const at::Tensor& weig
     const int64_t len = core::clamped_length(p.lengths, b, p.seq_len);
     for (int64_t t = 0; t < len; t += kTileTokens) tiles.emplace_back(b, t);
   }
-  at::parallel_for(0, int64_t(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t tile_elements = 0;  // activations in the largest tile
+  for (const auto& [b, t0] : tiles)
+    tile_elements = std::max(tile_elements, (std::min(t0 + kTileTokens, core::clamped_length(p.lengths, b, p.seq_len)) - t0));
+  tile_elements *= p.num_layers * p.hidden;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, tile_elements));
+  at::parallel_for(0, int64_t(tiles.size()), grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const auto [b, t0] = tiles[i];
       const int64_t t1 = std::min(t0 + kTileTokens, core::clamped_length(p.lengths, b, p.seq_len));
       core::probe_logits_cpu(p, b, t0, t1);
     }
   });
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  const int64_t smooth_grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, p.seq_len * p.heads));
+  at::parallel_for(0, p.batch, smooth_grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       core::smooth_sequence_cpu(p, b, P.smoothing, P.window, P.alpha);
   });

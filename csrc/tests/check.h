@@ -1,11 +1,9 @@
-// The assertion macro of the torch-free C++ tests: counts failures and prints where and why,
-// so one run reports every failing case.
+// The C++ core tests' assertion: counts a failure, prints where and why, goes on.
 #pragma once
 
 #include <cstdio>
 
-inline int failures = 0;
-
+static int failures = 0;
 #define CHECK(cond, ...)                               \
   do {                                                 \
     if (!(cond)) {                                     \

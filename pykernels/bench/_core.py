@@ -37,6 +37,7 @@ class Case:
     baselines: dict[str, Callable[[], Any]]  # what a user would run instead
     bytes_read: Optional[int] = None  # minimum bytes the op must read (memory-bound ops)
     notes: str = ""
+    summary: Optional[Callable[[], str]] = None  # printed under the table after the case ran
     # Factor applied to a callable's measured time: a per-item loop timed on a subset of the
     # items (e.g. 8 of 256 models) is reported for all of them.
     scale: dict[str, float] = dataclasses.field(default_factory=dict)

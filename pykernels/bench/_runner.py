@@ -132,6 +132,9 @@ def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick
         notes = {c.notes for c in cases if c.op == op and c.notes}
         for note in notes:
             print(f"note: {note}", file=stream)
+        for case in cases:
+            if case.op == op and case.summary is not None:
+                print(case.summary(), file=stream)
         if plot and plot_op(op, op_rows, os.path.join(out_dir, f"{op}.png")):
             print(f"plot: {os.path.join(out_dir, op + '.png')}", file=stream)
     if plot:  # suites may draw their own figures (e.g. scaling curves) with a plot(rows, out_dir)

@@ -24,20 +24,25 @@ def probe_logits(layers: Sequence[torch.Tensor], weight: torch.Tensor, bias: tor
     return z
 
 
-def swim(z: torch.Tensor, window: int) -> torch.Tensor:
-    """Sliding-window mean along dim 1 of z [B, T, K]: the mean of the last
-    `window` values, or of the t + 1 available ones when t < window.
-
-    Each window is summed on its own (no running sum), so a NaN affects exactly
-    the windows that contain it.
-    """
-    T = z.shape[1]
-    if T == 0:
+def window_sum(z: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum of z over the last `window` tokens (fewer at the start), along dim 1
+    of z [B, T, K]. Each window is summed on its own (no running sum), so a NaN
+    affects exactly the windows that contain it."""
+    if z.shape[1] == 0:
         return z.clone()
     padded = F.pad(z.transpose(1, 2), (window - 1, 0))  # [B, K, T + window - 1], zeros in front
-    sums = padded.unfold(2, window, 1).sum(-1)  # [B, K, T]
-    counts = torch.arange(1, T + 1, device=z.device).clamp(max=window).to(z.dtype)
-    return (sums / counts).transpose(1, 2)
+    return padded.unfold(2, window, 1).sum(-1).transpose(1, 2)
+
+
+def window_counts(T: int, window: int, like: torch.Tensor) -> torch.Tensor:
+    """[1, T, 1]: how many tokens the window ending at t covers, min(t + 1, window)."""
+    return torch.arange(1, T + 1, device=like.device).clamp(max=window).to(like.dtype)[None, :, None]
+
+
+def swim(z: torch.Tensor, window: int) -> torch.Tensor:
+    """Sliding-window mean along dim 1 of z [B, T, K]: the mean of the last
+    `window` values, or of the t + 1 available ones when t < window."""
+    return window_sum(z, window) / window_counts(z.shape[1], window, z)
 
 
 def ema(z: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -75,3 +80,35 @@ def probe_scores(layers: Sequence[torch.Tensor], weight: torch.Tensor, bias: tor
         valid = torch.arange(T, device=z.device)[None, :] < lengths.to(z.device)[:, None]
         z = torch.where(valid[:, :, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
     return z
+
+
+def smoothing_adjoint(grad: torch.Tensor, smoothing: str, window: int, ema_alpha: float) -> torch.Tensor:
+    """Gradient with respect to the raw logits z [B, T, K] of the smoothed scores,
+    given their gradient `grad` (zero at padded tokens).
+
+    swim: dz_s = sum over outputs t in [s, s + window) of grad_t / count_t.
+    ema:  the adjoint recurrence runs backwards in time,
+          lam_t = grad_t + (1 - a) lam_{t+1};  dz_t = a lam_t (t >= 1), dz_0 = lam_0.
+    """
+    if smoothing == "none" or (smoothing == "swim" and window == 1):
+        return grad
+    T = grad.shape[1]
+    if T == 0:
+        return grad.clone()
+    if smoothing == "swim":
+        # The sum over later outputs is a causal window sum in reversed time.
+        scaled = grad / window_counts(T, window, grad)
+        return window_sum(scaled.flip(1), window).flip(1)
+    if smoothing == "ema":
+        a = ema_alpha
+        if a == 1.0:
+            return grad.clone()
+        lam = torch.empty_like(grad)
+        acc = torch.zeros_like(grad[:, 0])
+        for t in range(T - 1, -1, -1):
+            acc = grad[:, t] + (1.0 - a) * acc
+            lam[:, t] = acc
+        dz = lam * a
+        dz[:, 0] = lam[:, 0]
+        return dz
+    raise ValueError(f"smoothing must be 'none', 'swim' or 'ema', got {smoothing!r}")

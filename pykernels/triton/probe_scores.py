@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops import probe_scores_fake, register_probe_scores_autograd
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _FLT_MIN = 1.17549435e-38  # smallest normal float32; see ema_compose in csrc/core/probe_scores.h
 
@@ -129,7 +131,8 @@ def probe_scores_triton(
     raw = torch.empty_like(out) if smooth else out
 
     block_k = triton.next_power_of_2(K)
-    block_t = 16
+    # Enough programs to keep every SM streaming (~1k for 4k tokens), up to 16 tokens each.
+    block_t = max(2, min(16, triton.next_power_of_2(triton.cdiv(B * T, 1024))))
     block_h = max(16, min(128, 8192 // (block_t * block_k), triton.next_power_of_2(H)))
     _probe_logits_kernel[(triton.cdiv(B * T, block_t),)](
         table[0], table[1], table[2], w, b, n_len, raw,
@@ -147,7 +150,5 @@ def probe_scores_triton(
     return out
 
 
-@probe_scores_triton.register_fake
-def _(hidden_states, weight, bias, lengths, smoothing, window, ema_alpha):
-    h0 = hidden_states[0]
-    return h0.new_empty((h0.shape[0], h0.shape[1], weight.shape[2]), dtype=torch.float32)
+probe_scores_triton.register_fake(probe_scores_fake)
+register_probe_scores_autograd(probe_scores_triton)

@@ -243,6 +243,9 @@ def test_opcheck(backend):
     for smoothing in SMOOTHINGS:
         torch.library.opcheck(op, (layers, w, b, lengths, smoothing, 4, 0.3))
     torch.library.opcheck(op, (layers, w, None, None, "swim", 4, 0.3))
+    # With inputs that require grad, opcheck also checks the autograd registration.
+    trainable = (w.clone().requires_grad_(), b.clone().requires_grad_())
+    torch.library.opcheck(op, ([h.clone().requires_grad_() for h in layers], *trainable, lengths, "ema", 4, 0.3))
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -278,3 +281,27 @@ def test_cpu_kernel_allocates_no_stacked_copy():
     activation_bytes = L * B * T * H * 4
     # Output + transposed weights only: far below one layer's worth of activations.
     assert 0 < allocated < activation_bytes / L, f"allocated {allocated} bytes for {activation_bytes} of activations"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+def test_gradients_match_reference_autograd(backend, smoothing):
+    # Gradients for probe training (weight, bias) and for the activations,
+    # against float64 autograd through the reference.
+    device = backend_device(backend)
+    L, B, T, H, K = 3, 2, 19, 24, 2
+    layers = [h.requires_grad_() for h in make_layers(L, B, T, H, device=device, seed=7)]
+    w, b = make_probe(L, H, K, device, seed=8)
+    w.requires_grad_()
+    b.requires_grad_()
+    lengths = torch.tensor([19, 11], device=device)
+    upstream = torch.randn(B, T, K, generator=torch.Generator().manual_seed(9)).to(device)
+    out = pykernels.probe_scores(layers, w, b, smoothing=smoothing, window=5, lengths=lengths, backend=backend)
+    got = torch.autograd.grad(out, [*layers, w, b], upstream)
+
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in (*layers, w, b)]
+    ref = reference_probe_scores(ref_in[:L], ref_in[L], ref_in[L + 1], lengths.cpu(), smoothing, 5,
+                                 default_ema_alpha(5), dtype=torch.float64)
+    expect = torch.autograd.grad(ref, ref_in, upstream.double().cpu())
+    for name, g, e in zip([f"layer {l}" for l in range(L)] + ["weight", "bias"], got, expect):
+        torch.testing.assert_close(g.double().cpu(), e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One entry point that works on a fresh machine (Python >= 3.10 and a C++
+# compiler; nvcc and cmake for the CUDA and C++ checks).
+#
+#   ./dev.sh test           everything CI checks: build, C++ core tests (ctest),
+#                           nvcc compile of every .cu (sm_80, sm_90), the C++-host
+#                           operator library, pytest, and the CUDA extension build
+#   ./dev.sh bench [args]   the benchmark suite, `pykernels bench` (e.g. --quick)
+#   ./dev.sh setup          only create .venv, install pinned tools, build pykernels._C
+#   ./dev.sh cuda-build     only build + import the CUDA extension against torch==2.14.1 (CUDA)
+#
+# Environment: PYTHON (default python3), PYKERNELS_VENV (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${PYKERNELS_VENV:-.venv}
+CUDA_VENV=${PYKERNELS_CUDA_VENV:-.venv-cuda}
+CUDA_TORCH=torch==2.14.1
+step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
+# pip, minus the local package index's "Location ... is ignored" warnings.
+pip_install() { "$1" -m pip install -q "${@:2}" 2> >(grep -v "is ignored: it is neither" >&2); }
+# Run a noisy build step with its output in a log, shown only if it fails.
+quiet() { local log=$1; shift; "$@" > "$log" 2>&1 || { tail -50 "$log"; echo "FAILED: $* (log: $log)"; exit 1; }; }
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    step "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    step "installing torch==2.13.0 (CPU)"
+    pip_install "$VENV/bin/python" torch==2.13.0
+  fi
+  step "installing pinned tools (requirements-dev.txt)"
+  pip_install "$VENV/bin/python" -r requirements-dev.txt
+  mkdir -p build
+  if ! "$VENV/bin/python" -m pip show -q pykernels >/dev/null 2>&1; then
+    step "installing pykernels (editable)"
+    # The extension is built right after, in place, where rebuilds are incremental.
+    PYKERNELS_NO_EXTENSION=1 quiet build/install.log pip_install "$VENV/bin/python" --no-build-isolation --no-deps -e .
+  fi
+  step "building pykernels._C"
+  quiet build/build_ext.log "$VENV/bin/python" setup.py build_ext --inplace
+  "$VENV/bin/pykernels" backends
+}
+
+cpp_tests() {
+  step "C++ cores: build, ctest, nvcc sm_80/sm_90, C++-host operator library"
+  local cuda=OFF
+  if command -v nvcc >/dev/null 2>&1; then cuda=ON; else echo "nvcc not found: CUDA cores not compiled"; fi
+  local torch_cmake
+  torch_cmake=$("$VENV/bin/python" -c "import torch; print(torch.utils.cmake_prefix_path)")
+  cmake -S . -B build/cmake -G Ninja -DPYKERNELS_CUDA=$cuda -DPYKERNELS_TORCH_OPS=ON \
+        -DCMAKE_PREFIX_PATH="$torch_cmake" -Wno-dev > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
+  cmake --build build/cmake
+  ctest --test-dir build/cmake --output-on-failure
+}
+
+python_tests() {
+  step "pytest"
+  # cpu and triton must run here: a broken build fails instead of skipping.
+  PYKERNELS_REQUIRE_BACKENDS="cpu triton" \
+  PYKERNELS_CPP_HOST_LIBRARY="$PWD/build/cmake/libpykernels_ops.so" \
+    "$VENV/bin/python" -m pytest tests -q "$@"
+}
+
+cuda_build() {
+  if ! command -v nvcc >/dev/null 2>&1; then
+    echo "nvcc not found: cannot build the CUDA extension"; return 1
+  fi
+  step "CUDA extension against $CUDA_TORCH in $CUDA_VENV"
+  [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
+  "$CUDA_VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$CUDA_VENV/bin/python" "$CUDA_TORCH"
+  pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 ninja==1.13.2 setuptools==84.2.1 wheel
+  # The toolkit root: the folder above nvcc's bin/ when it holds the headers
+  # (nvcc may be a wrapper outside the toolkit), else /usr/local/cuda.
+  local nvcc_home
+  nvcc_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  [ -f "$nvcc_home/include/cuda_runtime.h" ] || nvcc_home=/usr/local/cuda
+  mkdir -p build
+  CUDA_HOME=${CUDA_HOME:-$nvcc_home} PYKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
+    quiet build/cuda_build.log "$CUDA_VENV/bin/python" setup.py build --build-base build/cuda --build-lib build/cuda/lib
+  # Import the built package (not the source tree) and check its CUDA kernels registered.
+  (cd build && PYTHONPATH="$PWD/cuda/lib" "../$CUDA_VENV/bin/python" ../scripts/check_cuda_build.py ../csrc/ops/cuda)
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  test) setup; cpp_tests; python_tests "$@"; cuda_build ;;
+  bench) setup; "$VENV/bin/pykernels" bench "$@" ;;
+  cuda-build) cuda_build ;;
+  *) echo "usage: ./dev.sh [test|bench|setup|cuda-build] [args]"; exit 2 ;;
+esac

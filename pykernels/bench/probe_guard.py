@@ -1,0 +1,170 @@
+"""The probe guard's targets, measured against what a user would otherwise run.
+
+  probe_accumulate_     one decode step (N sequences x H hidden, K = 1 head) vs a
+                        bare GEMV of the same size (addmm into the accumulator),
+                        through the public function (argument checks included)
+                        and as the registered op the guard's hooks call.
+                        Target: within 2x.
+  probe_stream_step     one decode step of EMA smoothing + latched flags for 16
+                        slots vs the same in eager PyTorch ops.
+  softmax_weighted_bce  fused forward + backward vs eager autograd of the
+                        reference (and torch.compile of it on full runs), B = 64,
+                        T = 512. Target: >= 2x on the CPU.
+  guard_overhead        greedy generate on a random-weight Llama (hidden 512, 8
+                        layers) with and without the guard, batch 1 and 16. The
+                        target (<= 1% of decode time on a CPU) is read from the
+                        guard's accumulated timers, printed under the table; the
+                        A/B ratio in the table is the GPU criterion (<= 0.3%) and
+                        is noise-dominated on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import pykernels
+from pykernels.bench._core import BenchContext, Case
+from pykernels.probes import LinearProbe, ProbeStream, probe_accumulate_, softmax_weighted_bce
+from pykernels.probes.stream import accumulate_op
+from pykernels.reference import probe_guard as ref
+
+
+def _ours(ctx: BenchContext) -> list[str]:
+    status = pykernels.backends()
+    return [b for b in (["cuda", "triton"] if ctx.is_cuda else ["cpu"]) if status[b].available]
+
+
+def _accumulate_impls(ours, acc, hidden, w):
+    impls = {b: (lambda b=b: probe_accumulate_(acc, hidden, w, backend=b)) for b in ours}
+    for b in ours:  # what ProbeGuard's hooks call: the registered op, checked once up front
+        op = accumulate_op(b)
+        impls[f"{b} (op)"] = lambda op=op: op(acc, hidden, w)
+    return impls
+
+
+def _accumulate_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
+    cases = []
+    g = torch.Generator().manual_seed(0)
+    for H in (1024, 4096):
+        for N in (1, 16):
+            for dtype in (torch.float32, torch.bfloat16):
+                hidden = torch.randn(N, H, generator=g).to(ctx.device, dtype)
+                w_t = torch.randn(1, H, generator=g).to(ctx.device)  # LinearProbe's layout
+                acc = torch.zeros(N, 1, device=ctx.device)
+                w_native = w_t.t().contiguous().to(dtype)
+                if dtype == torch.float32:
+                    gemv = lambda acc=acc, h=hidden, w=w_native: acc.addmm_(h, w)
+                else:  # widen, then the float32 GEMV (a native bf16 GEMV is far slower on CPUs)
+                    w_native = w_native.float()
+                    gemv = lambda acc=acc, h=hidden, w=w_native: acc.addmm_(h.float(), w)
+                cases.append(Case(
+                    op="probe_accumulate_", shape=f"N={N} H={H} K=1", dtype=str(dtype).replace("torch.", ""),
+                    implementations=_accumulate_impls(ours, acc, hidden, w_t.t()),
+                    baselines={"gemv": gemv},
+                    bytes_read=N * H * hidden.element_size() + H * 4,
+                    notes="one layer of one decode step; x = GEMV time / our time (target >= 0.5x)",
+                ))
+    return cases
+
+
+def _eager_stream_step(state, flagged, ids, z, alpha, threshold):
+    e = alpha * z + (1 - alpha) * state[ids]
+    state[ids] = e
+    flagged[ids] |= (e > threshold).any(-1)
+    return e, flagged[ids]
+
+
+def _stream_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
+    n, K = 16, 1
+    z = torch.randn(n, K, device=ctx.device)
+    ids = torch.arange(n, device=ctx.device)
+    streams = {b: ProbeStream(64, K, threshold=1e9, device=ctx.device, backend=b) for b in ours}
+    state, flagged = torch.zeros(64, K, device=ctx.device), torch.zeros(64, dtype=torch.bool, device=ctx.device)
+    thr = torch.full((K,), 1e9, device=ctx.device)
+    return [Case(
+        op="probe_stream_step", shape=f"slots=64 n={n} K={K} ema", dtype="float32",
+        implementations={b: (lambda s=s: s.step(ids, z)) for b, s in streams.items()},
+        baselines={"eager": lambda: _eager_stream_step(state, flagged, ids, z, 2 / 17, thr)},
+        notes="one decode step: smoothing + latched flags (the eager baseline has no slot-id checks)",
+    )]
+
+
+def _loss_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
+    B, T = 64, 512
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(B, T, generator=g).to(ctx.device).requires_grad_()
+    y = torch.rand(B, generator=g).to(ctx.device)
+    lengths = torch.randint(T // 4, T + 1, (B,), generator=g).to(ctx.device)
+
+    def fused(b):
+        z.grad = None
+        softmax_weighted_bce(z, y, lengths, backend=b).backward()
+
+    def eager():
+        z.grad = None
+        ref.softmax_weighted_bce(z, y, lengths).backward()
+
+    baselines = {"eager autograd": eager}
+    if ctx.is_cuda or not ctx.quick:
+        compiled = torch.compile(ref.softmax_weighted_bce)
+
+        def compiled_step():
+            z.grad = None
+            compiled(z, y, lengths).backward()
+
+        baselines["compile"] = compiled_step
+    return [Case(
+        op="softmax_weighted_bce", shape=f"B={B} T={T} M=16", dtype="float32",
+        implementations={b: (lambda b=b: fused(b)) for b in ours}, baselines=baselines,
+        notes="forward + backward; x = baseline time / our time (target >= 2x vs eager autograd on the CPU)",
+    )]
+
+
+def _overhead_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
+    try:
+        from pykernels.probes.hf import ProbeGuard, random_llama
+    except ImportError:  # transformers is optional
+        return []
+    model = random_llama(512, 8, device=ctx.device)
+    new_tokens = 16 if ctx.quick else 48
+    cases = []
+    for batch in (1, 16):
+        ids = torch.randint(3, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
+        ids, mask = ids.to(ctx.device), torch.ones_like(ids, device=ctx.device)
+        kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                      pad_token_id=0)
+        probe = LinearProbe(8, 512, threshold=1e9, device=ctx.device)  # never flags: full-length decode
+        totals = {"seconds": 0.0, "guard": 0.0, "steps": 0}
+
+        def guarded(probe=probe, ids=ids, kwargs=kwargs, totals=totals):
+            import time
+
+            with ProbeGuard(model, probe, max_batch=batch) as guard:
+                start = time.perf_counter()
+                guard.generate(ids, **kwargs)
+                totals["seconds"] += time.perf_counter() - start
+                totals["guard"] += guard.timer.seconds
+                totals["steps"] += guard.timer.forwards
+
+        def unguarded(ids=ids, kwargs=kwargs):
+            with torch.no_grad():
+                model.generate(input_ids=ids, **kwargs)
+
+        def summary(batch=batch, totals=totals):
+            share = 100 * totals["guard"] / totals["seconds"]
+            per_step = 1e6 * totals["guard"] / max(1, totals["steps"])
+            return (f"guard overhead at batch {batch} (accumulated timers, every guarded run): {share:.2f}% of "
+                    f"generate time, {per_step:.0f} us per forward (target <= 1% on a CPU)")
+
+        cases.append(Case(
+            op="guard_overhead", shape=f"llama H=512 L=8 batch={batch} new={new_tokens}", dtype="float32",
+            implementations={"guarded generate": guarded}, baselines={"generate": unguarded},
+            notes="x = unguarded / guarded generate time (A/B; on a shared CPU the timer share below is the measure)",
+            summary=summary,
+        ))
+    return cases
+
+
+def cases(ctx: BenchContext) -> list[Case]:
+    ours = _ours(ctx)
+    return _accumulate_cases(ctx, ours) + _stream_cases(ctx, ours) + _loss_cases(ctx, ours) + _overhead_cases(ctx, ours)

@@ -1,0 +1,161 @@
+"""Calling the user's classifier: argument checks, train-mode handling, frozen
+parameters, and the log-likelihood log p(x) = logsumexp f(x) (up to log Z)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+import weakref
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .._validation import check_choice
+from . import ops
+
+TRAIN_MODES = ("eval", "raise")
+
+# Layers whose train mode changes log p: batch statistics couple the examples of a
+# batch; dropout makes log p random.
+_BATCH_COUPLED = (torch.nn.modules.batchnorm._BatchNorm,)
+_TRAIN_SPECIFIC = _BATCH_COUPLED + (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.instancenorm._InstanceNorm)
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_reported: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside pykernels (and contextlib), so a
+    warning points at the user's call."""
+    level, frame = 1, sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level + 1
+
+
+def report_once(owner, key: str, message: str) -> None:
+    """A warning the first time `key` comes up for `owner` (a model), then silence."""
+    try:
+        seen = _reported.setdefault(owner, set())
+    except TypeError:  # not weak-referenceable: report every time
+        seen = set()
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+
+
+def check_inputs(x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, ...], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"x must have a batch dim [B, ...] (B examples of shape ...), got shape {tuple(x.shape)}; "
+            f"for a single example use x.unsqueeze(0)"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {str(x.dtype).replace('torch.', '')}")
+    return x
+
+
+def check_logits(logits, batch: int) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"the model must return a logits tensor [B, K], got {type(logits).__name__} "
+            f"(wrap it, e.g. lambda x: model(x).logits)"
+        )
+    if logits.dim() != 2 or logits.shape[0] != batch:
+        raise ValueError(
+            f"the model must return 2-D logits [B, K] with B = {batch} (x.shape[0]), got shape {tuple(logits.shape)}"
+        )
+    if logits.shape[1] < 1:
+        raise ValueError("the model returned logits with no classes (K = 0)")
+    return logits
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bad.any():
+        idx = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+        raise ValueError(
+            f"the model produced NaN or infinite logits for {len(idx)} example(s) (indices {shown}); "
+            f"log p and its derivatives are undefined there"
+        )
+
+
+def _train_mode_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [(name or "<model>", m) for name, m in model.named_modules() if m.training]
+
+
+@contextlib.contextmanager
+def measurement_mode(model, train_mode: str = "eval", what: str = "measure") -> Iterator[None]:
+    """Runs the body with the model in eval mode, restoring every module's mode after.
+
+    If train mode matters (BatchNorm with batch statistics couples the examples of a
+    batch, so one example's Hessian would depend on the others; dropout makes log p
+    random), the model is measured in eval mode and this is reported once per model
+    (train_mode="eval"), or refused with an error (train_mode="raise").
+    """
+    check_choice("train_mode", train_mode, TRAIN_MODES)
+    training = _train_mode_modules(model)
+    if not training:
+        yield
+        return
+    special = [(name, m) for name, m in training if isinstance(m, _TRAIN_SPECIFIC)]
+    if special:
+        coupled = [f"{type(m).__name__} '{name}'" for name, m in special if isinstance(m, _BATCH_COUPLED)]
+        others = [f"{type(m).__name__} '{name}'" for name, m in special if not isinstance(m, _BATCH_COUPLED)]
+        why = (f"{', '.join(coupled[:3])} in train mode couples the examples of a batch" if coupled
+               else f"{', '.join(others[:3])} in train mode makes log p random")
+        if train_mode == "raise":
+            raise ValueError(f"the model is in train mode: {why}. Call model.eval() first, or pass "
+                             f"train_mode='eval' to {what} in eval mode")
+        report_once(model, f"train-mode:{what}", f"pykernels.flatness: the model is in train mode ({why}); "
+                                                 f"{what} runs in eval mode and the model's modes are restored after")
+    flags = [(m, m.training) for _, m in training]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def frozen_parameters(model) -> Iterator[None]:
+    """Parameters stop requiring grad for the body: input-space derivatives then
+    build no graph towards the weights (measurably faster)."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def log_likelihood_fn(model: Callable, backend: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [B, ...] -> log p(x) + log Z = logsumexp of the logits, [B]."""
+    return lambda x: -ops.energy(model(x), backend=backend)
+
+
+def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
+    """One plain forward at x: the model's output must be finite [B, K] logits."""
+    with torch.no_grad():
+        try:
+            out = model(x)
+        except Exception as exc:  # most often x lacks its batch dim: say what x was
+            raise RuntimeError(f"the model failed on x of shape {tuple(x.shape)} (x must be a batch [B, ...] "
+                               f"of the inputs the model takes): {type(exc).__name__}: {exc}") from exc
+        logits = check_logits(out, x.shape[0])
+    check_finite_logits(logits)
+    return logits

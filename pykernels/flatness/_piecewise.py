@@ -1,0 +1,97 @@
+"""Is the network piecewise linear in its input at x?
+
+For such networks (ReLU, max-pool, eval-mode BatchNorm, ...) every logit is
+locally linear, so the Hessian of log p is exactly J^T (diag(s) - s s^T) J almost
+everywhere: exact_trace is exact and the Gauss-Newton HVP equals the full one.
+
+Checked by running the model once under a dispatch mode that follows which
+tensors depend on x (x, then every output of an op with an x-dependent input)
+and records every ATen op applied to them. An op is piecewise linear in x when
+it is in _PIECEWISE_LINEAR, or is multilinear (products) with at most one
+factor depending on x, or is a division whose divisor does not depend on x, or
+is eval-mode batch norm.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+_PIECEWISE_LINEAR = {
+    # linear maps and sums
+    "add", "sub", "rsub", "neg", "sum", "mean", "cumsum", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool3d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+    "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d", "_upsample_nearest_exact2d",
+    "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
+    "im2col", "col2im", "flip", "roll", "trace", "diagonal",
+    # piecewise-linear selections and activations
+    "relu", "relu_", "leaky_relu", "hardtanh", "clamp", "clamp_min", "clamp_max", "threshold", "abs",
+    "maximum", "minimum", "max", "min", "amax", "amin", "where", "masked_fill", "max_pool1d",
+    "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "sort", "topk", "sign", "round", "floor", "ceil",
+    # layout, copies and constants
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "expand", "squeeze",
+    "unsqueeze", "flatten", "unflatten", "slice", "select", "index_select", "index", "gather", "cat",
+    "stack", "split", "split_with_sizes", "chunk", "unbind", "clone", "contiguous", "_to_copy", "to",
+    "copy_", "detach", "alias", "narrow", "repeat", "pixel_shuffle", "pixel_unshuffle", "as_strided",
+    "lift_fresh", "lift_fresh_copy", "unfold", "empty_like", "zeros_like", "ones_like", "fill_",
+    "new_zeros", "new_empty", "expand_as", "view_as",
+}
+_MULTILINEAR = {"mul", "mm", "bmm", "addmm", "addmv", "mv", "baddbmm", "addbmm", "dot", "vdot",
+                "matmul", "convolution", "_convolution", "linear", "prelu", "_prelu_kernel", "einsum"}
+_BATCH_NORM_EVAL = {"_native_batch_norm_legit_no_training"}
+
+
+def _base_name(func) -> str:
+    return func._schema.name.split("::")[-1]
+
+
+def _is_piecewise_linear(name: str, func, args, kwargs, depends: list[bool]) -> bool:
+    if name in _PIECEWISE_LINEAR or name in _BATCH_NORM_EVAL:
+        return True
+    if name in ("div", "floor_divide", "remainder"):
+        return not (len(depends) > 1 and depends[1])  # x / const is linear, anything / x is not
+    if name == "native_batch_norm":  # (input, weight, bias, running_mean, running_var, training, ...)
+        training = args[5] if len(args) > 5 else kwargs.get("training", True)
+        return not training and not any(depends[1:])
+    if name in ("addmm", "addmv", "baddbmm", "addbmm"):  # bias + product: the bias is additive
+        return sum(depends[1:3]) <= 1
+    if name in _MULTILINEAR:
+        return sum(depends) <= 1
+    return False
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.depends_on_x = WeakIdKeyDictionary({x: True})
+        self.curved: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        depends = [t in self.depends_on_x for t in tensors]
+        out = func(*args, **kwargs)
+        if any(depends):
+            name = _base_name(func)
+            if not _is_piecewise_linear(name, func, args, kwargs, depends):
+                self.curved[name] = self.curved.get(name, 0) + 1
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.depends_on_x[t] = True
+        return out
+
+
+def curved_ops(model: Callable, x: torch.Tensor) -> dict[str, int]:
+    """ATen ops (with call counts) through which the model is not piecewise linear
+    in x; empty when it is. Runs the model once on x."""
+    x = x.detach()
+    recorder = _Recorder(x)
+    with torch.no_grad(), recorder:
+        model(x)
+    return recorder.curved

@@ -1,0 +1,297 @@
+"""Hessian-vector products of log p(x) with respect to the input, batched over
+examples and over probe vectors.
+
+In eval mode the input Hessian of sum_b log p(x_b) is block-diagonal over the
+batch, so one batched product applies every example's own Hessian H_b to its
+own vectors: v [S, B, ...] -> H v [S, B, ...].
+
+Methods (`method=`):
+  "forward-over-reverse"  jvp of the input gradient, vmapped over the S vectors
+                          (torch.func). Exact.
+  "double-backward"       reverse-over-reverse: the gradient with create_graph,
+                          then one batched backward per chunk of vectors. Exact;
+                          the fallback for ops without forward-mode AD.
+  "finite-difference"     (g(x + h v) - g(x - h v)) / 2h with g the input gradient,
+                          both sides in one batched gradient. Step h per example
+                          and vector: fd_step * max(1, ||x_b||) / ||v|| with
+                          fd_step = eps^(1/3) of the dtype unless given (~5e-3 in
+                          float32, ~6e-6 in float64). O(h^2) error; on
+                          piecewise-linear nets exact unless a kink lies within h.
+  "gauss-newton"          J^T (diag(s) - s s^T) J v: forward-mode J v, the fused
+                          logit-space step, then J^T by a vmapped vjp. Equal to
+                          the Hessian almost everywhere for piecewise-linear
+                          networks; elsewhere its positive semi-definite part.
+                          When at least K vectors are expected (estimators say
+                          how many) and J (K x D per example) fits in 2^25
+                          elements, J is formed once from K batched
+                          vector-Jacobian products and every product is then two
+                          small matrix products around the fused step: the
+                          rank <= K - 1 structure makes S probes cost K passes.
+  "auto" (default)        "gauss-newton" when every op the model runs at x is
+                          piecewise linear in x (checked, see _piecewise.py),
+                          else "forward-over-reverse"; if forward mode fails
+                          (an op without a forward-mode rule), "double-backward",
+                          reported once per model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional
+
+import torch
+from torch.func import grad, jvp, vjp, vmap
+
+from .._validation import check_choice, check_int
+from . import ops
+from ._model import (check_inputs, frozen_parameters, log_likelihood_fn, measurement_mode, report_once,
+                     validated_logits)
+from ._piecewise import curved_ops
+
+HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
+
+
+def default_chunk_size(rows_per_probe: int, device: torch.device) -> int:
+    """Probe vectors per batched call: about 2^20 input elements on a CPU (keeps
+    the tangent activations cache-sized), 2^24 on a GPU."""
+    budget = 2**24 if device.type == "cuda" else 2**20
+    return max(1, budget // max(1, rows_per_probe))
+
+
+class InputHessian:
+    """The input Hessians H_b of log p at each x_b, as one batched linear operator
+    on vectors [S, B, D] (D = the flattened input size).
+
+    Build it inside `prepared(model, x)`, which puts the model in eval mode and
+    freezes its parameters for the duration.
+    """
+
+    def __init__(self, model: Callable, x: torch.Tensor, *, method: str = "auto", backend: Optional[str] = None,
+                 chunk_size: Optional[int] = None, fd_step: Optional[float] = None,
+                 expected_vectors: Optional[int] = None):
+        check_choice("method", method, HVP_METHODS)
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, minimum=1)
+        self.model, self.x, self.backend = model, x.detach(), backend
+        self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
+        self.dim = math.prod(self.shape)
+        self.logits = validated_logits(model, self.x)
+        self.chunk_size = chunk_size or default_chunk_size(self.batch * self.dim, x.device)
+        self.fd_step = fd_step
+        self.curved: Optional[dict[str, int]] = None
+        if method == "auto":
+            self.curved = curved_ops(model, self.x)
+            method = "forward-over-reverse" if self.curved else "gauss-newton"
+        self.method = method
+        self._log_p = log_likelihood_fn(model, backend)
+        K = self.logits.shape[1]
+        self._use_jacobian = (method == "gauss-newton" and (expected_vectors or 0) >= K
+                              and K * self.batch * self.dim <= JACOBIAN_BUDGET)
+        self._jacobian: Optional[torch.Tensor] = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def _sum_log_p(self, x: torch.Tensor) -> torch.Tensor:
+        return self._log_p(x).sum()
+
+    # ---- H v ----
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """[S, B, D] -> [S, B, D]: H_b v for every vector of every example."""
+        S = V.shape[0]
+        out = [self._matvec_chunk(V[i : i + self.chunk_size]) for i in range(0, S, self.chunk_size)]
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def _matvec_chunk(self, V: torch.Tensor) -> torch.Tensor:
+        Vx = V.reshape(V.shape[0], self.batch, *self.shape)
+        if self.method == "forward-over-reverse":
+            try:
+                return self._forward_over_reverse(Vx).reshape(V.shape)
+            except (RuntimeError, NotImplementedError) as exc:
+                return self._fall_back(exc, Vx).reshape(V.shape)
+        if self.method == "double-backward":
+            return self._double_backward(Vx).reshape(V.shape)
+        if self.method == "finite-difference":
+            return self._finite_difference(Vx).reshape(V.shape)
+        return self._gauss_newton(Vx).reshape(V.shape)
+
+    def _forward_over_reverse(self, Vx):
+        g = grad(self._sum_log_p)
+        return vmap(lambda v: jvp(g, (self.x,), (v,))[1])(Vx)
+
+    def _fall_back(self, exc: Exception, Vx):
+        try:
+            out = self._double_backward(Vx)
+        except Exception:
+            raise exc
+        report_once(self.model, "hvp-fallback",
+                    f"pykernels.flatness: forward-mode AD failed on this model "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    f"Hessian-vector products use double backward instead")
+        self.method = "double-backward"
+        return out
+
+    def _double_backward(self, Vx):
+        x = self.x.clone().requires_grad_()
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self._sum_log_p(x), x, create_graph=True)
+            try:
+                return torch.autograd.grad(g, x, Vx, is_grads_batched=True)[0]
+            except (RuntimeError, NotImplementedError):  # an op without a batching rule: one vector at a time
+                return torch.stack([torch.autograd.grad(g, x, v, retain_graph=True)[0] for v in Vx])
+
+    def _finite_difference(self, Vx):
+        S = Vx.shape[0]
+        eps = torch.finfo(self.dtype).eps
+        base = self.fd_step if self.fd_step is not None else eps ** (1 / 3)
+        x_norm = self.x.flatten(1).norm(dim=1).clamp(min=1.0)  # [B]
+        v_norm = Vx.flatten(2).norm(dim=2).clamp(min=torch.finfo(self.dtype).tiny)  # [S, B]
+        h = (base * x_norm / v_norm).reshape(S, self.batch, *([1] * len(self.shape)))
+        points = torch.cat([self.x + h * Vx, self.x - h * Vx]).reshape(2 * S * self.batch, *self.shape)
+        g = grad(self._sum_log_p)(points).reshape(2, S, self.batch, *self.shape)
+        return (g[0] - g[1]) / (2 * h)
+
+    def _logit_tangents(self, Vx):
+        """J v for every vector: the logits (once) and [S, B, K] logit tangents."""
+        return vmap(lambda v: jvp(self.model, (self.x,), (v,)), out_dims=(None, 0))(Vx)
+
+    def jacobian(self) -> torch.Tensor:
+        """J of the logits, [B, K, D] (formed once)."""
+        if self._jacobian is None:
+            self._jacobian = input_jacobian(self.model, self.x).transpose(0, 1)
+        return self._jacobian
+
+    def _gauss_newton(self, Vx):
+        if self._use_jacobian:
+            J = self.jacobian()
+            U = torch.einsum("bkd,sbd->sbk", J, Vx.flatten(2))
+            AU = ops.logsumexp_hvp(self.logits, U, backend=self.backend)[2]
+            return torch.einsum("bkd,sbk->sbd", J, AU).reshape(Vx.shape)
+        logits, U = self._logit_tangents(Vx)
+        AU = ops.logsumexp_hvp(logits, U, backend=self.backend)[2]
+        _, pullback = vjp(self.model, self.x)
+        return vmap(lambda a: pullback(a)[0])(AU)
+
+    # ---- v . H v ----
+
+    def quad(self, V: torch.Tensor) -> torch.Tensor:
+        """[S, B, D] -> [S, B]: v . H_b v. The Gauss-Newton form needs only J v:
+        v . J^T A J v = u . A u with u = J v (no backward pass)."""
+        if self.method != "gauss-newton":
+            return ops.probe_dots(V, self.matvec(V), backend=self.backend)
+        out = []
+        for i in range(0, V.shape[0], self.chunk_size):
+            chunk = V[i : i + self.chunk_size]
+            if self._use_jacobian:
+                logits, U = self.logits, torch.einsum("bkd,sbd->sbk", self.jacobian(), chunk)
+            else:
+                logits, U = self._logit_tangents(chunk.reshape(-1, self.batch, *self.shape))
+            AU = ops.logsumexp_hvp(logits, U, backend=self.backend)[2]
+            out.append(ops.probe_dots(U, AU, backend=self.backend))
+        return torch.cat(out)
+
+
+JACOBIAN_BUDGET = 2**25  # elements of J (K * B * D) the Gauss-Newton path may hold
+
+
+def input_jacobian(model: Callable, x: torch.Tensor) -> torch.Tensor:
+    """d logits / d x for each example, [K, B, D]: K vector-Jacobian products, batched."""
+    logits, pullback = vjp(model, x)
+    B, K = logits.shape
+    eye = torch.eye(K, dtype=logits.dtype, device=logits.device).unsqueeze(1)  # [K, 1, K]
+    return vmap(lambda e: pullback(e.expand(B, K))[0])(eye).reshape(K, B, -1)
+
+
+@contextlib.contextmanager
+def prepared(model, x, train_mode: str = "eval", what: str = "measure", freeze: bool = True):
+    """Validates x, puts the model in eval mode (see _model.measurement_mode) and,
+    with freeze, stops its parameters requiring grad for the body."""
+    check_inputs(x)
+    with measurement_mode(model, train_mode, what), (frozen_parameters(model) if freeze else contextlib.nullcontext()):
+        yield
+
+
+def hvp(model: Callable, x: torch.Tensor, v: torch.Tensor, *, method: str = "auto", backend: Optional[str] = None,
+        chunk_size: Optional[int] = None, fd_step: Optional[float] = None, train_mode: str = "eval") -> torch.Tensor:
+    """Input-space Hessian-vector products of log p (module docstring: methods).
+
+    Args:
+        model: a classifier x [B, ...] -> logits [B, K] (an nn.Module, a TorchScript
+            module or any callable).
+        x: [B, ...] inputs.
+        v: [S, B, ...] vectors (S per example), or [B, ...] for one vector each.
+        method: see the module docstring. chunk_size: vectors per batched call
+            (default: about 2^20 input elements on a CPU). fd_step: relative
+            finite-difference step. backend: for the energy / logit-space kernels.
+        train_mode: "eval" (default) measures a train-mode model in eval mode,
+            "raise" refuses it (BatchNorm batch statistics couple the examples).
+
+    Returns:
+        H v in the shape of v (detached).
+    """
+    with prepared(model, x, train_mode, "hvp"):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+        single = v.shape == x.shape
+        V = v.unsqueeze(0) if single else v
+        if V.dim() != x.dim() + 1 or V.shape[1:] != x.shape:
+            raise ValueError(f"v must be [S, *x.shape] = [S, {', '.join(map(str, x.shape))}] or x's shape, "
+                             f"got {tuple(v.shape)}")
+        H = InputHessian(model, x, method=method, backend=backend, chunk_size=chunk_size, fd_step=fd_step,
+                         expected_vectors=V.shape[0])
+        out = H.matvec(V.to(x.dtype).reshape(V.shape[0], H.batch, H.dim)).reshape(V.shape).detach()
+        return out[0] if single else out
+
+
+class ParameterHessian:
+    """The Hessian of a scalar loss with respect to the model's parameters (those
+    requiring grad), as a linear operator on flattened parameter vectors [S, 1, D]
+    (one "example"), so the same estimators apply. Forward-over-reverse with vmap."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, *,
+                 chunk_size: Optional[int] = None):
+        self.params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("the model has no parameters that require grad")
+        self.names = list(self.params)
+        self.sizes = [p.numel() for p in self.params.values()]
+        self.batch, self.dim = 1, sum(self.sizes)
+        first = next(iter(self.params.values()))
+        self._dtype, self._device = first.dtype, first.device
+        self.chunk_size = chunk_size or default_chunk_size(self.dim, self._device)
+
+        def loss(params):
+            return loss_fn(torch.func.functional_call(model, params, (x,)), y)
+
+        self._grad = grad(loss)
+        self.method = "forward-over-reverse"
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def device(self):
+        return self._device
+
+    def _unflatten(self, flat: torch.Tensor) -> dict:
+        return {n: t.view_as(self.params[n]) for n, t in zip(self.names, flat.split(self.sizes))}
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        def one(v):
+            tangent = jvp(self._grad, (self.params,), (self._unflatten(v),))[1]
+            return torch.cat([tangent[n].reshape(-1) for n in self.names])
+
+        flat = V.reshape(V.shape[0], self.dim)
+        out = [vmap(one)(flat[i : i + self.chunk_size]) for i in range(0, flat.shape[0], self.chunk_size)]
+        return torch.cat(out).reshape(V.shape)
+
+    def quad(self, V: torch.Tensor) -> torch.Tensor:
+        return ops.probe_dots(V, self.matvec(V))

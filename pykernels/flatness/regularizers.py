@@ -1,0 +1,71 @@
+"""Differentiable penalties towards a flat likelihood landscape, to add to a
+training loss (each is a scalar, the mean over the batch; multiply by your own
+lambda). Gradients reach the parameters (and x).
+
+  neighborhood_drop_penalty  mean_b (log p(x_b) - mean_s log p(x_b + d_s))^2,
+                             d_s ~ N(0, sigma^2 I): the squared Monte Carlo
+                             neighbourhood drop (fresh noise every call)
+  grad_norm_penalty          mean_b ||grad_x log p(x_b)||^2
+  curvature_penalty          mean_b ||grad log p(x_b + h z_b) - grad log p(x_b)||^2 / h^2,
+                             ||z_b||_2 = 1: a finite-difference estimate of
+                             ||H z||^2 (the CURE idea, Moosavi-Dezfooli et al. 2019,
+                             applied to log p), z along sign(grad log p) or random
+
+These are offered because the form of the regulariser in Lin et al. (2020) is not
+available here. The penalties run the model in eval mode (train_mode="eval",
+reported once): BatchNorm batch statistics would couple the examples of the batch
+(train_mode="raise" refuses a train-mode model instead).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .._validation import check_choice, check_int
+from ._model import check_inputs, log_likelihood_fn, measurement_mode
+
+CURVATURE_DIRECTIONS = ("gradient", "random")
+
+
+def _input_grad(log_p, x: torch.Tensor) -> torch.Tensor:
+    x = x if x.requires_grad else x.detach().requires_grad_()
+    return torch.autograd.grad(log_p(x).sum(), x, create_graph=True)[0]
+
+
+def neighborhood_drop_penalty(model: Callable, x: torch.Tensor, sigma: float, samples: int = 1, *,
+                              backend: Optional[str] = None, train_mode: str = "eval") -> torch.Tensor:
+    check_inputs(x)
+    check_int("samples", samples, minimum=1)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    with measurement_mode(model, train_mode, "neighborhood_drop_penalty"), torch.enable_grad():
+        log_p = log_likelihood_fn(model, backend)
+        noisy = (x.unsqueeze(0) + sigma * torch.randn((samples, *x.shape), dtype=x.dtype, device=x.device))
+        both = log_p(torch.cat([x, noisy.reshape(samples * x.shape[0], *x.shape[1:])]))
+        base, perturbed = both[: x.shape[0]], both[x.shape[0] :].reshape(samples, x.shape[0])
+        return (base - perturbed.mean(0)).square().mean()
+
+
+def grad_norm_penalty(model: Callable, x: torch.Tensor, *, backend: Optional[str] = None,
+                      train_mode: str = "eval") -> torch.Tensor:
+    check_inputs(x)
+    with measurement_mode(model, train_mode, "grad_norm_penalty"), torch.enable_grad():
+        return _input_grad(log_likelihood_fn(model, backend), x).flatten(1).square().sum(1).mean()
+
+
+def curvature_penalty(model: Callable, x: torch.Tensor, h: float = 0.1, *, direction: str = "gradient",
+                      backend: Optional[str] = None, train_mode: str = "eval") -> torch.Tensor:
+    """h is the step in input units (the L2 length of the displacement)."""
+    check_inputs(x)
+    check_choice("direction", direction, CURVATURE_DIRECTIONS)
+    if not h > 0:
+        raise ValueError(f"h must be > 0, got {h}")
+    with measurement_mode(model, train_mode, "curvature_penalty"), torch.enable_grad():
+        log_p = log_likelihood_fn(model, backend)
+        g = _input_grad(log_p, x)
+        z = g.detach().sign() if direction == "gradient" else torch.randn_like(x).sign()
+        z = z / z.flatten(1).norm(dim=1).clamp(min=1e-12).reshape(-1, *([1] * (x.dim() - 1)))
+        g_shifted = _input_grad(log_p, x.detach() + h * z)
+        return ((g_shifted - g) / h).flatten(1).square().sum(1).mean()

@@ -1,0 +1,281 @@
+"""Scoring inside the forward pass: layer-wise accumulation and streaming state.
+
+`probe_accumulate_(acc, hidden, weight_l)` adds one layer's contribution
+hidden @ W_l to a float32 accumulator in place, so a probe over all layers is
+the sum of one call per decoder layer, made while the model produces that
+layer: no second pass, no stacked activations.
+
+`ProbeStream` keeps per-sequence smoothing state on the device for continuous
+batching: sequences occupy slots, `step` advances the active slots by one token
+in one kernel launch, and a flag latches once any head's smoothed score exceeds
+its threshold. Stepping a sequence token by token gives the scores
+`probe_scores` gives on the whole sequence with the same smoothing (the same
+arithmetic from csrc/core/probe_scores.h; bit-identical on the CPU kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import backend as _backend
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, check_int, check_tensor
+from .scoring import DEFAULT_WINDOW, SMOOTHINGS, default_ema_alpha
+
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
+_OUT_OF_RANGE, _DUPLICATED = 1, 2  # error bits of csrc/core/probe_guard.h
+
+
+@functools.lru_cache(maxsize=None)
+def _select_cached(op: str, device: torch.device, requested: Optional[str], env: Optional[str],
+                   interpreted: bool) -> str:
+    return _backend.select(op, device, IMPLEMENTED, requested)
+
+
+def _select(op: str, device: torch.device, requested: Optional[str]) -> str:
+    """backend.select, memoised (it costs microseconds; probe_accumulate_ runs per layer
+    per token). The key holds everything select reads that can change at run time."""
+    if torch.compiler.is_compiling():
+        return _backend.select(op, device, IMPLEMENTED, requested)
+    return _select_cached(op, device, requested, os.environ.get(_backend.ENV_VAR), _backend.triton_interpreted())
+
+
+def backend_op(name: str, backend: str):
+    """The callable running op pykernels::<name> on a compiled or Triton backend, or
+    its reference function (for the ops whose reference has the op's signature)."""
+    if backend == "reference":
+        from ..reference import probe_guard as reference
+
+        return {"probe_accumulate_": reference.probe_accumulate_, "probe_stream_step": reference.stream_step}[name]
+    if backend == "triton":
+        from ..triton import probe_guard as triton_ops
+
+        return getattr(triton_ops, name.rstrip("_") + "_triton")
+    return getattr(torch.ops.pykernels, name).default
+
+
+@functools.lru_cache(maxsize=None)
+def accumulate_op(backend: str):
+    """The raw probe_accumulate_ callable of a backend: no argument checks (hot paths
+    validate once, then call this; the kernels still check shapes)."""
+    return backend_op("probe_accumulate_", backend)
+
+
+def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor, *,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """acc[n, k] += hidden[n, :] . weight_l[:, k], in place; returns acc.
+
+    Args:
+        acc: float32 [N, K] accumulator (start it at the probe's bias).
+        hidden: [N, H] activations of one layer (float32, float16 or bfloat16; rows
+            may be strided, e.g. the last token of each sequence of a [B, T, H] output).
+        weight_l: [H, K] that layer's probe weights. A float32 weight stored as a
+            contiguous [K, H] tensor viewed transposed (what LinearProbe keeps) is
+            read in place; any other layout or dtype is converted on each call.
+        backend: see pykernels.backends(); default: the fastest for the device.
+    """
+    if not _accumulate_args_ok(acc, hidden, weight_l):  # one cheap test; the messages only on failure
+        check_tensor("acc", acc, ndim=2, dtypes=(torch.float32,), shape_doc="[N, K]")
+        check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, device=acc.device, shape_doc="[N, H]")
+        check_tensor("weight_l", weight_l, ndim=2, dtypes=_WEIGHT_DTYPES, device=acc.device, shape_doc="[H, K]")
+        check_dim("hidden", hidden, 0, acc.shape[0], "the number of rows N of acc")
+        check_dim("weight_l", weight_l, 0, hidden.shape[1], "the hidden size H of hidden")
+        check_dim("weight_l", weight_l, 1, acc.shape[1], "the number of heads K of acc")
+    name = _select("probe_accumulate_", acc.device, backend)
+    # Dynamo traces through lru_cache wrappers with a warning, so resolve plainly there.
+    op = backend_op("probe_accumulate_", name) if torch.compiler.is_compiling() else accumulate_op(name)
+    op(acc, hidden, weight_l)
+    return acc
+
+
+_WEIGHT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _accumulate_args_ok(acc, hidden, weight_l) -> bool:
+    try:
+        return (acc.dtype == torch.float32 and hidden.dtype in FLOAT_DTYPES and weight_l.dtype in _WEIGHT_DTYPES
+                and acc.dim() == 2 and hidden.dim() == 2 and weight_l.dim() == 2
+                and hidden.shape[0] == acc.shape[0] and weight_l.shape[0] == hidden.shape[1]
+                and weight_l.shape[1] == acc.shape[1] and hidden.device == acc.device == weight_l.device)
+    except AttributeError:  # not tensors: the detailed checks say which
+        return False
+
+
+SlotIds = Union[torch.Tensor, Sequence[int]]
+
+
+class ProbeStream:
+    """Per-slot streaming smoothing and latched flags for K probe heads.
+
+    Args:
+        max_slots: number of sequences that can be live at once.
+        num_heads: K, the probe heads scored per token.
+        smoothing: "ema" (default: one number of state per slot and head), "swim"
+            (the training-time window mean; a ring of `window` logits per slot) or
+            "none". Same semantics as probe_scores.
+        ema_alpha: EMA weight of the newest token; default 2 / (window + 1).
+        window: SWiM window, and the time scale of the default EMA (default 16).
+        threshold: a slot flags once any head's smoothed score is > threshold
+            (a float, or K floats). A NaN score also flags (fail closed).
+        device: where the state lives (default: CPU).
+        backend: kernel backend; default: the fastest for the device.
+
+    `step` is one kernel launch for the whole batch and never syncs with the
+    host; bad slot ids (out of range, or the same slot twice in one step) leave
+    the state untouched, return NaN scores with every row flagged, and raise:
+    at once for CPU state, and from the next `flags()` / `check()` for GPU
+    state or inside torch.compile (reading device memory earlier would cost a
+    sync, or break the graph). Buffers are allocated once, so a step with
+    device-resident slot_ids can be captured in a CUDA graph.
+
+    Thread safety: one ProbeStream must not be stepped or reset from two threads
+    at once (its buffers are shared state; guard it with a lock). Separate
+    ProbeStreams are independent and safe to use from different threads.
+    """
+
+    def __init__(self, max_slots: int, num_heads: int = 1, *, smoothing: str = "ema",
+                 ema_alpha: Optional[float] = None, window: int = DEFAULT_WINDOW,
+                 threshold: Union[float, Sequence[float], torch.Tensor] = 0.0,
+                 device: Optional[Union[str, torch.device]] = None, backend: Optional[str] = None):
+        check_int("max_slots", max_slots, minimum=1)
+        check_int("num_heads", num_heads, minimum=1)
+        check_choice("smoothing", smoothing, SMOOTHINGS)
+        check_int("window", window, minimum=1)
+        if ema_alpha is not None and smoothing != "ema":
+            raise ValueError(f"ema_alpha only applies to smoothing='ema', got smoothing={smoothing!r}")
+        alpha = default_ema_alpha(window) if ema_alpha is None else float(ema_alpha)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"ema_alpha must lie in (0, 1], got {ema_alpha}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.max_slots, self.num_heads, self.smoothing, self.window = max_slots, num_heads, smoothing, window
+        self.ema_alpha = 1.0 if smoothing == "none" else alpha
+        self._kernel_window = window if smoothing == "swim" else 0  # 0 selects the EMA ("none" = EMA with a = 1)
+        ring = 2 * window if smoothing == "swim" else 1
+        self.threshold = self._threshold_tensor(threshold)
+        # One spare row past max_slots absorbs out-of-range ids in reset() without a host sync.
+        self._state = torch.zeros(max_slots + 1, ring, num_heads, device=self.device)
+        self._meta = torch.zeros(max_slots + 1, 3, dtype=torch.int64, device=self.device)
+        self._meta[:, 1] = -1
+        self._status = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self.backend = _select("probe_stream_step", self.device, backend)
+        self._op = backend_op("probe_stream_step", self.backend)
+
+    def _threshold_tensor(self, threshold) -> torch.Tensor:
+        t = torch.as_tensor(threshold, dtype=torch.float32).to(self.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(self.num_heads)
+        if t.numel() != self.num_heads:
+            raise ValueError(f"threshold must be a float or {self.num_heads} floats (one per head), got {t.numel()}")
+        return t.clone(memory_format=torch.contiguous_format)  # the stream owns its thresholds
+
+    # ------------------------------------------------------------------ stepping
+
+    def _ids(self, name: str, slot_ids: SlotIds) -> torch.Tensor:
+        if not isinstance(slot_ids, torch.Tensor):
+            slot_ids = torch.as_tensor(list(slot_ids), dtype=torch.int64)
+        check_tensor(name, slot_ids, ndim=1, dtypes=INDEX_DTYPES, shape_doc="[n]")
+        return slot_ids.to(self.device, non_blocking=True)
+
+    def step(self, slot_ids: SlotIds, token_logits: torch.Tensor,
+             active: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance slots by one token.
+
+        Args:
+            slot_ids: [n] distinct slots in [0, max_slots) (a device tensor for CUDA graphs).
+            token_logits: [n, K] raw probe logits of each slot's new token
+                (e.g. the accumulator filled by probe_accumulate_, bias included).
+            active: optional [n] bool; rows that are False (padding) leave their slot
+                untouched and score 0.
+
+        Returns:
+            scores: float32 [n, K] smoothed scores (logits).
+            flagged: bool [n], latched: True from the first crossing on.
+        """
+        ids = self._ids("slot_ids", slot_ids)
+        check_tensor("token_logits", token_logits, ndim=2, dtypes=FLOAT_DTYPES, device=self.device,
+                     shape_doc="[n, K]")
+        check_dim("token_logits", token_logits, 0, ids.shape[0], "the number of slot_ids n")
+        check_dim("token_logits", token_logits, 1, self.num_heads, "num_heads K")
+        if active is not None:
+            check_tensor("active", active, ndim=1, dtypes=(torch.bool,), device=self.device, shape_doc="[n]")
+            check_dim("active", active, 0, ids.shape[0], "the number of slot_ids n")
+        return self._step_checked_args(ids, token_logits, active)
+
+    def _step_checked_args(self, ids: torch.Tensor, token_logits: torch.Tensor,
+                           active: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # step() without the argument checks, for callers that built the arguments
+        # themselves (ProbeGuard, once per token); the kernels still check shapes.
+        S = self.max_slots
+        out = self._op(self._state[:S], self._meta[:S], self._status, ids, token_logits, active, self.threshold,
+                       self._kernel_window, self.ema_alpha)
+        if self._check_now():
+            self._raise_if_error("step", ids)
+        return out
+
+    def reset(self, slot_ids: Optional[SlotIds] = None) -> None:
+        """Clear slots (all by default) for new requests: no state, no flag, no tokens."""
+        if slot_ids is None:
+            self._state.zero_()
+            self._meta[:, 0] = 0
+            self._meta[:, 1] = -1
+            self._meta[:, 2] = 0
+            return
+        ids = self._ids("slot_ids", slot_ids).long()
+        valid = (ids >= 0) & (ids < self.max_slots)
+        self._status[1] |= (~valid).any().long() * _OUT_OF_RANGE  # device op: no sync
+        safe = torch.where(valid, ids, torch.full_like(ids, self.max_slots))
+        self._state.index_fill_(0, safe, 0.0)
+        self._meta.index_copy_(0, safe, self._meta.new_tensor([0, -1, 0]).expand(ids.shape[0], 3))
+        if self._check_now():
+            self._raise_if_error("reset", ids)
+
+    # ------------------------------------------------------------------ reading (host sync)
+
+    def flags(self, slot_ids: Optional[SlotIds] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flagged [n] bool, flag_token [n] int64) on the host: whether each slot has
+        flagged, and the 0-based index (tokens since reset) of the token whose smoothed
+        score first crossed, or -1. Syncs with the device; raises on a pending error."""
+        self.check()
+        meta = self._meta[: self.max_slots] if slot_ids is None else self._meta[self._ids("slot_ids", slot_ids).long()]
+        token = meta[:, 1].cpu()
+        return token >= 0, token
+
+    def tokens_seen(self, slot_ids: Optional[SlotIds] = None) -> torch.Tensor:
+        """Tokens stepped into each slot since its reset (device tensor, no sync)."""
+        meta = self._meta[: self.max_slots] if slot_ids is None else self._meta[self._ids("slot_ids", slot_ids).long()]
+        return meta[:, 0]
+
+    def check(self) -> None:
+        """Raise if an earlier step or reset got bad slot ids (syncs with the device)."""
+        self._raise_if_error("an earlier step or reset", None)
+
+    def _check_now(self) -> bool:
+        # CPU state is read for free; not while compiling (a data-dependent branch).
+        return self.device.type == "cpu" and not torch.compiler.is_compiling()
+
+    def _raise_if_error(self, where: str, ids: Optional[torch.Tensor]) -> None:
+        error = int(self._status[1])
+        if not error:
+            return
+        self._status[1] = 0
+        problems = []
+        if error & _OUT_OF_RANGE:
+            bad = "" if ids is None else f" (got {sorted({i for i in ids.tolist() if not 0 <= i < self.max_slots})})"
+            problems.append(f"slot ids must lie in [0, max_slots={self.max_slots}){bad}")
+        if error & _DUPLICATED:
+            dup = ""
+            if ids is not None:
+                seen, twice = set(), set()
+                for i in ids.tolist():
+                    (twice if i in seen else seen).add(i)
+                dup = f" (got {sorted(twice)} more than once)"
+            problems.append(f"slot ids must be distinct within one step{dup}")
+        effect = {
+            "step": "No state was changed; the step returned NaN scores with every row flagged (fail closed).",
+            "reset": "The valid slots were reset.",
+        }.get(where, "A bad step changes no state and returns NaN scores with every row flagged; "
+                     "a bad reset clears only its valid slots.")
+        raise ValueError(f"ProbeStream {where}: " + "; ".join(problems) + ". " + effect)

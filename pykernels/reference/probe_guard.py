@@ -1,0 +1,112 @@
+"""Reference probe-guard ops (spec: shared/spec/probes.md; API docs:
+pykernels/probes/stream.py and training.py). Plain PyTorch, any float dtype,
+differentiable where a gradient is meaningful."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .probe_scores import swim
+
+SLOT_OUT_OF_RANGE, SLOT_DUPLICATED = 1, 2  # status[1] error bits, as in csrc/core/probe_guard.h
+COUNT, FLAG_TOKEN, STAMP = 0, 1, 2  # meta columns
+
+
+def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor) -> None:
+    """acc[n, k] += hidden[n, :] . weight_l[:, k], in float32."""
+    acc.add_(hidden.float() @ weight_l.float())
+
+
+def stream_step(state, meta, status, slot_ids, token_logits, active, threshold, window: int, ema_alpha: float):
+    """One streaming step over per-slot state; the layout and rules of
+    csrc/core/probe_guard.h (window 0 = EMA). Returns (scores [n, K], flagged [n])."""
+    S, _, K = state.shape
+    n = slot_ids.shape[0]
+    ids = slot_ids.long()
+    status[0] += 1
+    error = 0
+    if ((ids < 0) | (ids >= S)).any():
+        error |= SLOT_OUT_OF_RANGE
+    elif ids.unique().numel() != n:
+        error |= SLOT_DUPLICATED
+    if error:
+        status[1] |= error
+        nan_scores = torch.full((n, K), float("nan"), device=state.device)
+        return nan_scores, torch.ones(n, dtype=torch.bool, device=state.device)
+    scores = torch.zeros(n, K, device=state.device)
+    flagged = torch.zeros(n, dtype=torch.bool, device=state.device)
+    for r in range(n):
+        s = int(ids[r])
+        m = meta[s]
+        if active is not None and not bool(active[r]):
+            flagged[r] = bool(m[FLAG_TOKEN] >= 0)
+            continue
+        count = int(m[COUNT])
+        z = token_logits[r].float()
+        if window == 0:
+            e = z if count == 0 else ema_alpha * z + (1.0 - ema_alpha) * state[s, 0]
+            state[s, 0] = e
+            scores[r] = e
+        else:
+            pos = count % window
+            state[s, pos] = z
+            state[s, pos + window] = z
+            t = count if count < window else pos + window
+            first = max(0, t + 1 - window)
+            total = torch.zeros(K, device=state.device)
+            for i in range(first, t + 1):  # oldest first, as swim_at sums
+                total = total + state[s, i]
+            scores[r] = total / (t + 1 - first)
+        crossed = bool((~(scores[r] <= threshold.float())).any())  # NaN crosses (fail closed)
+        if crossed and int(m[FLAG_TOKEN]) < 0:
+            m[FLAG_TOKEN] = count
+        m[COUNT] = count + 1
+        flagged[r] = bool(m[FLAG_TOKEN] >= 0)
+    return scores, flagged
+
+
+def _predictions(z: torch.Tensor, lengths: torch.Tensor, window: int):
+    """SWiM logits [B, T] and the mask of the positions that make predictions:
+    t in [window - 1, n - 1], or only t = n - 1 when n < window."""
+    zbar = swim(z[:, :, None], window)[:, :, 0]
+    t = torch.arange(z.shape[1], device=z.device)[None, :]
+    n = lengths.to(z.device).long()[:, None]
+    first = torch.where(n >= window, torch.full_like(n, window - 1), n - 1)
+    return zbar, (t >= first) & (t < n)
+
+
+def softmax_weighted_bce(token_logits, labels, lengths, window=16, tau=1.0, detach_weights=False,
+                         reduction="mean"):
+    """The paper's loss: softmax(zbar / tau)-weighted BCE over the SWiM predictions."""
+    zbar, pred = _predictions(token_logits, lengths, window)
+    y = labels.to(zbar.dtype)[:, None]
+    w = torch.softmax(torch.where(pred, zbar / tau, torch.full_like(zbar, float("-inf"))), dim=1)
+    if detach_weights:
+        w = w.detach()
+    bce = F.softplus(zbar) - y * zbar
+    loss = (w * torch.where(pred, bce, torch.zeros_like(bce))).sum(1)
+    return loss.mean() if reduction == "mean" else loss
+
+
+def _mean_bce_of_probabilities(p, labels, pred, reduction):
+    y = labels.to(p.dtype)[:, None].expand_as(p)
+    bce = F.binary_cross_entropy(p.clamp(0.0, 1.0), y, reduction="none")
+    loss = torch.where(pred, bce, torch.zeros_like(bce)).sum(1) / pred.sum(1)
+    return loss.mean() if reduction == "mean" else loss
+
+
+def cumulative_max_bce(token_logits, labels, lengths, window=16, reduction="mean"):
+    """Uniformly weighted BCE of p_t = max over predictions s <= t of sigmoid(zbar_s)."""
+    zbar, pred = _predictions(token_logits, lengths, window)
+    p = torch.where(pred, torch.sigmoid(zbar), torch.zeros_like(zbar)).cummax(dim=1).values
+    return _mean_bce_of_probabilities(p, labels, pred, reduction)
+
+
+def annealed_bce(token_logits, labels, lengths, mix, window=16, reduction="mean"):
+    """Uniformly weighted BCE of (1 - mix) * sigmoid(zbar_t) + mix * max_{s <= t} sigmoid(zbar_s);
+    the caller raises `mix` from 0 to 1 over training."""
+    zbar, pred = _predictions(token_logits, lengths, window)
+    p = torch.where(pred, torch.sigmoid(zbar), torch.zeros_like(zbar))
+    q = (1.0 - mix) * p + mix * p.cummax(dim=1).values
+    return _mean_bce_of_probabilities(q, labels, pred, reduction)

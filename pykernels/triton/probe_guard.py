@@ -1,0 +1,230 @@
+"""Triton kernels of the probe guard, registered as custom ops
+pykernels::{probe_accumulate_, probe_stream_step, softmax_weighted_bce_fwd}_triton
+(custom_op + explicit fake kernels, testable under TRITON_INTERPRET=1; see
+triton/probe_scores.py). The arithmetic mirrors csrc/core/probe_guard.h.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .probe_scores import _TL_DTYPES
+
+_SLOT_OUT_OF_RANGE, _SLOT_DUPLICATED = 1, 2  # csrc/core/probe_guard.h StreamError
+
+
+# ---------------------------------------------------------------- probe_accumulate_
+
+
+@triton.jit
+def _accumulate_kernel(x_ptr, row_stride, w_ptr, acc_ptr, N, H, K,
+                       DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    r_ok = rows < N
+    k_ok = ks < K
+    x_rows = x_ptr.to(tl.pointer_type(DTYPE)) + rows.to(tl.int64) * row_stride
+    total = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hs < H
+        x = tl.load(x_rows[:, None] + hs[None, :], mask=r_ok[:, None] & h_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[None, :] * H + hs[:, None], mask=h_ok[:, None] & k_ok[None, :], other=0.0)  # W_t [K, H]
+        total += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+    out = acc_ptr + rows[:, None] * K + ks[None, :]
+    mask = r_ok[:, None] & k_ok[None, :]
+    tl.store(out, tl.load(out, mask=mask, other=0.0) + total, mask=mask)
+
+
+@torch.library.custom_op("pykernels::probe_accumulate_triton", mutates_args=("acc",))
+def probe_accumulate_triton(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor) -> None:
+    N, H = hidden.shape
+    K = weight_l.shape[1]
+    if N == 0 or K == 0:
+        return
+    x = hidden if H <= 1 or hidden.stride(1) == 1 else hidden.contiguous()
+    w_t = weight_l.to(torch.float32).t().contiguous()  # no copy for a transposed-contiguous float32 weight
+    target = acc if acc.is_contiguous() else torch.zeros_like(acc, memory_format=torch.contiguous_format)
+    block_k = triton.next_power_of_2(K)
+    block_n = 16
+    block_h = max(16, min(128, 8192 // (block_n * block_k), triton.next_power_of_2(H)))
+    _accumulate_kernel[(triton.cdiv(N, block_n),)](
+        x, x.stride(0) if N > 1 else H, w_t, target, N, H, K,
+        DTYPE=_TL_DTYPES[hidden.dtype], BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k,
+    )
+    if target is not acc:
+        acc.add_(target)
+
+
+@probe_accumulate_triton.register_fake
+def _(acc, hidden, weight_l):
+    return None
+
+
+# ---------------------------------------------------------------- probe_stream_step
+
+
+@triton.jit
+def _stream_step_kernel(state_ptr, meta_ptr, status_ptr, ids_ptr, z_ptr, active_ptr, thr_ptr,
+                        scores_ptr, flagged_ptr, S, R, K, window, alpha,
+                        HAS_ACTIVE: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One program: rows are few (one per active sequence).
+    rows = tl.arange(0, BLOCK_R)
+    r_ok = rows < R
+    ids = tl.load(ids_ptr + rows, mask=r_ok, other=0)
+    in_range = (ids >= 0) & (ids < S)
+    stamp = meta_ptr + ids * 3 + 2
+    # Duplicates: every row writes its index to its slot's stamp; a row that
+    # reads back another row's index shares the slot.
+    tl.store(stamp, rows.to(tl.int64), mask=r_ok & in_range)
+    tl.debug_barrier()
+    owner = tl.load(stamp, mask=r_ok & in_range, other=0)
+    bad_range = tl.max(tl.where(r_ok & ~in_range, 1, 0), axis=0)
+    bad_dup = tl.max(tl.where(r_ok & in_range & (owner != rows), 1, 0), axis=0)
+    error = bad_range * 1 + bad_dup * 2
+    tl.store(status_ptr, tl.load(status_ptr) + 1)
+    tl.store(status_ptr + 1, tl.load(status_ptr + 1) | error.to(tl.int64))
+    if error != 0:
+        for k in range(0, K):
+            tl.store(scores_ptr + rows * K + k, float("nan"), mask=r_ok)
+        tl.store(flagged_ptr + rows, 1, mask=r_ok)
+    else:
+        live = r_ok
+        if HAS_ACTIVE:
+            live = live & (tl.load(active_ptr + rows, mask=r_ok, other=0) != 0)
+        count = tl.load(meta_ptr + ids * 3, mask=live, other=0)
+        flag_token = tl.load(meta_ptr + ids * 3 + 1, mask=r_ok, other=-1)
+        ring = tl.where(window == 0, 1, 2 * window)
+        base = state_ptr + ids.to(tl.int64) * ring * K
+        crossed = tl.zeros([BLOCK_R], dtype=tl.int1)
+        for k in range(0, K):
+            z = tl.load(z_ptr + rows * K + k, mask=live, other=0.0)
+            if window == 0:
+                e_old = tl.load(base + k, mask=live, other=0.0)
+                e = tl.where(count == 0, z, (1.0 - alpha) * e_old + alpha * z)
+                tl.store(base + k, e, mask=live)
+                score = e
+            else:
+                pos = count % window
+                tl.store(base + pos * K + k, z, mask=live)
+                tl.store(base + (pos + window) * K + k, z, mask=live)
+                tl.debug_barrier()
+                t = tl.where(count < window, count, pos + window)
+                first = tl.maximum(t + 1 - window, 0)
+                total = tl.zeros([BLOCK_R], dtype=tl.float32)
+                for m in range(0, window):  # oldest first, as swim_at sums
+                    total += tl.load(base + (first + m) * K + k, mask=live & (first + m <= t), other=0.0)
+                score = total / (t + 1 - first).to(tl.float32)
+            thr = tl.load(thr_ptr + k)
+            crossed = crossed | ~(score <= thr)
+            tl.store(scores_ptr + rows * K + k, tl.where(live, score, 0.0), mask=r_ok)
+        newly = live & crossed & (flag_token < 0)
+        flag_token = tl.where(newly, count, flag_token)
+        tl.store(meta_ptr + ids * 3 + 1, flag_token, mask=live)
+        tl.store(meta_ptr + ids * 3, count + 1, mask=live)
+        tl.store(flagged_ptr + rows, (flag_token >= 0).to(tl.int8), mask=r_ok)
+
+
+@torch.library.custom_op("pykernels::probe_stream_step_triton", mutates_args=("state", "meta", "status"))
+def probe_stream_step_triton(state: torch.Tensor, meta: torch.Tensor, status: torch.Tensor, slot_ids: torch.Tensor,
+                             token_logits: torch.Tensor, active: Optional[torch.Tensor], threshold: torch.Tensor,
+                             window: int, ema_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n, K = token_logits.shape
+    scores = torch.empty((n, K), dtype=torch.float32, device=state.device)
+    flagged = torch.empty((n,), dtype=torch.bool, device=state.device)
+    if n == 0:
+        return scores, flagged
+    ids = slot_ids.to(torch.int64).contiguous()
+    z = token_logits.to(torch.float32).contiguous()
+    act = active.to(torch.int8).contiguous() if active is not None else ids
+    _stream_step_kernel[(1,)](
+        state, meta, status, ids, z, act, threshold.to(torch.float32).contiguous(), scores, flagged.view(torch.int8),
+        state.shape[0], n, K, window, float(ema_alpha),
+        HAS_ACTIVE=active is not None, BLOCK_R=max(16, triton.next_power_of_2(n)),
+    )
+    return scores, flagged
+
+
+@probe_stream_step_triton.register_fake
+def _(state, meta, status, slot_ids, token_logits, active, threshold, window, ema_alpha):
+    n, K = token_logits.shape
+    return token_logits.new_empty((n, K), dtype=torch.float32), token_logits.new_empty((n,), dtype=torch.bool)
+
+
+# ---------------------------------------------------------------- softmax_weighted_bce
+
+
+@triton.jit
+def _swbce_kernel(z_ptr, y_ptr, len_ptr, loss_ptr, grad_ptr, work_ptr, T, window, tau,
+                  DETACH: tl.constexpr, GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    b = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 1), T)
+    first = tl.where(n >= window, window - 1, n - 1)
+    pred = (t >= first) & (t < n)
+    z_row = z_ptr + b * T
+    start = tl.maximum(t + 1 - window, 0)
+    zsum = tl.zeros([BLOCK_T], dtype=z_ptr.dtype.element_ty)
+    for m in range(0, window):  # oldest first, as swim_at sums
+        s = start + m
+        zsum += tl.load(z_row + s, mask=pred & (s <= t), other=0.0)
+    zbar = zsum / (t + 1 - start).to(zsum.dtype)
+    y = tl.load(y_ptr + b)
+    scaled = tl.where(pred, zbar / tau, float("-inf"))
+    top = tl.max(tl.where(scaled == scaled, scaled, float("-inf")), axis=0)  # NaN reaches the loss via exp
+    top = tl.where(top > float("-inf"), top, 0.0)
+    e = tl.where(pred, tl.exp(scaled - top), 0.0)
+    bce = tl.maximum(zbar, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zbar))) - y * zbar
+    denom = tl.sum(e, axis=0)
+    loss = tl.sum(tl.where(pred, e * bce, 0.0), axis=0) / denom
+    tl.store(loss_ptr + b, loss)
+    if GRAD:
+        w = e / denom
+        g = w * (1.0 / (1.0 + tl.exp(-zbar)) - y)
+        if not DETACH:
+            g += w * (bce - loss) / tau
+        g = g / (t + 1 - start).to(g.dtype)
+        tl.store(work_ptr + b * T + t, g, mask=pred)
+        tl.debug_barrier()
+        acc = tl.zeros([BLOCK_T], dtype=g.dtype)
+        for m in range(0, window):  # predictions t = s + m whose window holds s
+            u = t + m
+            acc += tl.load(work_ptr + b * T + u, mask=(t < n) & (u >= first) & (u < n), other=0.0)
+        tl.store(grad_ptr + b * T + t, acc, mask=t < T)
+
+
+@torch.library.custom_op("pykernels::softmax_weighted_bce_fwd_triton", mutates_args=())
+def softmax_weighted_bce_fwd_triton(token_logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor,
+                                    window: int, tau: float, detach_weights: bool,
+                                    compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    z = token_logits.contiguous()
+    B, T = z.shape
+    loss = torch.empty((B,), dtype=z.dtype, device=z.device)
+    grad = torch.empty((B, T) if compute_grad else (0,), dtype=z.dtype, device=z.device)
+    if B == 0 or T == 0:
+        return loss, grad
+    work = torch.empty_like(z) if compute_grad else z
+    _swbce_kernel[(B,)](
+        z, labels.to(z.dtype).contiguous(), lengths.to(torch.int64).contiguous(), loss, grad if compute_grad else z,
+        work, T, window, float(tau), DETACH=detach_weights, GRAD=compute_grad, BLOCK_T=triton.next_power_of_2(T),
+    )
+    return loss, grad
+
+
+@softmax_weighted_bce_fwd_triton.register_fake
+def _(token_logits, labels, lengths, window, tau, detach_weights, compute_grad):
+    B, T = token_logits.shape
+    return token_logits.new_empty((B,)), token_logits.new_empty((B, T) if compute_grad else (0,))
+
+
+def _register_autograd():
+    from .._ops import register_swbce_autograd
+
+    register_swbce_autograd("pykernels::softmax_weighted_bce_fwd_triton")
+
+
+_register_autograd()

@@ -1,0 +1,159 @@
+"""Input-space Hessian-vector products of log p: every method against double
+backward and the dense Hessian, per-example independence, fallbacks, train mode."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from pykernels import flatness
+from pykernels.flatness.hvp import InputHessian, ParameterHessian, prepared
+
+from tests.flatness.models import NoForwardModeNet, dense_hessians, inputs, small_cnn
+
+METHODS = ("forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
+
+
+def probes(S, x, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(S, *x.shape, generator=g, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU], ids=["relu", "gelu"])
+@pytest.mark.parametrize("method", METHODS)
+def test_hvp_matches_double_backward_and_dense_hessian(act, method):
+    model, x = small_cnn(act), inputs()
+    V = probes(3, x)
+    dense = dense_hessians(model, x)  # [B, D, D]
+    expect = torch.einsum("bij,sbj->sbi", dense, V.flatten(2)).reshape(V.shape)
+    reference = flatness.hvp(model, x, V, method="double-backward")
+    torch.testing.assert_close(reference, expect, rtol=1e-10, atol=1e-12)
+    out = flatness.hvp(model, x, V, method=method)
+    scale = expect.abs().max().item()
+    if method == "gauss-newton" and act is nn.GELU:  # only the PSD part: must differ
+        assert (out - expect).abs().max() > 1e-3 * scale
+        return
+    # The issue's target is 1e-5 in float64; exact methods reach rounding level.
+    tol = 1e-5 if method == "finite-difference" else 1e-10
+    assert (out - reference).abs().max().item() <= tol * scale, f"{method}: {(out - reference).abs().max()}"
+
+
+def test_hvp_blocks_are_per_example():
+    model, x = small_cnn(nn.GELU), inputs(B=3)
+    V = probes(2, x)
+    together = flatness.hvp(model, x, V)
+    alone = torch.cat([flatness.hvp(model, x[b : b + 1], V[:, b : b + 1]) for b in range(3)], dim=1)
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-14)
+
+
+def test_auto_method_picks_gauss_newton_only_for_piecewise_linear_models():
+    x = inputs()
+    for act, expect in ((nn.ReLU, "gauss-newton"), (nn.GELU, "forward-over-reverse")):
+        model = small_cnn(act)
+        with prepared(model, x):
+            H = InputHessian(model, x)
+        assert H.method == expect, act
+    with prepared(small_cnn(nn.GELU), x):
+        assert InputHessian(small_cnn(nn.GELU), x).curved == {"gelu": 2}
+
+
+def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
+    model, x = small_cnn(nn.ReLU), inputs()
+    V = probes(7, x).flatten(2)
+    with prepared(model, x):
+        per_vector = InputHessian(model, x, method="gauss-newton")
+        with_jacobian = InputHessian(model, x, method="gauss-newton", expected_vectors=100)
+        assert with_jacobian._use_jacobian and not per_vector._use_jacobian
+        torch.testing.assert_close(with_jacobian.matvec(V), per_vector.matvec(V))
+        torch.testing.assert_close(with_jacobian.quad(V), per_vector.quad(V))
+
+
+def test_single_vector_shape_and_chunking():
+    model, x = small_cnn(nn.GELU), inputs()
+    V = probes(5, x)
+    full = flatness.hvp(model, x, V)
+    torch.testing.assert_close(flatness.hvp(model, x, V, chunk_size=2), full, rtol=1e-12, atol=1e-14)
+    one = flatness.hvp(model, x, V[0])
+    assert one.shape == x.shape
+    torch.testing.assert_close(one, full[0], rtol=1e-12, atol=1e-14)
+
+
+def test_torchscript_model():
+    model, x = small_cnn(nn.GELU), inputs()
+    V = probes(2, x)
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(flatness.hvp(scripted, x, V), flatness.hvp(model, x, V, method="double-backward"))
+
+
+def test_model_without_forward_mode_falls_back_once_to_double_backward():
+    model, x = NoForwardModeNet().double().eval(), inputs()
+    V = probes(2, x)
+    with pytest.warns(RuntimeWarning, match="forward-mode AD failed.*double backward") as record:
+        out = flatness.hvp(model, x, V, method="forward-over-reverse")
+    assert len([w for w in record if "forward-mode" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once per model: no second warning
+        again = flatness.hvp(model, x, V, method="forward-over-reverse")
+    expect = flatness.hvp(model, x, V, method="double-backward")
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(again, expect)
+
+
+def test_train_mode_batchnorm_is_measured_in_eval_mode_or_refused():
+    model, x = small_cnn(batchnorm=True), inputs()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+    V = probes(2, x)
+    expect = flatness.hvp(model, x, V)  # eval mode
+    model.train()
+    with pytest.warns(RuntimeWarning, match="BatchNorm2d '1' in train mode couples the examples"):
+        out = flatness.hvp(model, x, V)
+    torch.testing.assert_close(out, expect)
+    assert all(m.training for m in model.modules()), "train mode must be restored"
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad must be restored"
+    with pytest.raises(ValueError, match="the model is in train mode: BatchNorm2d '1' .* Call model.eval"):
+        flatness.hvp(model, x, V, train_mode="raise")
+
+
+def test_parameter_hessian_matches_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    H = ParameterHessian(model, nn.functional.cross_entropy, x, y)
+    params = [p for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def loss(theta):
+        chunks, i = {}, 0
+        for name, p in model.named_parameters():
+            chunks[name] = theta[i : i + p.numel()].view_as(p)
+            i += p.numel()
+        return nn.functional.cross_entropy(torch.func.functional_call(model, chunks, (x,)), y)
+
+    dense = torch.autograd.functional.hessian(loss, flat)
+    V = torch.randn(3, 1, flat.numel(), dtype=torch.float64)
+    torch.testing.assert_close(H.matvec(V), (V @ dense.T))
+
+
+@pytest.mark.parametrize(
+    "call, exc, pattern",
+    [
+        (lambda m, x: flatness.hvp(m, x[0, 0, 0], x[0, 0, 0]), ValueError, r"x must have a batch dim \[B, ...\]"),
+        (lambda m, x: flatness.hvp(m, x[0], x[0]), RuntimeError,
+         r"the model failed on x of shape \(1, 6, 6\) \(x must be a batch \[B, ...\]"),
+        (lambda m, x: flatness.hvp(m, x.long(), x), TypeError, "x must be a floating-point tensor"),
+        (lambda m, x: flatness.hvp(m, x, x[:, :, :3]), ValueError, r"v must be \[S, \*x.shape\]"),
+        (lambda m, x: flatness.hvp(m, x, x, method="magic"), ValueError, "method must be one of"),
+        (lambda m, x: flatness.hvp(lambda t: m(t).unsqueeze(-1), x, x), ValueError,
+         r"2-D logits \[B, K\] with B = 4 \(x.shape\[0\]\), got shape \(4, 5, 1\)"),
+        (lambda m, x: flatness.hvp(lambda t: m(t)[:2], x, x), ValueError, r"got shape \(2, 5\)"),
+        (lambda m, x: flatness.hvp(lambda t: (m(t),), x, x), TypeError, "must return a logits tensor"),
+        (lambda m, x: flatness.hvp(lambda t: m(t) / (t.flatten(1)[:, :1] > 0.5), x, x), ValueError,
+         r"NaN or infinite logits for \d example\(s\) \(indices"),
+        (lambda m, x: flatness.hvp(m, x, x, train_mode="train"), ValueError, "train_mode must be one of"),
+    ],
+)
+def test_bad_input(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(small_cnn(), inputs())

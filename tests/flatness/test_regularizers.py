@@ -1,0 +1,76 @@
+"""Training penalties and the attacks they are compared with."""
+
+import pytest
+import torch
+from torch import nn
+
+from pykernels import flatness
+
+from tests.flatness.models import inputs, small_cnn
+
+
+def test_grad_norm_penalty_is_the_mean_squared_grad_norm_and_trains():
+    model, x = small_cnn(nn.GELU), inputs()
+    penalty = flatness.grad_norm_penalty(model, x)
+    torch.testing.assert_close(penalty, flatness.grad_norm(model, x).square().mean())
+    penalty.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_curvature_penalty_approximates_hessian_times_direction():
+    model, x = small_cnn(nn.GELU), inputs()
+    xx = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(torch.logsumexp(model(xx), -1).sum(), xx)
+    z = g.sign() / g.sign().flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    expect = flatness.hvp(model, x, z).flatten(1).square().sum(1).mean()
+    got = flatness.curvature_penalty(model, x, h=1e-4)
+    torch.testing.assert_close(got, expect, rtol=1e-3, atol=0)
+    got.backward()
+    assert model[0].weight.grad.abs().sum() > 0
+    random = flatness.curvature_penalty(model, x, h=1e-3, direction="random")
+    assert random > 0
+
+
+def test_neighborhood_drop_penalty_is_the_squared_monte_carlo_drop():
+    model, x = small_cnn(nn.GELU), inputs()
+    torch.manual_seed(11)
+    got = flatness.neighborhood_drop_penalty(model, x, sigma=0.3, samples=3)
+    torch.manual_seed(11)
+    d = 0.3 * torch.randn(3, *x.shape, dtype=x.dtype)
+    lp = lambda t: torch.logsumexp(model(t), -1)
+    expect = (lp(x) - lp((x + d).flatten(0, 1)).reshape(3, -1).mean(0)).square().mean()
+    torch.testing.assert_close(got, expect)
+    got.backward()
+    assert model[-1].weight.grad.abs().sum() > 0
+
+
+def test_penalties_in_train_mode_use_eval_mode_then_restore_it():
+    model, x = small_cnn(batchnorm=True), inputs()
+    model.train()
+    with pytest.warns(RuntimeWarning, match="grad_norm_penalty runs in eval mode"):
+        train_value = flatness.grad_norm_penalty(model, x)
+    assert model.training and model[1].training
+    model.eval()
+    torch.testing.assert_close(train_value, flatness.grad_norm_penalty(model, x))
+    model.train()
+    with pytest.raises(ValueError, match="train mode"):
+        flatness.curvature_penalty(model, x, train_mode="raise")
+
+
+def test_fgsm_and_pgd():
+    model, x = small_cnn(nn.GELU), inputs()
+    y = model(x).argmax(1)
+    xx = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(xx), y, reduction="sum"), xx)
+    torch.testing.assert_close(flatness.fgsm(model, x, y, 0.1), x + 0.1 * g.sign())
+    loss = lambda t: nn.functional.cross_entropy(model(t), y)
+    for norm in ("linf", "l2"):
+        adv = flatness.pgd(model, x, y, 0.3, norm=norm, steps=5, seed=0, clamp=(0.0, 1.0))
+        d = (adv - x).flatten(1)
+        size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+        assert (size <= 0.3 + 1e-9).all() and adv.min() >= 0 and adv.max() <= 1
+        assert loss(adv) > loss(x)
+    with pytest.raises(ValueError, match=r"y must be a \[B\] tensor"):
+        flatness.pgd(model, x, y[:2], 0.1)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        flatness.pgd(model, x, y, 0.1, norm="l1")

@@ -1,0 +1,140 @@
+"""The transformers integration on a tiny random-weight Llama: the hooks score
+what probe_scores scores on the captured activations, the guard stops flagged
+sequences in batched generation with a KV cache, and reports the token."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from pykernels.probes import LinearProbe, probe_scores  # noqa: E402
+from pykernels.probes.hf import ProbeGuard, find_decoder_layers  # noqa: E402
+
+VOCAB, H, L = 97, 32, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=64, num_hidden_layers=L,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _probe(threshold, smoothing="swim", seed=0):
+    probe = LinearProbe(L, H, smoothing=smoothing, window=4, threshold=threshold)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        probe.weight_t.copy_(torch.randn(L, 1, H, generator=g) * 0.3)
+        probe.bias.fill_(0.1)
+    return probe
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    mask[2, :4] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+GEN = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+
+
+def _full_scores(guard, probe, sequences, mask, pads):
+    """probe_scores of every row's unpadded tokens, from one full forward."""
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], sequences.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+    acts = guard.capture(sequences, full_mask)
+    return [probe_scores([a[b : b + 1, p:] for a in acts], probe.weight.detach(), probe.bias.detach(),
+                         smoothing=probe.smoothing, window=probe.window)[0, :, 0] for b, p in enumerate(pads)]
+
+
+def test_find_decoder_layers(model):
+    assert find_decoder_layers(model) is model.model.layers
+
+
+def test_capture_reads_the_decoder_layer_outputs(model):
+    ids, mask = _prompts()
+    with ProbeGuard(model, _probe(0.0), max_batch=4) as guard:
+        acts = guard.capture(ids, mask)
+    ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(acts) == L
+    for l in range(L - 1):  # HF returns the last layer after the final norm
+        torch.testing.assert_close(acts[l], ref[l + 1])
+
+
+def test_guard_flags_where_the_full_sequence_scores_cross(model):
+    ids, mask = _prompts()
+    pads = (mask.shape[1] - mask.sum(1)).tolist()
+    with ProbeGuard(model, _probe(1e9), max_batch=4) as guard:
+        free = guard.generate(ids, attention_mask=mask, **GEN)
+        assert not free.flagged.any()
+        scores = _full_scores(guard, guard.probe, free.sequences, mask, pads)
+    # Row 0 flags at the first new running maximum that clears the previous one by a margin.
+    s0 = scores[0][:-1]  # the last token is never fed back, so never scored
+    run = s0.cummax(0).values
+    jumps = [t for t in range(4, len(s0)) if s0[t] > run[t - 1] + 0.01]
+    assert jumps, f"test setup: no clear crossing in row 0: {s0}"
+    threshold = float(run[jumps[0] - 1] + s0[jumps[0]]) / 2
+    expect = []
+    for b, s in enumerate(scores):
+        above = (s[:-1] > threshold).nonzero()
+        margin = (s[:-1] - threshold).abs().min()
+        expect.append((int(above[0]) + pads[b] if len(above) else -1, float(margin)))
+    with ProbeGuard(model, _probe(threshold), max_batch=4) as guard:
+        out = guard.generate(ids, attention_mask=mask, **GEN)
+    for b, (index, margin) in enumerate(expect):
+        if margin < 1e-4:
+            continue  # too close to call after KV-cache rounding
+        assert int(out.flag_index[b]) == index, (b, out.flag_index, expect)
+        assert bool(out.flagged[b]) == (index >= 0)
+    # The flagged row stopped: the token sampled from the forward that flagged it, then padding.
+    i0 = int(out.flag_index[0])
+    assert torch.equal(out.sequences[0, : i0 + 2], free.sequences[0, : i0 + 2])
+    assert (out.sequences[0, i0 + 2 :] == 0).all()
+    assert out.prompt_length == ids.shape[1]
+
+
+def test_guard_matches_for_ema_and_batch_one(model):
+    ids, mask = _prompts()
+    probe = _probe(1e9, smoothing="ema")
+    with ProbeGuard(model, probe, max_batch=1) as guard:
+        out = guard.generate(ids[:1], attention_mask=mask[:1], **GEN)
+        s = _full_scores(guard, probe, out.sequences, mask[:1], [0])[0]
+        # The stream saw every token but the last: its state is the EMA there.
+        assert guard.stream.tokens_seen([0]).item() == out.sequences.shape[1] - 1
+        torch.testing.assert_close(guard.stream._state[0, 0, 0], s[-2], rtol=0, atol=1e-4)
+        assert guard.timer.forwards == GEN["max_new_tokens"] and guard.timer.seconds > 0
+    assert torch.equal(probe.bias, torch.full((1,), 0.1)), "the guard must never write into the probe"
+
+
+def test_stopping_criteria_with_the_users_generate(model):
+    ids, mask = _prompts()
+    with ProbeGuard(model, _probe(-1e9), max_batch=4) as guard:  # everything flags at once
+        guard.reset()
+        out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[guard.stopping_criteria()],
+                             max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + 1  # stopped after the first step
+        flagged, token = guard.stream.flags([0, 1, 2])
+        assert flagged.all() and (token == 0).all()
+
+
+def test_guard_argument_errors(model):
+    with pytest.raises(ValueError, match="probe has 2 layers but the model has 3 decoder layers"):
+        ProbeGuard(model, LinearProbe(2, H))
+    with pytest.raises(ValueError, match="probe hidden_size is 16 but the model's is 32"):
+        ProbeGuard(model, LinearProbe(L, 16))
+    with ProbeGuard(model, _probe(0.0), max_batch=2) as guard:
+        ids, mask = _prompts()
+        with pytest.raises(ValueError, match="batch of 3 exceeds the guard's max_batch=2"):
+            guard.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+def test_remove_detaches_the_hooks(model):
+    guard = ProbeGuard(model, _probe(0.0))
+    guard.remove()
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert guard.timer.forwards == 0
