@@ -109,12 +109,20 @@ def _runs_on(name: str, device: torch.device) -> bool:
 def select(op: str, device: torch.device, implemented: Iterable[str], requested: str | None = None) -> str:
     """The backend `op` runs with for tensors on `device` (see the module docstring).
 
-    Under torch.compile the choice is made once, while tracing, and baked into
-    the compiled graph.
+    Memoised on everything it reads that can change while a program runs (the
+    request, PYKERNELS_BACKEND, TRITON_INTERPRET), so hot paths can call it per
+    call. Under torch.compile the choice is made once, while tracing, and baked
+    into the compiled graph.
     """
-    implemented = tuple(implemented)
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None
+    return _select(op, device.type, tuple(implemented), requested, triton_interpreted())
+
+
+@functools.lru_cache(maxsize=None)
+def _select(op: str, device_type: str, implemented: tuple[str, ...], requested: str | None,
+            interpreted: bool) -> str:
+    device = torch.device(device_type)
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")

@@ -16,7 +16,6 @@ arithmetic from csrc/core/probe_scores.h; bit-identical on the CPU kernels).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -29,18 +28,8 @@ IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 _OUT_OF_RANGE, _DUPLICATED = 1, 2  # error bits of csrc/core/probe_guard.h
 
 
-@functools.lru_cache(maxsize=None)
-def _select_cached(op: str, device: torch.device, requested: Optional[str], env: Optional[str],
-                   interpreted: bool) -> str:
-    return _backend.select(op, device, IMPLEMENTED, requested)
-
-
 def _select(op: str, device: torch.device, requested: Optional[str]) -> str:
-    """backend.select, memoised (it costs microseconds; probe_accumulate_ runs per layer
-    per token). The key holds everything select reads that can change at run time."""
-    if torch.compiler.is_compiling():
-        return _backend.select(op, device, IMPLEMENTED, requested)
-    return _select_cached(op, device, requested, os.environ.get(_backend.ENV_VAR), _backend.triton_interpreted())
+    return _backend.select(op, device, IMPLEMENTED, requested)
 
 
 def backend_op(name: str, backend: str):
