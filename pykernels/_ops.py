@@ -32,6 +32,9 @@ def cpu_isa() -> str | None:
     return torch.ops.pykernels.cpu_isa() if LOADED else None
 
 
+# ---- activation probes: probe_scores (probes/scoring.py), the guard (probes/stream.py, training.py) ----
+
+
 def probe_scores_fake(hidden_states, weight, bias, lengths, smoothing, window, ema_alpha):
     h0 = hidden_states[0]
     return h0.new_empty((h0.shape[0], h0.shape[1], weight.shape[2]), dtype=torch.float32)
@@ -73,9 +76,44 @@ def register_probe_scores_autograd(op) -> None:
     torch.library.register_autograd(op, _probe_scores_backward, setup_context=_probe_scores_setup_context)
 
 
+def register_swbce_autograd(op: str) -> None:
+    """The fused loss kernels return d loss_b / d z with the loss (computed in the
+    same pass), so the backward only scales it by the incoming gradient."""
+
+    def setup_context(ctx, inputs, output):
+        token_logits, labels, *_, compute_grad = inputs
+        if token_logits.requires_grad and not compute_grad:
+            raise RuntimeError(f"{op}: token_logits requires grad, so call it with compute_grad=True")
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_loss, _grad_of_grad):
+        if torch.is_grad_enabled():
+            raise NotImplementedError("softmax_weighted_bce supports first-order gradients only (no create_graph)")
+        (grad,) = ctx.saved_tensors
+        return grad_loss[:, None] * grad, None, None, None, None, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if LOADED:
     torch.library.register_fake("pykernels::probe_scores")(probe_scores_fake)
     register_probe_scores_autograd("pykernels::probe_scores")
+
+    @torch.library.register_fake("pykernels::probe_accumulate_")
+    def _probe_accumulate_fake(acc, hidden, weight_l):
+        return None
+
+    @torch.library.register_fake("pykernels::probe_stream_step")
+    def _probe_stream_step_fake(state, meta, status, slot_ids, token_logits, active, threshold, window, ema_alpha):
+        n, K = token_logits.shape
+        return token_logits.new_empty((n, K), dtype=torch.float32), token_logits.new_empty((n,), dtype=torch.bool)
+
+    @torch.library.register_fake("pykernels::softmax_weighted_bce_fwd")
+    def _softmax_weighted_bce_fwd_fake(token_logits, labels, lengths, window, tau, detach_weights, compute_grad):
+        B, T = token_logits.shape
+        return token_logits.new_empty((B,)), token_logits.new_empty((B, T) if compute_grad else (0,))
+
+    register_swbce_autograd("pykernels::softmax_weighted_bce_fwd")
 
 
 # ---- flatness ops (pykernels/flatness/ops.py) ----
@@ -186,25 +224,6 @@ def _resolve(qualified: str):
     return getattr(getattr(torch.ops, namespace), name).default
 
 
-def register_swbce_autograd(op: str) -> None:
-    """The fused loss kernels return d loss_b / d z with the loss (computed in the
-    same pass), so the backward only scales it by the incoming gradient."""
-
-    def setup_context(ctx, inputs, output):
-        token_logits, labels, *_, compute_grad = inputs
-        if token_logits.requires_grad and not compute_grad:
-            raise RuntimeError(f"{op}: token_logits requires grad, so call it with compute_grad=True")
-        ctx.save_for_backward(output[1])
-
-    def backward(ctx, grad_loss, _grad_of_grad):
-        if torch.is_grad_enabled():
-            raise NotImplementedError("softmax_weighted_bce supports first-order gradients only (no create_graph)")
-        (grad,) = ctx.saved_tensors
-        return grad_loss[:, None] * grad, None, None, None, None, None, None
-
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
-
-
 if LOADED:
 
     @torch.library.register_fake("pykernels::energy")
@@ -225,25 +244,10 @@ if LOADED:
 
     register_flatness_rules("pykernels::energy", "pykernels::logsumexp_hvp", "pykernels::probe_dots")
 
-    # ---- probe guard (pykernels/probes/stream.py, training.py) ----
 
-    @torch.library.register_fake("pykernels::probe_accumulate_")
-    def _probe_accumulate_fake(acc, hidden, weight_l):
-        return None
+# ---- model selection (selection/correlation.py) ----
 
-    @torch.library.register_fake("pykernels::probe_stream_step")
-    def _probe_stream_step_fake(state, meta, status, slot_ids, token_logits, active, threshold, window, ema_alpha):
-        n, K = token_logits.shape
-        return token_logits.new_empty((n, K), dtype=torch.float32), token_logits.new_empty((n,), dtype=torch.bool)
-
-    @torch.library.register_fake("pykernels::softmax_weighted_bce_fwd")
-    def _softmax_weighted_bce_fwd_fake(token_logits, labels, lengths, window, tau, detach_weights, compute_grad):
-        B, T = token_logits.shape
-        return token_logits.new_empty((B,)), token_logits.new_empty((B, T) if compute_grad else (0,))
-
-    register_swbce_autograd("pykernels::softmax_weighted_bce_fwd")
-
-    # ---- model selection (pykernels/selection/correlation.py) ----
+if LOADED:
 
     @torch.library.register_fake("pykernels::pairwise_corr_distance")
     def _pairwise_corr_distance_fake(features, triu):
