@@ -27,11 +27,13 @@ step "tests (cpu, cuda and triton must all run)"
 PYKERNELS_REQUIRE_BACKENDS="cpu cuda triton" "$PY" -m pytest tests -q -x -p no:cacheprovider
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step "compute-sanitizer memcheck on the CUDA probe_scores tests"
+  step "compute-sanitizer memcheck on a subset of the CUDA tests"
   compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
     tests/probes/test_scoring.py -k "cuda and (matches_reference or padding or nan)"
   compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
     tests/selection/test_correlation_ops.py -k "cuda and (matches_reference or nan)"
+  compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
+    tests/probes/test_stream.py tests/flatness/test_ops.py -k "cuda"
 fi
 
 step "benchmarks"

@@ -53,7 +53,8 @@ class Measurement:
     median_ms: float
     repeats: int
     gbps: Optional[float] = None
-    pct_bandwidth: Optional[float] = None
+    pct_bandwidth: Optional[float] = None  # of bandwidth_gbps
+    bandwidth_gbps: Optional[float] = None  # tensor.sum() read rate measured just before the case
     speedups: dict[str, float] = dataclasses.field(default_factory=dict)  # vs each baseline
     error: Optional[str] = None
 
@@ -89,16 +90,26 @@ def time_callable(fn: Callable[[], Any], ctx: BenchContext) -> tuple[float, int]
     return statistics.median(times), repeats
 
 
+_BANDWIDTH_BUFFERS: dict = {}
+
+
 def measure_read_bandwidth(ctx: BenchContext) -> float:
     """Bytes/s of a large `tensor.sum()` on the device: the read rate the
     memory-bound kernels are compared with."""
     n = (64 if ctx.quick else 128) * 2**20 if ctx.device.type == "cpu" else 512 * 2**20
-    x = torch.ones(n, dtype=torch.float32, device=ctx.device)
+    key = (str(ctx.device), n)
+    if key not in _BANDWIDTH_BUFFERS:
+        _BANDWIDTH_BUFFERS[key] = torch.randn(n, dtype=torch.float32, device=ctx.device)
+    x = _BANDWIDTH_BUFFERS[key]
     seconds, _ = time_callable(lambda: x.sum(), ctx)
     return n * 4 / seconds
 
 
-def run_case(case: Case, ctx: BenchContext, bandwidth: float) -> list[Measurement]:
+def run_case(case: Case, ctx: BenchContext) -> list[Measurement]:
+    """Times every callable of `case`. For a memory-bound case the read
+    bandwidth is measured again right before it: on a shared machine it drifts
+    by tens of percent over a run, and "% bw" must compare like with like."""
+    bandwidth = measure_read_bandwidth(ctx) if case.bytes_read else None
     rows: list[Measurement] = []
     for kind, fns in (("baseline", case.baselines), ("ours", case.implementations)):
         for name, fn in fns.items():
@@ -113,6 +124,7 @@ def run_case(case: Case, ctx: BenchContext, bandwidth: float) -> list[Measuremen
             if case.bytes_read:
                 row.gbps = case.bytes_read / seconds / 1e9
                 row.pct_bandwidth = 100.0 * case.bytes_read / seconds / bandwidth
+                row.bandwidth_gbps = bandwidth / 1e9
             rows.append(row)
     base = {r.name: r.median_ms for r in rows if r.kind == "baseline" and r.error is None}
     for r in rows:

@@ -115,7 +115,8 @@ def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick
     env = environment(ctx, bandwidth)
     print(f"device: {env['device']}, torch {env['torch']}, {env['threads']} threads, CPU ISA {env['cpu_isa']}",
           file=stream)
-    print(f"measured read bandwidth (large tensor.sum()): {bandwidth / 1e9:.1f} GB/s", file=stream)
+    print(f"measured read bandwidth (large tensor.sum()): {bandwidth / 1e9:.1f} GB/s at the start; "
+          "'% bw' uses the same measurement repeated just before each memory-bound case", file=stream)
     cases = collect_cases(ctx, ops)
     if not cases:
         raise SystemExit(f"no benchmark cases for ops={ops} (suites: {suite_names()})")
@@ -124,7 +125,7 @@ def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.op} {case.shape} {case.dtype} ({time.perf_counter() - t0:.0f} s elapsed)",
               file=sys.stderr, flush=True)
-        rows += run_case(case, ctx, bandwidth)
+        rows += run_case(case, ctx)
     os.makedirs(out_dir, exist_ok=True)
     for op in dict.fromkeys(r.op for r in rows):
         op_rows = [r for r in rows if r.op == op]
