@@ -120,6 +120,7 @@ class ProbeGuard:
         self.timer = Timer()
         self.flagged: Optional[torch.Tensor] = None  # [B] after each forward, on the device
         self._acc: Optional[torch.Tensor] = None
+        self._accumulators: dict[int, torch.Tensor] = {}
         self._mask: Optional[torch.Tensor] = None
         self._capture: Optional[list] = None
         self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -142,11 +143,20 @@ class ProbeGuard:
             start = time.perf_counter()
             hidden = h.reshape(-1, h.shape[-1])
             if self._acc is None:
-                self._acc = self._bias.repeat(hidden.shape[0], 1)  # a fresh [N, K], never a view of the bias
+                self._acc = self._fresh_accumulator(hidden.shape[0])
             self._accumulate(self._acc, hidden, self._weights[l])
             self.timer.seconds += time.perf_counter() - start
 
         return hook
+
+    def _fresh_accumulator(self, rows: int) -> torch.Tensor:
+        # One buffer per row count, refilled with the bias (never a view of it:
+        # the kernels write into the accumulator). The stream step reads it before
+        # the next forward refills it.
+        buffer = self._accumulators.get(rows)
+        if buffer is None:
+            buffer = self._accumulators[rows] = torch.empty(rows, self._bias.shape[0], device=self._bias.device)
+        return buffer.copy_(self._bias)
 
     def _after_forward(self, module, args, output):
         if self._acc is None:
@@ -158,10 +168,11 @@ class ProbeGuard:
             raise ValueError(f"batch of {B} exceeds the guard's max_batch={self.stream.max_slots}")
         z = self._acc.view(B, -1, self._acc.shape[-1])
         T = z.shape[1]
-        active = None if self._mask is None else self._mask[:, -T:].bool()
+        # Decoding (T == 1) feeds real tokens only; the prompt may hold left padding.
+        active = None if self._mask is None or T == 1 else self._mask[:, -T:].bool()
         slots = self._slots[:B]
         for t in range(T):
-            _, flagged = self.stream._step_checked_args(slots, z[:, t], None if active is None else active[:, t])
+            _, flagged = self.stream._step_trusted(slots, z[:, t], None if active is None else active[:, t])
         self.flagged = flagged
         self.timer.seconds += time.perf_counter() - start
         self.timer.forwards += 1

@@ -149,6 +149,7 @@ class ProbeStream:
         self._meta = torch.zeros(max_slots + 1, 3, dtype=torch.int64, device=self.device)
         self._meta[:, 1] = -1
         self._status = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._live_state, self._live_meta = self._state[:max_slots], self._meta[:max_slots]  # views, made once
         self.backend = _select("probe_stream_step", self.device, backend)
         self._op = backend_op("probe_stream_step", self.backend)
 
@@ -195,14 +196,19 @@ class ProbeStream:
 
     def _step_checked_args(self, ids: torch.Tensor, token_logits: torch.Tensor,
                            active: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        # step() without the argument checks, for callers that built the arguments
-        # themselves (ProbeGuard, once per token); the kernels still check shapes.
-        S = self.max_slots
-        out = self._op(self._state[:S], self._meta[:S], self._status, ids, token_logits, active, self.threshold,
-                       self._kernel_window, self.ema_alpha)
+        # step() without the argument checks; the kernels still check shapes.
+        out = self._step_trusted(ids, token_logits, active)
         if self._check_now():
             self._raise_if_error("step", ids)
         return out
+
+    def _step_trusted(self, ids: torch.Tensor, token_logits: torch.Tensor,
+                      active: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The bare kernel call, for callers whose slot ids cannot be wrong (ProbeGuard
+        # steps slots 0..B-1, once per token): any error still latches in _status
+        # and surfaces at the next flags() / check().
+        return self._op(self._live_state, self._live_meta, self._status, ids, token_logits, active, self.threshold,
+                        self._kernel_window, self.ema_alpha)
 
     def reset(self, slot_ids: Optional[SlotIds] = None) -> None:
         """Clear slots (all by default) for new requests: no state, no flag, no tokens."""
