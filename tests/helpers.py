@@ -23,3 +23,23 @@ def backend_params():
             marks.append(pytest.mark.skip(reason=f"{name} backend unavailable: {status[name].reason}"))
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def compile_and_check_ops(fn, args, backend: str, ops):
+    """torch.compile(fn, fullgraph=True) on args: the compiled result must equal
+    eager, and every op in `ops` must appear in the captured graph (as
+    pykernels::<op>, or its Triton twin <op>_triton), i.e. no fallback or break."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(fn, fullgraph=True, backend=capture)
+    got, expect = compiled(*args), fn(*args)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expect if isinstance(expect, tuple) else (expect,)):
+        torch.testing.assert_close(g, e)
+    names = {str(n.target) for g in graphs for n in g.graph.nodes}
+    suffix = "_triton" if backend == "triton" else ""
+    for op in ops:
+        assert any(f"{op}{suffix}" in n for n in names), f"{op}{suffix} missing from the compiled graph"

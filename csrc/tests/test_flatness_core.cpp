@@ -10,20 +10,11 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "flatness.h"
 
 using namespace pykernels::core;
 
-static int failures = 0;
-#define CHECK(cond, ...)                               \
-  do {                                                 \
-    if (!(cond)) {                                     \
-      ++failures;                                      \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                        \
-      std::printf("\n");                               \
-    }                                                  \
-  } while (0)
 
 static const double kInf = std::numeric_limits<double>::infinity();
 

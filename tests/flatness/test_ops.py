@@ -11,7 +11,7 @@ from torch.func import grad, jvp, vmap
 from pykernels.flatness import ops
 from pykernels.reference import flatness as R
 
-from tests.helpers import backend_device, backend_params
+from tests.helpers import backend_device, backend_params, compile_and_check_ops
 
 ALL_BACKENDS = ["reference"] + backend_params()
 LOGIT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -286,23 +286,13 @@ def test_opcheck(backend):
 def test_torch_compile_fullgraph_calls_the_kernels(backend, monkeypatch):
     device = backend_device(backend)
     monkeypatch.setenv("PYKERNELS_BACKEND", backend)
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm
 
     def step(z, U):
         s, e, h = ops.logsumexp_hvp(z, U)
         return ops.energy(z * 2).exp().sum() + h.square().sum() + ops.probe_dots(U, U).sum()
 
     z, U = randn(3, 5, seed=70, device=device), randn(2, 3, 5, seed=71, device=device)
-    compiled = torch.compile(step, fullgraph=True, backend=capture)
-    torch.testing.assert_close(compiled(z, U), step(z, U))
-    names = {str(n.target) for g in graphs for n in g.graph.nodes}
-    suffix = "_triton" if backend == "triton" else ""
-    for op in ("energy", "logsumexp_hvp", "probe_dots"):
-        assert any(f"{op}{suffix}" in n for n in names), f"{op} missing from the compiled graph"
+    compile_and_check_ops(step, (z, U), backend, ("energy", "logsumexp_hvp", "probe_dots"))
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -11,7 +11,7 @@ import pykernels
 from pykernels.probes.scoring import default_ema_alpha
 from pykernels.reference import probe_scores as reference_probe_scores
 
-from tests.helpers import backend_device, backend_params
+from tests.helpers import backend_device, backend_params, compile_and_check_ops
 
 SMOOTHINGS = ("none", "swim", "ema")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -254,19 +254,11 @@ def test_torch_compile_fullgraph_calls_the_kernel(backend, monkeypatch):
     monkeypatch.setenv("PYKERNELS_BACKEND", backend)
     layers = make_layers(2, 2, 8, 16, device=device)
     w, b = make_probe(2, 16, 2, device)
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm
 
     def guard(hs, w, b):
         return pykernels.probe_scores(hs, w, b, smoothing="ema").sigmoid().amax(dim=1)
 
-    compiled = torch.compile(guard, fullgraph=True, backend=capture)
-    torch.testing.assert_close(compiled(layers, w, b), guard(layers, w, b))
-    op_name = "probe_scores_triton" if backend == "triton" else "probe_scores"
-    assert any(op_name in str(n.target) for g in graphs for n in g.graph.nodes), "kernel op missing from the graph"
+    compile_and_check_ops(guard, (layers, w, b), backend, ("probe_scores",))
 
 
 def test_cpu_kernel_allocates_no_stacked_copy():

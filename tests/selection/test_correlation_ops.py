@@ -9,7 +9,7 @@ import torch
 import pykernels
 from pykernels.reference import parc as ref
 
-from tests.helpers import backend_device, backend_params
+from tests.helpers import backend_device, backend_params, compile_and_check_ops
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -282,11 +282,6 @@ def test_opcheck(backend):
 def test_torch_compile_fullgraph_calls_the_kernels(backend, monkeypatch):
     device = backend_device(backend)
     monkeypatch.setenv("PYKERNELS_BACKEND", backend)
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm
 
     def rank_models(x, classes, y):
         d = pykernels.pairwise_corr_distance(x, triu=True)
@@ -295,13 +290,7 @@ def test_torch_compile_fullgraph_calls_the_kernels(backend, monkeypatch):
     x = features(2, 12, 5, seed=16, device=device)
     classes = torch.arange(12, device=device) % 4
     y = torch.randn(66, device=device, dtype=torch.float64)
-    compiled = torch.compile(rank_models, fullgraph=True, backend=capture)
-    for got, expect in zip(compiled(x, classes, y), rank_models(x, classes, y)):
-        torch.testing.assert_close(got, expect)
-    names = {str(n.target) for g in graphs for n in g.graph.nodes}
-    suffix = "_triton" if backend == "triton" else ""
-    for op in ("pairwise_corr_distance", "spearman", "parc_spearman"):
-        assert any(f"{op}{suffix}" in n for n in names), f"{op} missing from the graph"
+    compile_and_check_ops(rank_models, (x, classes, y), backend, ("pairwise_corr_distance", "spearman", "parc_spearman"))
 
 
 @pytest.mark.parametrize("backend", backend_params())
