@@ -105,7 +105,6 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
-@torch.compiler.assume_constant_result
 def select(op: str, device: torch.device, implemented: Iterable[str], requested: str | None = None) -> str:
     """The backend `op` runs with for tensors on `device` (see the module docstring).
 
@@ -117,6 +116,12 @@ def select(op: str, device: torch.device, implemented: Iterable[str], requested:
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None
     return _select(op, device.type, tuple(implemented), requested, triton_interpreted())
+
+
+# What torch.compiler.assume_constant_result(select) does, without importing
+# torch._dynamo (and with it Triton) at `import pykernels`: seconds saved, and
+# TRITON_INTERPRET can still be set after importing pykernels.
+select._dynamo_marked_constant = True
 
 
 @functools.lru_cache(maxsize=None)

@@ -73,3 +73,14 @@ def test_extension_state_is_reported():
         assert _ops.cpu_isa() in ("avx512", "avx2", "scalar")
     else:
         assert "not loaded" in pykernels.backends()["cpu"].reason
+
+
+def test_import_pulls_in_neither_dynamo_nor_triton():
+    # Importing pykernels stays cheap, and TRITON_INTERPRET may still be set after it.
+    import subprocess
+    import sys
+
+    code = "import sys, pykernels; print('torch._dynamo' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
