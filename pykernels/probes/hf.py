@@ -22,7 +22,10 @@ is scored only if generation continues.
 Timers: `guard.timer` accumulates the wall time spent in the hooks and the
 stream step. On a CPU that is the probe's whole cost; on a GPU it is only the
 launch cost (kernels run asynchronously), so measure GPU overhead A/B.
-Not thread-safe: one guard per model per thread.
+Not thread-safe: one guard per model per thread. With your own
+`model.generate(..., stopping_criteria=[guard.stopping_criteria()])`, call
+`guard.reset()` first; beam search and num_return_sequences > 1 are not
+supported (the per-sequence state would not follow reordered beams).
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class ProbeGuard:
         self.timer = Timer()
         self.flagged: Optional[torch.Tensor] = None  # [B] after each forward, on the device
         self._acc: Optional[torch.Tensor] = None
+        self._positions_scored = 0  # sequence positions stepped since reset()
         self._accumulators: dict[int, torch.Tensor] = {}
         self._mask: Optional[torch.Tensor] = None
         self._capture: Optional[list] = None
@@ -168,11 +172,15 @@ class ProbeGuard:
             raise ValueError(f"batch of {B} exceeds the guard's max_batch={self.stream.max_slots}")
         z = self._acc.view(B, -1, self._acc.shape[-1])
         T = z.shape[1]
-        # Decoding (T == 1) feeds real tokens only; the prompt may hold left padding.
-        active = None if self._mask is None or T == 1 else self._mask[:, -T:].bool()
+        # Without a KV cache every forward feeds the whole sequence again: only the
+        # positions past those already scored are new. With a cache all T are new.
+        first_new = self._positions_scored if T > self._positions_scored else 0
+        # Decoding (one new token) feeds real tokens only; the prompt may hold left padding.
+        active = None if self._mask is None or T - first_new == 1 else self._mask[:, -T:].bool()
         slots = self._slots[:B]
-        for t in range(T):
+        for t in range(first_new, T):
             _, flagged = self.stream._step_trusted(slots, z[:, t], None if active is None else active[:, t])
+        self._positions_scored += T - first_new
         self.flagged = flagged
         self.timer.seconds += time.perf_counter() - start
         self.timer.forwards += 1
@@ -187,6 +195,7 @@ class ProbeGuard:
         self.stream.reset()
         self.stream.threshold.copy_(self.probe.threshold)
         self.flagged = None
+        self._positions_scored = 0
 
     def stopping_criteria(self) -> "ProbeStoppingCriteria":
         return ProbeStoppingCriteria(self)
@@ -200,6 +209,11 @@ class ProbeGuard:
         Returns the sequences and, per sequence, whether it was flagged before it
         ended (EOS) and where.
         """
+        for name in ("num_beams", "num_return_sequences"):
+            # Beams are reordered and sequences duplicated inside generate; the
+            # per-slot stream state would not follow them.
+            if generate_kwargs.get(name, 1) != 1:
+                raise ValueError(f"ProbeGuard.generate supports {name}=1 only, got {generate_kwargs[name]}")
         self.reset()
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
         criteria.append(self.stopping_criteria())

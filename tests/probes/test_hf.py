@@ -111,6 +111,27 @@ def test_guard_matches_for_ema_and_batch_one(model):
     assert torch.equal(probe.bias, torch.full((1,), 0.1)), "the guard must never write into the probe"
 
 
+def test_guard_without_a_kv_cache_scores_each_position_once(model):
+    # Without a cache every forward re-feeds the whole sequence; only new positions count.
+    ids, mask = _prompts()
+    probe = _probe(1e9, smoothing="ema")
+    with ProbeGuard(model, probe, max_batch=1) as guard:
+        cached = guard.generate(ids[:1], attention_mask=mask[:1], **GEN)
+        state_cached = guard.stream._state[0].clone()
+        uncached = guard.generate(ids[:1], attention_mask=mask[:1], use_cache=False, **GEN)
+        assert torch.equal(uncached.sequences, cached.sequences)
+        assert guard.stream.tokens_seen([0]).item() == uncached.sequences.shape[1] - 1
+        torch.testing.assert_close(guard.stream._state[0], state_cached, rtol=0, atol=1e-4)
+
+
+def test_guard_refuses_beams_and_duplicated_sequences(model):
+    ids, mask = _prompts()
+    with ProbeGuard(model, _probe(0.0), max_batch=4) as guard:
+        for kwargs in ({"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}):
+            with pytest.raises(ValueError, match="supports .*=1 only"):
+                guard.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, **kwargs)
+
+
 def test_stopping_criteria_with_the_users_generate(model):
     ids, mask = _prompts()
     with ProbeGuard(model, _probe(-1e9), max_batch=4) as guard:  # everything flags at once
