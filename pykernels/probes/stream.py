@@ -234,14 +234,28 @@ class ProbeStream:
         flagged, and the 0-based index (tokens since reset) of the token whose smoothed
         score first crossed, or -1. Syncs with the device; raises on a pending error."""
         self.check()
-        meta = self._meta[: self.max_slots] if slot_ids is None else self._meta[self._ids("slot_ids", slot_ids).long()]
-        token = meta[:, 1].cpu()
+        token = self._read_meta(slot_ids, sync=True)[:, 1].cpu()
         return token >= 0, token
 
     def tokens_seen(self, slot_ids: Optional[SlotIds] = None) -> torch.Tensor:
-        """Tokens stepped into each slot since its reset (device tensor, no sync)."""
-        meta = self._meta[: self.max_slots] if slot_ids is None else self._meta[self._ids("slot_ids", slot_ids).long()]
-        return meta[:, 0]
+        """Tokens stepped into each slot since its reset (a device tensor; ids given
+        as a list or CPU tensor are checked at once, device ids by check())."""
+        return self._read_meta(slot_ids, sync=False)[:, 0]
+
+    def _read_meta(self, slot_ids: Optional[SlotIds], sync: bool) -> torch.Tensor:
+        if slot_ids is None:
+            return self._meta[: self.max_slots]
+        on_host = not isinstance(slot_ids, torch.Tensor) or slot_ids.device.type == "cpu"
+        ids = self._ids("slot_ids", slot_ids).long()
+        if on_host or sync:  # reading host ids is free; flags() syncs anyway
+            bad = sorted({i for i in ids.tolist() if not 0 <= i < self.max_slots})
+            if bad:
+                raise ValueError(f"slot ids must lie in [0, max_slots={self.max_slots}) (got {bad})")
+            return self._meta[ids]
+        # Device ids: no sync; an out-of-range id reads the spare row and is reported by check().
+        valid = (ids >= 0) & (ids < self.max_slots)
+        self._status[1] |= (~valid).any().long() * _OUT_OF_RANGE
+        return self._meta[torch.where(valid, ids, torch.full_like(ids, self.max_slots))]
 
     def check(self) -> None:
         """Raise if an earlier step or reset got bad slot ids (syncs with the device)."""

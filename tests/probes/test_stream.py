@@ -243,6 +243,24 @@ def test_reset_bad_ids_raise_and_reset_the_valid_ones(backend):
     assert stream.flags()[0].tolist() == [True, False, False]
 
 
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("ids", [[-1, 1], [3], [-2]])
+def test_reading_bad_slot_ids_raises(backend, ids):
+    # Slot max_slots is a spare row and -k would wrap: neither may pass as "not flagged".
+    device = _device(backend)
+    stream = ProbeStream(3, 1, device=device, backend=backend)
+    stream.step([0, 1, 2], torch.full((3, 1), 5.0, device=device))
+    with pytest.raises(ValueError, match=r"slot ids must lie in \[0, max_slots=3\)"):
+        stream.flags(ids)
+    with pytest.raises(ValueError, match=r"slot ids must lie in \[0, max_slots=3\)"):
+        stream.tokens_seen(ids)
+    device_ids = torch.tensor(ids, device=device)
+    if device_ids.is_cuda:  # no sync: reported by the next check()
+        stream.tokens_seen(device_ids)
+        with pytest.raises(ValueError, match="slot ids must lie"):
+            stream.check()
+
+
 def test_concurrent_streams_in_threads_are_independent():
     if not pykernels.backends()["cpu"].available:
         pytest.skip("cpu backend unavailable")
