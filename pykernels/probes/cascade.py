@@ -174,12 +174,14 @@ class Cascade:
 
     def decide(self, probe_logits, classifier_logits) -> torch.Tensor:
         """Flags [n] from precomputed logits (classifier logits are read only where the
-        probe escalates; NaN there, or a NaN probe logit, flags)."""
+        probe escalates; a non-finite one there, or a NaN probe logit, flags)."""
         zp = torch.as_tensor(probe_logits, dtype=torch.float64).reshape(-1)
         zc = torch.as_tensor(classifier_logits, dtype=torch.float64).reshape(-1)
+        if zc.shape != zp.shape:
+            raise ValueError(f"classifier_logits has {zc.numel()} values but probe_logits has {zp.numel()}")
         up = ~(zp <= self.escalate_threshold)
         ensembled = self.alpha * zp + (1 - self.alpha) * zc
-        return up & ~(ensembled <= self.final_threshold)
+        return up & (~torch.isfinite(zc) | ~(ensembled <= self.final_threshold))
 
     # ------------------------------------------------------------------ running
 
@@ -209,7 +211,7 @@ class Cascade:
                 except Exception as exc:  # any classifier failure flags (fail closed)
                     decisions.append(f"{FAIL_CLOSED}: classifier raised {type(exc).__name__}: {exc}")
                 else:
-                    if not math.isnan(value):
+                    if math.isfinite(value):
                         zc[i] = value
                         z = self.alpha * float(zp[i]) + (1 - self.alpha) * value
                         decisions.append(FLAG if z > self.final_threshold else ESCALATED_PASS)

@@ -60,6 +60,8 @@ def test_measured_costs_and_probe_time_per_token():
 @pytest.mark.parametrize("classifier, reason", [
     (lambda x: 1 / 0, "classifier raised ZeroDivisionError"),
     (lambda x: float("nan"), "classifier returned nan"),
+    (lambda x: float("-inf"), "classifier returned -inf"),
+    (lambda x: float("inf"), "classifier returned inf"),
     (lambda x: "not a number", "classifier raised ValueError"),
 ])
 def test_classifier_failures_fail_closed(classifier, reason):
@@ -69,6 +71,14 @@ def test_classifier_failures_fail_closed(classifier, reason):
     assert result.flagged.tolist() == [True, False]
     assert result.decisions[0].startswith("fail-closed: " + reason)
     assert result.report.fail_closed == 1 and result.report.flagged == 1
+
+
+def test_decide_flags_non_finite_classifier_logits_and_checks_shapes():
+    cascade = Cascade(lambda xs: xs, lambda x: 0.0, 0.0, 1e9)
+    flags = cascade.decide([1.0, 1.0, 1.0, -1.0], [float("-inf"), float("nan"), 0.0, float("nan")])
+    assert flags.tolist() == [True, True, False, False]  # the last one is not escalated
+    with pytest.raises(ValueError, match="classifier_logits has 1 values but probe_logits has 2"):
+        cascade.decide([1.0, 2.0], [0.0])
 
 
 def test_nan_probe_logit_fails_closed():
