@@ -45,7 +45,8 @@ def stream_step(state, meta, status, slot_ids, token_logits, active, threshold, 
         count = int(m[COUNT])
         z = token_logits[r].float()
         if window == 0:
-            e = z if count == 0 else ema_alpha * z + (1.0 - ema_alpha) * state[s, 0]
+            # alpha == 1 forgets the past exactly (no 0 * NaN), as ema_apply does
+            e = z if count == 0 or ema_alpha == 1.0 else ema_alpha * z + (1.0 - ema_alpha) * state[s, 0]
             state[s, 0] = e
             scores[r] = e
         else:

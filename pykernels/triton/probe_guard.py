@@ -105,7 +105,8 @@ def _stream_step_kernel(state_ptr, meta_ptr, status_ptr, ids_ptr, z_ptr, active_
             z = tl.load(z_ptr + rows * K + k, mask=live, other=0.0)
             if window == 0:
                 e_old = tl.load(base + k, mask=live, other=0.0)
-                e = tl.where(count == 0, z, (1.0 - alpha) * e_old + alpha * z)
+                # alpha == 1 forgets the past exactly (no 0 * NaN), as ema_apply does
+                e = tl.where((count == 0) | (alpha == 1.0), z, (1.0 - alpha) * e_old + alpha * z)
                 tl.store(base + k, e, mask=live)
                 score = e
             else:
@@ -159,8 +160,11 @@ def _(state, meta, status, slot_ids, token_logits, active, threshold, window, em
 
 
 @triton.jit
-def _swbce_kernel(z_ptr, y_ptr, len_ptr, loss_ptr, grad_ptr, work_ptr, T, window, tau,
+def _swbce_kernel(z_ptr, y_ptr, len_ptr, loss_ptr, grad_ptr, work_ptr, T, window, tau_ptr,
                   DETACH: tl.constexpr, GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    # tau comes in a one-element tensor of the logits' dtype: a Python float
+    # argument would be float32 in the kernel, too coarse for float64 logits.
+    tau = tl.load(tau_ptr)
     b = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 1), T)
@@ -210,7 +214,7 @@ def softmax_weighted_bce_fwd_triton(token_logits: torch.Tensor, labels: torch.Te
     work = torch.empty_like(z) if compute_grad else z
     _swbce_kernel[(B,)](
         z, labels.to(z.dtype).contiguous(), lengths.to(torch.int64).contiguous(), loss, grad if compute_grad else z,
-        work, T, window, float(tau), DETACH=detach_weights, GRAD=compute_grad, BLOCK_T=triton.next_power_of_2(T),
+        work, T, window, torch.full((1,), tau, dtype=z.dtype, device=z.device), DETACH=detach_weights, GRAD=compute_grad, BLOCK_T=triton.next_power_of_2(T),
     )
     return loss, grad
 

@@ -141,6 +141,21 @@ def test_stepping_equals_probe_scores(backend, smoothing, window, alpha):
     assert torch.equal(stream.tokens_seen(slots).cpu(), torch.full((B,), T))
 
 
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("smoothing, alpha", [("none", None), ("ema", 1.0), ("ema", 0.5)])
+def test_stepping_after_a_nan_matches_probe_scores(backend, smoothing, alpha):
+    # With alpha = 1 (and "none") the state is forgotten exactly: a NaN logit marks
+    # its own token only; with alpha < 1 it reaches every later token.
+    device = _device(backend)
+    z = torch.tensor([[[1.0], [float("nan")], [2.0], [3.0]]], device=device)
+    stream = ProbeStream(1, 1, smoothing=smoothing, ema_alpha=alpha, threshold=1e9, device=device, backend=backend)
+    scores, _ = _stream_whole(stream, torch.tensor([0], device=device), z)
+    full = probe_scores([z], torch.ones(1, 1, 1, device=device), smoothing=smoothing, ema_alpha=alpha,
+                        backend="reference")
+    assert torch.equal(torch.isnan(scores.cpu()), torch.isnan(full.cpu()))
+    torch.testing.assert_close(scores.cpu(), full.cpu(), equal_nan=True)
+
+
 def test_cpu_stepping_is_bit_identical_to_the_cpu_kernel():
     if not pykernels.backends()["cpu"].available:
         pytest.skip("cpu backend unavailable")

@@ -79,7 +79,7 @@ def _inputs(device, dtype, seed, B=7, T=41, window=16):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("tau,detach", [(1.0, False), (1.0, True), (0.25, False), (4.0, True)])
+@pytest.mark.parametrize("tau,detach", [(1.0, False), (1.0, True), (0.3, False), (4.0, True)])  # 0.3: not exact in float32
 @pytest.mark.parametrize("window", [16, 1, 5])
 def test_fused_matches_autograd_of_reference(backend, dtype, tau, detach, window):
     device = backend_device(backend)
