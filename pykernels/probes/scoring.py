@@ -142,6 +142,6 @@ def _check_length_values(lengths: torch.Tensor, T: int) -> None:
         return
     if lengths.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    lo, hi = int(lengths.min()), int(lengths.max())
+    lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync
     if lo < 0 or hi > T:
         raise ValueError(f"lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")

@@ -18,7 +18,6 @@ import triton.language as tl
 from .._ops import probe_scores_fake, register_probe_scores_autograd
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_FLT_MIN = 1.17549435e-38  # smallest normal float32; see ema_compose in csrc/core/probe_scores.h
 
 
 @triton.jit
@@ -37,7 +36,7 @@ def _probe_logits_kernel(
     if HAS_LENGTHS:
         length = tl.load(len_ptr + b, mask=in_range, other=0)
         valid = valid & (t < length)
-    ks = tl.arange(0, BLOCK_K)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # this program's group of heads
     k_ok = ks < K
     acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     for l in range(L):
@@ -76,7 +75,8 @@ def _swim_kernel(z_ptr, out_ptr, len_ptr, T, K, n, window, HAS_LENGTHS: tl.const
 
 @triton.jit
 def _ema_combine(d1, a1, d2, a2):
-    # ema_compose of csrc/core/probe_scores.h: (d1, a1) earlier, (d2, a2) later.
+    # ema_compose of csrc/core/probe_scores.h: (d1, a1) earlier, (d2, a2) later;
+    # 1.17549435e-38 is the smallest normal float32 (the underflow floor there).
     add = tl.where(d2 == 0.0, a2, d2 * a1 + a2)
     decay = tl.where((d2 == 0.0) | (d1 == 0.0), 0.0, tl.maximum(d2 * d1, 1.17549435e-38))
     return decay, add
@@ -123,18 +123,22 @@ def probe_scores_triton(
     table = torch.tensor(
         [[h.data_ptr() for h in layers], [h.stride(0) for h in layers], [h.stride(1) for h in layers]],
         dtype=torch.int64,
-    ).to(h0.device)
+    )
+    if h0.is_cuda:  # from pinned memory the copy is queued on the stream, no host sync
+        table = table.pin_memory().to(h0.device, non_blocking=True)
     w = weight.to(torch.float32).contiguous()
     b = bias.to(torch.float32).contiguous() if bias is not None else w
     n_len = lengths.to(torch.int64).contiguous() if lengths is not None else table
     smooth = smoothing == "ema" or (smoothing == "swim" and window > 1)
     raw = torch.empty_like(out) if smooth else out
 
-    block_k = triton.next_power_of_2(K)
+    # Heads in groups of up to 16 (grid axis 1): the [tokens, hidden, heads] product
+    # tile stays small whatever K is; more groups re-read the activations.
+    block_k = min(16, triton.next_power_of_2(K))
     # Enough programs to keep every SM streaming (~1k for 4k tokens), up to 16 tokens each.
     block_t = max(2, min(16, triton.next_power_of_2(triton.cdiv(B * T, 1024))))
     block_h = max(16, min(128, 8192 // (block_t * block_k), triton.next_power_of_2(H)))
-    _probe_logits_kernel[(triton.cdiv(B * T, block_t),)](
+    _probe_logits_kernel[(triton.cdiv(B * T, block_t), triton.cdiv(K, block_k))](
         table[0], table[1], table[2], w, b, n_len, raw,
         T, H, K, L, B * T,
         DTYPE=_TL_DTYPES[h0.dtype], HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,

@@ -134,6 +134,21 @@ def test_long_sequences_match_reference(backend, smoothing):
     torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=_tolerance(w, ref))
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+def test_many_layers_and_heads(backend, smoothing):
+    # Past 64 layers the CUDA kernel launches per layer chunk and accumulates; past
+    # 16 heads the Triton kernel splits heads into groups.
+    device = backend_device(backend)
+    L, B, T, H, K = 70, 2, 9, 16, 20
+    layers = make_layers(L, B, T, H, device=device, seed=12)
+    w, b = make_probe(L, H, K, device, seed=13)
+    lengths = torch.tensor([9, 4], device=device)
+    out = pykernels.probe_scores(layers, w, b, smoothing=smoothing, window=3, lengths=lengths, backend=backend)
+    ref = ref64(layers, w, b, lengths, smoothing, 3)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=_tolerance(w, ref))
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_cpu_kernel_every_instruction_set(isa, monkeypatch):
     if not pykernels.backends()["cpu"].available:
