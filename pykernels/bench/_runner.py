@@ -30,6 +30,8 @@ def collect_cases(ctx: BenchContext, ops: Optional[Sequence[str]] = None) -> lis
     cases: list[Case] = []
     for name in suite_names():
         module = importlib.import_module(f"pykernels.bench.{name}")
+        if ops and not set(ops) & set(module.OPS):
+            continue  # building a suite's inputs can cost seconds and gigabytes
         cases += [c for c in module.cases(ctx) if not ops or c.op in ops]
     return cases
 
@@ -87,12 +89,23 @@ def plot_op(op: str, rows: list[Measurement], path: str) -> bool:
     return True
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(ctx: BenchContext, bandwidth: float) -> dict:
     from pykernels import _ops
 
     info = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(ctx.device) if ctx.is_cuda else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(ctx.device) if ctx.is_cuda else _cpu_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -107,8 +120,8 @@ def environment(ctx: BenchContext, bandwidth: float) -> dict:
 def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick: bool = False,
         out_dir: str = "bench-results", plot: bool = True, stream=sys.stdout) -> list[Measurement]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+    if dev.type == "cpu":  # every core this process may run on
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     ctx = BenchContext(device=dev, quick=quick, budget_s=0.4 if quick else 1.5)
     print(f"pykernels bench on {dev} ({'quick' if quick else 'full'} run)", file=stream)
     bandwidth = measure_read_bandwidth(ctx)

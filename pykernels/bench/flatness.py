@@ -164,6 +164,10 @@ def _kernel_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
     return cases
 
 
+# The tables this suite fills (the runner skips the suite when --ops names none of them).
+OPS = ("flatness_hutchinson", "flatness_hvp", "flatness_hvp_compiled", "energy", "logsumexp_hvp", "fill_probes", "probe_dots")
+
+
 def cases(ctx: BenchContext) -> list[Case]:
     status = pykernels.backends()
     ours = [b for b in (["cuda", "triton"] if ctx.is_cuda else ["cpu"]) if status[b].available]

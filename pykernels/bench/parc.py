@@ -137,6 +137,10 @@ def _scaling_cases(ctx, ours, quick):
     return cases
 
 
+# The tables this suite fills (the runner skips the suite when --ops names none of them).
+OPS = ("parc", "parc_scaling", "spearman", "pairwise_corr_distance")
+
+
 def cases(ctx: BenchContext) -> list[Case]:
     status = pykernels.backends()
     ours = [b for b in (["cuda", "triton"] if ctx.is_cuda else ["cpu"]) if status[b].available]

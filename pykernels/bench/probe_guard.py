@@ -165,6 +165,10 @@ def _overhead_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
     return cases
 
 
+# The tables this suite fills (the runner skips the suite when --ops names none of them).
+OPS = ("probe_accumulate_", "probe_stream_step", "softmax_weighted_bce", "guard_overhead")
+
+
 def cases(ctx: BenchContext) -> list[Case]:
     ours = _ours(ctx)
     return _accumulate_cases(ctx, ours) + _stream_cases(ctx, ours) + _loss_cases(ctx, ours) + _overhead_cases(ctx, ours)

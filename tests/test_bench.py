@@ -1,0 +1,49 @@
+"""The benchmark runner (`pykernels bench`): suites build their cases, the
+runner times them and writes the tables, results.json and the plots. Speed
+itself is never asserted here (that is what the benchmarks report)."""
+
+import importlib
+import io
+import json
+import os
+
+import torch
+
+from pykernels.bench._core import BenchContext
+from pykernels.bench._runner import collect_cases, run, suite_names
+
+
+def test_every_suite_builds_its_cases_and_declares_their_ops():
+    ctx = BenchContext(device=torch.device("cpu"), quick=True)
+    for name in suite_names():
+        module = importlib.import_module(f"pykernels.bench.{name}")
+        cases = module.cases(ctx)
+        assert cases, f"suite {name} built no cases"
+        for case in cases:
+            assert case.op in module.OPS, f"{name}: case op {case.op!r} not in OPS {module.OPS}"
+            assert case.implementations or case.baselines, f"{name}: {case.shape} has nothing to time"
+            assert all(callable(f) for f in {**case.implementations, **case.baselines}.values())
+
+
+def test_ops_filter_builds_only_the_suites_asked_for():
+    ctx = BenchContext(device=torch.device("cpu"), quick=True)
+    cases = collect_cases(ctx, ["probe_stream_step"])
+    assert cases and {c.op for c in cases} == {"probe_stream_step"}
+
+
+def test_runner_prints_tables_and_writes_results_and_plots(tmp_path):
+    out = io.StringIO()
+    rows = run(ops=["probe_stream_step", "energy"], device="cpu", quick=True, out_dir=str(tmp_path), stream=out)
+    text = out.getvalue()
+    assert "== probe_stream_step ==" in text and "== energy ==" in text
+    assert all(r.error is None for r in rows), [r.error for r in rows if r.error]
+    assert all(r.median_ms > 0 for r in rows)
+    ours = [r for r in rows if r.kind == "ours"]
+    assert ours and all(r.speedups for r in ours)  # every implementation is compared with a baseline
+    energy = [r for r in rows if r.op == "energy" and r.kind == "ours"]
+    assert all(r.gbps and r.pct_bandwidth and r.bandwidth_gbps for r in energy)  # memory-bound: GB/s and % bw
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["environment"]["read_bandwidth_GBps"] > 0
+    assert len(results["results"]) == len(rows)
+    for op in ("probe_stream_step", "energy"):
+        assert os.path.getsize(tmp_path / f"{op}.png") > 1000
