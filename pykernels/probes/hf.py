@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .stream import ProbeStream, accumulate_op
+from .stream import accumulate_op
 from .training import LinearProbe
 
 
@@ -113,9 +113,7 @@ class ProbeGuard:
         model_device = next(model.parameters()).device
         if model_device != device:
             raise ValueError(f"probe is on {device} but the model is on {model_device}; move it with probe.to(...)")
-        alpha = probe.ema_alpha if probe.smoothing == "ema" else None
-        self.stream = ProbeStream(max_batch, probe.num_heads, smoothing=probe.smoothing, window=probe.window,
-                                  ema_alpha=alpha, threshold=probe.threshold, device=device, backend=backend)
+        self.stream = probe.stream(max_batch, backend=backend)
         self._accumulate = accumulate_op(self.stream.backend)
         self._weights = [probe.layer_weight(l).detach() for l in range(len(self.layers))]
         self._bias = probe.bias.detach()

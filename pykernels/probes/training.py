@@ -155,8 +155,10 @@ class LinearProbe(torch.nn.Module):
         self.ema_alpha = None if ema_alpha is None else float(ema_alpha)
         self.weight_t = torch.nn.Parameter(torch.zeros(num_layers, num_heads, hidden_size, device=device))
         self.bias = torch.nn.Parameter(torch.zeros(num_heads, device=device))
-        thr = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1).expand(num_heads).clone()
-        self.register_buffer("threshold", thr.to(device))
+        thr = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1)
+        if thr.numel() not in (1, num_heads):
+            raise ValueError(f"threshold must be a float or {num_heads} floats (one per head), got {thr.numel()}")
+        self.register_buffer("threshold", thr.expand(num_heads).clone().to(device))
 
     @property
     def num_layers(self) -> int:
@@ -183,6 +185,20 @@ class LinearProbe(torch.nn.Module):
     def resolved_ema_alpha(self) -> float:
         return default_ema_alpha(self.window) if self.ema_alpha is None else self.ema_alpha
 
+    @property
+    def _smoothing_alpha(self) -> Optional[float]:
+        # the ema_alpha argument of probe_scores / ProbeStream: only with EMA smoothing
+        return self.ema_alpha if self.smoothing == "ema" else None
+
+    def stream(self, max_slots: int, *, backend: Optional[str] = None) -> "ProbeStream":
+        """A ProbeStream with this probe's heads, smoothing, window, decay and
+        thresholds, on its device: the serving-side state for max_slots sequences."""
+        from .stream import ProbeStream
+
+        return ProbeStream(max_slots, self.num_heads, smoothing=self.smoothing, window=self.window,
+                           ema_alpha=self._smoothing_alpha, threshold=self.threshold, device=self.bias.device,
+                           backend=backend)
+
     # ------------------------------------------------------------------ scoring
 
     def token_logits(self, hidden_states) -> torch.Tensor:
@@ -192,9 +208,8 @@ class LinearProbe(torch.nn.Module):
     @torch.no_grad()
     def forward(self, hidden_states, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Smoothed scores [B, T, K] with the probe's inference smoothing (fused kernel)."""
-        alpha = self.ema_alpha if self.smoothing == "ema" else None
         return probe_scores(hidden_states, self.weight.detach(), self.bias.detach(), smoothing=self.smoothing,
-                            window=self.window, ema_alpha=alpha, lengths=lengths)
+                            window=self.window, ema_alpha=self._smoothing_alpha, lengths=lengths)
 
     @torch.no_grad()
     def exchange_scores(self, hidden_states, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:

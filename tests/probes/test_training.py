@@ -316,3 +316,17 @@ def test_cli_describes_a_saved_probe(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LinearProbe over 3 layers x 8 hidden, 2 head(s)" in out
     assert "smoothing ema, window 8, ema_alpha 0.2222" in out and "thresholds 0.5, 1.25" in out
+
+
+def test_probe_stream_carries_the_probe_config():
+    probe = LinearProbe(2, 8, 3, smoothing="swim", window=5, threshold=[0.1, 0.2, 0.3])
+    stream = probe.stream(4)
+    assert (stream.num_heads, stream.smoothing, stream.window) == (3, "swim", 5)
+    assert stream.threshold.tolist() == pytest.approx([0.1, 0.2, 0.3])
+    ema = LinearProbe(2, 8, smoothing="ema", window=7).stream(2)
+    assert ema.ema_alpha == pytest.approx(2 / 8)
+
+
+def test_linear_probe_threshold_count_error():
+    with pytest.raises(ValueError, match=r"threshold must be a float or 3 floats \(one per head\), got 2"):
+        LinearProbe(2, 8, 3, threshold=[0.1, 0.2])
