@@ -113,8 +113,11 @@ def select(op: str, device: torch.device, implemented: Iterable[str], requested:
     call. Under torch.compile the choice is made once, while tracing, and baked
     into the compiled graph.
     """
-    if requested is None:
+    from_env = requested is None
+    if from_env:
         requested = os.environ.get(ENV_VAR) or None
+    if from_env and requested is not None and requested not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {requested!r}")
     return _select(op, device.type, tuple(implemented), requested, triton_interpreted())
 
 

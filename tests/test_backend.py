@@ -58,7 +58,7 @@ def test_forced_cuda_without_gpu_says_why():
         pykernels.probe_scores(hs, w, backend="cuda")
 
 
-def test_cpu_backend_refuses_gpu_tensors_on_meta_device():
+def test_cpu_backend_refuses_tensors_of_another_device():
     if not pykernels.backends()["cpu"].available:
         pytest.skip("cpu backend unavailable")
     with pytest.raises(ValueError, match="cannot run on meta tensors"):
@@ -84,3 +84,9 @@ def test_import_pulls_in_neither_dynamo_nor_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(B.ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match=r"PYKERNELS_BACKEND must be one of .*got 'gpu'"):
+        B.select("probe_scores", torch.device("cpu"), ("reference", "cpu"))

@@ -49,4 +49,16 @@ PK_HD float f16_bits_to_float(uint16_t h) {
   return bits_to_float(sign | (uint32_t(112 - e) << 23) | ((mant & 0x3ffu) << 13));
 }
 
+// Element j of a row of D-typed values, widened to float (exact).
+template <DType D>
+PK_HD float load_as_float(const void* row, int64_t j) {
+  if constexpr (D == DType::Float32) {
+    return static_cast<const float*>(row)[j];
+  } else if constexpr (D == DType::BFloat16) {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
+  } else {
+    return f16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
+  }
+}
+
 }  // namespace pykernels::core

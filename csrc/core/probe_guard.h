@@ -1,4 +1,4 @@
-// The probe guard's kernels (docs: pykernels/probes/guard.py, stream.py, training.py):
+// The probe guard's kernels (docs: pykernels/probes/stream.py, training.py):
 //   probe_accumulate    acc[n, k] += hidden[n, :] . W_l[:, k]   (one layer of a probe, in place)
 //   probe_stream_step   one decode step of per-slot streaming smoothing + latched flags
 //   softmax_weighted_bce  the paper's training loss and its gradient, fused

@@ -46,13 +46,6 @@ __device__ T block_max(T v, T* shared) {
 
 // ---- probe_accumulate: one block per (row, group of up to KG heads) ----
 
-template <DType D>
-__device__ __forceinline__ float load_one(const void* row, int64_t j) {
-  if constexpr (D == DType::Float32) return static_cast<const float*>(row)[j];
-  else if constexpr (D == DType::BFloat16) return bf16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
-  else return f16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
-}
-
 template <DType D, int KG>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateProblem p) {
   __shared__ float shared[kThreads / kWarp];
@@ -63,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateProblem 
 #pragma unroll
   for (int k = 0; k < KG; ++k) acc[k] = 0.f;
   for (int64_t j = threadIdx.x; j < p.hidden_size; j += kThreads) {
-    const float x = load_one<D>(row, j);
+    const float x = load_as_float<D>(row, j);
 #pragma unroll
     for (int k = 0; k < KG; ++k)
       if (k0 + k < p.heads) acc[k] = fmaf(x, __ldg(p.weight_t + (k0 + k) * p.hidden_size + j), acc[k]);

@@ -28,17 +28,6 @@ inline Vec::reg load_activations(const void* row, int64_t j) {
   }
 }
 
-template <DType D>
-inline float activation_at(const void* row, int64_t j) {
-  if constexpr (D == DType::Float32) {
-    return static_cast<const float*>(row)[j];
-  } else if constexpr (D == DType::BFloat16) {
-    return bf16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
-  } else {
-    return f16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
-  }
-}
-
 // out[r * out_stride + k] += rows[r] . w[k * H : (k + 1) * H] for r < R, k < K.
 template <DType D, int K, int R>
 void dot_rows(const void* const* rows, const void* const* next_rows, const float* w, int64_t H,
@@ -69,7 +58,7 @@ void dot_rows(const void* const* rows, const void* const* next_rows, const float
   for (int r = 0; r < R; ++r) {
     for (int k = 0; k < K; ++k) {
       float s = Vec::sum(acc[r][k]);
-      for (int64_t jj = j; jj < H; ++jj) s += activation_at<D>(rows[r], jj) * w[k * H + jj];
+      for (int64_t jj = j; jj < H; ++jj) s += load_as_float<D>(rows[r], jj) * w[k * H + jj];
       out[r * out_stride + k] += s;
     }
   }

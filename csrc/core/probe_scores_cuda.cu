@@ -32,13 +32,6 @@ struct LayerTable {
   int count;
 };
 
-template <DType D>
-__device__ __forceinline__ float load_one(const void* row, int64_t j) {
-  if constexpr (D == DType::Float32) return static_cast<const float*>(row)[j];
-  else if constexpr (D == DType::BFloat16) return bf16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
-  else return f16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
-}
-
 // Eight consecutive activations from a 16-byte aligned address.
 template <DType D>
 __device__ __forceinline__ void load8(const void* row, int64_t j, float (&x)[kVecElems]) {
@@ -125,7 +118,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       for (int64_t j = lane; j < H; j += kWarp) {
         float x[kTokensPerWarp];
 #pragma unroll
-        for (int r = 0; r < kTokensPerWarp; ++r) x[r] = valid[r] ? load_one<D>(rows[r], j) : 0.f;
+        for (int r = 0; r < kTokensPerWarp; ++r) x[r] = valid[r] ? load_as_float<D>(rows[r], j) : 0.f;
 #pragma unroll
         for (int k = 0; k < KG; ++k) {
           if (k0 + k >= K) break;

@@ -4,7 +4,9 @@ A linear probe over the concatenation of every layer's hidden state,
 psi_t = [h_t^(1); ...; h_t^(L)], scores token t with z_t = W^T psi_t + b. Since
 that equals sum_l W_l^T h_t^(l) + b, the kernels add one layer at a time into a
 float32 accumulator: each activation is read once, and neither the [B, T, L*H]
-concatenation nor an [L, B, T, H] stack is ever built.
+concatenation nor an [L, B, T, H] stack is ever built. (A layer whose hidden
+dim is not unit-stride, e.g. a transposed view, is the exception: the compiled
+kernels first copy that layer.)
 
 Smoothing along tokens (per sequence, per head):
   "none"  z_t.

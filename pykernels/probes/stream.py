@@ -22,10 +22,11 @@ import torch
 
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, check_int, check_tensor
+from ..reference.probe_guard import SLOT_DUPLICATED as _DUPLICATED
+from ..reference.probe_guard import SLOT_OUT_OF_RANGE as _OUT_OF_RANGE
 from .scoring import DEFAULT_WINDOW, SMOOTHINGS, default_ema_alpha
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
-_OUT_OF_RANGE, _DUPLICATED = 1, 2  # error bits of csrc/core/probe_guard.h
 
 
 def _select(op: str, device: torch.device, requested: Optional[str]) -> str:

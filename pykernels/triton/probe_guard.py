@@ -14,7 +14,6 @@ import triton.language as tl
 
 from .probe_scores import _TL_DTYPES
 
-_SLOT_OUT_OF_RANGE, _SLOT_DUPLICATED = 1, 2  # csrc/core/probe_guard.h StreamError
 
 
 # ---------------------------------------------------------------- probe_accumulate_

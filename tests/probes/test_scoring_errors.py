@@ -42,11 +42,31 @@ W = torch.randn(2, 8, 3)
         (dict(weight=torch.randn(2, 8, 3, device="meta")), ValueError, "weight must be on cpu .* got meta"),
     ],
 )
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_bad_input(kwargs, exc, pattern, backend):
-    if backend == "cpu" and not pykernels.backends()["cpu"].available:
-        pytest.skip("cpu backend unavailable")
-    args = dict(hidden_states=layers(), weight=W, backend=backend)
+def test_bad_input(kwargs, exc, pattern):
+    # Checked at the Python boundary, before a backend is chosen.
+    args = dict(hidden_states=layers(), weight=W)
     args.update(kwargs)
     with pytest.raises(exc, match=pattern):
         pykernels.probe_scores(**args)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (lambda: ([], W, None, None, "swim", 4, 0.5), "at least one layer"),
+        (lambda: (layers(), torch.randn(3, 8, 3), None, None, "swim", 4, 0.5), r"weight must be \[L=2, H=8, K\]"),
+        (lambda: (layers(), W, torch.randn(4), None, "swim", 4, 0.5), r"bias must be \[K=3\]"),
+        (lambda: (layers(), W, None, torch.tensor([9, 1]), "swim", 4, 0.5), r"lengths must lie in \[0, T=5\]"),
+        (lambda: (layers(), W, None, None, "mean", 4, 0.5), "smoothing must be 'none', 'swim' or 'ema'"),
+        (lambda: (layers(), W, None, None, "swim", 0, 0.5), "window must be >= 1"),
+        (lambda: (layers(), W, None, None, "ema", 4, 1.5), r"ema_alpha must lie in \(0, 1\]"),
+        (lambda: ([torch.randn(2, 5, 8), torch.randn(2, 5, 8).double()], torch.randn(2, 8, 3), None, None, "swim", 4,
+                  0.5), "every layer must match layer 0"),
+    ],
+)
+def test_compiled_op_checks_its_arguments(args, pattern):
+    # C++ hosts call the op without the Python checks: the binding's own checks.
+    if not pykernels.backends()["cpu"].available:
+        pytest.skip("cpu backend unavailable")
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.pykernels.probe_scores(*args())

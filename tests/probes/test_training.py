@@ -243,7 +243,8 @@ def test_linear_probe_learns_and_calibrates(tmp_path):
     benign = [(h[:, y == 0], n[y == 0]) for h, y, n in train]
     thr = probe.calibrate(benign, target_flag_rate=0.25)
     benign_scores = torch.cat([probe.exchange_scores(h, n)[:, 0] for h, n in benign])
-    assert (benign_scores > thr).float().mean() <= 0.25
+    rate = (benign_scores > thr).float().mean().item()
+    assert 0.25 - 2 / len(benign_scores) <= rate <= 0.25  # the target, to within a tie (+inf would not pass)
     # Training logits are the fused kernel's "none" scores.
     h, _, _ = test[0]
     torch.testing.assert_close(probe.token_logits(h).detach(), probe_scores(h, probe.weight.detach(),
