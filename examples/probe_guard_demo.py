@@ -160,11 +160,14 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- 2. probes and the ablation
 
+# The variants differ in the training loss only (smoothing window and token
+# weighting, as in the paper's ablation); every probe is then scored the same
+# way, with the production inference smoothing (EMA).
 VARIANTS = {  # name: (fit options, inference smoothing)
     "SWiM + softmax weights (paper)": (dict(loss="softmax_bce", window=16, tau=1.0), "ema"),
     "SWiM, uniform weights": (dict(loss="softmax_bce", window=16, tau=1e6), "ema"),
-    "no smoothing, softmax weights": (dict(loss="softmax_bce", window=1, tau=1.0), "none"),
-    "no smoothing, uniform weights": (dict(loss="softmax_bce", window=1, tau=1e6), "none"),
+    "no smoothing, softmax weights": (dict(loss="softmax_bce", window=1, tau=1.0), "ema"),
+    "no smoothing, uniform weights": (dict(loss="softmax_bce", window=1, tau=1e6), "ema"),
     "cumulative max": (dict(loss="cumulative_max", window=16), "ema"),
 }
 
@@ -281,8 +284,18 @@ def main(argv=None) -> dict:
     harmful_ids = (test_y == 1).nonzero().flatten().tolist()
     traffic = benign_ids + harmful_ids[: max(1, round(0.05 * len(benign_ids) / 0.95))]
 
-    def probe(indices):  # the probe's work: scoring the activations the guarded model produced anyway
-        return exchange_scores(paper_probe, test)[indices]
+    where = [(j, r) for j, (_, lengths, _) in enumerate(test) for r in range(len(lengths))]
+
+    def probe(indices):  # the probe's work: scoring just these exchanges' activations (the model made them anyway)
+        scores = torch.empty(len(indices))
+        by_batch: dict = {}
+        for k, i in enumerate(indices):
+            by_batch.setdefault(where[i][0], []).append((k, where[i][1]))
+        for j, items in by_batch.items():
+            layers, lengths, _ = test[j]
+            rows = torch.tensor([r for _, r in items])
+            scores[[k for k, _ in items]] = paper_probe.exchange_scores([h[rows] for h in layers], lengths[rows])[:, 0]
+        return scores
 
     escalation, flag = (0.25, 0.05) if args.quick else (0.10, 0.02)
     cascade = Cascade.calibrated(
