@@ -207,12 +207,19 @@ def _normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return z
 
 
+def _check_feature_dims(features: torch.Tensor, op: str) -> None:
+    # The same check as the C++ bindings: a row of no values has no mean.
+    torch._check(features.shape[2] > 0,
+                 lambda: f"{op}: features need at least one feature dim (D > 0), got {list(features.shape)}")
+
+
 def _tile_grid(B: int, N: int, block: int):
     return (B, triton.cdiv(N, block), triton.cdiv(N, block))
 
 
 @torch.library.custom_op("pykernels::pairwise_corr_distance_triton", mutates_args=())
 def pairwise_corr_distance_triton(features: torch.Tensor, triu: bool) -> torch.Tensor:
+    _check_feature_dims(features, "pairwise_corr_distance")
     B, N, D = features.shape
     x = features.contiguous()
     out = torch.empty((B, N * (N - 1) // 2) if triu else (B, N, N), dtype=x.dtype, device=x.device)
@@ -282,6 +289,7 @@ def _label_side(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
 
 @torch.library.custom_op("pykernels::parc_spearman_triton", mutates_args=())
 def parc_spearman_triton(features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    _check_feature_dims(features, "parc_spearman")
     B, N, D = features.shape
     M = N * (N - 1) // 2
     out = torch.full((B,), float("nan"), dtype=torch.float64, device=features.device)

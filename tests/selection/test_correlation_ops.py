@@ -216,6 +216,20 @@ def test_parc_spearman_one_sided_labels_are_nan(backend):
     assert torch.isnan(pykernels.parc_spearman(x, torch.arange(10, device=device), backend=backend)).all()
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_ops_refuse_features_without_dims(backend):
+    """The ops themselves (not only the Python wrappers) reject D = 0: the CPU kernel used to read
+    past the end (a segfault) and the others returned distances of 1."""
+    device = backend_device(backend)
+    dist, _, parc_op = _ops(backend)
+    x = torch.empty(1, 300, 0, device=device)
+    for triu in (False, True):
+        with pytest.raises(RuntimeError, match=r"pairwise_corr_distance: .*\(D > 0\)"):
+            dist(x, triu)
+    with pytest.raises(RuntimeError, match=r"parc_spearman: .*\(D > 0\)"):
+        parc_op(x, torch.arange(300, device=device) % 3)
+
+
 @pytest.mark.slow
 def test_cpu_parc_ranks_exactly_past_float32_precision():
     """Ranks beyond 2^24 pairs: N = 5,800 samples give M = 16.8M > 2^24 pairs. Features with
