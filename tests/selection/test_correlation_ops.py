@@ -188,6 +188,25 @@ def test_spearman_shared_y_nan_and_batch_shapes(backend):
                                ref.spearman(xi.double().cpu(), yf.double().cpu()), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_spearman_ranks_int64_exactly_past_2_53(backend):
+    """2^53 + k are distinct int64 values but one float64: they must not be ranked as ties (scipy
+    itself converts to float64, so the expectation comes from the offsets k)."""
+    device = backend_device(backend) if backend != "reference" else "cpu"
+    offsets = torch.tensor([[4, 0, 1, 3, 2, 2], [0, 1, 2, 3, 4, 5]])
+    big = 2**53 + offsets
+    y = torch.tensor([4.0, 0.0, 1.0, 3.0, 2.0, 2.0], dtype=torch.float64)
+    got = pykernels.spearman(big.to(device), y.to(device), backend=backend).cpu()
+    expect = torch.tensor([scipy_stats.spearmanr(k.numpy(), y.numpy())[0] for k in offsets], dtype=torch.float64)
+    torch.testing.assert_close(got, expect, atol=1e-12, rtol=0)
+    assert got[0] == 1.0
+    # Both sides 64-bit, y shared and negative: every row against -(2^53 + [0..5]), reversed order.
+    got = pykernels.spearman(big.to(device), -big[1].to(device), backend=backend).cpu()
+    expect = torch.tensor([-scipy_stats.spearmanr(k.numpy(), range(6))[0] for k in offsets], dtype=torch.float64)
+    torch.testing.assert_close(got, expect, atol=1e-12, rtol=0)
+    assert got[1] == -1.0
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_parc_spearman_matches_reference(backend):
     device = backend_device(backend)
