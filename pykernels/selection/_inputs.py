@@ -11,8 +11,10 @@ import torch
 
 
 def as_tensor(name: str, value) -> torch.Tensor:
+    """A tensor, or numpy data as one; detached: the selection scores are not differentiable
+    (ranks, PCA with fixed signs, argmax), so no autograd graph is built through them."""
     if isinstance(value, torch.Tensor):
-        return value
+        return value.detach()
     if isinstance(value, np.ndarray) or isinstance(value, (list, tuple)):
         return torch.as_tensor(np.asarray(value))
     raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
@@ -75,7 +77,7 @@ def as_models(name: str, features, *, min_samples: int = 3) -> Models:
     if n0 < min_samples:
         raise ValueError(f"{name} has N={n0} samples; at least {min_samples} are needed")
     tensors = [t if t.dtype.is_floating_point else t.double() for t in tensors]
-    batch = features if isinstance(features, torch.Tensor) and features.dim() == 3 else None
+    batch = features.detach() if isinstance(features, torch.Tensor) and features.dim() == 3 else None
     return Models(tensors, single, batch if batch is not None and batch.dtype.is_floating_point else None)
 
 
