@@ -50,7 +50,8 @@ def as_models(name: str, features, *, min_samples: int = 3) -> Models:
         tensors = [as_tensor(f"{name}[{i}]", f) for i, f in enumerate(features)]
         for i, t in enumerate(tensors):
             if t.dim() != 2:
-                raise ValueError(f"{name}[{i}] must be [N, D], got shape {tuple(t.shape)}")
+                raise ValueError(f"{name}[{i}] must be [N, D], got shape {tuple(t.shape)}: {name} was given as a list, "
+                                 f"which is read as a list of models; for one model pass a tensor or array [N, D]")
         single = False
     else:
         t = as_tensor(name, features)

@@ -266,6 +266,8 @@ def test_features_that_require_grad_give_plain_scores():
     (dict(mode="fast"), ValueError, r"mode must be one of \('exact', 'reference'\)"),
     (dict(features="x"), TypeError, "features must be a torch.Tensor or numpy array"),
     (dict(features=np.ones((2, 40, 5, 1))), ValueError, r"must be \[N, D\], \[B, N, D\]"),
+    (dict(features=np.ones((40, 5)).tolist()), ValueError,
+     r"features\[0\] must be \[N, D\], got shape \(5,\): .* list of models; for one model pass a tensor or array"),
     (dict(labels=np.zeros((40, 3))), ValueError, "labels row 0 is constant"),
 ])
 def test_bad_input(kwargs, exc, pattern):
