@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from pykernels import flatness
+from pykernels.flatness._piecewise import curved_ops
 from pykernels.flatness.hvp import InputHessian, ParameterHessian, prepared
 
-from tests.flatness.models import NoForwardModeNet, dense_hessians, inputs, small_cnn
+from tests.flatness.models import NoForwardModeNet, ResidualBlock, dense_hessians, inputs, small_cnn
 
 METHODS = ("forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
 
@@ -56,6 +57,22 @@ def test_auto_method_picks_gauss_newton_only_for_piecewise_linear_models():
         assert H.method == expect, act
     with prepared(small_cnn(nn.GELU), x):
         assert InputHessian(small_cnn(nn.GELU), x).curved == {"gelu": 2}
+
+
+def test_in_place_ops_are_judged_as_their_out_of_place_form():
+    """`out += x`, ReLU(inplace=True) and ReLU6(inplace=True) (add_, relu_, hardtanh_) keep a
+    ResNet block piecewise linear: Gauss-Newton is picked and equals the dense Hessian. An
+    in-place product of two x-dependent tensors (mul_) is still curved."""
+    x = inputs()
+    model = ResidualBlock()
+    assert curved_ops(model, x) == {}
+    with prepared(model, x):
+        H = InputHessian(model, x)
+    assert H.method == "gauss-newton"
+    V = probes(2, x)
+    expect = torch.einsum("bij,sbj->sbi", dense_hessians(model, x), V.flatten(2)).reshape(V.shape)
+    torch.testing.assert_close(flatness.hvp(model, x, V), expect, rtol=1e-10, atol=1e-10)
+    assert curved_ops(ResidualBlock(square=True), x) == {"mul": 1}
 
 
 def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
