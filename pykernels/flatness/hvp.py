@@ -29,15 +29,19 @@ Methods (`method=`):
                           rank <= K - 1 structure makes S probes cost K passes.
   "auto" (default)        "gauss-newton" when every op the model runs at x is
                           piecewise linear in x (checked, see _piecewise.py),
-                          else "forward-over-reverse"; if forward mode fails
-                          (an op without a forward-mode rule), "double-backward",
-                          reported once per model.
+                          else "forward-over-reverse"; if forward mode is not
+                          supported by the model (an op or autograd.Function
+                          without a forward-mode rule, a torch.func limitation
+                          such as data-dependent control flow under vmap),
+                          "double-backward", reported once per model. Any other
+                          error (out of memory, a bug in the model) is raised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Callable, Optional
 
 import torch
@@ -50,6 +54,18 @@ from ._model import (check_inputs, frozen_parameters, log_likelihood_fn, measure
 from ._piecewise import curved_ops
 
 HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
+
+# What torch says when forward-mode AD or a torch.func transform does not support something the
+# model does (its "not implemented" errors are NotImplementedError).
+_TRANSFORM_LIMIT = re.compile(r"forward AD|forward grad|forward-mode|jvp|vmap|functorch|batching rule", re.IGNORECASE)
+
+
+def forward_mode_unsupported(exc: BaseException) -> bool:
+    """Whether forward-over-reverse failed because the model is beyond forward-mode AD / vmap,
+    which double backward does not need; not for running out of memory or a bug in the model."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, NotImplementedError) or bool(_TRANSFORM_LIMIT.search(str(exc)))
 
 
 def default_chunk_size(rows_per_probe: int, device: torch.device) -> int:
@@ -115,6 +131,8 @@ class InputHessian:
             try:
                 return self._forward_over_reverse(Vx).reshape(V.shape)
             except (RuntimeError, NotImplementedError) as exc:
+                if not forward_mode_unsupported(exc):
+                    raise
                 return self._fall_back(exc, Vx).reshape(V.shape)
         if self.method == "double-backward":
             return self._double_backward(Vx).reshape(V.shape)

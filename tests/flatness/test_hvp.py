@@ -117,6 +117,61 @@ def test_model_without_forward_mode_falls_back_once_to_double_backward():
     torch.testing.assert_close(again, expect)
 
 
+class OldStyleTanh(torch.autograd.Function):
+    """A pre-torch.func autograd.Function (ctx in forward, no setup_context): plain autograd runs
+    it, torch.func transforms refuse it with a RuntimeError."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+class OldStyleTanhNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = small_cnn(nn.Tanh)
+
+    def forward(self, x):
+        return self.inner(OldStyleTanh.apply(x))
+
+
+class FailsOnce(nn.Module):
+    """Raises `error` on its second call (the first after the validating forward), then works."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.inner, self.error, self.calls = small_cnn(nn.Tanh), error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise self.error
+        return self.inner(x)
+
+
+def test_forward_mode_falls_back_only_when_the_model_is_beyond_it():
+    x = inputs()
+    V = probes(2, x)
+    model = OldStyleTanhNet()
+    with pytest.warns(RuntimeWarning, match="forward-mode AD failed.*setup_context.*double backward"):
+        out = flatness.hvp(model, x, V, method="forward-over-reverse")
+    torch.testing.assert_close(out, flatness.hvp(model, x, V, method="double-backward"))
+    # Running out of memory, or a bug in the model, is the user's to see: no fallback, no switch.
+    for error in (torch.OutOfMemoryError("CUDA out of memory (simulated)"), RuntimeError("mat1 and mat2 shapes")):
+        model = FailsOnce(error)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(type(error), match=str(error)[:10]):
+                flatness.hvp(model, x, V, method="forward-over-reverse")
+        assert model.calls == 2
+
+
 def test_train_mode_batchnorm_is_measured_in_eval_mode_or_refused():
     model, x = small_cnn(batchnorm=True), inputs()
     with torch.no_grad():
