@@ -60,6 +60,15 @@ def check_inputs(x) -> torch.Tensor:
     return x
 
 
+def check_hessian_dtype(dtype: torch.dtype, what: str) -> None:
+    """The Hessian measures (and hvp) run in float32 or float64: refused up front for 16-bit
+    inputs or models, whose second derivatives are mostly rounding error."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"Hessian measures need float32 or float64, got {what} in {str(dtype).replace('torch.', '')} "
+                        f"(second derivatives in 16-bit precision are mostly rounding error); measure a float32 copy: "
+                        f"copy.deepcopy(model).float() and x.float()")
+
+
 def check_logits(logits, batch: int) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(

@@ -49,8 +49,8 @@ from torch.func import grad, jvp, vjp, vmap
 
 from .._validation import check_choice, check_int
 from . import ops
-from ._model import (check_inputs, frozen_parameters, log_likelihood_fn, measurement_mode, report_once,
-                     validated_logits)
+from ._model import (check_hessian_dtype, check_inputs, frozen_parameters, log_likelihood_fn, measurement_mode,
+                     report_once, validated_logits)
 from ._piecewise import curved_ops
 
 HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
@@ -89,10 +89,12 @@ class InputHessian:
         check_choice("method", method, HVP_METHODS)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, minimum=1)
+        check_hessian_dtype(x.dtype, "x")
         self.model, self.x, self.backend = model, x.detach(), backend
         self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
         self.dim = math.prod(self.shape)
         self.logits = validated_logits(model, self.x)
+        check_hessian_dtype(self.logits.dtype, "the model's output")
         self.chunk_size = chunk_size or default_chunk_size(self.batch * self.dim, x.device)
         self.fd_step = fd_step
         self.curved: Optional[dict[str, int]] = None
@@ -282,6 +284,7 @@ class ParameterHessian:
         self.sizes = [p.numel() for p in self.params.values()]
         self.batch, self.dim = 1, sum(self.sizes)
         first = next(iter(self.params.values()))
+        check_hessian_dtype(first.dtype, "the model's parameters")
         self._dtype, self._device = first.dtype, first.device
         self.chunk_size = chunk_size or default_chunk_size(self.dim, self._device)
 

@@ -223,3 +223,31 @@ def test_parameter_hessian_trace_and_eigenvalues():
 def test_bad_input(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(small_cnn(), inputs())
+
+
+HESSIAN_MEASURES = {
+    "hvp": lambda m, x: flatness.hvp(m, x, x),
+    "hessian_trace": lambda m, x: flatness.hessian_trace(m, x, num_probes=4),
+    "exact_trace": flatness.exact_trace,
+    "top_eigenvalues": flatness.top_eigenvalues,
+    "spectral_density": flatness.spectral_density,
+    "parameter_hessian_trace": lambda m, x: flatness.parameter_hessian_trace(
+        m, nn.functional.cross_entropy, x, torch.arange(len(x)) % 5, num_probes=4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("measure", list(HESSIAN_MEASURES), ids=str)
+def test_hessian_measures_refuse_16_bit_models_saying_why(measure, dtype):
+    """16-bit inputs or models are refused by name before any internal call fails (a 16-bit
+    model fed float32 x fails in the model itself, with the model's own error)."""
+    call = HESSIAN_MEASURES[measure]
+    model = small_cnn(dtype=dtype)
+    what = "the model's parameters" if measure.startswith("parameter") else "x"
+    with pytest.raises(TypeError, match=f"need float32 or float64, got {what} in {str(dtype)[6:]}.* x.float"):
+        call(model, inputs(dtype=dtype))
+    if measure != "parameter_hessian_trace":  # a model that returns 16-bit logits from float32 x
+        with pytest.raises(TypeError, match=f"got the model's output in {str(dtype)[6:]}"):
+            call(lambda t: model(t.to(dtype)), inputs(dtype=torch.float32))
+    # The first-order measures run in 16-bit.
+    assert flatness.grad_norm(model, inputs(dtype=dtype)).dtype == dtype
