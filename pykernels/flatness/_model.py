@@ -95,6 +95,21 @@ def check_finite_logits(logits: torch.Tensor) -> None:
         )
 
 
+def warn_if_normalized(model, logits: torch.Tensor) -> None:
+    """Warns (once per model) when the outputs look normalised rather than logits: log-softmax
+    outputs have logsumexp 0 in every row, so log p is constant and every measure is 0;
+    probabilities (non-negative rows summing to 1) are read as logits, which they are not."""
+    tol = 1e-4 if logits.dtype == torch.float64 else 1e-3
+    if bool((torch.logsumexp(logits, 1).abs() < tol).all()):
+        what = "log-probabilities (logsumexp = 0 for every example: log p is then constant and every measure is 0)"
+    elif bool((logits >= 0).all()) and bool(((logits.sum(1) - 1).abs() < tol).all()):
+        what = "probabilities (non-negative rows summing to 1, read here as logits)"
+    else:
+        return
+    report_once(model, "normalized-output", f"pykernels.flatness: the model's outputs look like {what}; the measures "
+                                            f"need pre-softmax logits (drop the final softmax / log_softmax)")
+
+
 def _train_mode_modules(model) -> list[tuple[str, torch.nn.Module]]:
     if not isinstance(model, torch.nn.Module):
         return []
@@ -158,7 +173,8 @@ def log_likelihood_fn(model: Callable, backend: Optional[str] = None) -> Callabl
 
 
 def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
-    """One plain forward at x: the model's output must be finite [B, K] logits."""
+    """One plain forward at x: the model's output must be finite [B, K] logits (a warning
+    when they look like probabilities or log-probabilities)."""
     with torch.no_grad():
         try:
             out = model(x)
@@ -167,4 +183,5 @@ def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
                                f"of the inputs the model takes): {type(exc).__name__}: {exc}") from exc
         logits = check_logits(out, x.shape[0])
     check_finite_logits(logits)
+    warn_if_normalized(model, logits)
     return logits

@@ -4,6 +4,7 @@ correctness target (Hutchinson with 1,000 probes within 3 standard errors of
 exact_trace on a ReLU CNN)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -146,6 +147,24 @@ def test_log_likelihood_and_grad_norm(gelu):
     xx = x.clone().requires_grad_()
     (g,) = torch.autograd.grad(torch.logsumexp(model(xx), -1).sum(), xx)
     torch.testing.assert_close(flatness.grad_norm(model, x), g.flatten(1).norm(dim=1))
+
+
+def test_normalized_outputs_are_reported_once_per_model():
+    """log_softmax outputs make log p constant (every measure 0); softmax outputs are not
+    logits either. Both are reported, once per model; logits are not."""
+    model, x = small_cnn(nn.GELU), inputs()
+    log_probs = nn.Sequential(model, nn.LogSoftmax(-1))
+    with pytest.warns(RuntimeWarning, match="look like log-probabilities .* every measure is 0.*pre-softmax logits"):
+        g = flatness.grad_norm(log_probs, x)
+    assert (g < 1e-12).all()  # what the warning is about
+    probs = nn.Sequential(model, nn.Softmax(-1))
+    with pytest.warns(RuntimeWarning, match="look like probabilities .*pre-softmax logits"):
+        flatness.hessian_trace(probs, x, num_probes=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flatness.log_likelihood(log_probs, x)  # reported already
+        flatness.grad_norm(model, x)
+        flatness.log_likelihood(lambda t: model(t) - 1.0, x)  # negative logits, rows of any sum
 
 
 @pytest.mark.parametrize("noise", ["sigma", "eps"])
