@@ -8,6 +8,7 @@
 // model's pairs whatever the batch size.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cub/block/block_reduce.cuh>
 #include <cub/device/device_radix_sort.cuh>
@@ -284,6 +285,10 @@ void launch_normalize(const FeatureBatch& f, Z* z, const int64_t* order, int* in
   check(cudaGetLastError(), "normalize kernel launch");
 }
 
+// Grid axes y and z stop at 65,535: tiles on y allow n up to 2M samples (far past memory); models
+// on z are launched in chunks of at most kMaxGridZ.
+constexpr int64_t kMaxGridZ = 65535;
+
 dim3 tile_grid(int64_t n, int64_t models) {
   const unsigned tiles = unsigned((n + kTile - 1) / kTile);
   return dim3(tiles, tiles, unsigned(models));
@@ -388,9 +393,12 @@ void pairwise_corr_distance_cuda(const FeatureBatch& f, bool triu, void* out, vo
   auto run = [&](auto* z) {
     using Z = std::remove_pointer_t<decltype(z)>;
     launch_normalize(f, z, nullptr, nullptr, stream);
-    if (triu) pair_tile_kernel<Z, TileOut::Triu><<<tile_grid(f.n, f.batch), block, 0, stream>>>(z, f.n, f.d, 0, out, nullptr);
-    else pair_tile_kernel<Z, TileOut::Full><<<tile_grid(f.n, f.batch), block, 0, stream>>>(z, f.n, f.d, 0, out, nullptr);
-    check(cudaGetLastError(), "distance kernel launch");
+    for (int64_t b0 = 0; b0 < f.batch; b0 += kMaxGridZ) {
+      const dim3 grid = tile_grid(f.n, std::min(kMaxGridZ, f.batch - b0));
+      if (triu) pair_tile_kernel<Z, TileOut::Triu><<<grid, block, 0, stream>>>(z, f.n, f.d, b0, out, nullptr);
+      else pair_tile_kernel<Z, TileOut::Full><<<grid, block, 0, stream>>>(z, f.n, f.d, b0, out, nullptr);
+      check(cudaGetLastError(), "distance kernel launch");
+    }
   };
   if (f.dtype == FloatType::Float32) run(static_cast<float*>(s.z));
   else run(static_cast<double*>(s.z));

@@ -19,6 +19,8 @@ inline core::FloatType to_float_type(const at::Tensor& t, const char* op, const 
 inline core::FeatureBatch feature_batch(const at::Tensor& features, const char* op) {
   TORCH_CHECK(features.dim() == 3, op, ": features must be [B, N, D], got ", features.sizes());
   TORCH_CHECK(features.is_contiguous(), op, ": features must be contiguous");
+  // A row of no values has no mean: the kernels would divide by D = 0 (and the CPU one index past it).
+  TORCH_CHECK(features.size(2) > 0, op, ": features need at least one feature dim (D > 0), got ", features.sizes());
   return core::FeatureBatch{features.data_ptr(), to_float_type(features, op, "features"), features.size(0),
                             features.size(1), features.size(2)};
 }

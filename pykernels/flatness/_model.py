@@ -60,6 +60,15 @@ def check_inputs(x) -> torch.Tensor:
     return x
 
 
+def check_hessian_dtype(dtype: torch.dtype, what: str) -> None:
+    """The Hessian measures (and hvp) run in float32 or float64: refused up front for 16-bit
+    inputs or models, whose second derivatives are mostly rounding error."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"Hessian measures need float32 or float64, got {what} in {str(dtype).replace('torch.', '')} "
+                        f"(second derivatives in 16-bit precision are mostly rounding error); measure a float32 copy: "
+                        f"copy.deepcopy(model).float() and x.float()")
+
+
 def check_logits(logits, batch: int) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(
@@ -84,6 +93,21 @@ def check_finite_logits(logits: torch.Tensor) -> None:
             f"the model produced NaN or infinite logits for {len(idx)} example(s) (indices {shown}); "
             f"log p and its derivatives are undefined there"
         )
+
+
+def warn_if_normalized(model, logits: torch.Tensor) -> None:
+    """Warns (once per model) when the outputs look normalised rather than logits: log-softmax
+    outputs have logsumexp 0 in every row, so log p is constant and every measure is 0;
+    probabilities (non-negative rows summing to 1) are read as logits, which they are not."""
+    tol = 1e-4 if logits.dtype == torch.float64 else 1e-3
+    if bool((torch.logsumexp(logits, 1).abs() < tol).all()):
+        what = "log-probabilities (logsumexp = 0 for every example: log p is then constant and every measure is 0)"
+    elif bool((logits >= 0).all()) and bool(((logits.sum(1) - 1).abs() < tol).all()):
+        what = "probabilities (non-negative rows summing to 1, read here as logits)"
+    else:
+        return
+    report_once(model, "normalized-output", f"pykernels.flatness: the model's outputs look like {what}; the measures "
+                                            f"need pre-softmax logits (drop the final softmax / log_softmax)")
 
 
 def _train_mode_modules(model) -> list[tuple[str, torch.nn.Module]]:
@@ -149,7 +173,8 @@ def log_likelihood_fn(model: Callable, backend: Optional[str] = None) -> Callabl
 
 
 def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
-    """One plain forward at x: the model's output must be finite [B, K] logits."""
+    """One plain forward at x: the model's output must be finite [B, K] logits (a warning
+    when they look like probabilities or log-probabilities)."""
     with torch.no_grad():
         try:
             out = model(x)
@@ -158,4 +183,5 @@ def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
                                f"of the inputs the model takes): {type(exc).__name__}: {exc}") from exc
         logits = check_logits(out, x.shape[0])
     check_finite_logits(logits)
+    warn_if_normalized(model, logits)
     return logits

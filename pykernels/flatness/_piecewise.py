@@ -9,7 +9,8 @@ tensors depend on x (x, then every output of an op with an x-dependent input)
 and records every ATen op applied to them. An op is piecewise linear in x when
 it is in _PIECEWISE_LINEAR, or is multilinear (products) with at most one
 factor depending on x, or is a division whose divisor does not depend on x, or
-is eval-mode batch norm.
+is eval-mode batch norm. An in-place op (add_, hardtanh_, ...) is judged as its
+out-of-place form.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ _PIECEWISE_LINEAR = {
     "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
     "im2col", "col2im", "flip", "roll", "trace", "diagonal",
     # piecewise-linear selections and activations
-    "relu", "relu_", "leaky_relu", "hardtanh", "clamp", "clamp_min", "clamp_max", "threshold", "abs",
+    "relu", "leaky_relu", "hardtanh", "clamp", "clamp_min", "clamp_max", "threshold", "abs",
     "maximum", "minimum", "max", "min", "amax", "amin", "where", "masked_fill", "max_pool1d",
     "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
     "adaptive_max_pool2d", "adaptive_max_pool3d", "sort", "topk", "sign", "round", "floor", "ceil",
@@ -38,8 +39,8 @@ _PIECEWISE_LINEAR = {
     "view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "expand", "squeeze",
     "unsqueeze", "flatten", "unflatten", "slice", "select", "index_select", "index", "gather", "cat",
     "stack", "split", "split_with_sizes", "chunk", "unbind", "clone", "contiguous", "_to_copy", "to",
-    "copy_", "detach", "alias", "narrow", "repeat", "pixel_shuffle", "pixel_unshuffle", "as_strided",
-    "lift_fresh", "lift_fresh_copy", "unfold", "empty_like", "zeros_like", "ones_like", "fill_",
+    "copy", "detach", "alias", "narrow", "repeat", "pixel_shuffle", "pixel_unshuffle", "as_strided",
+    "lift_fresh", "lift_fresh_copy", "unfold", "empty_like", "zeros_like", "ones_like", "fill",
     "new_zeros", "new_empty", "expand_as", "view_as",
 }
 _MULTILINEAR = {"mul", "mm", "bmm", "addmm", "addmv", "mv", "baddbmm", "addbmm", "dot", "vdot",
@@ -48,7 +49,11 @@ _BATCH_NORM_EVAL = {"_native_batch_norm_legit_no_training"}
 
 
 def _base_name(func) -> str:
-    return func._schema.name.split("::")[-1]
+    """The op's name, in-place forms (a trailing "_": add_, hardtanh_) as their out-of-place op,
+    which computes the same values: `out += x` and ReLU6(inplace=True) are as linear as
+    `out + x` and ReLU6()."""
+    name = func._schema.name.split("::")[-1]
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
 def _is_piecewise_linear(name: str, func, args, kwargs, depends: list[bool]) -> bool:

@@ -56,25 +56,33 @@ def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps:
     check_int("steps", steps, minimum=1)
     with prepared(model, x, train_mode, "pgd"):
         _check(x, y, eps)
-        alpha = step_size if step_size is not None else 2.5 * eps / steps
-        x0 = x.detach()
-        gen = torch.Generator(device=x.device).manual_seed(seed) if seed is not None else None
-        delta = torch.zeros_like(x0)
-        if random_start:
-            if norm == "linf":
-                delta = eps * (2 * torch.rand(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device) - 1)
-            else:
-                delta = eps * _unit_l2(torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device))
-        for _ in range(steps):
-            adv = x0 + delta
-            if clamp:
-                adv = adv.clamp(*clamp)
-            g = _loss_grad(model, adv, y)
-            if norm == "linf":
-                delta = (delta + alpha * g.sign()).clamp(-eps, eps)
-            else:
-                delta = delta + alpha * _unit_l2(g)
-                norms = delta.flatten(1).norm(dim=1).clamp(min=eps).reshape(-1, *([1] * (x0.dim() - 1)))
-                delta = delta * (eps / norms)
+        return pgd_steps(model, x, y, eps, steps=steps, step_size=step_size, norm=norm, random_start=random_start,
+                         clamp=clamp, seed=seed)
+
+
+def pgd_steps(model: Callable, x: torch.Tensor, y: torch.Tensor, eps, *, steps: int, step_size: Optional[float],
+              norm: str, random_start: bool, clamp: Optional[tuple[float, float]], seed: Optional[int]) -> torch.Tensor:
+    """pgd's iterations, unchecked; eps may also be a tensor broadcasting against x (one budget
+    per example)."""
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    x0 = x.detach()
+    gen = torch.Generator(device=x.device).manual_seed(seed) if seed is not None else None
+    delta = torch.zeros_like(x0)
+    if random_start:
+        if norm == "linf":
+            delta = eps * (2 * torch.rand(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device) - 1)
+        else:
+            delta = eps * _unit_l2(torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device))
+    for _ in range(steps):
         adv = x0 + delta
-        return adv.clamp(*clamp) if clamp else adv
+        if clamp:
+            adv = adv.clamp(*clamp)
+        g = _loss_grad(model, adv, y)
+        if norm == "linf":
+            delta = torch.clamp(delta + alpha * g.sign(), -eps, eps)
+        else:
+            delta = delta + alpha * _unit_l2(g)
+            norms = torch.clamp(delta.flatten(1).norm(dim=1).reshape(-1, *([1] * (x0.dim() - 1))), min=eps)
+            delta = delta * (eps / norms)
+    adv = x0 + delta
+    return adv.clamp(*clamp) if clamp else adv

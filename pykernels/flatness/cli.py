@@ -57,7 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--plot-examples", type=int, default=1, help="examples to plot per direction (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="compute dtype")
-    p.add_argument("--seed", type=int, default=0, help="probe and noise seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="probe and noise seed (default 0); the batch starting at example i uses seed + i, so no two "
+                        "batches share their random draws")
     p.add_argument("--out", default="flatness-out", help="output folder (default flatness-out)")
     p.set_defaults(func=run)
 
@@ -178,22 +180,23 @@ def run(args) -> int:
     started = time.perf_counter()
     for b0 in range(0, x.shape[0], args.batch_size):
         xb = x[b0 : b0 + args.batch_size]
+        seed = args.seed + b0  # the same seed would give example b0 + i the probes / noise of example i
         for m in measures:
             if m == "log_likelihood":
                 per_example[m].append(log_likelihood(model, xb))
             elif m == "grad_norm":
                 per_example[m].append(grad_norm(model, xb))
             elif m == "trace":
-                est = hessian_trace(model, xb, args.num_probes, seed=args.seed)
+                est = hessian_trace(model, xb, args.num_probes, seed=seed)
                 per_example[m].append(est.value)
                 per_example["trace_stderr"].append(est.stderr)
             elif m == "exact_trace":
                 per_example[m].append(exact_trace(model, xb))
             elif m == "top_eigenvalue":
-                per_example[m].append(top_eigenvalues(model, xb, 1, seed=args.seed)[:, 0])
+                per_example[m].append(top_eigenvalues(model, xb, 1, seed=seed)[:, 0])
             elif m == "neighborhood_drop":
                 per_example[m].append(neighborhood_drop(model, xb, sigma=args.sigma, samples=args.samples,
-                                                        seed=args.seed).value)
+                                                        seed=seed).value)
         done = min(x.shape[0], b0 + args.batch_size)
         print(f"\rmeasured {done}/{x.shape[0]} examples ({time.perf_counter() - started:.1f} s)",
               end="\n" if done == x.shape[0] else "", file=sys.stderr, flush=True)

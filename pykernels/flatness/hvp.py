@@ -29,15 +29,19 @@ Methods (`method=`):
                           rank <= K - 1 structure makes S probes cost K passes.
   "auto" (default)        "gauss-newton" when every op the model runs at x is
                           piecewise linear in x (checked, see _piecewise.py),
-                          else "forward-over-reverse"; if forward mode fails
-                          (an op without a forward-mode rule), "double-backward",
-                          reported once per model.
+                          else "forward-over-reverse"; if forward mode is not
+                          supported by the model (an op or autograd.Function
+                          without a forward-mode rule, a torch.func limitation
+                          such as data-dependent control flow under vmap),
+                          "double-backward", reported once per model. Any other
+                          error (out of memory, a bug in the model) is raised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Callable, Optional
 
 import torch
@@ -45,11 +49,23 @@ from torch.func import grad, jvp, vjp, vmap
 
 from .._validation import check_choice, check_int
 from . import ops
-from ._model import (check_inputs, frozen_parameters, log_likelihood_fn, measurement_mode, report_once,
-                     validated_logits)
+from ._model import (check_hessian_dtype, check_inputs, frozen_parameters, log_likelihood_fn, measurement_mode,
+                     report_once, validated_logits)
 from ._piecewise import curved_ops
 
 HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
+
+# What torch says when forward-mode AD or a torch.func transform does not support something the
+# model does (its "not implemented" errors are NotImplementedError).
+_TRANSFORM_LIMIT = re.compile(r"forward AD|forward grad|forward-mode|jvp|vmap|functorch|batching rule", re.IGNORECASE)
+
+
+def forward_mode_unsupported(exc: BaseException) -> bool:
+    """Whether forward-over-reverse failed because the model is beyond forward-mode AD / vmap,
+    which double backward does not need; not for running out of memory or a bug in the model."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, NotImplementedError) or bool(_TRANSFORM_LIMIT.search(str(exc)))
 
 
 def default_chunk_size(rows_per_probe: int, device: torch.device) -> int:
@@ -73,10 +89,12 @@ class InputHessian:
         check_choice("method", method, HVP_METHODS)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, minimum=1)
+        check_hessian_dtype(x.dtype, "x")
         self.model, self.x, self.backend = model, x.detach(), backend
         self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
         self.dim = math.prod(self.shape)
         self.logits = validated_logits(model, self.x)
+        check_hessian_dtype(self.logits.dtype, "the model's output")
         self.chunk_size = chunk_size or default_chunk_size(self.batch * self.dim, x.device)
         self.fd_step = fd_step
         self.curved: Optional[dict[str, int]] = None
@@ -115,6 +133,8 @@ class InputHessian:
             try:
                 return self._forward_over_reverse(Vx).reshape(V.shape)
             except (RuntimeError, NotImplementedError) as exc:
+                if not forward_mode_unsupported(exc):
+                    raise
                 return self._fall_back(exc, Vx).reshape(V.shape)
         if self.method == "double-backward":
             return self._double_backward(Vx).reshape(V.shape)
@@ -264,6 +284,7 @@ class ParameterHessian:
         self.sizes = [p.numel() for p in self.params.values()]
         self.batch, self.dim = 1, sum(self.sizes)
         first = next(iter(self.params.values()))
+        check_hessian_dtype(first.dtype, "the model's parameters")
         self._dtype, self._device = first.dtype, first.device
         self.chunk_size = chunk_size or default_chunk_size(self.dim, self._device)
 

@@ -6,7 +6,9 @@ Directions (`directions=`):
                  to the first.
   "adversarial"  sign of grad_x of the cross-entropy at labels y (default: the
                  model's prediction), the FGSM direction.
-  "pgd"          the PGD perturbation (Linf ball of `radius`, 10 steps) at y.
+  "pgd"          the PGD perturbation at y (10 steps) within the ball the grid spans:
+                 Linf of `radius` for scale="linf", L2 of `radius` for "l2" and
+                 "none", L2 of radius * ||x_b|| for "input".
   "gradient"     grad_x log p(x), steepest ascent of the likelihood.
   a tensor [B, ...]      your own direction;  a pair of tensors: both directions.
 In 2-D a single named or given direction is paired with a random one made
@@ -34,7 +36,7 @@ from torch.func import grad
 from .._validation import check_choice, check_int
 from . import ops
 from ._model import log_likelihood_fn, validated_logits
-from .attacks import _loss_grad, pgd
+from .attacks import _loss_grad, pgd_steps
 from .hvp import prepared
 
 NAMED_DIRECTIONS = ("random", "adversarial", "pgd", "gradient")
@@ -77,7 +79,17 @@ def _scaled(d: torch.Tensor, x: torch.Tensor, scale: str) -> torch.Tensor:
     return d * _per_example_norm(x, 2) if scale == "input" else d
 
 
-def _named_direction(kind: str, model, x, y, radius, gen, backend) -> torch.Tensor:
+def _pgd_budget(x: torch.Tensor, radius: float, scale: str):
+    """(norm, eps) of the "pgd" direction's attack: the ball the landscape's grid spans, in the
+    units of its scale (per example for "input")."""
+    if scale == "linf":
+        return "linf", radius
+    if scale == "input":
+        return "l2", radius * _per_example_norm(x, 2)
+    return "l2", radius
+
+
+def _named_direction(kind: str, model, x, y, radius, scale, gen, backend) -> torch.Tensor:
     if kind == "random":
         return torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
     if kind == "gradient":
@@ -87,14 +99,17 @@ def _named_direction(kind: str, model, x, y, radius, gen, backend) -> torch.Tens
             y = model(x).argmax(dim=1)
     if kind == "adversarial":
         return _loss_grad(model, x, y).sign()
-    return pgd(model, x, y, radius, steps=10, seed=int(torch.randint(0, 2**31, (1,), generator=gen))) - x
+    norm, eps = _pgd_budget(x, radius, scale)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    return pgd_steps(model, x, y, eps, steps=10, step_size=None, norm=norm, random_start=True, clamp=None,
+                     seed=seed) - x
 
 
 def _directions(directions, dims, model, x, y, radius, scale, seed, backend):
     gen = torch.Generator(device=x.device).manual_seed(seed)
     if isinstance(directions, str):
         check_choice("directions", directions, NAMED_DIRECTIONS)
-        given, kinds = [_named_direction(directions, model, x, y, radius, gen, backend)], [directions]
+        given, kinds = [_named_direction(directions, model, x, y, radius, scale, gen, backend)], [directions]
     elif isinstance(directions, torch.Tensor):
         given, kinds = [directions], ["given"]
     elif isinstance(directions, (list, tuple)) and all(isinstance(d, torch.Tensor) for d in directions):

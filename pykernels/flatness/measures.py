@@ -22,6 +22,9 @@ not available here; each is documented for what it computes.
 
 Models in train mode are measured in eval mode (train_mode="eval", reported once)
 or refused (train_mode="raise"); see pykernels.flatness.hvp for the HVP methods.
+The Hessian measures (hessian_trace, exact_trace, top_eigenvalues, spectral_density,
+parameter_*) need float32 / float64 inputs and models: 16-bit ones raise a TypeError
+(their second derivatives would be mostly rounding error).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch.func import grad
 from .._validation import check_choice, check_int
 from . import estimators as est
 from . import ops
-from ._model import log_likelihood_fn, validated_logits
+from ._model import check_hessian_dtype, log_likelihood_fn, validated_logits
 from ._piecewise import curved_ops
 from .estimators import Estimate
 from .hvp import InputHessian, ParameterHessian, default_chunk_size, input_jacobian, prepared
@@ -186,8 +189,10 @@ def exact_trace(model: Callable, x: torch.Tensor, *, check: bool = True, chunk_s
     Jacobians (default: about 2^20 elements of J).
     """
     with prepared(model, x, train_mode, "exact_trace"):
+        check_hessian_dtype(x.dtype, "x")
         x = x.detach()
         logits = validated_logits(model, x)
+        check_hessian_dtype(logits.dtype, "the model's output")
         if check:
             curved = curved_ops(model, x)
             if curved:

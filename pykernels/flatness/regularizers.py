@@ -1,6 +1,7 @@
 """Differentiable penalties towards a flat likelihood landscape, to add to a
 training loss (each is a scalar, the mean over the batch; multiply by your own
-lambda). Gradients reach the parameters (and x).
+lambda). Gradients reach the parameters, and x when it requires grad (for
+curvature_penalty only through grad log p(x): see its docstring).
 
   neighborhood_drop_penalty  mean_b (log p(x_b) - mean_s log p(x_b + d_s))^2,
                              d_s ~ N(0, sigma^2 I): the squared Monte Carlo
@@ -57,7 +58,13 @@ def grad_norm_penalty(model: Callable, x: torch.Tensor, *, backend: Optional[str
 
 def curvature_penalty(model: Callable, x: torch.Tensor, h: float = 0.1, *, direction: str = "gradient",
                       backend: Optional[str] = None, train_mode: str = "eval") -> torch.Tensor:
-    """h is the step in input units (the L2 length of the displacement)."""
+    """mean_b ||grad log p(x_b + h z_b) - grad log p(x_b)||^2 / h^2; h is the step in input units
+    (the L2 length of the displacement).
+
+    What receives gradient: the parameters, through both input gradients (double backward);
+    x, when it requires grad, only through grad log p(x). The direction z and the shifted
+    point x + h z are constants (built from detached tensors), as in CURE: the penalty does
+    not differentiate through where it measures."""
     check_inputs(x)
     check_choice("direction", direction, CURVATURE_DIRECTIONS)
     if not h > 0:

@@ -5,6 +5,9 @@
     table = score_models("probe_features/", labels, methods=("parc", "logme"))
     print(table)
 
+Scores are not differentiable: inputs that require grad are detached (the ops underneath,
+pykernels.pairwise_corr_distance in particular, keep their own autograd).
+
 scipy and scikit-learn (pip install pykernels[selection]) are needed only by
 parc(mode="reference") and evaluate(); they are imported when used.
 """

@@ -11,8 +11,10 @@ import torch
 
 
 def as_tensor(name: str, value) -> torch.Tensor:
+    """A tensor, or numpy data as one; detached: the selection scores are not differentiable
+    (ranks, PCA with fixed signs, argmax), so no autograd graph is built through them."""
     if isinstance(value, torch.Tensor):
-        return value
+        return value.detach()
     if isinstance(value, np.ndarray) or isinstance(value, (list, tuple)):
         return torch.as_tensor(np.asarray(value))
     raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
@@ -48,7 +50,8 @@ def as_models(name: str, features, *, min_samples: int = 3) -> Models:
         tensors = [as_tensor(f"{name}[{i}]", f) for i, f in enumerate(features)]
         for i, t in enumerate(tensors):
             if t.dim() != 2:
-                raise ValueError(f"{name}[{i}] must be [N, D], got shape {tuple(t.shape)}")
+                raise ValueError(f"{name}[{i}] must be [N, D], got shape {tuple(t.shape)}: {name} was given as a list, "
+                                 f"which is read as a list of models; for one model pass a tensor or array [N, D]")
         single = False
     else:
         t = as_tensor(name, features)
@@ -75,7 +78,7 @@ def as_models(name: str, features, *, min_samples: int = 3) -> Models:
     if n0 < min_samples:
         raise ValueError(f"{name} has N={n0} samples; at least {min_samples} are needed")
     tensors = [t if t.dtype.is_floating_point else t.double() for t in tensors]
-    batch = features if isinstance(features, torch.Tensor) and features.dim() == 3 else None
+    batch = features.detach() if isinstance(features, torch.Tensor) and features.dim() == 3 else None
     return Models(tensors, single, batch if batch is not None and batch.dtype.is_floating_point else None)
 
 

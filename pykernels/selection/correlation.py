@@ -88,11 +88,26 @@ def _spearman_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype in wide or y.dtype in wide else torch.float32
 
 
+def _rankable(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """values in `dtype`, keeping their order and ties exactly. 64-bit integers are replaced by
+    their dense rank among all the values (float64 would merge distinct values past 2^53);
+    Spearman depends only on order and ties, so the result is the same."""
+    if values.dtype not in (torch.int64, torch.uint64):
+        return values.to(dtype)
+    flat = values.reshape(-1)
+    ordered, index = torch.sort(flat)
+    new_value = torch.ones_like(flat, dtype=torch.bool)
+    new_value[1:] = ordered[1:] != ordered[:-1]
+    codes = torch.empty(flat.shape, dtype=dtype, device=flat.device)
+    return codes.scatter_(0, index, torch.cumsum(new_value, 0).to(dtype)).reshape(values.shape)
+
+
 def spearman(x: torch.Tensor, y: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """Spearman's rank correlation over the last dim, with average ranks for ties.
 
     Args:
-        x: [..., M] values (float or integer; float16 / bfloat16 are ranked as float32).
+        x: [..., M] values (float or integer; float16 / bfloat16 are ranked as float32; int64
+            exactly, also past 2^53, where float64 would tie distinct values).
         y: the same shape as x, or broadcastable to it (e.g. [M] shared by every row: ranked
             once).
         backend: see pairwise_corr_distance.
@@ -105,7 +120,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor, *, backend: Optional[str] = None)
     if x.dim() == 0:
         raise ValueError("x must have at least one dim [..., M], got a 0-d tensor")
     dtype = _spearman_dtype(x, y)
-    xs, ys = x.to(dtype), y.to(dtype)  # converted before broadcasting, so a shared y stays one row
+    xs, ys = _rankable(x, dtype), _rankable(y, dtype)  # before broadcasting: a shared y stays one row
     try:
         ys = ys.expand_as(xs)
     except RuntimeError:

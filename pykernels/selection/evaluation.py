@@ -5,9 +5,12 @@ The paper's metric (dbolya/parc, metrics.py): per run and target dataset, 100 x 
 between a method's scores and the fine-tuned accuracies over the transfers, averaged over
 targets, then over runs. Optionally first (capacity=...) every method's scores are z-scored
 over all rows (sample std) and capacity_weight x capacity / 50 is added, capacity being the
-source model's depth in layers (the paper's "capacity to learn" term). Rows whose accuracy is
+source model's depth in layers (the paper's "capacity to learn" term); a method whose scores
+are all equal has no spread to z-score by and contributes 0 there. Rows whose accuracy is
 <= 0 are left out, as the reference does (it marks missing fine-tunes so); rows whose score is
-NaN are left out of that method (the reference fills them with 0 instead).
+NaN are left out of that method (the reference fills them with 0 instead). A (run, target) group
+whose correlations are undefined (fewer than two rows left, or constant scores or accuracies)
+is skipped and counted, rather than making the method's average NaN.
 
 Kendall's tau-b and scipy's weighted tau (hyperbolic weights favouring the top) are averaged
 the same way; later papers rank estimators by them.
@@ -32,15 +35,16 @@ class Evaluation:
     kendall: float
     weighted_kendall: float
     groups: int  # (run, target) groups averaged
+    skipped: int = 0  # groups left out: fewer than 2 rows, or constant scores or accuracies
 
 
 class EvaluationTable(dict):
     """method -> Evaluation, printable as a table (best paper metric first)."""
 
     def __str__(self) -> str:
-        header = ["method", "pearson x100", "kendall tau", "weighted tau", "groups"]
-        rows = [header] + [[m, f"{e.pearson:.2f}", f"{e.kendall:.3f}", f"{e.weighted_kendall:.3f}", str(e.groups)]
-                           for m, e in sorted(self.items(), key=lambda kv: -_sortable(kv[1].pearson))]
+        header = ["method", "pearson x100", "kendall tau", "weighted tau", "groups", "skipped"]
+        rows = [header] + [[m, f"{e.pearson:.2f}", f"{e.kendall:.3f}", f"{e.weighted_kendall:.3f}", str(e.groups),
+                            str(e.skipped)] for m, e in sorted(self.items(), key=lambda kv: -_sortable(kv[1].pearson))]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -77,7 +81,8 @@ def evaluate(scores: Union[ScoreTable, Mapping[str, Sequence[float]], Sequence[f
         capacity_weight: weight of capacity / 50 (the paper: 1).
 
     Returns:
-        EvaluationTable: method -> Evaluation(pearson, kendall, weighted_kendall, groups).
+        EvaluationTable: method -> Evaluation(pearson, kendall, weighted_kendall, groups, skipped);
+        NaN metrics (and groups 0) for a method whose every group was skipped.
     """
     try:
         from scipy import stats
@@ -107,26 +112,35 @@ def evaluate(scores: Union[ScoreTable, Mapping[str, Sequence[float]], Sequence[f
         cap = np.asarray(capacity, dtype=np.float64).reshape(-1)
         if len(cap) != rows:
             raise ValueError(f"capacity has {len(cap)} rows but scores have {rows}")
-        columns = {m: (c - np.nanmean(c)) / np.nanstd(c, ddof=1) + capacity_weight * cap / 50
-                   for m, c in columns.items()}
+        columns = {m: _zscore(c) + capacity_weight * cap / 50 for m, c in columns.items()}
 
     table = EvaluationTable()
     for method, col in columns.items():
-        per_run = []
+        per_run, skipped = [], 0
         for r in np.unique(run):
             per_target = []
             for t in np.unique(target[run == r]):
                 keep = (run == r) & (target == t) & (acc > 0) & np.isfinite(col) & np.isfinite(acc)
-                if keep.sum() < 2:
-                    continue
                 x, a = col[keep], acc[keep]
+                if len(x) < 2 or np.ptp(x) == 0 or np.ptp(a) == 0:  # no correlation defined
+                    skipped += 1
+                    continue
                 per_target.append((100 * stats.pearsonr(x, a)[0], stats.kendalltau(x, a)[0],
                                    stats.weightedtau(x, a)[0]))
             if per_target:
                 per_run.append((np.mean(per_target, axis=0), len(per_target)))
         if per_run:
             means = np.mean([m for m, _ in per_run], axis=0)
-            table[method] = Evaluation(float(means[0]), float(means[1]), float(means[2]), sum(g for _, g in per_run))
+            table[method] = Evaluation(float(means[0]), float(means[1]), float(means[2]), sum(g for _, g in per_run),
+                                       skipped)
         else:
-            table[method] = Evaluation(math.nan, math.nan, math.nan, 0)
+            table[method] = Evaluation(math.nan, math.nan, math.nan, 0, skipped)
     return table
+
+
+def _zscore(scores: np.ndarray) -> np.ndarray:
+    """(scores - mean) / sample std over the finite scores; 0 where they have no spread."""
+    finite = scores[np.isfinite(scores)]
+    spread = np.std(finite, ddof=1) if len(finite) > 1 else 0.0
+    centred = scores - (np.mean(finite) if len(finite) else 0.0)
+    return centred / spread if spread > 0 else np.where(np.isfinite(scores), 0.0, scores)

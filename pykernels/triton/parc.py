@@ -3,7 +3,11 @@ registered as the custom ops pykernels::{pairwise_corr_distance,spearman,parc_sp
 
 Triton has no device-wide sort, so the ranking ops sort with torch.sort between two kernels:
 one that builds the sort keys, one that turns sorted keys into ranks / rank sums by binary
-search (tie groups are found as [lower_bound, upper_bound) of each value). Registered with
+search (tie groups are found as [lower_bound, upper_bound) of each value). The ranking kernels
+run one program per (row, block of BLOCK values), flattened onto grid axis 0 (up to 2^31 - 1
+programs; axes 1 and 2 stop at 65,535, which M = N(N-1)/2 pairs passes at N ~ 11,600).
+parc_spearman works through the models in chunks (one model's keys at least), like the CUDA
+path, so its scratch does not grow with the batch, and it never syncs with the host. Registered with
 torch.library.custom_op + explicit fake kernels rather than triton_op (testable under
 TRITON_INTERPRET=1; see pykernels/triton/probe_scores.py).
 """
@@ -16,7 +20,7 @@ import triton.language as tl
 
 from ..reference.parc import register_distance_autograd
 
-_INT64_MIN = -(2**63)
+_KEY_BYTES_PER_CHUNK = 1 << 28  # parc_spearman: sort keys of this many bytes of models at a time
 
 
 @triton.jit
@@ -135,11 +139,19 @@ def _bound(row_ptr, lo0, hi0, target, ok, STEPS: tl.constexpr, STRICT: tl.conste
 
 
 @triton.jit
+def _row_block(M, BLOCK: tl.constexpr):
+    """(row, positions of this block in the row) of a program on the flat 1-D grid of
+    rows x cdiv(M, BLOCK) blocks; the program id is also the index of its partial result."""
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(M, BLOCK)
+    return pid // blocks, (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+
+
+@triton.jit
 def _midrank_kernel(sorted_ptr, index_ptr, ranks_ptr, ties_ptr, M, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     """Doubled average ranks from one sorted row: the tie group of position p is
     [lower_bound, upper_bound) of its value, and 2 * rank = lower + upper + 1."""
-    row = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    row, p = _row_block(M, BLOCK)
     ok = p < M
     srow = sorted_ptr + row * M
     v = tl.load(srow + p, mask=ok, other=0)
@@ -149,29 +161,27 @@ def _midrank_kernel(sorted_ptr, index_ptr, ranks_ptr, ties_ptr, M, STEPS: tl.con
     idx = tl.load(index_ptr + row * M + p, mask=ok, other=0)
     tl.store(ranks_ptr + row * M + idx, lo + hi + 1, mask=ok)
     t = (hi - lo).to(tl.float64)
-    tl.store(ties_ptr + row * tl.num_programs(1) + tl.program_id(1),
-             tl.sum(tl.where(ok & (p == lo), t * t * t - t, 0.0), axis=0))
+    tl.store(ties_ptr + tl.program_id(0), tl.sum(tl.where(ok & (p == lo), t * t * t - t, 0.0), axis=0))
 
 
 @triton.jit
 def _rank_products_kernel(rx_ptr, ry_ptr, out_ptr, M, Y_STRIDE, BLOCK: tl.constexpr):
     """Per block: sum of (2 r_x - M - 1)(2 r_y - M - 1); each product is exact in int64."""
-    row = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    row, p = _row_block(M, BLOCK)
     ok = p < M
     cx = tl.load(rx_ptr + row * M + p, mask=ok, other=0) - M - 1
     cy = tl.load(ry_ptr + row * Y_STRIDE + p, mask=ok, other=0) - M - 1
-    tl.store(out_ptr + row * tl.num_programs(1) + tl.program_id(1),
-             tl.sum(tl.where(ok, (cx * cy).to(tl.float64), 0.0), axis=0))
+    tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(ok, (cx * cy).to(tl.float64), 0.0), axis=0))
 
 
 @triton.jit
-def _parc_count_kernel(keys_ptr, twice_u_ptr, ties_ptr, M, n_same, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+def _parc_count_kernel(keys_ptr, n_same_ptr, twice_u_ptr, ties_ptr, M, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     """From one model's sorted keys [same-class | different-class]: per block, 2U (each
-    different-class value against the same-class values below / equal to it) and the tie sum."""
-    b = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    different-class value against the same-class values below / equal to it) and the tie sum.
+    n_same (the same-class pair count) is read from device memory: no host sync."""
+    b, p = _row_block(M, BLOCK)
     ok = p < M
+    n_same = tl.load(n_same_ptr)
     row = keys_ptr + b * M
     key = tl.load(row + p, mask=ok, other=0)
     is_same = p < n_same
@@ -190,9 +200,9 @@ def _parc_count_kernel(keys_ptr, twice_u_ptr, ties_ptr, M, n_same, STEPS: tl.con
     # Tie groups: a same-class run counts a^3 - a; a different-class run of c values equal to a
     # same-class ones adds the rest of (a + c)^3 - (a + c).
     t = tl.where(is_same, a * a * a - a, (a + c) * (a + c) * (a + c) - (a + c) - (a * a * a - a))
-    tl.store(ties_ptr + b * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.where(first, t, 0.0), axis=0))
+    tl.store(ties_ptr + tl.program_id(0), tl.sum(tl.where(first, t, 0.0), axis=0))
     u = tl.where(ok & ~is_same, 2 * lo + (hi - lo), 0)
-    tl.store(twice_u_ptr + b * tl.num_programs(1) + tl.program_id(1), tl.sum(u, axis=0))
+    tl.store(twice_u_ptr + tl.program_id(0), tl.sum(u, axis=0))
 
 
 def _steps(n: int) -> int:
@@ -207,12 +217,21 @@ def _normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return z
 
 
+def _check_feature_dims(features: torch.Tensor, op: str) -> None:
+    # The same check as the C++ bindings: a row of no values has no mean.
+    torch._check(features.shape[2] > 0,
+                 lambda: f"{op}: features need at least one feature dim (D > 0), got {list(features.shape)}")
+
+
 def _tile_grid(B: int, N: int, block: int):
+    # Models on axis 0 (up to 2^31 - 1); tiles on axes 1-2 (65,535 each) allow N up to ~1M samples,
+    # whose N^2 distances are far past any GPU's memory.
     return (B, triton.cdiv(N, block), triton.cdiv(N, block))
 
 
 @torch.library.custom_op("pykernels::pairwise_corr_distance_triton", mutates_args=())
 def pairwise_corr_distance_triton(features: torch.Tensor, triu: bool) -> torch.Tensor:
+    _check_feature_dims(features, "pairwise_corr_distance")
     B, N, D = features.shape
     x = features.contiguous()
     out = torch.empty((B, N * (N - 1) // 2) if triu else (B, N, N), dtype=x.dtype, device=x.device)
@@ -242,8 +261,8 @@ def _twice_ranks(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
     ranks = torch.empty((R, M), dtype=torch.int64, device=values.device)
     blocks = triton.cdiv(M, block)
     ties = torch.empty((R, blocks), dtype=torch.float64, device=values.device)
-    _midrank_kernel[(R, blocks)](ordered.contiguous(), index.contiguous(), ranks, ties, M, STEPS=_steps(M),
-                                 BLOCK=block)
+    _midrank_kernel[(R * blocks,)](ordered.contiguous(), index.contiguous(), ranks, ties, M, STEPS=_steps(M),
+                                   BLOCK=block)
     return ranks, ties.sum(1)
 
 
@@ -261,7 +280,7 @@ def spearman_triton(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ry, ty = _twice_ranks(torch.nan_to_num(y[:1] if shared else y, nan=0.0), block)
     blocks = triton.cdiv(M, block)
     partial = torch.empty((R, blocks), dtype=torch.float64, device=x.device)
-    _rank_products_kernel[(R, blocks)](rx, ry, partial, M, 0 if shared else M, BLOCK=block)
+    _rank_products_kernel[(R * blocks,)](rx, ry, partial, M, 0 if shared else M, BLOCK=block)
     cube = float(M) ** 3 - M
     rho = 3.0 * partial.sum(1) / torch.sqrt((cube - tx) * (cube - ty))
     return torch.where(nan_row, out, rho)
@@ -272,40 +291,56 @@ def _(x, y):
     return x.new_empty((x.shape[0],), dtype=torch.float64)
 
 
-def _label_side(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Samples ordered by class, the end of each position's class block, and n_same."""
+def _label_side(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples ordered by class, the end of each position's class block, and n_same (a 0-d
+    device tensor): built with tensor ops of fixed output size, as the CUDA binding does, so that
+    nothing waits for the device."""
+    n = classes.shape[0]
     order = torch.argsort(classes, stable=True)
-    _, counts = torch.unique_consecutive(classes[order], return_counts=True)
-    block_end = torch.repeat_interleave(torch.cumsum(counts, 0), counts)
-    return order, block_end, int((counts * (counts - 1) // 2).sum())
+    ordered = classes[order]
+    position = torch.arange(n, device=classes.device)
+    run_last = torch.ones(n, dtype=torch.bool, device=classes.device)
+    run_last[:-1] = ordered[:-1] != ordered[1:]
+    # The end of a position's run is the first run end at or after it: a reverse running minimum.
+    run_end = torch.where(run_last, position + 1, n)
+    block_end = torch.cummin(run_end.flip(0), 0).values.flip(0).contiguous()
+    return order, block_end, (block_end - position - 1).sum()
 
 
 @torch.library.custom_op("pykernels::parc_spearman_triton", mutates_args=())
 def parc_spearman_triton(features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    _check_feature_dims(features, "parc_spearman")
     B, N, D = features.shape
     M = N * (N - 1) // 2
     out = torch.full((B,), float("nan"), dtype=torch.float64, device=features.device)
     if B == 0 or M == 0:
         return out
+    # One-sided labels (n_same or n_diff = 0) give NaN at the end rather than an early return:
+    # knowing that up front would need a host sync, and pykernels.parc rejects them before here.
     order, block_end, n_same = _label_side(classes)
     n_diff = M - n_same
-    z = _normalized(features.index_select(1, order).contiguous(), torch.float64)
-    keys = torch.empty((B, M), dtype=torch.int64, device=features.device)
-    block = 16
-    _parc_keys_kernel[_tile_grid(B, N, block)](z, block_end, keys, N, D, BLOCK_I=block, BLOCK_J=block, BLOCK_D=8)
-    keys = torch.sort(keys, dim=1).values
     count_block = 1024
     blocks = triton.cdiv(M, count_block)
-    twice_u = torch.empty((B, blocks), dtype=torch.int64, device=features.device)
-    ties = torch.empty((B, blocks), dtype=torch.float64, device=features.device)
-    _parc_count_kernel[(B, blocks)](keys, twice_u, ties, M, n_same, STEPS=_steps(M), BLOCK=count_block)
-    if n_same == 0 or n_diff == 0:
-        return out
-    spread = (float(M) ** 3 - M - ties.sum(1)) / (12.0 * M)
-    numerator = (twice_u.sum(1) - n_same * n_diff).double()
-    rho = numerator / (2.0 * torch.sqrt(n_same * n_diff * spread))
-    undefined = torch.isnan(z[:, :, 0]).any(1) | ~(spread > 0)
-    return torch.where(undefined, out, rho)
+    # Keys of `chunk` models at once; torch.sort needs about twice as much again (values, indices).
+    chunk = max(1, min(B, _KEY_BYTES_PER_CHUNK // (8 * M)))
+    for b0 in range(0, B, chunk):
+        x = features[b0:b0 + chunk]
+        z = _normalized(x.index_select(1, order).contiguous(), torch.float64)
+        keys = torch.empty((x.shape[0], M), dtype=torch.int64, device=features.device)
+        _parc_keys_kernel[_tile_grid(x.shape[0], N, 16)](z, block_end, keys, N, D, BLOCK_I=16, BLOCK_J=16,
+                                                         BLOCK_D=8)
+        keys = torch.sort(keys, dim=1).values
+        twice_u = torch.empty((x.shape[0], blocks), dtype=torch.int64, device=features.device)
+        ties = torch.empty((x.shape[0], blocks), dtype=torch.float64, device=features.device)
+        _parc_count_kernel[(x.shape[0] * blocks,)](keys, n_same, twice_u, ties, M, STEPS=_steps(M),
+                                                   BLOCK=count_block)
+        del keys
+        spread = (float(M) ** 3 - M - ties.sum(1)) / (12.0 * M)
+        numerator = (twice_u.sum(1) - n_same * n_diff).double()
+        rho = numerator / (2.0 * torch.sqrt(n_same * n_diff * spread))
+        undefined = torch.isnan(z[:, :, 0]).any(1) | ~(spread > 0) | (n_same == 0) | (n_diff == 0)
+        out[b0:b0 + chunk] = torch.where(undefined, out[b0:b0 + chunk], rho)
+    return out
 
 
 @parc_spearman_triton.register_fake

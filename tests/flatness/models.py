@@ -18,6 +18,32 @@ def small_cnn(act=nn.ReLU, batchnorm: bool = False, seed: int = 0, dtype=torch.f
     return model
 
 
+class ResidualBlock(nn.Module):
+    """A ResNet basic block written the torchvision way, with in-place ops (ReLU(inplace=True),
+    `out += identity`, ReLU6(inplace=True)), then a linear head: piecewise linear in x.
+    square=True adds an in-place product of two x-dependent tensors, which is curved."""
+
+    def __init__(self, square: bool = False, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1, self.bn1 = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 1, 3, padding=1), nn.BatchNorm2d(1)
+        self.relu, self.relu6 = nn.ReLU(inplace=True), nn.ReLU6(inplace=True)
+        self.head = nn.Linear(36, 5)
+        self.square = square
+        with torch.no_grad():
+            for p in self.parameters():
+                p.mul_(3.0)
+        self.double().eval()
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x
+        if self.square:
+            out *= out.clone()
+        return self.head(self.relu6(out).flatten(1))
+
+
 def inputs(B: int = 4, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(B, 1, 6, 6, generator=g, dtype=torch.float64).to(dtype)

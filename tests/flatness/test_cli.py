@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from pykernels import flatness
 from pykernels.cli import main
 
 from tests.flatness.models import inputs, small_cnn
@@ -41,6 +42,24 @@ def test_torchscript_model_on_a_dict_of_tensors(files, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["examples"] == 6 and summary["piecewise_linear"]
     assert (out / "landscape_random_0.png").exists() and (out / "landscape_adversarial_0.png").exists()
+
+
+def test_each_batch_draws_its_own_probes_and_noise(files, capsys):
+    """Four copies of one example in batches of 2: with one seed for every batch, examples 0 and 2
+    got the same probes and noise, hence the same estimates."""
+    same = inputs(B=1, dtype=torch.float32).expand(4, -1, -1, -1).clone()
+    torch.save({"images": same}, files / "same.pt")
+    out = files / "out_same"
+    main(["flatness", "--model", str(files / "model.pt"), "--data", str(files / "same.pt"), "--batch-size", "2",
+          "--measures", "trace,neighborhood_drop", "--num-probes", "4", "--samples", "4", "--seed", "7",
+          "--directions", "", "--out", str(out)])
+    capsys.readouterr()
+    rows = np.loadtxt(out / "measures.csv", delimiter=",", skiprows=1)  # example, trace, drop, trace_stderr
+    for column in (1, 2):
+        assert len(set(rows[:, column].tolist())) == 4, rows[:, column]
+    model = torch.jit.load(files / "model.pt")
+    second_batch = flatness.hessian_trace(model, same[2:], 4, seed=7 + 2).value
+    np.testing.assert_allclose(rows[2:, 1], second_batch.numpy(), rtol=1e-6)
 
 
 def test_state_dict_with_arch_on_npy(files, capsys):

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from pykernels import flatness
+from pykernels.flatness._piecewise import curved_ops
 from pykernels.flatness.hvp import InputHessian, ParameterHessian, prepared
 
-from tests.flatness.models import NoForwardModeNet, dense_hessians, inputs, small_cnn
+from tests.flatness.models import NoForwardModeNet, ResidualBlock, dense_hessians, inputs, small_cnn
 
 METHODS = ("forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
 
@@ -58,6 +59,22 @@ def test_auto_method_picks_gauss_newton_only_for_piecewise_linear_models():
         assert InputHessian(small_cnn(nn.GELU), x).curved == {"gelu": 2}
 
 
+def test_in_place_ops_are_judged_as_their_out_of_place_form():
+    """`out += x`, ReLU(inplace=True) and ReLU6(inplace=True) (add_, relu_, hardtanh_) keep a
+    ResNet block piecewise linear: Gauss-Newton is picked and equals the dense Hessian. An
+    in-place product of two x-dependent tensors (mul_) is still curved."""
+    x = inputs()
+    model = ResidualBlock()
+    assert curved_ops(model, x) == {}
+    with prepared(model, x):
+        H = InputHessian(model, x)
+    assert H.method == "gauss-newton"
+    V = probes(2, x)
+    expect = torch.einsum("bij,sbj->sbi", dense_hessians(model, x), V.flatten(2)).reshape(V.shape)
+    torch.testing.assert_close(flatness.hvp(model, x, V), expect, rtol=1e-10, atol=1e-10)
+    assert curved_ops(ResidualBlock(square=True), x) == {"mul": 1}
+
+
 def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
     model, x = small_cnn(nn.ReLU), inputs()
     V = probes(7, x).flatten(2)
@@ -98,6 +115,61 @@ def test_model_without_forward_mode_falls_back_once_to_double_backward():
     expect = flatness.hvp(model, x, V, method="double-backward")
     torch.testing.assert_close(out, expect)
     torch.testing.assert_close(again, expect)
+
+
+class OldStyleTanh(torch.autograd.Function):
+    """A pre-torch.func autograd.Function (ctx in forward, no setup_context): plain autograd runs
+    it, torch.func transforms refuse it with a RuntimeError."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+class OldStyleTanhNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = small_cnn(nn.Tanh)
+
+    def forward(self, x):
+        return self.inner(OldStyleTanh.apply(x))
+
+
+class FailsOnce(nn.Module):
+    """Raises `error` on its second call (the first after the validating forward), then works."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.inner, self.error, self.calls = small_cnn(nn.Tanh), error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise self.error
+        return self.inner(x)
+
+
+def test_forward_mode_falls_back_only_when_the_model_is_beyond_it():
+    x = inputs()
+    V = probes(2, x)
+    model = OldStyleTanhNet()
+    with pytest.warns(RuntimeWarning, match="forward-mode AD failed.*setup_context.*double backward"):
+        out = flatness.hvp(model, x, V, method="forward-over-reverse")
+    torch.testing.assert_close(out, flatness.hvp(model, x, V, method="double-backward"))
+    # Running out of memory, or a bug in the model, is the user's to see: no fallback, no switch.
+    for error in (torch.OutOfMemoryError("CUDA out of memory (simulated)"), RuntimeError("mat1 and mat2 shapes")):
+        model = FailsOnce(error)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(type(error), match=str(error)[:10]):
+                flatness.hvp(model, x, V, method="forward-over-reverse")
+        assert model.calls == 2
 
 
 def test_train_mode_batchnorm_is_measured_in_eval_mode_or_refused():

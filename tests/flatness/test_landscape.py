@@ -1,5 +1,7 @@
 """Landscapes (grids of log p differences) and their plots."""
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,8 @@ from torch import nn
 from pykernels import flatness
 
 from tests.flatness.models import inputs, small_cnn
+
+landscape_module = importlib.import_module("pykernels.flatness.landscape")  # the package exports the function
 
 
 def direct(model, x, u, v, a, b):
@@ -59,8 +63,26 @@ def test_named_directions_and_scales():
     assert adv.kinds == ("adversarial", "random")
     grad_dir = flatness.landscape(model, x, "gradient", dims=1, steps=3, scale="input").directions[0]
     torch.testing.assert_close(grad_dir.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
-    pgd_dir = flatness.landscape(model, x, "pgd", dims=1, steps=3, radius=0.1, scale="none").directions[0]
-    assert pgd_dir.abs().max() <= 0.1 + 1e-12
+
+
+def test_pgd_direction_attacks_within_the_ball_the_grid_spans(monkeypatch):
+    """The attack's budget is in the landscape's units: L2 radius for "l2" / "none", Linf radius
+    for "linf", L2 radius * ||x_b|| for "input" (an Linf attack of L2 size would reach sqrt(D)
+    times further than the grid)."""
+    model, x = small_cnn(nn.GELU), inputs(B=2)
+    raw = flatness.landscape(model, x, "pgd", dims=1, steps=3, radius=0.1, scale="none").directions[0]
+    l2 = raw.flatten(1).norm(dim=1)
+    assert (l2 <= 0.1 + 1e-12).all() and (l2 > 0.099).all()  # on the sphere of the budget
+    budgets = []
+    real = landscape_module.pgd_steps
+    monkeypatch.setattr(landscape_module, "pgd_steps",
+                        lambda *a, **k: budgets.append((k["norm"], a[3])) or real(*a, **k))
+    for scale in ("l2", "none", "linf", "input"):
+        flatness.landscape(model, x, "pgd", dims=1, steps=3, radius=0.1, scale=scale)
+    norms = x.flatten(1).norm(dim=1).reshape(2, 1, 1, 1)
+    assert budgets[:3] == [("l2", 0.1), ("l2", 0.1), ("linf", 0.1)]
+    assert budgets[3][0] == "l2"
+    torch.testing.assert_close(budgets[3][1], 0.1 * norms)
 
 
 def test_all_grid_points_of_an_input_in_one_forward_pass():

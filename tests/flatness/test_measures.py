@@ -4,6 +4,7 @@ correctness target (Hutchinson with 1,000 probes within 3 standard errors of
 exact_trace on a ReLU CNN)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -148,34 +149,70 @@ def test_log_likelihood_and_grad_norm(gelu):
     torch.testing.assert_close(flatness.grad_norm(model, x), g.flatten(1).norm(dim=1))
 
 
+def test_normalized_outputs_are_reported_once_per_model():
+    """log_softmax outputs make log p constant (every measure 0); softmax outputs are not
+    logits either. Both are reported, once per model; logits are not."""
+    model, x = small_cnn(nn.GELU), inputs()
+    log_probs = nn.Sequential(model, nn.LogSoftmax(-1))
+    with pytest.warns(RuntimeWarning, match="look like log-probabilities .* every measure is 0.*pre-softmax logits"):
+        g = flatness.grad_norm(log_probs, x)
+    assert (g < 1e-12).all()  # what the warning is about
+    probs = nn.Sequential(model, nn.Softmax(-1))
+    with pytest.warns(RuntimeWarning, match="look like probabilities .*pre-softmax logits"):
+        flatness.hessian_trace(probs, x, num_probes=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flatness.log_likelihood(log_probs, x)  # reported already
+        flatness.grad_norm(model, x)
+        flatness.log_likelihood(lambda t: model(t) - 1.0, x)  # negative logits, rows of any sum
+
+
+def noise_draws(S, x, radius, noise="sigma", seed=0, chunk=None):
+    """The S perturbations neighborhood_drop draws, [S, *x.shape]: a torch.Generator seeded
+    with `seed`, one call per chunk of draws."""
+    gen = torch.Generator().manual_seed(seed)
+    chunk = chunk or S
+    draws = []
+    for s0 in range(0, S, chunk):
+        shape = (min(chunk, S - s0), *x.shape)
+        draws.append(radius * torch.randn(shape, generator=gen, dtype=x.dtype) if noise == "sigma" else
+                     radius * (2 * torch.rand(shape, generator=gen, dtype=x.dtype) - 1))
+    return torch.cat(draws)
+
+
 @pytest.mark.parametrize("noise", ["sigma", "eps"])
 def test_neighborhood_drop_is_the_monte_carlo_mean(gelu, noise):
     model, x, _ = gelu
     S = 50
     est, se = flatness.neighborhood_drop(model, x, samples=S, seed=3, chunk_size=7, **{noise: 0.2})
-    gen = torch.Generator().manual_seed(3)
-    draws = []
-    for s0 in range(0, S, 7):
-        shape = (min(7, S - s0), *x.shape)
-        d = 0.2 * torch.randn(shape, generator=gen, dtype=x.dtype) if noise == "sigma" else \
-            0.2 * (2 * torch.rand(shape, generator=gen, dtype=x.dtype) - 1)
-        draws.append(d)
-    d = torch.cat(draws)
+    d = noise_draws(S, x, 0.2, noise, seed=3, chunk=7)
     drops = torch.logsumexp(model(x), -1) - torch.logsumexp(model((x + d).flatten(0, 1)), -1).reshape(S, -1)
     torch.testing.assert_close(est, drops.mean(0))
     torch.testing.assert_close(se, drops.std(0) / math.sqrt(S))
 
 
 def test_neighborhood_drop_second_order_link():
-    # log p(x) = logsumexp(W x) exactly: E[log p(x + d)] - log p(x) -> (sigma^2 / 2) tr H as sigma -> 0.
+    """log p(x) = logsumexp(W x + b): E[log p(x) - log p(x + d)] = -(sigma^2 / 2) tr H + O(sigma^4).
+    The first-order term g . d averages to 0 but its noise (~sigma |g| / sqrt(S)) is far larger
+    than sigma^2 tr H, so it is subtracted draw by draw (a control variate with the very draws
+    neighborhood_drop used): what remains has a standard error of ~1% of the target or less,
+    so a wrong sign, a missing factor 1/2 or a zero fails."""
     torch.manual_seed(0)
     model = nn.Linear(4, 3).double()
     x = torch.randn(2, 4, dtype=torch.float64)
-    sigma = 1e-2
-    est, se = flatness.neighborhood_drop(model, x, sigma=sigma, samples=200_000, chunk_size=50_000)
-    tr = flatness.exact_trace(model, x)
-    first_order_noise = 4 * se  # the linear term averages out slowly; the bound still pins the sign/size
-    assert ((est + sigma**2 / 2 * tr).abs() < first_order_noise).all()
+    sigma, S = 1e-2, 20_000
+    est, _ = flatness.neighborhood_drop(model, x, sigma=sigma, samples=S, chunk_size=5_000)
+    d = noise_draws(S, x, sigma, chunk=5_000)
+    xx = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(torch.logsumexp(model(xx), -1).sum(), xx)
+    first_order = (d * g).sum(-1)  # [S, B]
+    drops = torch.logsumexp(model(x), -1) - torch.logsumexp(model(x + d), -1)
+    torch.testing.assert_close(est, drops.mean(0), rtol=1e-12, atol=1e-15)  # the same draws
+    second_order = est + first_order.mean(0)
+    se = (drops + first_order).std(0) / math.sqrt(S)
+    target = -sigma**2 / 2 * flatness.exact_trace(model, x)
+    assert (4 * se < 0.05 * target.abs()).all(), (se, target)  # tight enough to fail
+    assert ((second_order - target).abs() < 4 * se).all(), (second_order, target, se)
 
 
 def test_parameter_hessian_trace_and_eigenvalues():
@@ -223,3 +260,31 @@ def test_parameter_hessian_trace_and_eigenvalues():
 def test_bad_input(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(small_cnn(), inputs())
+
+
+HESSIAN_MEASURES = {
+    "hvp": lambda m, x: flatness.hvp(m, x, x),
+    "hessian_trace": lambda m, x: flatness.hessian_trace(m, x, num_probes=4),
+    "exact_trace": flatness.exact_trace,
+    "top_eigenvalues": flatness.top_eigenvalues,
+    "spectral_density": flatness.spectral_density,
+    "parameter_hessian_trace": lambda m, x: flatness.parameter_hessian_trace(
+        m, nn.functional.cross_entropy, x, torch.arange(len(x)) % 5, num_probes=4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("measure", list(HESSIAN_MEASURES), ids=str)
+def test_hessian_measures_refuse_16_bit_models_saying_why(measure, dtype):
+    """16-bit inputs or models are refused by name before any internal call fails (a 16-bit
+    model fed float32 x fails in the model itself, with the model's own error)."""
+    call = HESSIAN_MEASURES[measure]
+    model = small_cnn(dtype=dtype)
+    what = "the model's parameters" if measure.startswith("parameter") else "x"
+    with pytest.raises(TypeError, match=f"need float32 or float64, got {what} in {str(dtype)[6:]}.* x.float"):
+        call(model, inputs(dtype=dtype))
+    if measure != "parameter_hessian_trace":  # a model that returns 16-bit logits from float32 x
+        with pytest.raises(TypeError, match=f"got the model's output in {str(dtype)[6:]}"):
+            call(lambda t: model(t.to(dtype)), inputs(dtype=torch.float32))
+    # The first-order measures run in 16-bit.
+    assert flatness.grad_norm(model, inputs(dtype=dtype)).dtype == dtype

@@ -31,6 +31,34 @@ def test_curvature_penalty_approximates_hessian_times_direction():
     assert random > 0
 
 
+def test_curvature_penalty_gradients_are_what_its_docstring_says():
+    """Parameters: through both input gradients. x: only through grad log p(x); the direction z
+    and the shifted point are constants (differentiating through them would give another x.grad)."""
+    model, x, h = small_cnn(nn.GELU), inputs(), 0.1
+    params = list(model.parameters())
+    lp = lambda t: torch.logsumexp(model(t), -1).sum()
+
+    def penalty(x_leaf, shift_follows_x):
+        (g,) = torch.autograd.grad(lp(x_leaf), x_leaf, create_graph=True)
+        z = g.detach().sign()
+        z = z / z.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+        shifted = (x_leaf if shift_follows_x else x_leaf.detach()) + h * z
+        shifted = shifted if shift_follows_x else shifted.requires_grad_()
+        (gs,) = torch.autograd.grad(lp(shifted), shifted, create_graph=True)
+        return ((gs - g) / h).flatten(1).square().sum(1).mean()
+
+    xx = x.clone().requires_grad_()
+    got = torch.autograd.grad(flatness.curvature_penalty(model, xx, h=h), [xx] + params)
+    xe = x.clone().requires_grad_()
+    expect = torch.autograd.grad(penalty(xe, False), [xe] + params)
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a, b)
+    assert all(p.abs().sum() > 0 for p in got)
+    xf = x.clone().requires_grad_()
+    through_shift = torch.autograd.grad(penalty(xf, True), xf)[0]
+    assert (through_shift - got[0]).abs().max() > 1e-3 * got[0].abs().max()
+
+
 def test_neighborhood_drop_penalty_is_the_squared_monte_carlo_drop():
     model, x = small_cnn(nn.GELU), inputs()
     torch.manual_seed(11)

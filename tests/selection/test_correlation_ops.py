@@ -188,6 +188,25 @@ def test_spearman_shared_y_nan_and_batch_shapes(backend):
                                ref.spearman(xi.double().cpu(), yf.double().cpu()), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_spearman_ranks_int64_exactly_past_2_53(backend):
+    """2^53 + k are distinct int64 values but one float64: they must not be ranked as ties (scipy
+    itself converts to float64, so the expectation comes from the offsets k)."""
+    device = backend_device(backend) if backend != "reference" else "cpu"
+    offsets = torch.tensor([[4, 0, 1, 3, 2, 2], [0, 1, 2, 3, 4, 5]])
+    big = 2**53 + offsets
+    y = torch.tensor([4.0, 0.0, 1.0, 3.0, 2.0, 2.0], dtype=torch.float64)
+    got = pykernels.spearman(big.to(device), y.to(device), backend=backend).cpu()
+    expect = torch.tensor([scipy_stats.spearmanr(k.numpy(), y.numpy())[0] for k in offsets], dtype=torch.float64)
+    torch.testing.assert_close(got, expect, atol=1e-12, rtol=0)
+    assert got[0] == 1.0
+    # Both sides 64-bit, y shared and negative: every row against -(2^53 + [0..5]), reversed order.
+    got = pykernels.spearman(big.to(device), -big[1].to(device), backend=backend).cpu()
+    expect = torch.tensor([-scipy_stats.spearmanr(k.numpy(), range(6))[0] for k in offsets], dtype=torch.float64)
+    torch.testing.assert_close(got, expect, atol=1e-12, rtol=0)
+    assert got[1] == -1.0
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_parc_spearman_matches_reference(backend):
     device = backend_device(backend)
@@ -214,6 +233,77 @@ def test_parc_spearman_one_sided_labels_are_nan(backend):
     x = features(1, 10, 4, seed=11, device=device)
     assert torch.isnan(pykernels.parc_spearman(x, torch.zeros(10, dtype=torch.long, device=device), backend=backend)).all()
     assert torch.isnan(pykernels.parc_spearman(x, torch.arange(10, device=device), backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_ops_refuse_features_without_dims(backend):
+    """The ops themselves (not only the Python wrappers) reject D = 0: the CPU kernel used to read
+    past the end (a segfault) and the others returned distances of 1."""
+    device = backend_device(backend)
+    dist, _, parc_op = _ops(backend)
+    x = torch.empty(1, 300, 0, device=device)
+    for triu in (False, True):
+        with pytest.raises(RuntimeError, match=r"pairwise_corr_distance: .*\(D > 0\)"):
+            dist(x, triu)
+    with pytest.raises(RuntimeError, match=r"parc_spearman: .*\(D > 0\)"):
+        parc_op(x, torch.arange(300, device=device) % 3)
+
+
+class _LaunchLog:
+    """Stands in for a Triton kernel: records each launch grid, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.id == "triton"])
+def test_triton_ranking_grids_stay_on_axis_0_and_parc_works_model_by_model(backend, monkeypatch):
+    """GPU grids allow 2^31 - 1 programs on axis 0 but 65,535 on axes 1-2, which the blocks of
+    M = N(N-1)/2 pairs pass at N ~ 11,600: each ranking kernel must put all its programs on axis 0.
+    parc_spearman must sort a bounded chunk of models at a time (here one), not all B at once."""
+    import triton
+
+    from pykernels.triton import parc as tp
+
+    device = backend_device(backend)
+    logs = {name: _LaunchLog(getattr(tp, name)) for name in
+            ("_midrank_kernel", "_rank_products_kernel", "_parc_count_kernel", "_parc_keys_kernel")}
+    for name, log in logs.items():
+        monkeypatch.setattr(tp, name, log)
+    y = torch.randn(3, 2500, dtype=torch.float64, device=device)
+    torch.testing.assert_close(pykernels.spearman(y, y.flip(1), backend=backend).cpu(),
+                               ref.spearman(y.cpu(), y.flip(1).cpu()), atol=1e-12, rtol=0)
+    for name in ("_midrank_kernel", "_rank_products_kernel"):
+        assert logs[name].grids and all(g == (3 * triton.cdiv(2500, 1024),) for g in logs[name].grids), name
+    x = features(3, 50, 4, seed=20, device=device)
+    classes = torch.arange(50) % 4
+    pairs = 50 * 49 // 2
+    monkeypatch.setattr(tp, "_KEY_BYTES_PER_CHUNK", 8 * pairs)  # one model's keys
+    torch.testing.assert_close(pykernels.parc_spearman(x, classes.to(device), backend=backend).cpu(),
+                               ref.parc_spearman(x.cpu(), classes), atol=1e-12, rtol=0)
+    assert [g[0] for g in logs["_parc_keys_kernel"].grids] == [1, 1, 1]
+    assert logs["_parc_count_kernel"].grids == [(triton.cdiv(pairs, 1024),)] * 3
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.id == "triton"])
+def test_triton_parc_spearman_does_not_sync_the_host(backend):
+    """The label side stays on the device (n_same is read by the kernel), so a GPU call queues
+    its work without waiting; one-sided labels still come out NaN."""
+    if backend_device(backend) != "cuda":
+        pytest.skip("host syncs only exist on a GPU")
+    x = features(2, 40, 6, seed=21, device="cuda")
+    for classes in (torch.arange(40) % 3, torch.zeros(40, dtype=torch.long)):
+        on_device = classes.cuda()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = pykernels.parc_spearman(x, on_device, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(got.cpu(), ref.parc_spearman(x.cpu(), classes), atol=1e-12, rtol=0, equal_nan=True)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """evaluate (the paper's metric and Kendall taus) against a transcription of the reference's
 metrics.py; extract_features against hand-wired hooks."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,25 @@ def test_kendall_taus_average_per_group():
         expect.append(np.mean(per, axis=0))
     assert table["good"].kendall == pytest.approx(np.mean(expect, axis=0)[0], abs=1e-12)
     assert table["good"].weighted_kendall == pytest.approx(np.mean(expect, axis=0)[1], abs=1e-12)
+
+
+def test_a_constant_group_is_skipped_and_counted_not_nan():
+    target, run, acc, layers, scores = rows(seed=2)
+    group = (run == 1) & (target == "pets")
+    flat = scores["good"].copy()
+    flat[group] = 7.0  # the method cannot tell these transfers apart: no correlation defined there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no ConstantInputWarning from scipy
+        result = S.evaluate({"flat": flat}, acc, targets=target, runs=run)["flat"]
+    assert (result.groups, result.skipped) == (5, 1)
+    others = ~group
+    expect = reference_metric(flat[others], acc[others], target[others], run[others])
+    assert result.pearson == pytest.approx(expect, abs=1e-10) and "skipped" in str(S.EvaluationTable(flat=result))
+    # With capacity=, a method whose scores are all equal leaves only the capacity term.
+    constant = S.evaluate({"c": np.full(len(acc), 3.0)}, acc, targets=target, runs=run, capacity=layers)["c"]
+    capacity_only = S.evaluate({"cap": layers / 50.0}, acc, targets=target, runs=run)["cap"]
+    assert constant.pearson == pytest.approx(capacity_only.pearson, abs=1e-10)
+    assert (constant.groups, constant.skipped) == (capacity_only.groups, capacity_only.skipped)
 
 
 def test_perfect_ranking_and_score_table_input():

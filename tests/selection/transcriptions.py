@@ -2,7 +2,17 @@
 (pykernels/selection/estimators.py) and of the reference PARC code path (dbolya/parc,
 methods.PARC + feature_reduce): what the batched torch versions are tested against."""
 
+import importlib.util
+
 import numpy as np
+import pytest
+
+# For the tests that need scikit-learn (the reference PARC path, the Ledoit-Wolf transcription)
+# or scipy; a module-level skip would hide every other test of the file as well.
+requires_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                                      reason="needs scikit-learn (pip install pykernels[selection])")
+requires_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
+                                    reason="needs scipy (pip install pykernels[selection])")
 
 
 def leep(theta, y, n_y):
