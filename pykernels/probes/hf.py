@@ -118,6 +118,7 @@ class ProbeGuard:
         self._weights = [probe.layer_weight(l).detach() for l in range(len(self.layers))]
         self._bias = probe.bias.detach()
         self._slots = torch.arange(max_batch, device=device)
+        self._slot_views: dict[int, torch.Tensor] = {}  # slots[:B] per batch size, made once
         self.timer = Timer()
         self.flagged: Optional[torch.Tensor] = None  # [B] after each forward, on the device
         self._acc: Optional[torch.Tensor] = None
@@ -138,11 +139,11 @@ class ProbeGuard:
 
     def _layer_hook(self, l: int):
         def hook(module, args, output):
+            start = time.perf_counter()
             h = output[0] if isinstance(output, tuple) else output
             if self._capture is not None:  # capture() collects activations and scores nothing
                 self._capture.append(h.detach())
                 return
-            start = time.perf_counter()
             hidden = h.reshape(-1, h.shape[-1])
             if self._acc is None:
                 self._acc = self._fresh_accumulator(hidden.shape[0])
@@ -168,16 +169,25 @@ class ProbeGuard:
         B = logits.shape[0] if logits is not None else self._mask.shape[0]
         if B > self.stream.max_slots:
             raise ValueError(f"batch of {B} exceeds the guard's max_batch={self.stream.max_slots}")
-        z = self._acc.view(B, -1, self._acc.shape[-1])
-        T = z.shape[1]
-        # Without a KV cache every forward feeds the whole sequence again: only the
-        # positions past those already scored are new. With a cache all T are new.
-        first_new = self._positions_scored if T > self._positions_scored else 0
-        # Decoding (one new token) feeds real tokens only; the prompt may hold left padding.
-        active = None if self._mask is None or T - first_new == 1 else self._mask[:, -T:].bool()
-        slots = self._slots[:B]
-        for t in range(first_new, T):
-            _, flagged = self.stream._step_trusted(slots, z[:, t], None if active is None else active[:, t])
+        T = self._acc.shape[0] // B
+        slots = self._slot_views.get(B)
+        if slots is None:
+            slots = self._slot_views[B] = self._slots[:B]
+        if T == 1:
+            # Decoding with a KV cache: the accumulator already is the step's [B, K] input. The
+            # fast path matters on a CPU, where the LM head has just evicted the guard's data
+            # from the caches and every extra tensor op costs several microseconds.
+            _, flagged = self.stream._step_trusted(slots, self._acc, None)
+            first_new = 0
+        else:
+            z = self._acc.view(B, T, self._acc.shape[-1])
+            # Without a KV cache every forward feeds the whole sequence again: only the
+            # positions past those already scored are new. With a cache all T are new.
+            first_new = self._positions_scored if T > self._positions_scored else 0
+            # Decoding (one new token) feeds real tokens only; the prompt may hold left padding.
+            active = None if self._mask is None or T - first_new == 1 else self._mask[:, -T:].bool()
+            for t in range(first_new, T):
+                _, flagged = self.stream._step_trusted(slots, z[:, t], None if active is None else active[:, t])
         self._positions_scored += T - first_new
         self.flagged = flagged
         self.timer.seconds += time.perf_counter() - start
