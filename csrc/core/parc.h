@@ -163,7 +163,7 @@ void parc_labels_cpu(const int64_t* classes, int64_t n, int64_t* order, int64_t*
 
 struct ParcScratch {
   std::vector<double> zt, pairs, bucketed;
-  std::vector<int64_t> same_end, diff_end;
+  std::vector<int64_t> same_coarse_end, diff_coarse_end, same_end, diff_end;
 };
 
 // PARC's Spearman rho for model b; NaN for a model with a constant or non-finite row.

@@ -84,14 +84,35 @@ struct BitBuckets {
   int64_t operator()(double v) const { return (double_bits(v) - lo_bits) >> shift; }
 };
 
-// Counting sort of m values into the grid's buckets (unsorted within a bucket): afterwards
-// bucket k is out[end[k-1], end[k]) (end[-1] = 0).
-void scatter_to_buckets(const double* in, int64_t m, const BitBuckets& grid, double* out, std::vector<int64_t>& end) {
-  end.assign(size_t(grid.count) + 1, 0);
-  for (int64_t i = 0; i < m; ++i) ++end[size_t(grid(in[i])) + 1];
+// The grid's buckets are sorted into in two passes, each with counters that stay in L1: by
+// coarse bucket (the top bits of the fine index, 2^kFineBits fine buckets each), then each
+// coarse bucket, a few hundred values, by its fine buckets. One pass over the fine index would
+// scatter with random counter updates across the whole grid (megabytes at m ~ 5e5).
+constexpr int kFineBits = 9;
+constexpr int64_t kFinePerCoarse = int64_t(1) << kFineBits;
+
+int64_t coarse_count(const BitBuckets& grid) { return ((grid.count - 1) >> kFineBits) + 1; }
+
+// Counting sort of m values by coarse bucket (unsorted within one): afterwards coarse bucket c
+// is out[end[c-1], end[c]) (end[-1] = 0).
+void scatter_to_coarse(const double* in, int64_t m, const BitBuckets& grid, double* out, std::vector<int64_t>& end) {
+  end.assign(size_t(coarse_count(grid)) + 1, 0);
+  for (int64_t i = 0; i < m; ++i) ++end[size_t(grid(in[i]) >> kFineBits) + 1];
   std::partial_sum(end.begin(), end.end(), end.begin());
-  for (int64_t i = 0; i < m; ++i) out[end[size_t(grid(in[i]))]++] = in[i];
+  for (int64_t i = 0; i < m; ++i) out[end[size_t(grid(in[i]) >> kFineBits)]++] = in[i];
   end.pop_back();
+}
+
+// The values in[begin, stop) of one coarse bucket, by fine bucket, to out[begin, stop): afterwards
+// fine bucket f is out[end[f-1], end[f]) (end[-1] = begin), positions counted from the array's start.
+void scatter_to_fine(const double* in, int64_t begin, int64_t stop, const BitBuckets& grid, double* out,
+                     int64_t* end) {
+  constexpr int64_t mask = kFinePerCoarse - 1;
+  std::fill(end, end + kFinePerCoarse + 1, 0);
+  for (int64_t i = begin; i < stop; ++i) ++end[(grid(in[i]) & mask) + 1];
+  end[0] = begin;
+  std::partial_sum(end, end + kFinePerCoarse + 1, end);
+  for (int64_t i = begin; i < stop; ++i) out[end[grid(in[i]) & mask]++] = in[i];
 }
 
 void sort_small(double* first, double* last) {
@@ -111,10 +132,11 @@ void sort_small(double* first, double* last) {
 // small group is first checked pairwise, and sorted only when it holds one.
 double tie_sum_unsorted(double* v, int64_t k) {
   if (k < 2) return 0.0;
+  if (k == 2) return v[0] == v[1] ? tie_term(2.0) : 0.0;  // the most common case: no loop
   if (k <= 16) {
-    bool tie = false;
-    for (int64_t a = 0; a < k && !tie; ++a)
-      for (int64_t c = a + 1; c < k; ++c) tie |= v[a] == v[c];
+    bool tie = false;  // no early exit: the loop runs branch-free
+    for (int64_t a = 1; a < k; ++a)
+      for (int64_t c = 0; c < a; ++c) tie |= v[a] == v[c];
     if (!tie) return 0.0;
   }
   sort_small(v, v + k);
@@ -304,29 +326,38 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
   // different-class part only where a bucket needs it.
   const BitBuckets grid(lo, hi, m);
   s.bucketed.resize(size_t(m));
-  double* same = s.bucketed.data();
-  double* diff = s.bucketed.data() + n_same;
-  scatter_to_buckets(s.pairs.data(), n_same, grid, same, s.same_end);
-  scatter_to_buckets(s.pairs.data() + n_same, n_diff, grid, diff, s.diff_end);
+  s.same_end.resize(size_t(kFinePerCoarse) + 1);
+  s.diff_end.resize(size_t(kFinePerCoarse) + 1);
+  double* same = s.pairs.data();  // the fine passes put the values back here, bucket by bucket
+  double* diff = s.pairs.data() + n_same;
+  scatter_to_coarse(same, n_same, grid, s.bucketed.data(), s.same_coarse_end);
+  scatter_to_coarse(diff, n_diff, grid, s.bucketed.data() + n_same, s.diff_coarse_end);
   int64_t twice_u = 0;
   double ties = 0.0;
-  for (int64_t k = 0, s0 = 0, d0 = 0; k < grid.count; s0 = s.same_end[size_t(k)], d0 = s.diff_end[size_t(k)], ++k) {
-    const int64_t s1 = s.same_end[size_t(k)], d1 = s.diff_end[size_t(k)];
-    if (s1 > s0) sort_small(same + s0, same + s1);
-    if (s1 == s0) {  // different-class values only: all above the s0 same-class values so far
-      twice_u += (d1 - d0) * 2 * s0;
-      ties += tie_sum_unsorted(diff + d0, d1 - d0);
-      continue;
-    }
-    sort_small(diff + d0, diff + d1);
-    for (int64_t i = s0, j = d0; i < s1 || j < d1;) {  // merge the two sorted runs by value
-      const double v = (j >= d1 || (i < s1 && same[i] < diff[j])) ? same[i] : diff[j];
-      int64_t a = 0, c = 0;
-      while (i < s1 && same[i] == v) ++i, ++a;
-      while (j < d1 && diff[j] == v) ++j, ++c;
-      // c different-class values above the i - a same-class values before this group, tied with a.
-      twice_u += c * (2 * (i - a) + a);
-      ties += tie_term(double(a + c));
+  for (int64_t c = 0, cs = 0, cd = 0; c < coarse_count(grid);
+       cs = s.same_coarse_end[size_t(c)], cd = s.diff_coarse_end[size_t(c)], ++c) {
+    const int64_t* same_end = s.same_end.data();
+    const int64_t* diff_end = s.diff_end.data();
+    scatter_to_fine(s.bucketed.data(), cs, s.same_coarse_end[size_t(c)], grid, same, s.same_end.data());
+    scatter_to_fine(s.bucketed.data() + n_same, cd, s.diff_coarse_end[size_t(c)], grid, diff, s.diff_end.data());
+    for (int64_t k = 0, s0 = cs, d0 = cd; k < kFinePerCoarse; s0 = same_end[k], d0 = diff_end[k], ++k) {
+      const int64_t s1 = same_end[k], d1 = diff_end[k];
+      if (s1 > s0) sort_small(same + s0, same + s1);
+      if (s1 == s0) {  // different-class values only: all above the s0 same-class values so far
+        twice_u += (d1 - d0) * 2 * s0;
+        ties += tie_sum_unsorted(diff + d0, d1 - d0);
+        continue;
+      }
+      sort_small(diff + d0, diff + d1);
+      for (int64_t i = s0, j = d0; i < s1 || j < d1;) {  // merge the two sorted runs by value
+        const double v = (j >= d1 || (i < s1 && same[i] < diff[j])) ? same[i] : diff[j];
+        int64_t a = 0, cnt = 0;
+        while (i < s1 && same[i] == v) ++i, ++a;
+        while (j < d1 && diff[j] == v) ++j, ++cnt;
+        // cnt different-class values above the i - a same-class values before this group, tied with a.
+        twice_u += cnt * (2 * (i - a) + a);
+        ties += tie_term(double(a + cnt));
+      }
     }
   }
   return parc_rho(n_same, n_diff, twice_u, ties);

@@ -145,7 +145,9 @@ def _top_eigenpairs(centred: torch.Tensor, k: int, features_side: bool):
 def standard_scale(x: torch.Tensor) -> torch.Tensor:
     """Per column of x [b, N, f]: mean 0, population std 1; a constant column stays at 0."""
     var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
-    return (x - mean) / torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+    # One new tensor, divided in place: a second [b, N, f] temporary costs more than the
+    # arithmetic (a fresh multi-MB allocation is page faults); the values are the same.
+    return torch.sub(x, mean).div_(torch.where(var > 0, var.sqrt(), torch.ones_like(var)))
 
 
 def _reference_reduce(x: torch.Tensor, dims: Optional[int]) -> torch.Tensor:
