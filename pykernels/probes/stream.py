@@ -243,6 +243,11 @@ class ProbeStream:
         as a list or CPU tensor are checked at once, device ids by check())."""
         return self._read_meta(slot_ids, sync=False)[:, 0]
 
+    def flag_tokens(self, slot_ids: Optional[SlotIds] = None) -> torch.Tensor:
+        """Like flags()' flag_token, as a device tensor without a host sync (for
+        serving loops that copy it to the host asynchronously)."""
+        return self._read_meta(slot_ids, sync=False)[:, 1]
+
     def _read_meta(self, slot_ids: Optional[SlotIds], sync: bool) -> torch.Tensor:
         if slot_ids is None:
             return self._meta[: self.max_slots]
