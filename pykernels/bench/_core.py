@@ -41,6 +41,9 @@ class Case:
     # Factor applied to a callable's measured time: a per-item loop timed on a subset of the
     # items (e.g. 8 of 256 models) is reported for all of them.
     scale: dict[str, float] = dataclasses.field(default_factory=dict)
+    # > 0: time every callable once per round, round-robin, for this many rounds (A/B
+    # interleaving: on a shared machine slow phases then hit every callable alike).
+    interleaved_rounds: int = 0
 
 
 @dataclasses.dataclass
@@ -105,17 +108,42 @@ def measure_read_bandwidth(ctx: BenchContext) -> float:
     return n * 4 / seconds
 
 
+def time_interleaved(case: Case, ctx: BenchContext) -> dict[str, Any]:
+    """{name: (median seconds, rounds) or the exception it raised}, every callable
+    timed once per round, round-robin, after one warm-up call each."""
+    fns = {**case.baselines, **case.implementations}
+    times: dict[str, Any] = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            times[name] = []
+        except Exception as exc:  # reported in its row; the others still run
+            times[name] = exc
+    live = [name for name in fns if isinstance(times[name], list)]
+    for _ in range(case.interleaved_rounds):
+        for name in live:
+            _sync(ctx.device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(ctx.device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), len(t)) if isinstance(t, list) else t for name, t in times.items()}
+
+
 def run_case(case: Case, ctx: BenchContext) -> list[Measurement]:
     """Times every callable of `case`. For a memory-bound case the read
     bandwidth is measured again right before it: on a shared machine it drifts
     by tens of percent over a run, and "% bw" must compare like with like."""
     bandwidth = measure_read_bandwidth(ctx) if case.bytes_read else None
+    interleaved = time_interleaved(case, ctx) if case.interleaved_rounds else {}
     rows: list[Measurement] = []
     for kind, fns in (("baseline", case.baselines), ("ours", case.implementations)):
         for name, fn in fns.items():
             row = Measurement(case.op, case.shape, case.dtype, name, kind, float("nan"), 0)
             try:
-                seconds, row.repeats = time_callable(fn, ctx)
+                if isinstance(interleaved.get(name), Exception):
+                    raise interleaved[name]
+                seconds, row.repeats = interleaved[name] if interleaved else time_callable(fn, ctx)
             except Exception as exc:  # one failing implementation must not end the run
                 row.error = f"{type(exc).__name__}: {exc}"
                 rows.append(row)

@@ -30,8 +30,9 @@ How it works (one model-owning process, vLLM's V1 model runner):
   already scored (recompute after preemption) are skipped, so every position is
   scored exactly once; a slot is taken when a request first appears and freed
   when the runner drops the request.
-- The flag positions go to the scheduler (same process), which keeps the tokens up
-  to the flagged one, drops the rest and finishes the request with stop_reason
+- The flag positions ride to the scheduler on the step's ModelRunnerOutput (the
+  worker may be another process); the scheduler keeps the tokens up to the
+  flagged one, drops the rest and finishes the request with stop_reason
   "probe_flagged:<index>".
 
 Refused at engine start with a message (never run unguarded): prefix caching,
@@ -44,10 +45,12 @@ is not the model's.
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 import logging
 import os
 import threading
+import time
 from typing import Any, Optional
 
 import torch
@@ -65,6 +68,8 @@ TESTED_VLLM = "0.32"
 #   vllm.v1.worker.gpu_worker.Worker.load_model          wrapped: installs the guard after loading
 #   vllm.v1.worker.gpu_model_runner.GPUModelRunner        V1 runner; CPUModelRunner subclasses it
 #       ._model_forward(...)                              overridden: steps the stream after forward
+#       .sample_tokens(...)                               overridden: flags ride on its output
+#   vllm.v1.outputs.{ModelRunnerOutput, AsyncModelRunnerOutput.get_output}
 #       .model, .input_batch.{num_reqs, req_ids, num_computed_tokens_cpu},
 #       .query_start_loc.np, .requests, .max_num_tokens   read
 #   vllm.v1.core.sched.scheduler.Scheduler.__init__        wrapped: guards a configured scheduler
@@ -164,7 +169,7 @@ def _guard_config(vllm_config) -> Optional[dict]:
         config = {"path": config}
     if not isinstance(config, dict) or "path" not in config:
         raise ValueError(f"additional_config[{CONFIG_KEY!r}] must be a probe path or a dict with 'path', got {config!r}")
-    unknown = set(config) - {"path", "backend", "device", "record_scores"}
+    unknown = set(config) - {"path", "backend", "device", "record_scores", "noop_control"}
     if unknown:
         raise ValueError(f"additional_config[{CONFIG_KEY!r}] has unknown keys {sorted(unknown)}")
     return config
@@ -211,7 +216,6 @@ def _wrap_scheduler_init(init):
             _refuse_unsupported(scheduler.vllm_config)
             scheduler.__class__ = _guarded_scheduler_class(type(scheduler))
             scheduler._pk_flags = {}
-            scheduler._pk_channel = flag_channel(scheduler.vllm_config)
 
     return wrapped
 
@@ -243,6 +247,8 @@ def _guarded_layer_class(cls: type) -> type:
         def forward(self, *args, **kwargs):
             out = super().forward(*args, **kwargs)
             scoring = self._pk_scoring
+            if scoring is None:  # noop_control
+                return out
             parts = out if isinstance(out, tuple) else (out,)
             for part in parts[:2]:  # (hidden, residual): the stream is their sum; or the stream alone
                 if isinstance(part, torch.Tensor):
@@ -281,18 +287,30 @@ class VllmProbeGuard:
         # Rows: every token a forward can carry (padded batches and dummy runs included).
         self.accumulator = self.bias.repeat(runner.max_num_tokens, 1)
         accumulate = accumulate_op(self.stream.backend)
+        # noop_control (benchmarks only): the same subclasses and calls, no scoring work,
+        # so an A/B against it isolates what the guard's kernels cost.
+        self.noop_control = bool(config.get("noop_control", False))
         for l, layer in enumerate(layers):
-            layer._pk_scoring = _LayerScoring(self.accumulator, probe.layer_weight(l).detach(), accumulate)
+            layer._pk_scoring = None if self.noop_control else _LayerScoring(
+                self.accumulator, probe.layer_weight(l).detach(), accumulate)
             layer.__class__ = _guarded_layer_class(type(layer))
         self.live: dict[str, _LiveRequest] = {}
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.record_scores = bool(config.get("record_scores", False))
         self.scores: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
-        self.flag_channel = flag_channel(runner.vllm_config)
+        self.step_flags: Optional[_StepFlags] = None  # this step's flag positions, until sampling
+        self.step_seconds, self.steps = 0.0, 0  # wall time in step() (the kernels inside the graph: A/B)
         _WORKER_GUARDS.append(self)
 
     def step(self, runner) -> None:
         """Steps every scheduled request's new tokens through its slot, in one launch."""
+        start = time.perf_counter()
+        if not self.noop_control:
+            self._step(runner)
+        self.step_seconds += time.perf_counter() - start
+        self.steps += 1
+
+    def _step(self, runner) -> None:
         batch = runner.input_batch
         n = batch.num_reqs
         req_ids = batch.req_ids[:n]
@@ -323,7 +341,7 @@ class VllmProbeGuard:
             for req_id, start, count in zip(req_ids, starts, counts):
                 if count:
                     self.scores[req_id].append(host[start:start + count])
-        self.flag_channel.publish(list(req_ids), self.stream.flag_tokens(ids), unscored)
+        self.step_flags = _StepFlags(list(req_ids), self.stream.flag_tokens(ids), unscored)
 
     def _admit(self, state) -> "_LiveRequest":
         if not self.free_slots:
@@ -365,6 +383,8 @@ def worker_guards() -> list[VllmProbeGuard]:
 
 @functools.lru_cache(maxsize=None)
 def _guarded_runner_class(cls: type) -> type:
+    from vllm.v1.outputs import AsyncModelRunnerOutput
+
     class GuardedModelRunner(cls):
         def _model_forward(self, *args, **kwargs):
             positions = kwargs["positions"] if "positions" in kwargs else args[1]
@@ -375,6 +395,15 @@ def _guarded_runner_class(cls: type) -> type:
             out = super()._model_forward(*args, **kwargs)
             guard.step(self)
             return out
+
+        def sample_tokens(self, *args, **kwargs):
+            out = super().sample_tokens(*args, **kwargs)
+            step_flags, self._pk_guard.step_flags = self._pk_guard.step_flags, None
+            if isinstance(out, AsyncModelRunnerOutput):  # the flags follow its own host sync
+                get_output = out.get_output
+                out.get_output = lambda: _attach_flags(get_output(), step_flags)
+                return out
+            return _attach_flags(out, step_flags)
 
     GuardedModelRunner.__name__ = GuardedModelRunner.__qualname__ = f"Guarded{cls.__name__}"
     return GuardedModelRunner
@@ -394,50 +423,41 @@ def _guard_runner(runner, config: dict) -> None:
 # ---------------------------------------------------- worker -> scheduler: the flags
 
 
-class _FlagChannel:
-    """Flag positions from the worker to the scheduler of the same process.
+class _StepFlags:
+    """One step's flag positions on their way to the scheduler, which may live in
+    another process: they ride on the step's ModelRunnerOutput (pickled between
+    processes) as the attribute `pykernels_flags`, {request id: position}.
 
-    The worker publishes, per step, the request ids and a host copy of their slots'
-    flag positions; on a GPU the copy is asynchronous and a record is read only once
-    its event has completed (vLLM syncs for the sampled tokens right after, so it
-    has by the time the scheduler looks)."""
+    On a GPU the positions are copied to pinned host memory asynchronously, before
+    sampling; the runner reads them only once it has synced for the sampled tokens,
+    so the guard adds no host sync of its own."""
 
-    def __init__(self):
-        self._pending: collections.deque = collections.deque()
-
-    def publish(self, req_ids: list, flag_tokens: torch.Tensor, unscored: list) -> None:
-        event = None
+    def __init__(self, req_ids: list, flag_tokens: torch.Tensor, unscored: list):
         if flag_tokens.device.type == "cuda":
             host = torch.empty(flag_tokens.shape, dtype=flag_tokens.dtype, pin_memory=True)
-            host.copy_(flag_tokens, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            flag_tokens = host
-        self._pending.append((req_ids, flag_tokens, unscored, event))
+            flag_tokens = host.copy_(flag_tokens, non_blocking=True)
+        self.req_ids, self.flag_tokens, self.unscored = req_ids, flag_tokens, unscored
 
-    def collect(self) -> dict[str, int]:
-        """{request id: flag position} of every completed record; -2 marks unscored positions."""
-        flags: dict[str, int] = {}
-        while self._pending:
-            req_ids, tokens, unscored, event = self._pending[0]
-            if event is not None and not event.query():
-                break
-            self._pending.popleft()
-            for req_id, token in zip(req_ids, tokens.tolist()):
-                if token >= 0:
-                    flags.setdefault(req_id, token)
-            for req_id in unscored:
-                flags.setdefault(req_id, UNSCORED)
+    def read(self) -> dict[str, int]:
+        flags = {r: t for r, t in zip(self.req_ids, self.flag_tokens.tolist()) if t >= 0}
+        flags.update((r, UNSCORED) for r in self.unscored)
         return flags
 
 
-UNSCORED = -2
-_FLAG_CHANNELS: dict[str, _FlagChannel] = collections.defaultdict(_FlagChannel)
+UNSCORED = -2  # a position was never computed: stop the request (fail closed)
 
 
-def flag_channel(vllm_config) -> _FlagChannel:
-    """The channel between the worker and the scheduler of one engine (its instance id)."""
-    return _FLAG_CHANNELS[vllm_config.instance_id]
+def _attach_flags(output, step_flags: Optional[_StepFlags]):
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    if step_flags is None or not isinstance(output, ModelRunnerOutput):
+        return output
+    flags = step_flags.read()
+    if not flags:
+        return output
+    output = copy.copy(output)  # never tag a shared output (vLLM reuses an empty one)
+    output.pykernels_flags = flags
+    return output
 
 
 # -------------------------------------------------------- scheduler: stopping requests
@@ -449,7 +469,8 @@ def _guarded_scheduler_class(cls: type) -> type:
 
     class GuardedScheduler(cls):
         def update_from_output(self, scheduler_output, model_runner_output):
-            self._pk_flags.update(self._pk_channel.collect())
+            for req_id, position in getattr(model_runner_output, "pykernels_flags", {}).items():
+                self._pk_flags.setdefault(req_id, position)
             if self._pk_flags:
                 model_runner_output = self._route_flagged(scheduler_output, model_runner_output)
             outputs = super().update_from_output(scheduler_output, model_runner_output)
@@ -471,8 +492,6 @@ def _guarded_scheduler_class(cls: type) -> type:
                     patched[index[req_id]] = [_NO_TOKEN]
             if patched is None:
                 return model_runner_output
-            import copy
-
             model_runner_output = copy.copy(model_runner_output)
             model_runner_output.sampled_token_ids = patched
             return model_runner_output
@@ -480,12 +499,13 @@ def _guarded_scheduler_class(cls: type) -> type:
         def _update_request_with_output(self, request, new_token_ids, *args, **kwargs):
             flag = self._pk_flags.get(request.request_id)
             first = request.num_tokens  # position of the first new token
-            if flag is None or (flag >= 0 and flag >= first + len(new_token_ids)):
-                return super()._update_request_with_output(request, new_token_ids, *args, **kwargs)
-            # Keep the tokens up to the flagged one (it can be new under async scheduling).
+            if flag is None or (flag >= 0 and flag >= first + len(new_token_ids)):  # not reached yet
+                real = [t for t in new_token_ids if t != _NO_TOKEN]
+                return super()._update_request_with_output(request, real, *args, **kwargs)
+            # Keep the tokens up to the flagged one (it can be new under async scheduling),
+            # through the parent so its bookkeeping (async placeholders, block caching) runs.
             kept = [t for i, t in enumerate(new_token_ids) if t != _NO_TOKEN and first + i <= flag]
-            for token in kept:
-                request.append_output_token_ids(token)
+            kept, _ = super()._update_request_with_output(request, kept, *args, **kwargs)
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = f"{FLAG_REASON}:{flag}" if flag >= 0 else f"{FLAG_REASON}:unscored"
             if flag == UNSCORED:
