@@ -98,6 +98,7 @@ def _accumulate_args_ok(acc, hidden, weight_l) -> bool:
 
 
 SlotIds = Union[torch.Tensor, Sequence[int]]
+_SEGMENT_DTYPES = (torch.int64, torch.int32)  # what the kernels take for token_starts / token_counts
 
 
 class ProbeStream:
@@ -169,10 +170,10 @@ class ProbeStream:
 
     # ------------------------------------------------------------------ stepping
 
-    def _ids(self, name: str, slot_ids: SlotIds) -> torch.Tensor:
+    def _ids(self, name: str, slot_ids: SlotIds, dtypes: tuple = INDEX_DTYPES) -> torch.Tensor:
         if not isinstance(slot_ids, torch.Tensor):
             slot_ids = torch.as_tensor(list(slot_ids), dtype=torch.int64)
-        check_tensor(name, slot_ids, ndim=1, dtypes=INDEX_DTYPES, shape_doc="[n]")
+        check_tensor(name, slot_ids, ndim=1, dtypes=dtypes, shape_doc="[n]")
         return slot_ids.to(self.device, non_blocking=True)
 
     def step(self, slot_ids: SlotIds, token_logits: torch.Tensor,
@@ -237,8 +238,8 @@ class ProbeStream:
             flagged: bool [n], each slot's latched flag after its segment.
         """
         ids = self._ids("slot_ids", slot_ids)
-        starts = self._ids("token_starts", token_starts)
-        counts = self._ids("token_counts", token_counts)
+        starts = self._ids("token_starts", token_starts, _SEGMENT_DTYPES)
+        counts = self._ids("token_counts", token_counts, _SEGMENT_DTYPES)
         check_dim("token_starts", starts, 0, ids.shape[0], "the number of slot_ids n")
         check_dim("token_counts", counts, 0, ids.shape[0], "the number of slot_ids n")
         check_tensor("token_logits", token_logits, ndim=2, dtypes=FLOAT_DTYPES, device=self.device,
