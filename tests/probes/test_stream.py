@@ -362,27 +362,31 @@ def test_accumulate_argument_errors():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_stream_step_replays_in_a_cuda_graph(backend):
+@pytest.mark.parametrize("varlen", [False, True], ids=["step", "step_varlen"])
+def test_stream_step_replays_in_a_cuda_graph(backend, varlen):
+    # No host sync: slot ids (and segments) are read on the device.
     if not pykernels.backends()[backend].available:
         pytest.skip(f"{backend} backend unavailable")
     eager = ProbeStream(8, 2, smoothing="swim", window=4, threshold=0.5, device="cuda", backend=backend)
     graphed = ProbeStream(8, 2, smoothing="swim", window=4, threshold=0.5, device="cuda", backend=backend)
     ids = torch.tensor([5, 1, 6], device="cuda")
-    z_in = torch.zeros(3, 2, device="cuda")
+    segments = [torch.tensor(v, device="cuda") for v in ([0, 3, 9], [3, 5, 1])] if varlen else []
+    step = (lambda s, z: s.step_varlen(ids, *segments, z)) if varlen else (lambda s, z: s.step(ids, z))
+    z_in = torch.zeros(11 if varlen else 3, 2, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles here)
-        graphed.step(ids, z_in)
+        step(graphed, z_in)
         graphed.reset()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out_scores, out_flags = graphed.step(ids, z_in)
-    z = torch.randn(10, 3, 2, generator=torch.Generator().manual_seed(0)).cuda()
+        out_scores, out_flags = step(graphed, z_in)
+    z = torch.randn(10, *z_in.shape, generator=torch.Generator().manual_seed(0)).cuda()
     for t in range(10):
         z_in.copy_(z[t])
         graph.replay()
-        s, f = eager.step(ids, z[t])
+        s, f = step(eager, z[t])
         torch.testing.assert_close(out_scores, s, rtol=0, atol=0)
         assert torch.equal(out_flags, f)
     assert torch.equal(graphed.flags(ids)[1], eager.flags(ids)[1])
@@ -556,33 +560,3 @@ def test_stream_step_varlen_under_torch_compile(backend):
     assert torch.equal(eager.flags()[1], compiled_stream.flags()[1])
     suffix = "_triton" if backend == "triton" else ""
     assert any(f"probe_stream_step_varlen{suffix}" in str(n.target) for g in graphs for n in g.graph.nodes)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_stream_step_varlen_replays_in_a_cuda_graph(backend):
-    # No host sync: the segments are read on the device.
-    if not pykernels.backends()[backend].available:
-        pytest.skip(f"{backend} backend unavailable")
-    eager = ProbeStream(8, 2, smoothing="swim", window=4, threshold=0.5, device="cuda", backend=backend)
-    graphed = ProbeStream(8, 2, smoothing="swim", window=4, threshold=0.5, device="cuda", backend=backend)
-    ids, starts, counts = (torch.tensor(v, device="cuda") for v in ([5, 1, 6], [0, 3, 9], [3, 5, 1]))
-    z_in = torch.zeros(11, 2, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles here)
-        graphed.step_varlen(ids, starts, counts, z_in)
-        graphed.reset()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_scores, out_flags = graphed._step_varlen_trusted(ids, starts, counts, z_in)
-    z = torch.randn(6, 11, 2, generator=torch.Generator().manual_seed(0)).cuda()
-    for t in range(6):
-        z_in.copy_(z[t])
-        graph.replay()
-        s, f = eager.step_varlen(ids, starts, counts, z[t])
-        torch.testing.assert_close(out_scores, s, rtol=0, atol=0)
-        assert torch.equal(out_flags, f)
-    assert torch.equal(graphed.flags(ids)[1], eager.flags(ids)[1])
