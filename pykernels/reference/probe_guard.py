@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from .probe_scores import swim
 
-SLOT_OUT_OF_RANGE, SLOT_DUPLICATED, SEGMENT_OUT_OF_RANGE = 1, 2, 4  # status[1] error bits, as in csrc/core/probe_guard.h
+# status[1] error bits, as in csrc/core/probe_guard.h
+SLOT_OUT_OF_RANGE, SLOT_DUPLICATED, SEGMENT_OUT_OF_RANGE = 1, 2, 4
 COUNT, FLAG_TOKEN, STAMP = 0, 1, 2  # meta columns
 
 
