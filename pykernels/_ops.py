@@ -40,6 +40,18 @@ def probe_scores_fake(hidden_states, weight, bias, lengths, smoothing, window, e
     return h0.new_empty((h0.shape[0], h0.shape[1], weight.shape[2]), dtype=torch.float32)
 
 
+def probe_stream_step_fake(state, meta, status, slot_ids, token_logits, active, threshold, window, ema_alpha):
+    n, K = token_logits.shape
+    return token_logits.new_empty((n, K), dtype=torch.float32), token_logits.new_empty((n,), dtype=torch.bool)
+
+
+def probe_stream_step_varlen_fake(state, meta, status, slot_ids, token_starts, token_counts, token_logits, threshold,
+                                  window, ema_alpha):
+    N, K = token_logits.shape
+    return (token_logits.new_empty((N, K), dtype=torch.float32),
+            token_logits.new_empty((slot_ids.shape[0],), dtype=torch.bool))
+
+
 def _probe_scores_setup_context(ctx, inputs, output):
     hidden_states, weight, bias, lengths, smoothing, window, ema_alpha = inputs
     ctx.save_for_backward(*hidden_states, weight, lengths)
@@ -103,10 +115,8 @@ if LOADED:
     def _probe_accumulate_fake(acc, hidden, weight_l):
         return None
 
-    @torch.library.register_fake("pykernels::probe_stream_step")
-    def _probe_stream_step_fake(state, meta, status, slot_ids, token_logits, active, threshold, window, ema_alpha):
-        n, K = token_logits.shape
-        return token_logits.new_empty((n, K), dtype=torch.float32), token_logits.new_empty((n,), dtype=torch.bool)
+    torch.library.register_fake("pykernels::probe_stream_step")(probe_stream_step_fake)
+    torch.library.register_fake("pykernels::probe_stream_step_varlen")(probe_stream_step_varlen_fake)
 
     @torch.library.register_fake("pykernels::softmax_weighted_bce_fwd")
     def _softmax_weighted_bce_fwd_fake(token_logits, labels, lengths, window, tau, detach_weights, compute_grad):

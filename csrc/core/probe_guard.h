@@ -1,6 +1,7 @@
 // The probe guard's kernels (docs: pykernels/probes/stream.py, training.py):
 //   probe_accumulate    acc[n, k] += hidden[n, :] . W_l[:, k]   (one layer of a probe, in place)
 //   probe_stream_step   one decode step of per-slot streaming smoothing + latched flags
+//   probe_stream_step_varlen  the same over a segment of tokens per slot (a prefill chunk)
 //   softmax_weighted_bce  the paper's training loss and its gradient, fused
 //
 // Torch-free: raw pointers and sizes. Smoothing reuses probe_scores.h (swim_at,
@@ -31,7 +32,7 @@ void probe_accumulate_cpu(const AccumulateProblem& p, int64_t row_begin, int64_t
 // Whole problem on `stream` (a cudaStream_t), one launch.
 void probe_accumulate_cuda(const AccumulateProblem& p, void* stream);
 
-// ---- probe_stream_step ----
+// ---- probe_stream_step (one token per row) and probe_stream_step_varlen (a segment per row) ----
 //
 // Per-slot state (slot s in [0, slots)):
 //   state[s]  float32 [ring, heads]: ring == 1 holds the EMA e; for SWiM
@@ -41,11 +42,13 @@ void probe_accumulate_cuda(const AccumulateProblem& p, void* stream);
 //             as probe_scores does.
 //   meta[s]   int64 {tokens seen since reset, token index of the first flag or -1, stamp}
 //   status    int64 {steps taken, error bits} (shared by all slots)
-// A step with a bad slot id changes no state, sets an error bit, and returns
-// NaN scores with every row flagged (fail closed); the host reads the bits
-// when it next reads flags.
+// Row r steps slot slot_ids[r] through its segment of tokens in order: token
+// rows [starts[r], starts[r] + counts[r]) in the varlen op, row r alone in the
+// one-token op. A step with a bad slot id or segment changes no state, sets an
+// error bit, and returns NaN scores for the segments' tokens with every row
+// flagged (fail closed); the host reads the bits when it next reads flags.
 
-enum StreamError : int64_t { kSlotOutOfRange = 1, kSlotDuplicated = 2 };
+enum StreamError : int64_t { kSlotOutOfRange = 1, kSlotDuplicated = 2, kSegmentOutOfRange = 4 };
 constexpr int kMetaCount = 0, kMetaFlagToken = 1, kMetaStamp = 2, kMetaFields = 3;
 
 struct StreamStepProblem {
@@ -56,11 +59,14 @@ struct StreamStepProblem {
   int64_t window;  // SWiM window; 0 selects the EMA
   float alpha;     // EMA weight of the newest token
   const int64_t* slot_ids;  // [rows]
-  const float* logits;      // [rows, heads] contiguous
-  const bool* active;       // [rows] or nullptr (all active); inactive rows leave their slot untouched
+  const int64_t* starts;    // [rows] first token row of each segment, or nullptr: row r is token r
+  const int64_t* counts;    // [rows] tokens of each segment (with starts)
+  const float* logits;      // [tokens, heads] contiguous
+  const bool* active;       // [rows] or nullptr (all active); one-token op only: inactive rows leave their slot untouched
   const float* threshold;   // [heads]
   int64_t rows;
-  float* scores;  // [rows, heads] out
+  int64_t tokens;
+  float* scores;  // [tokens, heads] out (token rows outside every segment: left to the caller, zeros)
   bool* flagged;  // [rows] out
 };
 
@@ -83,30 +89,65 @@ PK_HD float stream_update(float* state, int64_t heads, int64_t k, int64_t count,
 // Fail closed: a NaN score counts as a crossing.
 PK_HD bool crosses(float score, float threshold) { return !(score <= threshold); }
 
-// Row r of a step whose slot ids were checked: advances its slot, writes its outputs.
+// Row r's token rows [begin, begin + count).
+PK_HD void stream_segment(const StreamStepProblem& p, int64_t r, int64_t& begin, int64_t& count) {
+  begin = p.starts != nullptr ? p.starts[r] : r;
+  count = p.starts != nullptr ? p.counts[r] : 1;
+}
+
+PK_HD bool segment_in_range(int64_t begin, int64_t count, int64_t tokens) {
+  return begin >= 0 && begin <= tokens && count >= 0 && count <= tokens - begin;  // no overflow
+}
+
+// Error bits of row r's segment: inside [0, tokens), count >= 0, starting at or
+// after row r - 1's end (checked only when row r - 1 is in range: else it is
+// the error, and its end could overflow).
+PK_HD int64_t stream_segment_error(const StreamStepProblem& p, int64_t r) {
+  if (p.starts == nullptr) return 0;
+  const int64_t begin = p.starts[r];
+  if (!segment_in_range(begin, p.counts[r], p.tokens)) return kSegmentOutOfRange;
+  if (r > 0 && segment_in_range(p.starts[r - 1], p.counts[r - 1], p.tokens) &&
+      begin < p.starts[r - 1] + p.counts[r - 1])
+    return kSegmentOutOfRange;
+  return 0;
+}
+
+// Row r of a step whose slot ids and segments were checked: advances its slot
+// through its tokens, writes their scores and the row's latched flag.
 PK_HD void stream_step_row(const StreamStepProblem& p, int64_t r) {
   const int64_t K = p.heads;
   int64_t* meta = p.meta + p.slot_ids[r] * kMetaFields;
-  float* out = p.scores + r * K;
   if (p.active != nullptr && !p.active[r]) {
-    for (int64_t k = 0; k < K; ++k) out[k] = 0.f;
+    for (int64_t k = 0; k < K; ++k) p.scores[r * K + k] = 0.f;
     p.flagged[r] = meta[kMetaFlagToken] >= 0;
     return;
   }
   float* state = p.state + p.slot_ids[r] * p.ring * K;
-  bool crossed = false;
-  for (int64_t k = 0; k < K; ++k) {
-    out[k] = stream_update(state, K, k, meta[kMetaCount], p.window, p.alpha, p.logits[r * K + k]);
-    crossed = crossed || crosses(out[k], p.threshold[k]);
+  int64_t begin, count;
+  stream_segment(p, r, begin, count);
+  for (int64_t i = begin; i < begin + count; ++i) {
+    float* out = p.scores + i * K;
+    bool crossed = false;
+    for (int64_t k = 0; k < K; ++k) {
+      out[k] = stream_update(state, K, k, meta[kMetaCount], p.window, p.alpha, p.logits[i * K + k]);
+      crossed = crossed || crosses(out[k], p.threshold[k]);
+    }
+    if (crossed && meta[kMetaFlagToken] < 0) meta[kMetaFlagToken] = meta[kMetaCount];
+    ++meta[kMetaCount];
   }
-  if (crossed && meta[kMetaFlagToken] < 0) meta[kMetaFlagToken] = meta[kMetaCount];
-  ++meta[kMetaCount];
   p.flagged[r] = meta[kMetaFlagToken] >= 0;
 }
 
-// Row r of a step with bad slot ids: NaN scores, flagged (fail closed).
+// Row r of a step with bad slot ids or segments: NaN scores for its tokens
+// that lie in [0, tokens) (the segment itself may be the error), flagged.
 PK_HD void stream_fail_row(const StreamStepProblem& p, int64_t r) {
-  for (int64_t k = 0; k < p.heads; ++k) p.scores[r * p.heads + k] = NAN;
+  int64_t begin, count;
+  stream_segment(p, r, begin, count);
+  if (count > 0 && begin < p.tokens) {
+    const int64_t end = begin > p.tokens - count ? p.tokens : begin + count;  // no overflow
+    for (int64_t i = begin < 0 ? 0 : begin; i < end; ++i)
+      for (int64_t k = 0; k < p.heads; ++k) p.scores[i * p.heads + k] = NAN;
+  }
   p.flagged[r] = true;
 }
 

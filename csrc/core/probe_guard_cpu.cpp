@@ -13,6 +13,7 @@ void probe_stream_step_cpu(const StreamStepProblem& p) {
   const int64_t step = ++p.status[0];
   int64_t error = 0;
   for (int64_t r = 0; r < p.rows; ++r) {  // check every row before touching any state
+    error |= stream_segment_error(p, r);
     const int64_t s = p.slot_ids[r];
     if (s < 0 || s >= p.slots) {
       error |= kSlotOutOfRange;

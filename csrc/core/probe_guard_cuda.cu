@@ -76,7 +76,8 @@ void launch_accumulate(const AccumulateProblem& p, cudaStream_t stream) {
   check(cudaGetLastError(), "accumulate kernel launch");
 }
 
-// ---- probe_stream_step: one block; rows are few (one per active sequence) ----
+// ---- probe_stream_step(_varlen): one block; rows are few (one per active sequence),
+// each thread walks its row's segment in order ----
 
 __global__ void __launch_bounds__(kThreads) stream_step_kernel(StreamStepProblem p) {
   __shared__ unsigned long long error;
@@ -87,6 +88,7 @@ __global__ void __launch_bounds__(kThreads) stream_step_kernel(StreamStepProblem
   }
   __syncthreads();
   for (int64_t r = threadIdx.x; r < p.rows; r += blockDim.x) {
+    if (const int64_t bad = stream_segment_error(p, r)) atomicOr(&error, (unsigned long long)bad);
     const int64_t s = p.slot_ids[r];
     if (s < 0 || s >= p.slots) {
       atomicOr(&error, (unsigned long long)kSlotOutOfRange);

@@ -31,8 +31,19 @@ std::tuple<at::Tensor, at::Tensor> probe_stream_step_cpu(at::Tensor& state, at::
                                                          const at::Tensor& threshold, int64_t window,
                                                          double ema_alpha) {
   TORCH_CHECK(state.device().is_cpu(), "probe_stream_step (CPU kernel): expected CPU tensors");
-  PackedStreamStep P = pack_stream_step(state, meta, status, slot_ids, token_logits, active, threshold, window,
-                                        ema_alpha);
+  PackedStreamStep P = pack_stream_step("probe_stream_step", state, meta, status, slot_ids, nullptr, nullptr,
+                                        token_logits, active, threshold, window, ema_alpha);
+  core::probe_stream_step_cpu(P.problem);
+  return {P.scores, P.flagged};
+}
+
+std::tuple<at::Tensor, at::Tensor> probe_stream_step_varlen_cpu(
+    at::Tensor& state, at::Tensor& meta, at::Tensor& status, const at::Tensor& slot_ids, const at::Tensor& token_starts,
+    const at::Tensor& token_counts, const at::Tensor& token_logits, const at::Tensor& threshold, int64_t window,
+    double ema_alpha) {
+  TORCH_CHECK(state.device().is_cpu(), "probe_stream_step_varlen (CPU kernel): expected CPU tensors");
+  PackedStreamStep P = pack_stream_step("probe_stream_step_varlen", state, meta, status, slot_ids, &token_starts,
+                                        &token_counts, token_logits, std::nullopt, threshold, window, ema_alpha);
   core::probe_stream_step_cpu(P.problem);
   return {P.scores, P.flagged};
 }
@@ -56,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_weighted_bce_fwd_cpu(const at::Tensor
 TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
   m.impl("probe_accumulate_", &probe_accumulate_cpu);
   m.impl("probe_stream_step", &probe_stream_step_cpu);
+  m.impl("probe_stream_step_varlen", &probe_stream_step_varlen_cpu);
   m.impl("softmax_weighted_bce_fwd", &softmax_weighted_bce_fwd_cpu);
 }
 

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "../core/probe_guard.h"
 #include "probe_scores_common.h"
 
@@ -50,49 +52,71 @@ inline void finish_accumulate(const at::Tensor& acc, const PackedAccumulate& P) 
 }
 
 struct PackedStreamStep {
-  at::Tensor slot_ids, logits, active, threshold, scores, flagged;
+  at::Tensor slot_ids, starts, counts, logits, active, threshold, scores, flagged;
   core::StreamStepProblem problem{};
 };
 
-inline PackedStreamStep pack_stream_step(const at::Tensor& state, const at::Tensor& meta, const at::Tensor& status,
-                                         const at::Tensor& slot_ids, const at::Tensor& token_logits,
-                                         const std::optional<at::Tensor>& active, const at::Tensor& threshold,
-                                         int64_t window, double ema_alpha) {
+// Segments (token_starts, token_counts) given: probe_stream_step_varlen, else
+// probe_stream_step (one token per row, optionally `active`). The segments'
+// bounds and order are checked by the kernels (no host sync).
+inline PackedStreamStep pack_stream_step(const char* op, const at::Tensor& state, const at::Tensor& meta,
+                                         const at::Tensor& status, const at::Tensor& slot_ids,
+                                         const at::Tensor* token_starts, const at::Tensor* token_counts,
+                                         const at::Tensor& token_logits, const std::optional<at::Tensor>& active,
+                                         const at::Tensor& threshold, int64_t window, double ema_alpha) {
   TORCH_CHECK(state.dim() == 3 && state.scalar_type() == at::kFloat && state.is_contiguous(),
-              "probe_stream_step: state must be contiguous float32 [slots, ring, K]");
+              op, ": state must be contiguous float32 [slots, ring, K]");
   const int64_t S = state.size(0), ring = state.size(1), K = state.size(2);
   TORCH_CHECK(window >= 0 && ring == (window == 0 ? 1 : 2 * window),
-              "probe_stream_step: state ring ", ring, " does not match window ", window);
+              op, ": state ring ", ring, " does not match window ", window);
   TORCH_CHECK(meta.dim() == 2 && meta.size(0) == S && meta.size(1) == core::kMetaFields &&
                   meta.scalar_type() == at::kLong && meta.is_contiguous(),
-              "probe_stream_step: meta must be contiguous int64 [slots, 3]");
+              op, ": meta must be contiguous int64 [slots, 3]");
   TORCH_CHECK(status.numel() == 2 && status.scalar_type() == at::kLong && status.is_contiguous(),
-              "probe_stream_step: status must be contiguous int64 [2]");
-  TORCH_CHECK(slot_ids.dim() == 1, "probe_stream_step: slot_ids must be [n], got ", slot_ids.sizes());
+              op, ": status must be contiguous int64 [2]");
+  TORCH_CHECK(slot_ids.dim() == 1, op, ": slot_ids must be [n], got ", slot_ids.sizes());
   const int64_t n = slot_ids.size(0);
-  TORCH_CHECK(token_logits.dim() == 2 && token_logits.size(0) == n && token_logits.size(1) == K,
-              "probe_stream_step: token_logits must be [n=", n, ", K=", K, "], got ", token_logits.sizes());
-  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == K, "probe_stream_step: threshold must be [K=", K, "]");
+  const bool varlen = token_starts != nullptr;
+  TORCH_CHECK(token_logits.dim() == 2 && (varlen || token_logits.size(0) == n) && token_logits.size(1) == K, op,
+              ": token_logits must be [", varlen ? "N" : "n=", varlen ? "" : std::to_string(n), ", K=", K,
+              "], got ", token_logits.sizes());
+  const int64_t N = token_logits.size(0);
+  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == K, op, ": threshold must be [K=", K, "]");
   const auto device = state.device();
   for (const at::Tensor* t : {&meta, &status, &slot_ids, &token_logits, &threshold})
-    TORCH_CHECK(t->device() == device, "probe_stream_step: every tensor must be on ", device);
-  TORCH_CHECK(ema_alpha > 0.0 && ema_alpha <= 1.0, "probe_stream_step: ema_alpha must lie in (0, 1]");
+    TORCH_CHECK(t->device() == device, op, ": every tensor must be on ", device);
+  TORCH_CHECK(ema_alpha > 0.0 && ema_alpha <= 1.0, op, ": ema_alpha must lie in (0, 1]");
   PackedStreamStep P;
   P.slot_ids = slot_ids.to(at::kLong).contiguous();
+  if (varlen) {
+    for (const at::Tensor* t : {token_starts, token_counts}) {
+      const auto type = t->scalar_type();
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == device &&
+                      (type == at::kLong || type == at::kInt),
+                  op, ": token_starts and token_counts must be int64 or int32 [n=", n, "] on ", device, ", got ",
+                  type, " ", t->sizes(), " on ", t->device());
+    }
+    P.starts = token_starts->to(at::kLong).contiguous();
+    P.counts = token_counts->to(at::kLong).contiguous();
+  }
   P.logits = token_logits.to(at::kFloat).contiguous();
   if (active.has_value()) {
     TORCH_CHECK(active->dim() == 1 && active->size(0) == n && active->device() == device,
-                "probe_stream_step: active must be [n=", n, "] on ", device);
+                op, ": active must be [n=", n, "] on ", device);
     P.active = active->to(at::kBool).contiguous();
   }
   P.threshold = threshold.to(at::kFloat).contiguous();
-  P.scores = at::empty({n, K}, state.options());
+  // Token rows outside every segment (and inactive rows) score 0: the one-token
+  // op writes each row itself, the varlen op starts from zeros.
+  P.scores = varlen ? at::zeros({N, K}, state.options()) : at::empty({N, K}, state.options());
   P.flagged = at::empty({n}, state.options().dtype(at::kBool));
   P.problem = core::StreamStepProblem{state.data_ptr<float>(), meta.data_ptr<int64_t>(), status.data_ptr<int64_t>(),
                                       S, ring, K, window, float(ema_alpha), P.slot_ids.data_ptr<int64_t>(),
+                                      varlen ? P.starts.data_ptr<int64_t>() : nullptr,
+                                      varlen ? P.counts.data_ptr<int64_t>() : nullptr,
                                       P.logits.data_ptr<float>(),
                                       P.active.defined() ? P.active.data_ptr<bool>() : nullptr,
-                                      P.threshold.data_ptr<float>(), n, P.scores.data_ptr<float>(),
+                                      P.threshold.data_ptr<float>(), n, N, P.scores.data_ptr<float>(),
                                       P.flagged.data_ptr<bool>()};
   return P;
 }

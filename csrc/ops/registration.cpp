@@ -33,6 +33,12 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "probe_stream_step(Tensor(a!) state, Tensor(b!) meta, Tensor(c!) status, Tensor slot_ids, "
       "Tensor token_logits, Tensor? active, Tensor threshold, int window, float ema_alpha) -> (Tensor, Tensor)");
+  // The same step over a segment of tokens per slot (a prefill chunk): slot slot_ids[r]
+  // steps through token rows [token_starts[r], token_starts[r] + token_counts[r]) in order.
+  m.def(
+      "probe_stream_step_varlen(Tensor(a!) state, Tensor(b!) meta, Tensor(c!) status, Tensor slot_ids, "
+      "Tensor token_starts, Tensor token_counts, Tensor token_logits, Tensor threshold, int window, "
+      "float ema_alpha) -> (Tensor, Tensor)");
   m.def(
       "softmax_weighted_bce_fwd(Tensor token_logits, Tensor labels, Tensor lengths, int window, float tau, "
       "bool detach_weights, bool compute_grad) -> (Tensor, Tensor)");

@@ -1,6 +1,7 @@
 // Torch-free tests of the probe guard cores (run by ctest): the streaming
 // arithmetic shared with the CUDA kernel against the whole-sequence smoothing,
-// the CPU stream step's slot checks, probe_accumulate for every instruction
+// the CPU stream step's slot checks, its segmented (varlen) form against
+// token-by-token steps, probe_accumulate for every instruction
 // set, and the fused loss against finite differences in double.
 #include <cmath>
 #include <cstdio>
@@ -63,11 +64,23 @@ struct Stream {
   }
   void step(const std::vector<int64_t>& ids, const std::vector<float>& z, std::vector<float>& scores,
             std::vector<bool>& flagged) {
-    const int64_t n = int64_t(ids.size());
-    scores.assign(n * K, 0.f);
+    run(ids, nullptr, nullptr, z, scores, flagged);
+  }
+  // Segment r of the token rows of z [N, K] steps slot ids[r].
+  void step_varlen(const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+                   const std::vector<int64_t>& counts, const std::vector<float>& z, std::vector<float>& scores,
+                   std::vector<bool>& flagged) {
+    run(ids, starts.data(), counts.data(), z, scores, flagged);
+  }
+
+ private:
+  void run(const std::vector<int64_t>& ids, const int64_t* starts, const int64_t* counts, const std::vector<float>& z,
+           std::vector<float>& scores, std::vector<bool>& flagged) {
+    const int64_t n = int64_t(ids.size()), N = int64_t(z.size()) / K;
+    scores.assign(N * K, 0.f);
     std::vector<char> f(n);
     StreamStepProblem p{state.data(), meta.data(), status, slots, window ? 2 * window : 1, K, window, 0.25f,
-                        ids.data(), z.data(), nullptr, threshold.data(), n, scores.data(),
+                        ids.data(), starts, counts, z.data(), nullptr, threshold.data(), n, N, scores.data(),
                         reinterpret_cast<bool*>(f.data())};
     probe_stream_step_cpu(p);
     flagged.assign(f.begin(), f.end());
@@ -96,6 +109,54 @@ static void test_stream_step_slot_checks() {
     s.step({2}, {4.f}, scores, flagged);
     CHECK(flagged[0] && s.meta[2 * kMetaFields + kMetaFlagToken] == 1, "slot 2 flags at its token 1");
   }
+}
+
+// Segments step exactly as one-token steps would; bad segments change nothing and fail closed.
+static void test_stream_step_varlen() {
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd;
+  const int64_t K = 2;
+  for (int64_t window : {0, 3}) {
+    Stream varlen(4, window, K), tokenwise(4, window, K);
+    const std::vector<int64_t> ids = {2, 0, 3}, starts = {1, 5, 5}, counts = {4, 0, 3};
+    std::vector<float> z(9 * K);
+    for (auto& v : z) v = nd(rng);
+    std::vector<float> scores, one;
+    std::vector<bool> flagged, one_flag;
+    varlen.step_varlen(ids, starts, counts, z, scores, flagged);
+    CHECK(varlen.status[0] == 1 && varlen.status[1] == 0, "one step, no error");
+    for (size_t r = 0; r < ids.size(); ++r)
+      for (int64_t i = starts[r]; i < starts[r] + counts[r]; ++i) {
+        tokenwise.step({ids[r]}, std::vector<float>(z.begin() + i * K, z.begin() + (i + 1) * K), one, one_flag);
+        CHECK(std::memcmp(&scores[i * K], one.data(), K * sizeof(float)) == 0, "window %lld token %lld",
+              (long long)window, (long long)i);
+      }
+    for (int64_t i : {0, 8})
+      CHECK(scores[i * K] == 0.f && scores[i * K + 1] == 0.f, "row %lld outside every segment is 0", (long long)i);
+    CHECK(varlen.state == tokenwise.state, "same state");
+    for (int64_t s = 0; s < 4; ++s)
+      for (int c : {kMetaCount, kMetaFlagToken})
+        CHECK(varlen.meta[s * kMetaFields + c] == tokenwise.meta[s * kMetaFields + c], "same meta");
+    for (size_t r = 0; r < ids.size(); ++r)
+      CHECK(flagged[r] == (varlen.meta[ids[r] * kMetaFields + kMetaFlagToken] >= 0), "flag of row %zu", r);
+
+    const auto state = varlen.state;
+    const auto meta = varlen.meta;
+    const std::vector<std::vector<int64_t>> bad_starts = {{1, 3}, {-1, 5}, {1, 9}, {1, 5}, {5, 1}};
+    const std::vector<std::vector<int64_t>> bad_counts = {{4, 1}, {1, 1}, {4, 1}, {4, -1}, {1, 1}};
+    for (size_t c = 0; c < bad_starts.size(); ++c) {
+      varlen.status[1] = 0;
+      varlen.step_varlen({2, 0}, bad_starts[c], bad_counts[c], z, scores, flagged);
+      CHECK(varlen.status[1] == kSegmentOutOfRange, "case %zu: bad segment reported", c);
+      CHECK(flagged[0] && flagged[1] && varlen.state == state, "case %zu: fails closed, no state changed", c);
+      for (int64_t s = 0; s < 4; ++s)
+        CHECK(varlen.meta[s * kMetaFields] == meta[s * kMetaFields], "case %zu: no count changed", c);
+    }
+    CHECK(std::isnan(scores[5 * K]) && !std::isnan(scores[4 * K]), "NaN for the bad segments' tokens only");
+  }
+  CHECK(segment_in_range(0, 0, 0) && segment_in_range(3, 0, 3) && !segment_in_range(4, 0, 3) &&
+            !segment_in_range(1, INT64_MAX, 3) && !segment_in_range(INT64_MIN, 1, 3),
+        "segment bounds without overflow");
 }
 
 static void test_accumulate_every_isa() {
@@ -165,6 +226,7 @@ int main() {
   test_stream_update_equals_whole_sequence();
   test_crosses_fails_closed();
   test_stream_step_slot_checks();
+  test_stream_step_varlen();
   test_accumulate_every_isa();
   test_swbce_gradient_by_finite_differences();
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);

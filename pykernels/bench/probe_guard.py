@@ -7,6 +7,9 @@
                         Target: within 2x.
   probe_stream_step     one decode step of EMA smoothing + latched flags for 16
                         slots vs the same in eager PyTorch ops.
+  probe_stream_step_varlen  a 512-token prefill (8 slots x 64 tokens, EMA and
+                        SWiM) in one segmented step vs one probe_stream_step per
+                        position (ProbeGuard's prefill before the varlen op).
   softmax_weighted_bce  fused forward + backward vs eager autograd of the
                         reference (and torch.compile of it on full runs), B = 64,
                         T = 512. Target: >= 2x on the CPU.
@@ -89,6 +92,31 @@ def _stream_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
     )]
 
 
+def _varlen_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
+    slots, T, K = 8, 64, 1
+    z = torch.randn(slots * T, K, device=ctx.device)
+    ids = torch.arange(slots, device=ctx.device)
+    starts, counts = ids * T, torch.full((slots,), T, device=ctx.device)
+    rows = z.view(slots, T, K)
+    cases = []
+    for smoothing in ("ema", "swim"):
+        streams = {b: ProbeStream(slots, K, smoothing=smoothing, threshold=1e9, device=ctx.device, backend=b)
+                   for b in ours}
+
+        def token_loop(s):  # what ProbeGuard's prefill did before the varlen op: one step per position
+            for t in range(T):
+                s._step_trusted(ids, rows[:, t], None)
+
+        implementations = {b: (lambda s=s: s._step_varlen_trusted(ids, starts, counts, z)) for b, s in streams.items()}
+        baselines = {f"{b} per-token loop": (lambda s=s: token_loop(s)) for b, s in streams.items()}
+        cases.append(Case(
+            op="probe_stream_step_varlen", shape=f"prefill {slots}x{T} tokens K={K} {smoothing}", dtype="float32",
+            implementations=implementations, baselines=baselines,
+            notes="a 512-token prefill over 8 slots: one varlen launch vs one stream step per position",
+        ))
+    return cases
+
+
 def _loss_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
     B, T = 64, 512
     g = torch.Generator().manual_seed(1)
@@ -166,9 +194,10 @@ def _overhead_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
 
 
 # The tables this suite fills (the runner skips the suite when --ops names none of them).
-OPS = ("probe_accumulate_", "probe_stream_step", "softmax_weighted_bce", "guard_overhead")
+OPS = ("probe_accumulate_", "probe_stream_step", "probe_stream_step_varlen", "softmax_weighted_bce", "guard_overhead")
 
 
 def cases(ctx: BenchContext) -> list[Case]:
     ours = _ours(ctx)
-    return _accumulate_cases(ctx, ours) + _stream_cases(ctx, ours) + _loss_cases(ctx, ours) + _overhead_cases(ctx, ours)
+    return (_accumulate_cases(ctx, ours) + _stream_cases(ctx, ours) + _varlen_cases(ctx, ours) + _loss_cases(ctx, ours)
+            + _overhead_cases(ctx, ours))

@@ -6,10 +6,10 @@
 
 Each decoder layer's forward hook adds that layer's contribution to a float32
 accumulator (probe_accumulate_, one kernel per layer, the layer's output read
-in place); after the model's forward, one ProbeStream step per new token
-smooths and latches the flags on the device. With a KV cache each decode step
-scores only the new token; the prompt is scored in the first forward (its
-left padding skipped via the attention mask). A flagged sequence stops at the
+in place); after the model's forward, one ProbeStream step (a segmented one
+for several new tokens per row) smooths and latches the flags on the device.
+With a KV cache each decode step scores only the new token; the prompt is
+scored in the first forward (its padding skipped via the attention mask). A flagged sequence stops at the
 next step through a StoppingCriteria, in batched generation too.
 
 What is scored: the output of each decoder layer (the residual stream), which
@@ -180,20 +180,37 @@ class ProbeGuard:
             _, flagged = self.stream._step_trusted(slots, self._acc, None)
             first_new = 0
         else:
-            z = self._acc.view(B, T, self._acc.shape[-1])
             # Without a KV cache every forward feeds the whole sequence again: only the
             # positions past those already scored are new. With a cache all T are new.
             first_new = self._positions_scored if T > self._positions_scored else 0
-            # Decoding (one new token) feeds real tokens only; the prompt may hold left padding.
-            active = None if self._mask is None or T - first_new == 1 else self._mask[:, -T:].bool()
-            for t in range(first_new, T):
-                _, flagged = self.stream._step_trusted(slots, z[:, t], None if active is None else active[:, t])
+            begin, end = self._new_positions(B, T, first_new)
+            # Row b's new positions are one segment of the flattened [B * T, K] accumulator:
+            # every row steps through its own in one launch.
+            starts = torch.arange(0, B * T, T, device=self._acc.device) + begin
+            _, flagged = self.stream._step_varlen_trusted(slots, starts, (end - begin).clamp_(min=0), self._acc)
         self._positions_scored += T - first_new
         self.flagged = flagged
         self.timer.seconds += time.perf_counter() - start
         self.timer.forwards += 1
         self.timer.tokens += B * T
         self._acc = None
+
+    def _new_positions(self, B: int, T: int, first_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the positions [begin, end) of this forward's T to score: from first_new
+        on, and, in a prompt, only the attention mask's run of real tokens (left or right
+        padding skipped). Decoding (one new position) feeds real tokens only."""
+        device = self._acc.device
+        if self._mask is None or T - first_new == 1:
+            return torch.full((B,), first_new, device=device), torch.full((B,), T, device=device)
+        real = self._mask[:, -T:] != 0
+        if device.type == "cpu":  # free on the CPU; on a GPU it would cost a sync
+            runs = (real[:, 1:] & ~real[:, :-1]).sum(1) + real[:, 0]
+            if bool((runs > 1).any()):
+                raise ValueError("ProbeGuard: each attention_mask row must hold one run of real tokens (left or "
+                                 f"right padding only), got {self._mask.tolist()}")
+        first_real = real.int().argmax(1)  # first 1 (0 for a row of padding only, which has no real tokens)
+        end = first_real + real.sum(1)
+        return torch.clamp(first_real, min=first_new), end
 
     # ------------------------------------------------------------------ use
 

@@ -7,7 +7,8 @@ layer: no second pass, no stacked activations.
 
 `ProbeStream` keeps per-sequence smoothing state on the device for continuous
 batching: sequences occupy slots, `step` advances the active slots by one token
-in one kernel launch, and a flag latches once any head's smoothed score exceeds
+in one kernel launch (`step_varlen` by a segment of tokens each: a prefill
+chunk, also one launch), and a flag latches once any head's smoothed score exceeds
 its threshold. Stepping a sequence token by token gives the scores
 `probe_scores` gives on the whole sequence with the same smoothing (the same
 arithmetic from csrc/core/probe_scores.h; bit-identical on the CPU kernels).
@@ -23,6 +24,7 @@ import torch
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, check_int, check_tensor
 from ..reference.probe_guard import SLOT_DUPLICATED as _DUPLICATED
+from ..reference.probe_guard import SEGMENT_OUT_OF_RANGE as _BAD_SEGMENT
 from ..reference.probe_guard import SLOT_OUT_OF_RANGE as _OUT_OF_RANGE
 from .scoring import DEFAULT_WINDOW, SMOOTHINGS, default_ema_alpha
 
@@ -39,7 +41,8 @@ def backend_op(name: str, backend: str):
     if backend == "reference":
         from ..reference import probe_guard as reference
 
-        return {"probe_accumulate_": reference.probe_accumulate_, "probe_stream_step": reference.stream_step}[name]
+        return {"probe_accumulate_": reference.probe_accumulate_, "probe_stream_step": reference.stream_step,
+                "probe_stream_step_varlen": reference.stream_step_varlen}[name]
     if backend == "triton":
         from ..triton import probe_guard as triton_ops
 
@@ -95,6 +98,7 @@ def _accumulate_args_ok(acc, hidden, weight_l) -> bool:
 
 
 SlotIds = Union[torch.Tensor, Sequence[int]]
+_SEGMENT_DTYPES = (torch.int64, torch.int32)  # what the kernels take for token_starts / token_counts
 
 
 class ProbeStream:
@@ -113,9 +117,10 @@ class ProbeStream:
         device: where the state lives (default: CPU).
         backend: kernel backend; default: the fastest for the device.
 
-    `step` is one kernel launch for the whole batch and never syncs with the
-    host; bad slot ids (out of range, or the same slot twice in one step) leave
-    the state untouched, return NaN scores with every row flagged, and raise:
+    `step` and `step_varlen` are one kernel launch for the whole batch and never
+    sync with the host; bad slot ids (out of range, or the same slot twice in one
+    step) or segments leave the state untouched, return NaN scores with every
+    row flagged, and raise:
     at once for CPU state, and from the next `flags()` / `check()` for GPU
     state or inside torch.compile (reading device memory earlier would cost a
     sync, or break the graph). Buffers are allocated once, so a step with
@@ -153,6 +158,7 @@ class ProbeStream:
         self._live_state, self._live_meta = self._state[:max_slots], self._meta[:max_slots]  # views, made once
         self.backend = _select("probe_stream_step", self.device, backend)
         self._op = backend_op("probe_stream_step", self.backend)
+        self._varlen_op = backend_op("probe_stream_step_varlen", self.backend)
 
     def _threshold_tensor(self, threshold) -> torch.Tensor:
         t = torch.as_tensor(threshold, dtype=torch.float32).to(self.device).reshape(-1)
@@ -164,10 +170,10 @@ class ProbeStream:
 
     # ------------------------------------------------------------------ stepping
 
-    def _ids(self, name: str, slot_ids: SlotIds) -> torch.Tensor:
+    def _ids(self, name: str, slot_ids: SlotIds, dtypes: tuple = INDEX_DTYPES) -> torch.Tensor:
         if not isinstance(slot_ids, torch.Tensor):
             slot_ids = torch.as_tensor(list(slot_ids), dtype=torch.int64)
-        check_tensor(name, slot_ids, ndim=1, dtypes=INDEX_DTYPES, shape_doc="[n]")
+        check_tensor(name, slot_ids, ndim=1, dtypes=dtypes, shape_doc="[n]")
         return slot_ids.to(self.device, non_blocking=True)
 
     def step(self, slot_ids: SlotIds, token_logits: torch.Tensor,
@@ -210,6 +216,45 @@ class ProbeStream:
         # and surfaces at the next flags() / check().
         return self._op(self._live_state, self._live_meta, self._status, ids, token_logits, active, self.threshold,
                         self._kernel_window, self.ema_alpha)
+
+    def step_varlen(self, slot_ids: SlotIds, token_starts: SlotIds, token_counts: SlotIds,
+                    token_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance each slot by a segment of tokens (a prefill chunk), in one launch.
+
+        Slot slot_ids[r] steps through token_logits rows [token_starts[r],
+        token_starts[r] + token_counts[r]) in order, exactly as that many `step`
+        calls would (bit-identical on the CPU kernels).
+
+        Args:
+            slot_ids: [n] distinct slots in [0, max_slots).
+            token_starts, token_counts: [n] int64 or int32 segments, inside [0, N), in
+                increasing order without overlap; a count of 0 leaves its slot untouched.
+                Bad segments are reported like bad slot ids (no state changes, NaN
+                scores for the segments' tokens, every row flagged).
+            token_logits: [N, K] raw probe logits of the tokens of every segment.
+
+        Returns:
+            scores: float32 [N, K] smoothed scores (0 for rows outside every segment).
+            flagged: bool [n], each slot's latched flag after its segment.
+        """
+        ids = self._ids("slot_ids", slot_ids)
+        starts = self._ids("token_starts", token_starts, _SEGMENT_DTYPES)
+        counts = self._ids("token_counts", token_counts, _SEGMENT_DTYPES)
+        check_dim("token_starts", starts, 0, ids.shape[0], "the number of slot_ids n")
+        check_dim("token_counts", counts, 0, ids.shape[0], "the number of slot_ids n")
+        check_tensor("token_logits", token_logits, ndim=2, dtypes=FLOAT_DTYPES, device=self.device,
+                     shape_doc="[N, K]")
+        check_dim("token_logits", token_logits, 1, self.num_heads, "num_heads K")
+        out = self._step_varlen_trusted(ids, starts, counts, token_logits)
+        if self._check_now():
+            self._raise_if_error("step", ids, starts, counts, token_logits.shape[0])
+        return out
+
+    def _step_varlen_trusted(self, ids: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                             token_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # step_varlen's bare kernel call (see _step_trusted).
+        return self._varlen_op(self._live_state, self._live_meta, self._status, ids, starts, counts, token_logits,
+                               self.threshold, self._kernel_window, self.ema_alpha)
 
     def reset(self, slot_ids: Optional[SlotIds] = None) -> None:
         """Clear slots (all by default) for new requests: no state, no flag, no tokens."""
@@ -271,7 +316,8 @@ class ProbeStream:
         # CPU state is read for free; not while compiling (a data-dependent branch).
         return self.device.type == "cpu" and not torch.compiler.is_compiling()
 
-    def _raise_if_error(self, where: str, ids: Optional[torch.Tensor]) -> None:
+    def _raise_if_error(self, where: str, ids: Optional[torch.Tensor], starts: Optional[torch.Tensor] = None,
+                        counts: Optional[torch.Tensor] = None, tokens: int = 0) -> None:
         error = int(self._status[1])
         if not error:
             return
@@ -288,6 +334,12 @@ class ProbeStream:
                     (twice if i in seen else seen).add(i)
                 dup = f" (got {sorted(twice)} more than once)"
             problems.append(f"slot ids must be distinct within one step{dup}")
+        if error & _BAD_SEGMENT:
+            bad = ""
+            if starts is not None:
+                bad = f" (got starts {starts.tolist()}, counts {counts.tolist()} for N={tokens} token rows)"
+            problems.append("token segments must lie in [0, N) with counts >= 0, in increasing order without "
+                            f"overlap{bad}")
         effect = {
             "step": "No state was changed; the step returned NaN scores with every row flagged (fail closed).",
             "reset": "The valid slots were reset.",

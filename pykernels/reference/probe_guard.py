@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from .probe_scores import swim
 
-SLOT_OUT_OF_RANGE, SLOT_DUPLICATED = 1, 2  # status[1] error bits, as in csrc/core/probe_guard.h
+# status[1] error bits, as in csrc/core/probe_guard.h
+SLOT_OUT_OF_RANGE, SLOT_DUPLICATED, SEGMENT_OUT_OF_RANGE = 1, 2, 4
 COUNT, FLAG_TOKEN, STAMP = 0, 1, 2  # meta columns
 
 
@@ -21,50 +22,85 @@ def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.T
 def stream_step(state, meta, status, slot_ids, token_logits, active, threshold, window: int, ema_alpha: float):
     """One streaming step over per-slot state; the layout and rules of
     csrc/core/probe_guard.h (window 0 = EMA). Returns (scores [n, K], flagged [n])."""
-    S, _, K = state.shape
     n = slot_ids.shape[0]
+    return _steps(state, meta, status, slot_ids, torch.arange(n), torch.ones(n, dtype=torch.int64), token_logits,
+                  active, threshold, window, ema_alpha, segmented=False)
+
+
+def stream_step_varlen(state, meta, status, slot_ids, token_starts, token_counts, token_logits, threshold,
+                       window: int, ema_alpha: float):
+    """stream_step over a segment per slot: slot slot_ids[r] steps through token rows
+    [token_starts[r], token_starts[r] + token_counts[r]) in order. Returns (scores [N, K]
+    (0 outside every segment), flagged [n])."""
+    return _steps(state, meta, status, slot_ids, token_starts, token_counts, token_logits, None, threshold, window,
+                  ema_alpha, segmented=True)
+
+
+def _segments_ok(starts: list, counts: list, tokens: int) -> bool:
+    end = 0
+    for begin, count in zip(starts, counts):
+        if not (end <= begin <= tokens and 0 <= count <= tokens - begin):
+            return False
+        end = begin + count
+    return True
+
+
+def _steps(state, meta, status, slot_ids, starts, counts, token_logits, active, threshold, window, ema_alpha,
+           segmented):
+    S, _, K = state.shape
+    n, N = slot_ids.shape[0], token_logits.shape[0]
     ids = slot_ids.long()
+    starts, counts = starts.long().tolist(), counts.long().tolist()
     status[0] += 1
     error = 0
     if ((ids < 0) | (ids >= S)).any():
         error |= SLOT_OUT_OF_RANGE
     elif ids.unique().numel() != n:
         error |= SLOT_DUPLICATED
+    if segmented and not _segments_ok(starts, counts, N):
+        error |= SEGMENT_OUT_OF_RANGE
+    scores = torch.zeros(N, K, device=state.device)
     if error:
         status[1] |= error
-        nan_scores = torch.full((n, K), float("nan"), device=state.device)
-        return nan_scores, torch.ones(n, dtype=torch.bool, device=state.device)
-    scores = torch.zeros(n, K, device=state.device)
+        for begin, count in zip(starts, counts):  # NaN for the segments' tokens inside [0, N)
+            lo, hi = max(begin, 0), min(begin + count, N)
+            if hi > lo:
+                scores[lo:hi] = float("nan")
+        return scores, torch.ones(n, dtype=torch.bool, device=state.device)
     flagged = torch.zeros(n, dtype=torch.bool, device=state.device)
     for r in range(n):
         s = int(ids[r])
         m = meta[s]
-        if active is not None and not bool(active[r]):
-            flagged[r] = bool(m[FLAG_TOKEN] >= 0)
-            continue
-        count = int(m[COUNT])
-        z = token_logits[r].float()
-        if window == 0:
-            # alpha == 1 forgets the past exactly (no 0 * NaN), as ema_apply does
-            e = z if count == 0 or ema_alpha == 1.0 else ema_alpha * z + (1.0 - ema_alpha) * state[s, 0]
-            state[s, 0] = e
-            scores[r] = e
-        else:
-            pos = count % window
-            state[s, pos] = z
-            state[s, pos + window] = z
-            t = count if count < window else pos + window
-            first = max(0, t + 1 - window)
-            total = torch.zeros(K, device=state.device)
-            for i in range(first, t + 1):  # oldest first, as swim_at sums
-                total = total + state[s, i]
-            scores[r] = total / (t + 1 - first)
-        crossed = bool((~(scores[r] <= threshold.float())).any())  # NaN crosses (fail closed)
-        if crossed and int(m[FLAG_TOKEN]) < 0:
-            m[FLAG_TOKEN] = count
-        m[COUNT] = count + 1
+        if active is None or bool(active[r]):
+            for i in range(starts[r], starts[r] + counts[r]):
+                scores[i] = _token(state[s], m, token_logits[i].float(), threshold, window, ema_alpha)
         flagged[r] = bool(m[FLAG_TOKEN] >= 0)
     return scores, flagged
+
+
+def _token(state, m, z, threshold, window: int, ema_alpha: float):
+    """Appends logits z [K] to one slot's state and meta row; returns the smoothed scores."""
+    count = int(m[COUNT])
+    if window == 0:
+        # alpha == 1 forgets the past exactly (no 0 * NaN), as ema_apply does
+        e = z if count == 0 or ema_alpha == 1.0 else ema_alpha * z + (1.0 - ema_alpha) * state[0]
+        state[0] = e
+        score = e
+    else:
+        pos = count % window
+        state[pos] = z
+        state[pos + window] = z
+        t = count if count < window else pos + window
+        first = max(0, t + 1 - window)
+        total = torch.zeros_like(z)
+        for i in range(first, t + 1):  # oldest first, as swim_at sums
+            total = total + state[i]
+        score = total / (t + 1 - first)
+    crossed = bool((~(score <= threshold.float())).any())  # NaN crosses (fail closed)
+    if crossed and int(m[FLAG_TOKEN]) < 0:
+        m[FLAG_TOKEN] = count
+    m[COUNT] = count + 1
+    return score
 
 
 def _predictions(z: torch.Tensor, lengths: torch.Tensor, window: int):

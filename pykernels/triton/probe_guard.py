@@ -1,5 +1,6 @@
 """Triton kernels of the probe guard, registered as custom ops
-pykernels::{probe_accumulate_, probe_stream_step, softmax_weighted_bce_fwd}_triton
+pykernels::{probe_accumulate_, probe_stream_step, probe_stream_step_varlen,
+softmax_weighted_bce_fwd}_triton
 (custom_op + explicit fake kernels, testable under TRITON_INTERPRET=1; see
 triton/probe_scores.py). The arithmetic mirrors csrc/core/probe_guard.h.
 """
@@ -12,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops import probe_stream_step_fake, probe_stream_step_varlen_fake
 from .probe_scores import _TL_DTYPES
 
 
@@ -68,10 +70,16 @@ def _(acc, hidden, weight_l):
 
 
 @triton.jit
-def _stream_step_kernel(state_ptr, meta_ptr, status_ptr, ids_ptr, z_ptr, active_ptr, thr_ptr,
-                        scores_ptr, flagged_ptr, S, R, K, window, alpha,
-                        HAS_ACTIVE: tl.constexpr, BLOCK_R: tl.constexpr):
-    # One program: rows are few (one per active sequence).
+def _segment_in_range(begin, count, N):
+    return (begin >= 0) & (begin <= N) & (count >= 0) & (count <= N - begin)  # no overflow
+
+
+@triton.jit
+def _stream_step_kernel(state_ptr, meta_ptr, status_ptr, ids_ptr, starts_ptr, counts_ptr, z_ptr, active_ptr, thr_ptr,
+                        scores_ptr, flagged_ptr, S, R, N, K, window, alpha,
+                        SEGMENTS: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One program: rows are few (one per active sequence). Row r steps its slot
+    # through token rows [start, start + count) (SEGMENTS), or token row r alone.
     rows = tl.arange(0, BLOCK_R)
     r_ok = rows < R
     ids = tl.load(ids_ptr + rows, mask=r_ok, other=0)
@@ -84,75 +92,119 @@ def _stream_step_kernel(state_ptr, meta_ptr, status_ptr, ids_ptr, z_ptr, active_
     owner = tl.load(stamp, mask=r_ok & in_range, other=0)
     bad_range = tl.max(tl.where(r_ok & ~in_range, 1, 0), axis=0)
     bad_dup = tl.max(tl.where(r_ok & in_range & (owner != rows), 1, 0), axis=0)
-    error = bad_range * 1 + bad_dup * 2
+    if SEGMENTS:
+        starts = tl.load(starts_ptr + rows, mask=r_ok, other=0)
+        counts = tl.load(counts_ptr + rows, mask=r_ok, other=0)
+        has_prev = r_ok & (rows > 0)
+        prev_start = tl.load(starts_ptr + rows - 1, mask=has_prev, other=0)
+        prev_count = tl.load(counts_ptr + rows - 1, mask=has_prev, other=0)
+        # The order against row r - 1 only when that row is in range (else it is the error).
+        ordered = ~_segment_in_range(prev_start, prev_count, N) | (starts >= prev_start + prev_count)
+        bad_segment = tl.max(tl.where(r_ok & ~(_segment_in_range(starts, counts, N) & ordered), 1, 0), axis=0)
+    else:
+        starts = rows.to(tl.int64)
+        counts = tl.full([BLOCK_R], 1, tl.int64)
+        bad_segment = 0
+    error = bad_range * 1 + bad_dup * 2 + bad_segment * 4
     tl.store(status_ptr, tl.load(status_ptr) + 1)
     tl.store(status_ptr + 1, tl.load(status_ptr + 1) | error.to(tl.int64))
     if error != 0:
-        for k in range(0, K):
-            tl.store(scores_ptr + rows * K + k, float("nan"), mask=r_ok)
+        # NaN for each segment's tokens that lie in [0, N) (the segment itself may be the error).
+        lo = tl.maximum(starts, 0)
+        hi = tl.where(starts > N - counts, N, starts + counts)
+        span = tl.where(r_ok & (counts > 0) & (starts < N), hi - lo, 0)
+        for i in range(0, tl.max(span, axis=0)):
+            for k in range(0, K):
+                tl.store(scores_ptr + (lo + i) * K + k, float("nan"), mask=i < span)
         tl.store(flagged_ptr + rows, 1, mask=r_ok)
     else:
         live = r_ok
         if HAS_ACTIVE:
             live = live & (tl.load(active_ptr + rows, mask=r_ok, other=0) != 0)
-        count = tl.load(meta_ptr + ids * 3, mask=live, other=0)
+        counts = tl.where(live, counts, 0)
+        seen = tl.load(meta_ptr + ids * 3, mask=live, other=0)
         flag_token = tl.load(meta_ptr + ids * 3 + 1, mask=r_ok, other=-1)
         ring = tl.where(window == 0, 1, 2 * window)
         base = state_ptr + ids.to(tl.int64) * ring * K
-        crossed = tl.zeros([BLOCK_R], dtype=tl.int1)
-        for k in range(0, K):
-            z = tl.load(z_ptr + rows * K + k, mask=live, other=0.0)
-            if window == 0:
-                e_old = tl.load(base + k, mask=live, other=0.0)
-                # alpha == 1 forgets the past exactly (no 0 * NaN), as ema_apply does
-                e = tl.where((count == 0) | (alpha == 1.0), z, (1.0 - alpha) * e_old + alpha * z)
-                tl.store(base + k, e, mask=live)
-                score = e
-            else:
-                pos = count % window
-                tl.store(base + pos * K + k, z, mask=live)
-                tl.store(base + (pos + window) * K + k, z, mask=live)
-                tl.debug_barrier()
-                t = tl.where(count < window, count, pos + window)
-                first = tl.maximum(t + 1 - window, 0)
-                total = tl.zeros([BLOCK_R], dtype=tl.float32)
-                for m in range(0, window):  # oldest first, as swim_at sums
-                    total += tl.load(base + (first + m) * K + k, mask=live & (first + m <= t), other=0.0)
-                score = total / (t + 1 - first).to(tl.float32)
-            thr = tl.load(thr_ptr + k)
-            crossed = crossed | ~(score <= thr)
-            tl.store(scores_ptr + rows * K + k, tl.where(live, score, 0.0), mask=r_ok)
-        newly = live & crossed & (flag_token < 0)
-        flag_token = tl.where(newly, count, flag_token)
+        if not SEGMENTS:  # an inactive row scores 0 (the varlen op's gaps start from zeros)
+            for k in range(0, K):
+                tl.store(scores_ptr + rows * K + k, 0.0, mask=r_ok & ~live)
+        for i in range(0, tl.max(counts, axis=0)):
+            token = live & (i < counts)
+            row = starts + i
+            crossed = tl.zeros([BLOCK_R], dtype=tl.int1)
+            for k in range(0, K):
+                z = tl.load(z_ptr + row * K + k, mask=token, other=0.0)
+                if window == 0:
+                    e_old = tl.load(base + k, mask=token, other=0.0)
+                    # alpha == 1 forgets the past exactly (no 0 * NaN), as ema_apply does
+                    e = tl.where((seen == 0) | (alpha == 1.0), z, (1.0 - alpha) * e_old + alpha * z)
+                    tl.store(base + k, e, mask=token)
+                    score = e
+                else:
+                    pos = seen % window
+                    tl.store(base + pos * K + k, z, mask=token)
+                    tl.store(base + (pos + window) * K + k, z, mask=token)
+                    tl.debug_barrier()
+                    t = tl.where(seen < window, seen, pos + window)
+                    first = tl.maximum(t + 1 - window, 0)
+                    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+                    for m in range(0, window):  # oldest first, as swim_at sums
+                        total += tl.load(base + (first + m) * K + k, mask=token & (first + m <= t), other=0.0)
+                    score = total / (t + 1 - first).to(tl.float32)
+                thr = tl.load(thr_ptr + k)
+                crossed = crossed | ~(score <= thr)
+                tl.store(scores_ptr + row * K + k, score, mask=token)
+            flag_token = tl.where(token & crossed & (flag_token < 0), seen, flag_token)
+            seen = tl.where(token, seen + 1, seen)
+            tl.debug_barrier()  # the next token reads this one's state
         tl.store(meta_ptr + ids * 3 + 1, flag_token, mask=live)
-        tl.store(meta_ptr + ids * 3, count + 1, mask=live)
+        tl.store(meta_ptr + ids * 3, seen, mask=live)
         tl.store(flagged_ptr + rows, (flag_token >= 0).to(tl.int8), mask=r_ok)
+
+
+def _launch_stream_step(state, meta, status, slot_ids, token_starts, token_counts, token_logits, active, threshold,
+                        window, ema_alpha):
+    n = slot_ids.shape[0]
+    N, K = token_logits.shape
+    segments = token_starts is not None
+    # Token rows outside every segment score 0: the one-token kernel writes every row itself.
+    scores = (torch.zeros if segments else torch.empty)((N, K), dtype=torch.float32, device=state.device)
+    flagged = torch.empty((n,), dtype=torch.bool, device=state.device)
+    ids = slot_ids.to(torch.int64).contiguous()
+    z = token_logits.to(torch.float32).contiguous()
+    starts = token_starts.to(torch.int64).contiguous() if segments else ids
+    counts = token_counts.to(torch.int64).contiguous() if segments else ids
+    act = active.to(torch.int8).contiguous() if active is not None else ids
+    _stream_step_kernel[(1,)](
+        state, meta, status, ids, starts, counts, z, act, threshold.to(torch.float32).contiguous(), scores,
+        flagged.view(torch.int8), state.shape[0], n, N, K, window, float(ema_alpha),
+        SEGMENTS=segments, HAS_ACTIVE=active is not None, BLOCK_R=max(16, triton.next_power_of_2(n)),
+    )
+    return scores, flagged
 
 
 @torch.library.custom_op("pykernels::probe_stream_step_triton", mutates_args=("state", "meta", "status"))
 def probe_stream_step_triton(state: torch.Tensor, meta: torch.Tensor, status: torch.Tensor, slot_ids: torch.Tensor,
                              token_logits: torch.Tensor, active: Optional[torch.Tensor], threshold: torch.Tensor,
                              window: int, ema_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    n, K = token_logits.shape
-    scores = torch.empty((n, K), dtype=torch.float32, device=state.device)
-    flagged = torch.empty((n,), dtype=torch.bool, device=state.device)
-    if n == 0:
-        return scores, flagged
-    ids = slot_ids.to(torch.int64).contiguous()
-    z = token_logits.to(torch.float32).contiguous()
-    act = active.to(torch.int8).contiguous() if active is not None else ids
-    _stream_step_kernel[(1,)](
-        state, meta, status, ids, z, act, threshold.to(torch.float32).contiguous(), scores, flagged.view(torch.int8),
-        state.shape[0], n, K, window, float(ema_alpha),
-        HAS_ACTIVE=active is not None, BLOCK_R=max(16, triton.next_power_of_2(n)),
-    )
-    return scores, flagged
+    return _launch_stream_step(state, meta, status, slot_ids, None, None, token_logits, active, threshold, window,
+                               ema_alpha)
 
 
-@probe_stream_step_triton.register_fake
-def _(state, meta, status, slot_ids, token_logits, active, threshold, window, ema_alpha):
-    n, K = token_logits.shape
-    return token_logits.new_empty((n, K), dtype=torch.float32), token_logits.new_empty((n,), dtype=torch.bool)
+probe_stream_step_triton.register_fake(probe_stream_step_fake)
+
+
+@torch.library.custom_op("pykernels::probe_stream_step_varlen_triton", mutates_args=("state", "meta", "status"))
+def probe_stream_step_varlen_triton(state: torch.Tensor, meta: torch.Tensor, status: torch.Tensor,
+                                    slot_ids: torch.Tensor, token_starts: torch.Tensor, token_counts: torch.Tensor,
+                                    token_logits: torch.Tensor, threshold: torch.Tensor, window: int,
+                                    ema_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_stream_step(state, meta, status, slot_ids, token_starts, token_counts, token_logits, None,
+                               threshold, window, ema_alpha)
+
+
+probe_stream_step_varlen_triton.register_fake(probe_stream_step_varlen_fake)
 
 
 # ---------------------------------------------------------------- softmax_weighted_bce

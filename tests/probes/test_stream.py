@@ -362,27 +362,201 @@ def test_accumulate_argument_errors():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_stream_step_replays_in_a_cuda_graph(backend):
+@pytest.mark.parametrize("varlen", [False, True], ids=["step", "step_varlen"])
+def test_stream_step_replays_in_a_cuda_graph(backend, varlen):
+    # No host sync: slot ids (and segments) are read on the device.
     if not pykernels.backends()[backend].available:
         pytest.skip(f"{backend} backend unavailable")
     eager = ProbeStream(8, 2, smoothing="swim", window=4, threshold=0.5, device="cuda", backend=backend)
     graphed = ProbeStream(8, 2, smoothing="swim", window=4, threshold=0.5, device="cuda", backend=backend)
     ids = torch.tensor([5, 1, 6], device="cuda")
-    z_in = torch.zeros(3, 2, device="cuda")
+    segments = [torch.tensor(v, device="cuda") for v in ([0, 3, 9], [3, 5, 1])] if varlen else []
+    step = (lambda s, z: s.step_varlen(ids, *segments, z)) if varlen else (lambda s, z: s.step(ids, z))
+    z_in = torch.zeros(11 if varlen else 3, 2, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles here)
-        graphed.step(ids, z_in)
+        step(graphed, z_in)
         graphed.reset()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out_scores, out_flags = graphed.step(ids, z_in)
-    z = torch.randn(10, 3, 2, generator=torch.Generator().manual_seed(0)).cuda()
+        out_scores, out_flags = step(graphed, z_in)
+    z = torch.randn(10, *z_in.shape, generator=torch.Generator().manual_seed(0)).cuda()
     for t in range(10):
         z_in.copy_(z[t])
         graph.replay()
-        s, f = eager.step(ids, z[t])
+        s, f = step(eager, z[t])
         torch.testing.assert_close(out_scores, s, rtol=0, atol=0)
         assert torch.equal(out_flags, f)
     assert torch.equal(graphed.flags(ids)[1], eager.flags(ids)[1])
+
+
+# ---------------------------------------------------------------- step_varlen (a segment of tokens per slot)
+
+
+def _random_segments(g, n, max_count):
+    """n segments in increasing order with random gaps; some empty. Returns starts, counts, N."""
+    counts = torch.randint(0, max_count + 1, (n,), generator=g)
+    counts[torch.randperm(n, generator=g)[: max(1, n // 4)]] = 0
+    gaps = torch.randint(0, 3, (n + 1,), generator=g)
+    starts = torch.cumsum(gaps[:n], 0) + torch.cumsum(counts, 0) - counts
+    return starts, counts, int(starts[-1] + counts[-1] + gaps[n])
+
+
+def _step_token_by_token(stream, slot_ids, starts, counts, z):
+    """What step_varlen must equal: one `step` per token position, each slot's
+    segment advancing one token while it lasts (inactive afterwards)."""
+    scores = torch.zeros(z.shape[0], z.shape[1], device=z.device)
+    for t in range(int(counts.max())):
+        live = t < counts
+        rows = torch.where(live, starts + t, torch.zeros_like(starts))  # inactive rows: any valid row
+        s, _ = stream.step(slot_ids, z[rows.to(z.device)], active=live.to(z.device))
+        scores[rows[live].to(z.device)] = s[live.to(z.device)]
+    return scores, stream.flags(slot_ids)[0]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("smoothing,window,alpha,K", [("ema", 16, None, 1), ("ema", 4, 0.5, 5), ("swim", 3, None, 2),
+                                                      ("swim", 40, None, 1), ("swim", 1, None, 5),
+                                                      ("none", 16, None, 5)])
+def test_step_varlen_equals_token_by_token_steps(backend, smoothing, window, alpha, K):
+    # Three calls over 6 of 9 slots with reuse (slot 4 is reset between calls), segments
+    # shorter and longer than the SWiM window, empty segments and a NaN logit.
+    device = _device(backend)
+    g = torch.Generator().manual_seed(window * 10 + K)
+    threshold = torch.linspace(0.3, 1.2, K)
+    make = lambda b: ProbeStream(9, K, smoothing=smoothing, window=window, ema_alpha=alpha, threshold=threshold,
+                                 device=device, backend=b)
+    varlen, tokenwise, reference = make(backend), make(backend), make("reference")
+    for call in range(3):
+        slots = torch.randperm(9, generator=g)[:6].to(device)
+        starts, counts, N = _random_segments(g, 6, 7)
+        z = (torch.randn(N, K, generator=g) * 0.8 + 0.2).to(device)
+        if call == 1:
+            z[int(starts[counts.argmax()]) + 1, K - 1] = float("nan")
+        if call == 2:
+            for s in (varlen, tokenwise, reference):
+                s.reset([4])
+        starts_d, counts_d = starts.to(device), counts.to(device, torch.int32 if call == 1 else torch.int64)
+        scores, flagged = varlen.step_varlen(slots, starts_d, counts_d, z)
+        expect, expect_flagged = _step_token_by_token(tokenwise, slots, starts, counts, z)
+        ref_scores, ref_flagged = reference.step_varlen(slots.cpu(), starts, counts, z.cpu())
+        assert scores.shape == (N, K) and flagged.shape == (6,)
+        torch.testing.assert_close(scores, expect, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(scores.cpu(), ref_scores, rtol=0, atol=2e-6, equal_nan=True)
+        assert torch.equal(flagged.cpu(), expect_flagged) and torch.equal(ref_flagged, expect_flagged)
+        outside = torch.ones(N, dtype=torch.bool)
+        for begin, count in zip(starts.tolist(), counts.tolist()):
+            outside[begin : begin + count] = False
+        assert (scores.cpu()[outside] == 0).all()
+        assert torch.equal(varlen._meta[:, :2], tokenwise._meta[:, :2])
+        assert torch.equal(varlen._meta[:, :2].cpu(), reference._meta[:, :2])
+        torch.testing.assert_close(varlen._state, tokenwise._state, rtol=0, atol=0, equal_nan=True)
+    assert varlen._status[0].item() == 3  # one step per call
+    assert varlen.flags()[0].any() and not varlen.flags()[0].all()  # the thresholds are neither trivial nor unreachable
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_step_varlen_of_one_token_segments_equals_step(backend):
+    device = _device(backend)
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1)).to(device)
+    a = ProbeStream(4, 2, smoothing="swim", window=2, threshold=0.1, device=device, backend=backend)
+    b = ProbeStream(4, 2, smoothing="swim", window=2, threshold=0.1, device=device, backend=backend)
+    for _ in range(3):
+        got = a.step_varlen([3, 0, 1], [0, 1, 2], [1, 1, 1], z)
+        expect = b.step([3, 0, 1], z)
+        assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+    empty = a.step_varlen(torch.zeros(0, dtype=torch.int64), [], [], torch.zeros(0, 2, device=device))
+    assert empty[0].shape == (0, 2) and empty[1].shape == (0,)
+    assert a._status[0].item() == 4
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("ids, starts, counts, pattern", [
+    ([0, 5, 1], [0, 2, 4], [2, 2, 1], r"slot ids must lie in \[0, max_slots=4\) \(got \[5\]\)"),
+    ([1, 2, 1], [0, 2, 4], [2, 2, 1], r"slot ids must be distinct within one step \(got \[1\] more"),
+    ([0, 1, 2], [0, 2, 4], [2, 2, 3], r"token segments must lie in \[0, N\).*\(got starts \[0, 2, 4\], counts "
+                                      r"\[2, 2, 3\] for N=6 token rows\)"),
+    ([0, 1, 2], [-1, 2, 4], [2, 2, 1], "token segments must lie"),
+    ([0, 1, 2], [0, 2, 4], [2, -1, 1], "token segments must lie"),
+    ([0, 1, 2], [0, 1, 4], [2, 2, 1], "token segments must lie"),  # overlap
+    ([0, 1, 2], [2, 0, 4], [1, 2, 1], "token segments must lie"),  # out of order
+    ([0, 1, 2], [0, 2, 7], [2, 2, 0], "token segments must lie"),  # empty, but starts past N
+])
+def test_step_varlen_bad_input_raises_and_changes_nothing(backend, ids, starts, counts, pattern):
+    device = _device(backend)
+    stream = ProbeStream(4, 2, smoothing="swim", window=3, device=device, backend=backend)
+    stream.step_varlen([0, 1, 2], [0, 1, 3], [1, 2, 1], torch.ones(5, 2, device=device))
+    before = (stream._state.clone(), stream._meta[:, :2].clone(), int(stream._status[0]))
+    z = torch.full((6, 2), 0.5, device=device)
+    with pytest.raises(ValueError, match=pattern):
+        stream.step_varlen(ids, starts, counts, z)
+    assert torch.equal(stream._state, before[0]) and torch.equal(stream._meta[:, :2], before[1])
+    assert int(stream._status[0]) == before[2] + 1
+    # Fail closed: NaN scores for the segments' tokens inside [0, N), every row flagged.
+    op_scores, op_flagged = stream._step_varlen_trusted(torch.tensor(ids, device=device),
+                                                        torch.tensor(starts, device=device),
+                                                        torch.tensor(counts, device=device), z)
+    assert op_flagged.all()
+    in_segment = torch.zeros(6, dtype=torch.bool)
+    for begin, count in zip(starts, counts):
+        in_segment[max(begin, 0) : max(begin + count, 0)] = True
+    assert torch.isnan(op_scores.cpu()[in_segment]).all() and (op_scores.cpu()[~in_segment] == 0).all()
+    with pytest.raises(ValueError, match=pattern.split(r"\(got")[0].rstrip()):
+        stream.check()
+    assert torch.equal(stream._state, before[0]) and torch.equal(stream._meta[:, :2], before[1])
+    s, f = stream.step_varlen([0], [1], [2], z[:3])  # and the stream still works
+    assert s[0].tolist() == [0.0, 0.0] and f.item()  # flagged since the first step (threshold 0)
+    torch.testing.assert_close(s[1:].cpu(), torch.tensor([[0.75, 0.75], [2 / 3, 2 / 3]]))
+
+
+def test_step_varlen_argument_errors():
+    s = ProbeStream(2, 2)
+    with pytest.raises(ValueError, match="token_starts has 1 at dim 0 but the number of slot_ids n is 2"):
+        s.step_varlen([0, 1], [0], [1, 1], torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="token_counts has 3 at dim 0 but the number of slot_ids n is 2"):
+        s.step_varlen([0, 1], [0, 1], [1, 1, 0], torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="token_counts must have dtype in"):
+        s.step_varlen([0, 1], [0, 1], torch.ones(2), torch.zeros(2, 2))
+    with pytest.raises(TypeError, match=r"token_starts must have dtype in \(int64, int32\), got int16"):
+        s.step_varlen([0, 1], torch.tensor([0, 1], dtype=torch.int16), [1, 1], torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="token_logits has 1 at dim 1 but num_heads K is 2"):
+        s.step_varlen([0, 1], [0, 1], [1, 1], torch.zeros(2, 1))
+    with pytest.raises(ValueError, match=r"token_logits must have 2 dims \[N, K\]"):
+        s.step_varlen([0, 1], [0, 1], [1, 1], torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_stream_step_varlen_opcheck(backend):
+    device = backend_device(backend)
+    for smoothing in ("swim", "ema"):
+        stream = ProbeStream(5, 2, smoothing=smoothing, window=3, device=device, backend=backend)
+        args = (stream._state[:5], stream._meta[:5], stream._status, torch.tensor([3, 1, 4], device=device),
+                torch.tensor([0, 2, 7], device=device), torch.tensor([2, 5, 0], device=device),
+                torch.randn(8, 2, device=device), stream.threshold, stream._kernel_window, stream.ema_alpha)
+        torch.library.opcheck(stream._varlen_op, args)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_stream_step_varlen_under_torch_compile(backend):
+    device = backend_device(backend)
+    eager = ProbeStream(3, 2, smoothing="swim", window=2, threshold=0.5, device=device, backend=backend)
+    compiled_stream = ProbeStream(3, 2, smoothing="swim", window=2, threshold=0.5, device=device, backend=backend)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    step = torch.compile(lambda ids, starts, counts, z: compiled_stream.step_varlen(ids, starts, counts, z),
+                         fullgraph=True, backend=capture)
+    ids, starts, counts = (torch.tensor(v, device=device) for v in ([2, 0], [0, 4], [3, 2]))
+    z = torch.randn(4, 6, 2, generator=torch.Generator().manual_seed(2)).to(device)
+    for t in range(4):
+        a, b = eager.step_varlen(ids, starts, counts, z[t]), step(ids, starts, counts, z[t])
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        assert torch.equal(a[1], b[1])
+    assert torch.equal(eager.flags()[1], compiled_stream.flags()[1])
+    suffix = "_triton" if backend == "triton" else ""
+    assert any(f"probe_stream_step_varlen{suffix}" in str(n.target) for g in graphs for n in g.graph.nodes)

@@ -24,8 +24,20 @@ std::tuple<at::Tensor, at::Tensor> probe_stream_step_cuda(at::Tensor& state, at:
                                                           double ema_alpha) {
   TORCH_CHECK(state.is_cuda(), "probe_stream_step (CUDA kernel): expected CUDA tensors");
   const c10::cuda::CUDAGuard guard(state.device());
-  PackedStreamStep P = pack_stream_step(state, meta, status, slot_ids, token_logits, active, threshold, window,
-                                        ema_alpha);
+  PackedStreamStep P = pack_stream_step("probe_stream_step", state, meta, status, slot_ids, nullptr, nullptr,
+                                        token_logits, active, threshold, window, ema_alpha);
+  core::probe_stream_step_cuda(P.problem, at::cuda::getCurrentCUDAStream().stream());
+  return {P.scores, P.flagged};
+}
+
+std::tuple<at::Tensor, at::Tensor> probe_stream_step_varlen_cuda(
+    at::Tensor& state, at::Tensor& meta, at::Tensor& status, const at::Tensor& slot_ids, const at::Tensor& token_starts,
+    const at::Tensor& token_counts, const at::Tensor& token_logits, const at::Tensor& threshold, int64_t window,
+    double ema_alpha) {
+  TORCH_CHECK(state.is_cuda(), "probe_stream_step_varlen (CUDA kernel): expected CUDA tensors");
+  const c10::cuda::CUDAGuard guard(state.device());
+  PackedStreamStep P = pack_stream_step("probe_stream_step_varlen", state, meta, status, slot_ids, &token_starts,
+                                        &token_counts, token_logits, std::nullopt, threshold, window, ema_alpha);
   core::probe_stream_step_cuda(P.problem, at::cuda::getCurrentCUDAStream().stream());
   return {P.scores, P.flagged};
 }
@@ -49,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_weighted_bce_fwd_cuda(const at::Tenso
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("probe_accumulate_", &probe_accumulate_cuda);
   m.impl("probe_stream_step", &probe_stream_step_cuda);
+  m.impl("probe_stream_step_varlen", &probe_stream_step_varlen_cuda);
   m.impl("softmax_weighted_bce_fwd", &softmax_weighted_bce_fwd_cuda);
 }
 
