@@ -338,6 +338,8 @@ def test_torch_compile_backward_through_registered_autograd(backend):
         (lambda: ops.fill_probes_(torch.empty(3), 1.5), TypeError, "seed must be an int, got float"),
         (lambda: ops.fill_probes_(torch.empty(3), 2**64), ValueError, "seed must fit in a signed 64-bit"),
         (lambda: ops.fill_probes_(torch.empty(3), 0, offset=-1), ValueError, "offset must be >= 0, got -1"),
+        (lambda: ops.fill_probes_(torch.empty(3), 0, offset=2**63), ValueError, f"offset must be <= {2**63 - 4}"),
+        (lambda: ops.fill_probes_(torch.empty(3), 0, offset=2**63 - 2), ValueError, "offset must be <= "),
         (lambda: ops.fill_probes_(torch.empty(3, dtype=torch.int32), 0), TypeError, "out must have dtype in"),
         (lambda: ops.probe_dots(torch.ones(2, 3), torch.ones(2, 3)), ValueError,
          r"v must be \[S, B, ...\] with at least one trailing dim, got shape \(2, 3\)"),
