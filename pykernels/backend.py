@@ -88,14 +88,17 @@ def _status(name: str) -> BackendStatus:
 
 
 def _launch_a_cuda_kernel() -> None:
+    # A missing kernel image fails the launch itself (checked right after it): no sync needed.
     torch.ops.pykernels.energy(torch.zeros(1, 1, device="cuda"))
-    torch.cuda.synchronize()
 
 
 @functools.lru_cache(maxsize=None)
 def _missing_kernel_image() -> str | None:
     """Why the CUDA kernels cannot run on the current GPU (no kernel image for its architecture
-    in this build), or None. Found by launching one tiny kernel, once per process."""
+    in this build), or None. Found by launching one tiny kernel, once per process (not while a
+    CUDA graph is being captured, where a stray launch would join the graph)."""
+    if torch.cuda.is_current_stream_capturing():
+        return None
     try:
         _launch_a_cuda_kernel()
     except RuntimeError as exc:

@@ -133,6 +133,7 @@ def test_a_gpu_without_a_kernel_image_is_reported_and_skipped_by_the_default(mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(backend, "_triton_import_error", lambda: None)
     for cached in (backend._select, backend._missing_kernel_image, backend._warn_once):
         cached.cache_clear()
