@@ -31,6 +31,7 @@ supported (the per-sequence state would not follow reordered beams).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from typing import Optional, Sequence
 
@@ -261,7 +262,7 @@ class ProbeGuard:
         """The decoder layers' outputs [B, T, H] for a forward pass: the activations the
         hooks score, for training and calibrating the probe."""
         kwargs = {}
-        if attention_mask is not None:
+        if attention_mask is not None and "position_ids" in inspect.signature(self.model.forward).parameters:
             # Left padding shifts each row's tokens; generate positions them from the
             # attention mask, and models with absolute position embeddings (GPT-2) need
             # the same positions here to produce the activations the guard scores.
