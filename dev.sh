@@ -115,7 +115,7 @@ cuda_build() {
   nvcc_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
   [ -f "$nvcc_home/include/cuda_runtime.h" ] || nvcc_home=/usr/local/cuda
   mkdir -p build
-  CUDA_HOME=${CUDA_HOME:-$nvcc_home} PYKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
+  CUDA_HOME=${CUDA_HOME:-$nvcc_home} PYKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" \
     quiet build/cuda_build.log "$CUDA_VENV/bin/python" setup.py build --build-base build/cuda --build-lib build/cuda/lib
   # Import the built package (not the source tree) and check its CUDA kernels registered.
   (cd build && PYTHONPATH="$PWD/cuda/lib" "../$CUDA_VENV/bin/python" ../scripts/check_cuda_build.py ../csrc/ops/cuda)

@@ -5,8 +5,11 @@ Sources are globbed by folder, the same way CMakeLists.txt does (see csrc/README
   csrc/core/*.cu, csrc/ops/cuda/*.cpp  when building with CUDA
 
 CUDA is built when the installed torch has CUDA and nvcc is found, or when
-PYKERNELS_BUILD_CUDA=1 forces it (=0 disables it). With no GPU visible, the
-architectures default to TORCH_CUDA_ARCH_LIST="8.0;9.0".
+PYKERNELS_BUILD_CUDA=1 forces it (=0 disables it). Architectures: a TORCH_CUDA_ARCH_LIST
+you set is used as given; otherwise 8.0, 9.0 and every visible GPU's, the newest also as
+PTX, which the driver compiles for newer GPUs (Blackwell). Older GPUs (T4 = 7.5,
+V100 = 7.0) need their own entry, e.g. TORCH_CUDA_ARCH_LIST="7.5;8.0;9.0+PTX";
+`pykernels backends` says when the GPU has no kernel image in the build.
 PYKERNELS_NO_EXTENSION=1 installs the pure-Python package only.
 """
 
@@ -24,6 +27,17 @@ def _sources(*patterns):
     for pattern in patterns:
         files += sorted(glob.glob(os.path.join("csrc", pattern)))
     return files
+
+
+def cuda_arch_list(user_list, visible_capabilities):
+    """TORCH_CUDA_ARCH_LIST for the build: the user's as given, else 8.0, 9.0 and the visible
+    GPUs' architectures, the newest with +PTX (forward compatible through the driver's JIT)."""
+    if user_list:
+        return user_list
+    archs = sorted({(8, 0), (9, 0), *visible_capabilities})
+    names = [f"{major}.{minor}" for major, minor in archs]
+    names[-1] += "+PTX"
+    return ";".join(names)
 
 
 def _want_cuda(cpp_extension):
@@ -58,9 +72,11 @@ def _extensions():
         )
         return [ext], {"build_ext": cpp_extension.BuildExtension}
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    # CUDA wheels of torch ship some toolkit headers (cusparse.h, ...) in site-packages.
     import torch
+
+    visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), visible)
+    # CUDA wheels of torch ship some toolkit headers (cusparse.h, ...) in site-packages.
 
     torch_site = os.path.dirname(os.path.dirname(torch.__file__))
     include_dirs += sorted(glob.glob(os.path.join(torch_site, "nvidia", "cu*", "include")))
@@ -76,5 +92,6 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if os.environ.get("PYKERNELS_SETUP_IMPORT") != "1":  # set by tests that import cuda_arch_list
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -29,8 +29,9 @@ PYKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} \
   "$PY" setup.py -q build_ext --inplace || exit 1
 "$PY" -m pykernels.cli backends
 
-step "tests (cpu, cuda and triton must all run)"
-check env PYKERNELS_REQUIRE_BACKENDS="cpu cuda triton" "$PY" -m pytest tests -q -p no:cacheprovider
+step "tests (cpu, cuda and triton must all run; a skipped GPU test fails)"
+check env PYKERNELS_REQUIRE_BACKENDS="cpu cuda triton" PYKERNELS_NO_GPU_SKIPS=1 \
+  "$PY" -m pytest tests -q -p no:cacheprovider
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
   sanitize() { local tool=$1; shift; check compute-sanitizer --tool "$tool" --error-exitcode 1 \

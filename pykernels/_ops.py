@@ -68,9 +68,10 @@ def _probe_scores_backward(ctx, grad):
     saved = ctx.saved_tensors
     layers, weight, lengths = saved[: ctx.num_layers], saved[ctx.num_layers], saved[ctx.num_layers + 1]
     grad = grad.float()
-    if lengths is not None:  # padded scores are constant zeros
-        valid = torch.arange(grad.shape[1], device=grad.device)[None, :] < lengths[:, None]
-        grad = grad * valid[:, :, None]
+    if lengths is not None:  # padded scores are constant zeros, and padded activations are never read
+        valid = (torch.arange(grad.shape[1], device=grad.device)[None, :] < lengths[:, None])[:, :, None]
+        grad = grad * valid
+        layers = [torch.where(valid, h, torch.zeros((), dtype=h.dtype, device=h.device)) for h in layers]
     g = smoothing_adjoint(grad, ctx.smoothing, ctx.window, ctx.ema_alpha)  # [B, T, K]
     needs = ctx.needs_input_grad
     d_layers = None

@@ -45,11 +45,16 @@ def check_dim(name: str, value: torch.Tensor, dim: int, expected: int, meaning: 
         )
 
 
-def check_int(name: str, value, *, minimum: int) -> int:
+INT64_MAX = 2**63 - 1  # the largest int a torch op's `int` argument takes
+
+
+def check_int(name: str, value, *, minimum: int, maximum: int = INT64_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 

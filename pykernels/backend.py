@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import warnings
 from typing import Iterable
 
 import torch
@@ -70,6 +71,9 @@ def _status(name: str) -> BackendStatus:
             return BackendStatus(name, False, "extension built without CUDA (see setup.py)")
         if not torch.cuda.is_available():
             return BackendStatus(name, False, "CUDA kernels built, but no CUDA device is visible")
+        missing = _missing_kernel_image()
+        if missing:
+            return BackendStatus(name, False, missing)
         return BackendStatus(name, True, f"CUDA kernels on {torch.cuda.get_device_name()}")
     if name == "triton":
         err = _triton_import_error()
@@ -81,6 +85,29 @@ def _status(name: str) -> BackendStatus:
             return BackendStatus(name, True, "Triton interpreter on the CPU (TRITON_INTERPRET=1; slow)")
         return BackendStatus(name, False, "no GPU, and TRITON_INTERPRET=1 is not set")
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def _launch_a_cuda_kernel() -> None:
+    # A missing kernel image fails the launch itself (checked right after it): no sync needed.
+    torch.ops.pykernels.energy(torch.zeros(1, 1, device="cuda"))
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_kernel_image() -> str | None:
+    """Why the CUDA kernels cannot run on the current GPU (no kernel image for its architecture
+    in this build), or None. Found by launching one tiny kernel, once per process (not while a
+    CUDA graph is being captured, where a stray launch would join the graph)."""
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        _launch_a_cuda_kernel()
+    except RuntimeError as exc:
+        if "no kernel image" not in str(exc):
+            raise
+        major, minor = torch.cuda.get_device_capability()
+        return (f"the extension has no kernel image for {torch.cuda.get_device_name()} (sm_{major}{minor}); "
+                f"rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (see setup.py)")
+    return None
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -146,11 +173,15 @@ def _select(op: str, device_type: str, implemented: tuple[str, ...], requested: 
         return requested
     preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     for name in preference:
-        if (
-            name in implemented
-            and _status(name).available
-            and _runs_on(name, device)
-            and _op_has_kernel(op, name)
-        ):
+        status = _status(name)
+        if name in implemented and status.available and _runs_on(name, device) and _op_has_kernel(op, name):
             return name
+        if name == "cuda" and name in implemented and _ops.has_kernel(op, "CUDA") and torch.cuda.is_available():
+            _warn_once(f"pykernels: the cuda backend cannot run: {status.reason}; using the next available "
+                       f"backend (a forced backend='cuda' raises)")
     return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)

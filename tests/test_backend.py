@@ -1,6 +1,8 @@
 """Backend selection: defaults, PYKERNELS_BACKEND, explicit choices and the
 errors for choices that cannot run."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -90,3 +92,63 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv(B.ENV_VAR, "gpu")
     with pytest.raises(ValueError, match=r"PYKERNELS_BACKEND must be one of .*got 'gpu'"):
         B.select("probe_scores", torch.device("cpu"), ("reference", "cpu"))
+
+
+def _load_setup():
+    """setup.py as a module, without running setup()."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    spec = importlib.util.spec_from_file_location("pykernels_setup", path)
+    module = importlib.util.module_from_spec(spec)
+    os.environ["PYKERNELS_SETUP_IMPORT"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del os.environ["PYKERNELS_SETUP_IMPORT"]
+    return module
+
+
+def test_cuda_arch_list_honours_the_user_and_embeds_ptx():
+    arch_list = _load_setup().cuda_arch_list
+    assert arch_list("7.5", []) == "7.5"  # the user's, as given
+    assert arch_list(None, []) == "8.0;9.0+PTX"  # PTX: newer GPUs (Blackwell) JIT it
+    assert arch_list("", [(7, 5)]) == "7.5;8.0;9.0+PTX"  # a visible T4 gets its own image
+    assert arch_list(None, [(12, 0), (8, 0)]) == "8.0;9.0;12.0+PTX"
+
+
+def test_a_gpu_without_a_kernel_image_is_reported_and_skipped_by_the_default(monkeypatch):
+    # Compile-checked here (no GPU): a GPU whose architecture the build lacks makes the cuda
+    # backend unavailable with the reason, the default moves on with one warning, a forced
+    # cuda raises.
+    backend = B
+
+    def no_image():
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(backend, "_launch_a_cuda_kernel", no_image)
+    monkeypatch.setattr(backend._ops, "has_kernel", lambda op, key: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(backend, "_triton_import_error", lambda: None)
+    for cached in (backend._select, backend._missing_kernel_image, backend._warn_once):
+        cached.cache_clear()
+    try:
+        status = pykernels.backends()["cuda"]
+        assert not status.available
+        assert "no kernel image for Tesla T4 (sm_75)" in status.reason and 'TORCH_CUDA_ARCH_LIST="7.5"' in status.reason
+        cuda = torch.device("cuda")
+        with pytest.warns(RuntimeWarning, match="the cuda backend cannot run: .*no kernel image"):
+            assert backend.select("energy", cuda, ("reference", "cuda", "triton")) == "triton"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process
+            assert backend.select("spearman", cuda, ("reference", "cuda", "triton")) == "triton"
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*no kernel image"):
+            backend.select("energy", cuda, ("reference", "cuda", "triton"), "cuda")
+    finally:
+        for cached in (backend._select, backend._missing_kernel_image, backend._warn_once):
+            cached.cache_clear()

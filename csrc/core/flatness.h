@@ -136,12 +136,15 @@ PK_HD A rademacher_from_bits(uint32_t r) {
   return (r >> 31) ? A(-1) : A(1);
 }
 
-// Box-Muller on two 24-bit uniforms: u1 in (0, 1) (never 0), u2 in [0, 1).
+// Box-Muller on two 24-bit uniforms: u1 in (0, 1) (never 0), u2 in [0, 1). Computed in
+// double for every output type, then rounded: float32 log / cos differ across libraries
+// (CPU libm, CUDA, Triton) by a few ulps, double ones by at most one, which the rounding
+// to float absorbs, so every backend gives the same float32 probes.
 template <typename A>
 PK_HD A gaussian_from_bits(uint32_t r1, uint32_t r2) {
-  const A u1 = (A(r1 >> 8) + A(0.5)) * A(5.9604644775390625e-08);  // 2^-24
-  const A u2 = A(r2 >> 8) * A(5.9604644775390625e-08);
-  return pk_sqrt(A(-2) * pk_log(u1)) * pk_cos(A(6.283185307179586) * u2);
+  const double u1 = (double(r1 >> 8) + 0.5) * 5.9604644775390625e-08;  // 2^-24
+  const double u2 = double(r2 >> 8) * 5.9604644775390625e-08;
+  return A(pk_sqrt(-2.0 * pk_log(u1)) * pk_cos(6.283185307179586 * u2));
 }
 
 template <typename A>

@@ -46,8 +46,10 @@ PK_HD Z duplicate_correlation(const Z* a, const Z* b, int64_t d, int64_t stride,
   return positive ? Z(1) : Z(-1);
 }
 
-// t^3 - t: what a group of t tied values removes from 12 * M * (variance of the average ranks).
-PK_HD double tie_term(double t) { return t * t * t - t; }
+// t^3 - t: what a group of t tied values removes from 12 * M * (variance of the average ranks),
+// exact (t < 2^31, so below 2^93): the CPU and CUDA kernels sum tie terms in 128-bit integers and
+// round the total to double once, so the sum is exact and does not depend on the order.
+PK_HD __int128 tie_term_exact(int64_t t) { return __int128(t) * t * t - t; }
 
 // The bits of one type read as another of the same size (memcpy compiles to a move, host and device).
 template <typename To, typename From>

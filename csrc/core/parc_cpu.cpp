@@ -130,21 +130,21 @@ void sort_small(double* first, double* last) {
 
 // sum(t^3 - t) over the groups of equal values among k unsorted values. Ties are rare, so a
 // small group is first checked pairwise, and sorted only when it holds one.
-double tie_sum_unsorted(double* v, int64_t k) {
-  if (k < 2) return 0.0;
-  if (k == 2) return v[0] == v[1] ? tie_term(2.0) : 0.0;  // the most common case: no loop
+__int128 tie_sum_unsorted(double* v, int64_t k) {
+  if (k < 2) return 0;
+  if (k == 2) return v[0] == v[1] ? tie_term_exact(2) : 0;  // the most common case: no loop
   if (k <= 16) {
     bool tie = false;  // no early exit: the loop runs branch-free
     for (int64_t a = 1; a < k; ++a)
       for (int64_t c = 0; c < a; ++c) tie |= v[a] == v[c];
-    if (!tie) return 0.0;
+    if (!tie) return 0;
   }
   sort_small(v, v + k);
-  double ties = 0.0;
+  __int128 ties = 0;
   for (int64_t start = 0, stop; start < k; start = stop) {
     stop = start + 1;
     while (stop < k && v[stop] == v[start]) ++stop;
-    ties += tie_term(double(stop - start));
+    ties += tie_term_exact(stop - start);
   }
   return ties;
 }
@@ -217,11 +217,15 @@ bool normalize_row_cpu(const FeatureBatch& f, int64_t b, int64_t row, Z* zt, int
     return f.dtype == FloatType::Float32 ? double(model_row<float>(f, b, row)[k])
                                          : model_row<double>(f, b, row)[k];
   };
-  for (int64_t k = 0; k < d; ++k) mean += value(k);
+  bool varies = false;  // a constant row is undefined however its mean rounds (pykernels/selection/correlation.py)
+  for (int64_t k = 0; k < d; ++k) {
+    mean += value(k);
+    varies |= value(k) != value(0);
+  }
   mean /= double(d);
   for (int64_t k = 0; k < d; ++k) norm2 += (value(k) - mean) * (value(k) - mean);
   const double inv = 1.0 / std::sqrt(norm2);
-  const bool ok = norm2 > 0.0 && std::isfinite(inv) && std::isfinite(norm2);
+  const bool ok = varies && norm2 > 0.0 && std::isfinite(inv) && std::isfinite(norm2);
   for (int64_t k = 0; k < d; ++k)
     zt[k * n + column] = ok ? Z((value(k) - mean) * inv) : std::numeric_limits<Z>::quiet_NaN();
   return ok;
@@ -252,15 +256,15 @@ double twice_average_ranks_cpu(const T* values, int64_t stride, int64_t m, int64
   s.items.resize(size_t(m));
   bucket_sort(m, Buckets(lo, hi, m), [&](int64_t i) { return RankItem{double(values[i * stride]), i}; },
               [](const RankItem& it) { return it.value; }, s.items.data(), s.bucket_end);
-  double ties = 0.0;
+  __int128 ties = 0;
   for (int64_t start = 0, stop; start < m; start = stop) {
     stop = start + 1;
     while (stop < m && s.items[size_t(stop)].value == s.items[size_t(start)].value) ++stop;
     // Positions start..stop-1 hold ranks start+1..stop; their average, doubled, is start+stop+1.
     for (int64_t p = start; p < stop; ++p) twice_rank[s.items[size_t(p)].index] = start + stop + 1;
-    ties += tie_term(double(stop - start));
+    ties += tie_term_exact(stop - start);
   }
-  return ties;
+  return double(ties);
 }
 
 double spearman_from_ranks_cpu(const int64_t* twice_rank_x, const int64_t* twice_rank_y, int64_t m,
@@ -333,7 +337,7 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
   scatter_to_coarse(same, n_same, grid, s.bucketed.data(), s.same_coarse_end);
   scatter_to_coarse(diff, n_diff, grid, s.bucketed.data() + n_same, s.diff_coarse_end);
   int64_t twice_u = 0;
-  double ties = 0.0;
+  __int128 ties = 0;
   for (int64_t c = 0, cs = 0, cd = 0; c < coarse_count(grid);
        cs = s.same_coarse_end[size_t(c)], cd = s.diff_coarse_end[size_t(c)], ++c) {
     const int64_t* same_end = s.same_end.data();
@@ -356,11 +360,11 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
         while (j < d1 && diff[j] == v) ++j, ++cnt;
         // cnt different-class values above the i - a same-class values before this group, tied with a.
         twice_u += cnt * (2 * (i - a) + a);
-        ties += tie_term(double(a + cnt));
+        ties += tie_term_exact(a + cnt);
       }
     }
   }
-  return parc_rho(n_same, n_diff, twice_u, ties);
+  return parc_rho(n_same, n_diff, twice_u, double(ties));
 }
 
 template bool normalize_row_cpu<float>(const FeatureBatch&, int64_t, int64_t, float*, int64_t);

@@ -56,6 +56,39 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// A signed 128-bit integer sum that blocks add to with atomics, exactly: two 64-bit words, the
+// carry out of the low word added to the high one. Integer addition is associative, so the
+// result does not depend on the order the blocks run in (double atomics would: the CPU sums the
+// same integers exactly, in __int128).
+struct ExactSum {
+  unsigned long long lo, hi;
+};
+
+__device__ __forceinline__ __int128 warp_sum_exact(__int128 v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const unsigned long long lo = __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(v), offset);
+    const long long hi = __shfl_xor_sync(0xffffffffu, static_cast<long long>(v >> 64), offset);
+    v += static_cast<__int128>((static_cast<unsigned __int128>(hi) << 64) | lo);
+  }
+  return v;
+}
+
+// Every thread of the block calls this with its partial sum; one atomic pair per warp.
+__device__ __forceinline__ void add_exact(ExactSum* sum, __int128 v) {
+  v = warp_sum_exact(v);
+  if (threadIdx.x % kWarp != 0) return;
+  const unsigned long long lo = static_cast<unsigned long long>(v);
+  const unsigned long long old = atomicAdd(&sum->lo, lo);
+  const unsigned long long carry = old + lo < old ? 1ull : 0ull;
+  const unsigned long long hi = static_cast<unsigned long long>(v >> 64) + carry;
+  if (hi != 0) atomicAdd(&sum->hi, hi);
+}
+
+__device__ __forceinline__ double exact_value(const ExactSum& s) {
+  return double(static_cast<__int128>((static_cast<unsigned __int128>(s.hi) << 64) | s.lo));
+}
+
 // One warp per output row p of model b: z[b, p] = normalised x[b, order[p]] (order may be null).
 template <typename In, typename Z>
 __global__ void normalize_rows_kernel(const In* __restrict x, Z* __restrict z, int64_t batch, int64_t n, int64_t d,
@@ -66,13 +99,17 @@ __global__ void normalize_rows_kernel(const In* __restrict x, Z* __restrict z, i
   const int64_t b = row / n, p = row % n;
   const In* src = x + (b * n + (order ? order[p] : p)) * d;
   double sum = 0.0;
-  for (int64_t k = lane; k < d; k += kWarp) sum += double(src[k]);
+  bool varies = false;  // a constant row is undefined however its mean rounds (as on the CPU)
+  for (int64_t k = lane; k < d; k += kWarp) {
+    sum += double(src[k]);
+    varies |= src[k] != src[0];
+  }
   const double mean = warp_sum(sum) / double(d);
   double squares = 0.0;
   for (int64_t k = lane; k < d; k += kWarp) squares += (double(src[k]) - mean) * (double(src[k]) - mean);
   const double norm2 = warp_sum(squares);
   const double inv = 1.0 / sqrt(norm2);
-  const bool ok = norm2 > 0.0 && isfinite(norm2) && isfinite(inv);
+  const bool ok = __any_sync(0xffffffffu, varies) && norm2 > 0.0 && isfinite(norm2) && isfinite(inv);
   for (int64_t k = lane; k < d; k += kWarp) z[row * d + k] = ok ? Z((double(src[k]) - mean) * inv) : Z(pk_nan());
   if (!ok && lane == 0 && invalid != nullptr) atomicOr(invalid + b, 1);
 }
@@ -149,10 +186,10 @@ __device__ __forceinline__ int64_t upper_bound(const T* a, int64_t lo, int64_t h
 
 // From one model's sorted keys [same-class | different-class]: 2U and the tie sum.
 __global__ void parc_count_kernel(const int64_t* __restrict keys, int64_t m, const int64_t* __restrict pair_counts,
-                                  unsigned long long* __restrict twice_u, double* __restrict ties) {
+                                  unsigned long long* __restrict twice_u, ExactSum* __restrict ties) {
   const int64_t n_same = pair_counts[0];
   unsigned long long u = 0;
-  double t = 0.0;
+  __int128 t = 0;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < m; p += int64_t(gridDim.x) * blockDim.x) {
     const int64_t key = keys[p];
     const bool same = p < n_same;
@@ -161,29 +198,24 @@ __global__ void parc_count_kernel(const int64_t* __restrict keys, int64_t m, con
     const int64_t hi = upper_bound(keys, lo, n_same, same_key);
     if (!same) u += (unsigned long long)(2 * lo + (hi - lo));
     if (p == 0 || p == n_same || keys[p - 1] != key) {  // first of its run in its part
-      const double a = double(hi - lo);
-      const double c = double(upper_bound(keys, p, same ? n_same : m, key) - p);
-      t += same ? tie_term(a) : tie_term(a + c) - tie_term(a);
+      const int64_t a = hi - lo;
+      const int64_t c = upper_bound(keys, p, same ? n_same : m, key) - p;
+      t += same ? tie_term_exact(a) : tie_term_exact(a + c) - tie_term_exact(a);
     }
   }
   using ReduceU = cub::BlockReduce<unsigned long long, kThreads>;
-  using ReduceT = cub::BlockReduce<double, kThreads>;
   __shared__ typename ReduceU::TempStorage su;
-  __shared__ typename ReduceT::TempStorage st;
   const unsigned long long block_u = ReduceU(su).Sum(u);
-  const double block_t = ReduceT(st).Sum(t);
-  if (threadIdx.x == 0) {
-    atomicAdd(twice_u, block_u);
-    atomicAdd(ties, block_t);
-  }
+  if (threadIdx.x == 0) atomicAdd(twice_u, block_u);
+  add_exact(ties, t);
 }
 
 __global__ void parc_final_kernel(int64_t batch, const int64_t* __restrict pair_counts,
-                                  const unsigned long long* __restrict twice_u, const double* __restrict ties,
+                                  const unsigned long long* __restrict twice_u, const ExactSum* __restrict ties,
                                   const int* __restrict invalid, double* __restrict out) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
-  out[b] = invalid[b] ? pk_nan() : parc_rho(pair_counts[0], pair_counts[1], int64_t(twice_u[b]), ties[b]);
+  out[b] = invalid[b] ? pk_nan() : parc_rho(pair_counts[0], pair_counts[1], int64_t(twice_u[b]), exact_value(ties[b]));
 }
 
 // ---- spearman ----
@@ -203,40 +235,36 @@ __global__ void rank_keys_kernel(const T* __restrict row, int64_t m, int64_t* __
 
 // ranks[index[p]] = 2 * average rank of sorted position p; the tie sum into *ties.
 __global__ void midrank_kernel(const int64_t* __restrict sorted, const uint32_t* __restrict index, int64_t m,
-                               int64_t* __restrict ranks, double* __restrict ties) {
-  double t = 0.0;
+                               int64_t* __restrict ranks, ExactSum* __restrict ties) {
+  __int128 t = 0;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < m; p += int64_t(gridDim.x) * blockDim.x) {
     const int64_t key = sorted[p];
     const int64_t lo = lower_bound(sorted, int64_t(0), p + 1, key);
     const int64_t hi = upper_bound(sorted, p, m, key);
     ranks[index[p]] = lo + hi + 1;
-    if (p == lo) t += tie_term(double(hi - lo));
+    if (p == lo) t += tie_term_exact(hi - lo);
   }
-  using Reduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename Reduce::TempStorage s;
-  const double block_t = Reduce(s).Sum(t);
-  if (threadIdx.x == 0) atomicAdd(ties, block_t);
+  add_exact(ties, t);
 }
 
-// *sum += sum over p of (rx - m - 1)(ry - m - 1); each product is exact in int64.
+// *sum += sum over p of (rx - m - 1)(ry - m - 1); each product is exact in int64, the sum in 128 bits.
 __global__ void rank_products_kernel(const int64_t* __restrict rx, const int64_t* __restrict ry, int64_t m,
-                                     double* __restrict sum) {
-  double s = 0.0;
+                                     ExactSum* __restrict sum) {
+  __int128 s = 0;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < m; p += int64_t(gridDim.x) * blockDim.x)
-    s += double((rx[p] - m - 1) * (ry[p] - m - 1));
-  using Reduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  const double block_s = Reduce(tmp).Sum(s);
-  if (threadIdx.x == 0) atomicAdd(sum, block_s);
+    s += (rx[p] - m - 1) * (ry[p] - m - 1);
+  add_exact(sum, s);
 }
 
-__global__ void spearman_final_kernel(int64_t rows, int64_t m, bool shared_y, const double* __restrict sums,
-                                      const double* __restrict ties_x, const double* __restrict ties_y,
+__global__ void spearman_final_kernel(int64_t rows, int64_t m, bool shared_y, const ExactSum* __restrict sums,
+                                      const ExactSum* __restrict ties_x, const ExactSum* __restrict ties_y,
                                       const int* __restrict nan_x, const int* __restrict nan_y, double* __restrict out) {
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   const int64_t ry = shared_y ? 0 : r;
-  out[r] = (nan_x[r] || nan_y[ry]) ? pk_nan() : spearman_rho(m, sums[r], ties_x[r], ties_y[ry]);
+  out[r] = (nan_x[r] || nan_y[ry])
+               ? pk_nan()
+               : spearman_rho(m, exact_value(sums[r]), exact_value(ties_x[r]), exact_value(ties_y[ry]));
 }
 
 size_t sort_pairs_temp_bytes(int64_t m) {
@@ -300,7 +328,7 @@ struct ParcCudaScratch {
   void* sort_temp;
   size_t sort_bytes;
   unsigned long long* twice_u;
-  double* ties;
+  ExactSum* ties;
   int* invalid;
 };
 
@@ -313,7 +341,7 @@ ParcCudaScratch carve_parc(const FeatureBatch& f, Carver& c) {
   s.sort_bytes = sort_keys_temp_bytes(m);
   s.sort_temp = c.take<char>(s.sort_bytes);
   s.twice_u = c.take<unsigned long long>(size_t(f.batch));
-  s.ties = c.take<double>(size_t(f.batch));
+  s.ties = c.take<ExactSum>(size_t(f.batch));
   s.invalid = c.take<int>(size_t(f.batch));
   return s;
 }
@@ -323,7 +351,7 @@ struct SpearmanCudaScratch {
   uint32_t *index, *sorted_index;
   void* sort_temp;
   size_t sort_bytes;
-  double *sums, *ties_x, *ties_y;
+  ExactSum *sums, *ties_x, *ties_y;
   int *nan_x, *nan_y;
 };
 
@@ -338,9 +366,9 @@ SpearmanCudaScratch carve_spearman(const SpearmanProblem& p, Carver& c) {
   s.sorted_index = c.take<uint32_t>(m);
   s.sort_bytes = sort_pairs_temp_bytes(p.m);
   s.sort_temp = c.take<char>(s.sort_bytes);
-  s.sums = c.take<double>(rows);
-  s.ties_x = c.take<double>(rows);
-  s.ties_y = c.take<double>(rows);
+  s.sums = c.take<ExactSum>(rows);
+  s.ties_x = c.take<ExactSum>(rows);
+  s.ties_y = c.take<ExactSum>(rows);
   s.nan_x = c.take<int>(rows);
   s.nan_y = c.take<int>(rows);
   return s;
@@ -348,7 +376,7 @@ SpearmanCudaScratch carve_spearman(const SpearmanProblem& p, Carver& c) {
 
 // Doubled average ranks of one row into `ranks`, its tie sum into *ties, NaN flag into *has_nan.
 template <typename T>
-void rank_row(const T* row, int64_t m, SpearmanCudaScratch& s, int64_t* ranks, double* ties, int* has_nan,
+void rank_row(const T* row, int64_t m, SpearmanCudaScratch& s, int64_t* ranks, ExactSum* ties, int* has_nan,
               cudaStream_t stream) {
   rank_keys_kernel<T><<<grid_for(m), kThreads, 0, stream>>>(row, m, s.keys, s.index, has_nan);
   check(cudaGetLastError(), "rank key kernel launch");

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "parc_common.h"
@@ -13,13 +14,23 @@
 namespace pykernels::ops {
 namespace {
 
+// Scratch of all worker threads together, in bytes: parc_spearman needs 16 M bytes per model
+// (M = N(N-1)/2 distances and their bucketed copy), 3.2 GB at N = 20,000, so only as many models
+// run at once as fit in this (one at least). PYKERNELS_CPU_SCRATCH_BYTES overrides the 2 GiB.
+int64_t scratch_budget_bytes() {
+  const char* env = std::getenv("PYKERNELS_CPU_SCRATCH_BYTES");
+  const long long bytes = env ? std::atoll(env) : 0;
+  return bytes > 0 ? int64_t(bytes) : int64_t(1) << 31;
+}
+
 // Runs body(item, scratch) for items [0, count) on the intra-op pool, each thread taking the next
 // item as it finishes one: on a busy machine a delayed thread then delays one item, not a
-// fixed share of them. Scratch is per thread.
+// fixed share of them. Scratch is per thread, scratch_bytes of it per item at most.
 template <typename Scratch, typename Body>
-void for_each_item(int64_t count, Body body) {
+void for_each_item(int64_t count, int64_t scratch_bytes, Body body) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
+  const int64_t fit = std::max<int64_t>(1, scratch_budget_bytes() / std::max<int64_t>(1, scratch_bytes));
+  const int64_t workers = std::min({count, int64_t(at::get_num_threads()), fit});
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t w = begin; w < end; ++w)
@@ -90,7 +101,8 @@ void spearman_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out) {
     core::RankScratch sort;
     std::vector<int64_t> rx, ry;
   };
-  for_each_item<Scratch>(B, [&](int64_t b, Scratch& s) {
+  const int64_t scratch_bytes = int64_t(sizeof(core::RankItem) + 2 * sizeof(int64_t)) * M;  // items, rx, ry
+  for_each_item<Scratch>(B, scratch_bytes, [&](int64_t b, Scratch& s) {
     const T* xb = xp + b * x.stride(0);
     const T* yb = yp + b * y.stride(0);
     if (row_has_nan(xb, x.stride(1), M) || (shared_y ? shared_nan : row_has_nan(yb, y.stride(1), M))) {
@@ -129,8 +141,11 @@ at::Tensor parc_spearman_cpu(const at::Tensor& features, const at::Tensor& class
                         &labels.n_diff);
   at::Tensor out = at::empty({f.batch}, x.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  for_each_item<core::ParcScratch>(
-      f.batch, [&](int64_t b, core::ParcScratch& scratch) { o[b] = core::parc_spearman_cpu(f, labels, b, scratch); });
+  const int64_t m = f.n * (f.n - 1) / 2;
+  const int64_t scratch_bytes = int64_t(sizeof(double)) * (2 * m + f.n * f.d);  // pairs, bucketed, zt
+  for_each_item<core::ParcScratch>(f.batch, scratch_bytes, [&](int64_t b, core::ParcScratch& scratch) {
+    o[b] = core::parc_spearman_cpu(f, labels, b, scratch);
+  });
   return out;
 }
 

@@ -101,7 +101,7 @@ static void test_ranks_against_naive() {
     for (size_t i = 0; i < v.size(); ++i) {
       int64_t t = 0;
       for (double w : v) t += w == v[i];
-      expect_ties += tie_term(double(t)) / double(t);  // each group counted once overall
+      expect_ties += double(tie_term_exact(t)) / double(t);  // each group counted once overall
     }
     CHECK(got == expect, "ranks differ (trial %d, m %lld)", trial, (long long)m);
     CHECK(std::fabs(ties - expect_ties) <= 1e-9 * (1 + expect_ties), "tie sum %g vs %g", ties, expect_ties);
@@ -109,7 +109,7 @@ static void test_ranks_against_naive() {
   // Strided float input, all values equal.
   std::vector<float> same(20, 3.5f);
   std::vector<int64_t> r(10);
-  CHECK(twice_average_ranks_cpu(same.data(), 2, 10, r.data(), scratch) == tie_term(10), "all tied");
+  CHECK(twice_average_ranks_cpu(same.data(), 2, 10, r.data(), scratch) == double(tie_term_exact(10)), "all tied");
   CHECK(std::all_of(r.begin(), r.end(), [](int64_t x) { return x == 11; }), "all ranks (1 + 10) / 2");
 }
 
@@ -133,7 +133,7 @@ static void test_spearman_against_naive() {
     CHECK(std::fabs(got - expect) < 1e-12 || (std::isnan(got) && std::isnan(expect)), "spearman %.17g vs %.17g (trial %d)", got, expect, trial);
   }
   std::vector<int64_t> tied = {3, 3}, other = {2, 4};
-  CHECK(std::isnan(spearman_from_ranks_cpu(tied.data(), other.data(), 2, tie_term(2), 0)), "constant side gives NaN");
+  CHECK(std::isnan(spearman_from_ranks_cpu(tied.data(), other.data(), 2, double(tie_term_exact(2)), 0)), "constant side gives NaN");
 }
 
 static void test_closed_form_equals_pearson_of_ranks() {
@@ -147,7 +147,7 @@ static void test_closed_form_equals_pearson_of_ranks() {
     for (size_t b = 0; b < value.size(); ++b)
       if (!diff[b]) twice_u += value[a] > value[b] ? 2 : (value[a] == value[b] ? 1 : 0);
   }
-  const double ties = tie_term(2) + tie_term(3);  // two 0.1s, three 0.4s
+  const double ties = double(tie_term_exact(2) + tie_term_exact(3));  // two 0.1s, three 0.4s
   CHECK(std::fabs(parc_rho(n0, n1, twice_u, ties) - naive_spearman(value, diff)) < 1e-14, "closed form %.17g vs %.17g",
         parc_rho(n0, n1, twice_u, ties), naive_spearman(value, diff));
   CHECK(std::isnan(parc_rho(0, 5, 0, 0)) && std::isnan(parc_rho(3, 0, 0, 0)), "one-sided pairs give NaN");

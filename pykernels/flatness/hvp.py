@@ -60,9 +60,10 @@ HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-differ
 _TRANSFORM_LIMIT = re.compile(r"forward AD|forward grad|forward-mode|jvp|vmap|functorch|batching rule", re.IGNORECASE)
 
 
-def forward_mode_unsupported(exc: BaseException) -> bool:
-    """Whether forward-over-reverse failed because the model is beyond forward-mode AD / vmap,
-    which double backward does not need; not for running out of memory or a bug in the model."""
+def transform_unsupported(exc: BaseException) -> bool:
+    """Whether a product failed because the model is beyond forward-mode AD or batching (vmap,
+    is_grads_batched), which the fallback does not need; not for running out of memory or a bug
+    in the model."""
     if isinstance(exc, torch.OutOfMemoryError):
         return False
     return isinstance(exc, NotImplementedError) or bool(_TRANSFORM_LIMIT.search(str(exc)))
@@ -133,7 +134,7 @@ class InputHessian:
             try:
                 return self._forward_over_reverse(Vx).reshape(V.shape)
             except (RuntimeError, NotImplementedError) as exc:
-                if not forward_mode_unsupported(exc):
+                if not transform_unsupported(exc):
                     raise
                 return self._fall_back(exc, Vx).reshape(V.shape)
         if self.method == "double-backward":
@@ -164,7 +165,10 @@ class InputHessian:
             (g,) = torch.autograd.grad(self._sum_log_p(x), x, create_graph=True)
             try:
                 return torch.autograd.grad(g, x, Vx, is_grads_batched=True)[0]
-            except (RuntimeError, NotImplementedError):  # an op without a batching rule: one vector at a time
+            except (RuntimeError, NotImplementedError) as exc:
+                if not transform_unsupported(exc):  # out of memory, a bug in the model: the caller's to see
+                    raise
+                # an op without a batching rule: one vector at a time
                 return torch.stack([torch.autograd.grad(g, x, v, retain_graph=True)[0] for v in Vx])
 
     def _finite_difference(self, Vx):

@@ -21,8 +21,10 @@ tr((diag(s) - s s^T) J J^T) of pykernels.flatness.exact_trace.
 fill_probes_(out, seed) fills `out` with Rademacher (+-1) or standard Gaussian
 probes. Element i of the row-major order is a pure function of
 (seed, offset + i) (a counter-based hash, csrc/core/flatness.h), so every
-backend and every chunking of the probes gives the same numbers: probes
-[s0, s1) of an [S, B, D] draw are `offset = s0 * B * D`.
+chunking of the probes gives the same numbers: probes [s0, s1) of an [S, B, D]
+draw are `offset = s0 * B * D`. Rademacher probes and float32 Gaussian probes
+are the same numbers on every backend (Gaussians are computed in float64 and
+rounded); float64 Gaussians agree to about one ulp (each platform's log / cos).
 
 probe_dots(v, w)[s, b] = v[s, b] . w[s, b] over the flattened trailing dims: the
 per-example quadratic forms v . Hv of Hutchinson-type estimators.
@@ -40,7 +42,7 @@ import torch
 
 from .. import _ops
 from .. import backend as _backend
-from .._validation import check_choice, check_int, check_tensor
+from .._validation import INT64_MAX, check_choice, check_int, check_tensor
 from ..reference import flatness as _reference
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
@@ -235,7 +237,8 @@ def fill_probes_(out: torch.Tensor, seed: int, *, offset: int = 0, kind: str = "
     element `offset`; returns `out`. kind: "rademacher" (+-1) or "gaussian" (N(0, 1))."""
     check_tensor("out", out, dtypes=REAL_DTYPES)
     _check_seed(seed)
-    check_int("offset", offset, minimum=0)
+    # Element indices offset + i must stay in int64, the kernels' counter type.
+    check_int("offset", offset, minimum=0, maximum=INT64_MAX - out.numel())
     check_choice("kind", kind, PROBE_KINDS)
     _kernels(_select("fill_probes_", out.device, backend)).fill_probes_(out, seed, offset, kind)
     return out

@@ -31,6 +31,7 @@ supported (the per-sequence state would not follow reordered beams).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from typing import Optional, Sequence
 
@@ -232,13 +233,17 @@ class ProbeGuard:
 
         Prompts must be left-padded (as for any batched decoder-only generation).
         Returns the sequences and, per sequence, whether it was flagged before it
-        ended (EOS) and where.
+        ended (EOS) and where. Every token after a flag is replaced by the pad token
+        (pad_token_id, else the EOS id; a ValueError before generating if there is
+        neither), whatever the generation config: the token sampled from the forward
+        that flagged, and any sampled later.
         """
         for name in ("num_beams", "num_return_sequences"):
             # Beams are reordered and sequences duplicated inside generate; the
             # per-slot stream state would not follow them.
             if generate_kwargs.get(name, 1) != 1:
                 raise ValueError(f"ProbeGuard.generate supports {name}=1 only, got {generate_kwargs[name]}")
+        pad_id = self._pad_token_id(generate_kwargs)
         self.reset()
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
         criteria.append(self.stopping_criteria())
@@ -256,15 +261,32 @@ class ProbeGuard:
             is_eos = torch.isin(sequences[:, P:].cpu(), eos_ids)
             ended = torch.where(is_eos.any(1), P + is_eos.float().argmax(1), torch.full((B,), sequences.shape[1]))
             index = torch.where(index <= ended, index, torch.full_like(index, -1))
-        return GuardedOutput(sequences, index >= 0, index, P)
+        return GuardedOutput(_pad_after(sequences, index, pad_id), index >= 0, index, P)
+
+    def _pad_token_id(self, generate_kwargs: dict) -> int:
+        """The id that replaces tokens after a flag: pad_token_id (argument, then the
+        generation config), else the first EOS id; generate pads finished rows with it."""
+        config = self.model.generation_config
+        for candidate in (generate_kwargs.get("pad_token_id"), getattr(config, "pad_token_id", None),
+                          generate_kwargs.get("eos_token_id"), getattr(config, "eos_token_id", None)):
+            if candidate is not None:
+                return int(torch.as_tensor(candidate).reshape(-1)[0])
+        raise ValueError("ProbeGuard.generate needs a pad_token_id (or an eos_token_id) to blank the tokens "
+                         "after a flag: pass pad_token_id=... or set model.generation_config.pad_token_id")
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         """The decoder layers' outputs [B, T, H] for a forward pass: the activations the
         hooks score, for training and calibrating the probe."""
+        kwargs = {}
+        if attention_mask is not None and "position_ids" in inspect.signature(self.model.forward).parameters:
+            # Left padding shifts each row's tokens; generate positions them from the
+            # attention mask, and models with absolute position embeddings (GPT-2) need
+            # the same positions here to produce the activations the guard scores.
+            kwargs["position_ids"] = positions_from_mask(attention_mask)
         self._capture = []
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
             return self._capture
         finally:
             self._capture = None
@@ -280,6 +302,23 @@ class ProbeGuard:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows as generate assigns them: 0 at each row's first
+    real token, counting real tokens only (padding gets 1, a value never read)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill_(attention_mask == 0, 1)
+
+
+def _pad_after(sequences: torch.Tensor, flag_index: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """sequences with every token after a row's flag replaced by pad_id: generate keeps
+    sampling a stopped row when the config has no EOS, and those tokens must not be returned."""
+    if not bool((flag_index >= 0).any()):
+        return sequences
+    position = torch.arange(sequences.shape[1])[None, :]
+    after = (flag_index[:, None] >= 0) & (position > flag_index[:, None])
+    return sequences.masked_fill(after.to(sequences.device), pad_id)
 
 
 class ProbeStoppingCriteria(StoppingCriteria):

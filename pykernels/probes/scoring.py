@@ -3,17 +3,20 @@
 A linear probe over the concatenation of every layer's hidden state,
 psi_t = [h_t^(1); ...; h_t^(L)], scores token t with z_t = W^T psi_t + b. Since
 that equals sum_l W_l^T h_t^(l) + b, the kernels add one layer at a time into a
-float32 accumulator: each activation is read once, and neither the [B, T, L*H]
-concatenation nor an [L, B, T, H] stack is ever built. (A layer whose hidden
-dim is not unit-stride, e.g. a transposed view, is the exception: the compiled
-kernels first copy that layer.)
+float32 accumulator, and neither the [B, T, L*H] concatenation nor an
+[L, B, T, H] stack is ever built. Each activation is read from memory once for
+any number of heads K on the CPU, for up to 8 heads with the CUDA kernel and 16
+with Triton (more heads: once per group of 8 / 16). (A layer whose hidden dim is
+not unit-stride, e.g. a transposed view, is the exception: the compiled kernels
+first copy that layer.) The maths and the paper's figures: docs/probes.md.
 
 Smoothing along tokens (per sequence, per head):
   "none"  z_t.
   "swim"  sliding-window mean, the paper's training-time smoothing: the mean of
           z over the last `window` tokens, and over the t + 1 tokens available
           when t < window, so every token has a score. Default window: 16 (the
-          paper's M).
+          paper's M). A window past T gives the scores of window T, at the cost
+          of T (not of the window).
   "ema"   e_1 = z_1, e_t = a z_t + (1 - a) e_{t-1}, the paper's inference-time
           smoothing (one number of state per sequence). The paper does not give
           a; the default here is a = 2 / (window + 1) (0.118 for window 16),
@@ -21,7 +24,8 @@ Smoothing along tokens (per sequence, per head):
           window it replaces.
 
 Padding: with `lengths`, tokens t >= lengths[b] are never read and their
-scores are 0.0. Smoothing only looks back, so padding cannot reach valid scores.
+scores are 0.0. Smoothing only looks back, so padding cannot reach valid scores,
+and the backward does not read it either (NaN padding gives finite gradients).
 
 NaN / Inf: a non-finite activation (or weight it meets) makes z_t non-finite
 for every head at that token, and smoothing carries it to exactly the scores
@@ -49,9 +53,25 @@ def default_ema_alpha(window: int) -> float:
     return 2.0 / (window + 1)
 
 
+def resolve_ema_alpha(smoothing: str, window: int, ema_alpha: Optional[float]) -> float:
+    """The EMA weight of the newest token, one rule for probe_scores, ProbeStream and
+    LinearProbe: ema_alpha only with smoothing="ema", in (0, 1]; default 2 / (window + 1)."""
+    if ema_alpha is None:
+        return default_ema_alpha(window)
+    if smoothing != "ema":
+        raise ValueError(f"ema_alpha only applies to smoothing='ema', got smoothing={smoothing!r}")
+    alpha = float(ema_alpha)
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"ema_alpha must lie in (0, 1], got {ema_alpha}")
+    return alpha
+
+
 def _as_layers(hidden_states) -> tuple[torch.Tensor, ...]:
     if isinstance(hidden_states, torch.Tensor):
         check_tensor("hidden_states", hidden_states, ndim=4, shape_doc="[L, B, T, H] (or pass a list of [B, T, H])")
+        if hidden_states.shape[0] == 0:
+            raise ValueError(f"hidden_states must hold at least one layer (L >= 1), got shape "
+                             f"{tuple(hidden_states.shape)}")
         return tuple(hidden_states.unbind(0))
     if not isinstance(hidden_states, (list, tuple)):
         raise TypeError(
@@ -111,14 +131,7 @@ def probe_scores(
         check_dim("bias", bias, 0, K, "the number of heads K (weight.shape[2])")
     check_choice("smoothing", smoothing, SMOOTHINGS)
     check_int("window", window, minimum=1)
-    if ema_alpha is None:
-        alpha = default_ema_alpha(window)
-    else:
-        if smoothing != "ema":
-            raise ValueError(f"ema_alpha only applies to smoothing='ema', got smoothing={smoothing!r}")
-        alpha = float(ema_alpha)
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"ema_alpha must lie in (0, 1], got {ema_alpha}")
+    alpha = resolve_ema_alpha(smoothing, window, ema_alpha)
     if lengths is not None:
         check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES, device=device, shape_doc="[B]")
         check_dim("lengths", lengths, 0, B, "the batch size B")

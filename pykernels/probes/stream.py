@@ -26,7 +26,7 @@ from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, c
 from ..reference.probe_guard import SLOT_DUPLICATED as _DUPLICATED
 from ..reference.probe_guard import SEGMENT_OUT_OF_RANGE as _BAD_SEGMENT
 from ..reference.probe_guard import SLOT_OUT_OF_RANGE as _OUT_OF_RANGE
-from .scoring import DEFAULT_WINDOW, SMOOTHINGS, default_ema_alpha
+from .scoring import DEFAULT_WINDOW, SMOOTHINGS, resolve_ema_alpha
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 
@@ -139,11 +139,7 @@ class ProbeStream:
         check_int("num_heads", num_heads, minimum=1)
         check_choice("smoothing", smoothing, SMOOTHINGS)
         check_int("window", window, minimum=1)
-        if ema_alpha is not None and smoothing != "ema":
-            raise ValueError(f"ema_alpha only applies to smoothing='ema', got smoothing={smoothing!r}")
-        alpha = default_ema_alpha(window) if ema_alpha is None else float(ema_alpha)
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"ema_alpha must lie in (0, 1], got {ema_alpha}")
+        alpha = resolve_ema_alpha(smoothing, window, ema_alpha)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.max_slots, self.num_heads, self.smoothing, self.window = max_slots, num_heads, smoothing, window
         self.ema_alpha = 1.0 if smoothing == "none" else alpha

@@ -25,7 +25,7 @@ import torch
 from .._validation import INDEX_DTYPES, check_choice, check_dim, check_int, check_tensor
 from ..reference import probe_guard as _ref
 from ..reference.probe_scores import probe_logits
-from .scoring import DEFAULT_WINDOW, SMOOTHINGS, _as_layers, default_ema_alpha, probe_scores
+from .scoring import DEFAULT_WINDOW, SMOOTHINGS, _as_layers, default_ema_alpha, probe_scores, resolve_ema_alpha
 from .stream import _select, backend_op
 
 REDUCTIONS = ("mean", "none")
@@ -149,8 +149,7 @@ class LinearProbe(torch.nn.Module):
         check_int("num_heads", num_heads, minimum=1)
         check_choice("smoothing", smoothing, SMOOTHINGS)
         check_int("window", window, minimum=1)
-        if ema_alpha is not None and not 0.0 < float(ema_alpha) <= 1.0:
-            raise ValueError(f"ema_alpha must lie in (0, 1], got {ema_alpha}")
+        resolve_ema_alpha(smoothing, window, ema_alpha)  # the rule of probe_scores and ProbeStream
         self.smoothing, self.window = smoothing, window
         self.ema_alpha = None if ema_alpha is None else float(ema_alpha)
         self.weight_t = torch.nn.Parameter(torch.zeros(num_layers, num_heads, hidden_size, device=device))

@@ -1,4 +1,4 @@
-"""Reference flatness ops (spec: shared/spec/flatness.md; API docs:
+"""Reference flatness ops (maths: docs/flatness.md; API docs:
 pykernels/flatness/ops.py). Plain PyTorch, any float dtype (float64 in tests)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reference model-selection ops (spec: shared/spec/parc.md; API docs:
+"""Reference model-selection ops (maths: docs/selection.md; API docs:
 pykernels/selection/correlation.py): the definitions, written plainly, in the
 input's dtype (float64 in tests)."""
 
@@ -10,12 +10,16 @@ DUPLICATE_GATE = 0.999  # kDuplicateGate in csrc/core/parc.h: only saves work
 
 
 def normalized_rows(features: torch.Tensor) -> torch.Tensor:
-    """Each row centred on its mean and scaled to unit norm; NaN rows where that is undefined
-    (constant or non-finite rows)."""
-    centred = features - features.mean(-1, keepdim=True)
+    """Each row centred on its mean and scaled to unit norm, with the statistics in float64 (as
+    every kernel computes them) and the result in the input's dtype. NaN rows where that is
+    undefined: a constant row (every value equal: decided on the values, never on how the mean
+    rounds), a non-finite value, or a centred norm that is 0 or overflows in float64."""
+    x = features.double()
+    centred = x - x.mean(-1, keepdim=True)
     norm = centred.norm(dim=-1, keepdim=True)
-    valid = (norm > 0) & torch.isfinite(norm)
-    return torch.where(valid, centred / norm, torch.full_like(centred, float("nan")))
+    varies = (x != x[..., :1]).any(-1, keepdim=True)
+    valid = varies & (norm > 0) & torch.isfinite(norm)
+    return torch.where(valid, centred / norm, torch.full_like(centred, float("nan"))).to(features.dtype)
 
 
 def correlations(z: torch.Tensor, rows_per_chunk: int = 64) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Reference probe-guard ops (spec: shared/spec/probes.md; API docs:
+"""Reference probe-guard ops (maths: docs/probes.md; API docs:
 pykernels/probes/stream.py and training.py). Plain PyTorch, any float dtype,
 differentiable where a gradient is meaningful."""
 
@@ -106,9 +106,12 @@ def _token(state, m, z, threshold, window: int, ema_alpha: float):
 def _predictions(z: torch.Tensor, lengths: torch.Tensor, window: int):
     """SWiM logits [B, T] and the mask of the positions that make predictions:
     t in [window - 1, n - 1], or only t = n - 1 when n < window."""
-    zbar = swim(z[:, :, None], window)[:, :, 0]
     t = torch.arange(z.shape[1], device=z.device)[None, :]
     n = lengths.to(z.device).long()[:, None]
+    # Padding is never read: zeroed before anything touches it, so a NaN / Inf there reaches
+    # neither the loss nor (through 0 * NaN in a backward) the gradient.
+    z = torch.where(t < n, z, torch.zeros((), dtype=z.dtype, device=z.device))
+    zbar = swim(z[:, :, None], window)[:, :, 0]
     first = torch.where(n >= window, torch.full_like(n, window - 1), n - 1)
     return zbar, (t >= first) & (t < n)
 
@@ -121,7 +124,7 @@ def softmax_weighted_bce(token_logits, labels, lengths, window=16, tau=1.0, deta
     w = torch.softmax(torch.where(pred, zbar / tau, torch.full_like(zbar, float("-inf"))), dim=1)
     if detach_weights:
         w = w.detach()
-    bce = F.softplus(zbar) - y * zbar
+    bce = torch.logaddexp(zbar, torch.zeros_like(zbar)) - y * zbar  # softplus, exact past F.softplus' threshold
     loss = (w * torch.where(pred, bce, torch.zeros_like(bce))).sum(1)
     return loss.mean() if reduction == "mean" else loss
 

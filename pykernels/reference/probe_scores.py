@@ -1,4 +1,4 @@
-"""Reference probe scoring (spec: shared/spec/probes.md; API docs:
+"""Reference probe scoring (maths: docs/probes.md; API docs:
 pykernels/probes/scoring.py)."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def window_sum(z: torch.Tensor, window: int) -> torch.Tensor:
     affects exactly the windows that contain it."""
     if z.shape[1] == 0:
         return z.clone()
+    window = min(window, z.shape[1])  # a longer window sums the same tokens
     padded = F.pad(z.transpose(1, 2), (window - 1, 0))  # [B, K, T + window - 1], zeros in front
     return padded.unfold(2, window, 1).sum(-1).transpose(1, 2)
 
@@ -68,6 +69,11 @@ def probe_scores(layers: Sequence[torch.Tensor], weight: torch.Tensor, bias: tor
 
     Smoothing only looks back in time, so padded tokens cannot reach valid ones.
     """
+    valid = None
+    if lengths is not None:  # padding is never read: zeroed first, so no NaN there reaches a gradient
+        T = layers[0].shape[1]
+        valid = torch.arange(T, device=layers[0].device)[None, :, None] < lengths.to(layers[0].device)[:, None, None]
+        layers = [torch.where(valid, h, torch.zeros((), dtype=h.dtype, device=h.device)) for h in layers]
     z = probe_logits(layers, weight, bias, dtype=dtype)
     if smoothing == "swim":
         z = swim(z, window)
@@ -75,10 +81,8 @@ def probe_scores(layers: Sequence[torch.Tensor], weight: torch.Tensor, bias: tor
         z = ema(z, ema_alpha)
     elif smoothing != "none":
         raise ValueError(f"smoothing must be 'none', 'swim' or 'ema', got {smoothing!r}")
-    if lengths is not None:
-        T = z.shape[1]
-        valid = torch.arange(T, device=z.device)[None, :] < lengths.to(z.device)[:, None]
-        z = torch.where(valid[:, :, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+    if valid is not None:  # the bias made padded logits non-zero
+        z = torch.where(valid, z, torch.zeros((), dtype=z.dtype, device=z.device))
     return z
 
 

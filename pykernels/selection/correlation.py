@@ -23,9 +23,13 @@ parc_spearman(features, classes)
     are ordered by class once per call, so every same-class pair lies in a diagonal block.
     pykernels.selection.parc multiplies by 100 and adds the PCA and scaling of the paper.
 
-NaN: a sample whose features are constant (zero variance across dims) or non-finite has no
-correlation with anything: its distances are NaN, and a model holding one gets a NaN rho.
-spearman returns NaN for a row that holds a NaN or whose x or y is constant.
+NaN: a sample whose features are constant or non-finite has no correlation with anything: its
+distances are NaN (its diagonal entry too), and a model holding one gets a NaN rho. The rule is
+the same on every backend: a sample is constant when all its values are equal (compared as
+given, not after the mean is subtracted, so rounding of the mean cannot decide it); it is also
+undefined when its centred norm is 0 or overflows in float64 (values near 1e-160 or 1e154).
+Means and norms are computed in float64 for float32 input too. spearman returns NaN for a row
+that holds a NaN or whose x or y is constant, and for M < 2.
 """
 
 from __future__ import annotations
@@ -113,10 +117,14 @@ def spearman(x: torch.Tensor, y: torch.Tensor, *, backend: Optional[str] = None)
         backend: see pairwise_corr_distance.
 
     Returns:
-        float64 [...]: one rho per row; NaN where a row holds a NaN, or x or y is constant.
+        float64 [...]: one rho per row; NaN where a row holds a NaN, or x or y is constant, or
+        M < 2 (an empty batch gives an empty result).
     """
     check_tensor("x", x)
     check_tensor("y", y, device=x.device)
+    for name, t in (("x", x), ("y", y)):
+        if t.is_complex():  # complex values have no order to rank by
+            raise TypeError(f"{name} must be real (float or integer), got dtype {str(t.dtype).replace('torch.', '')}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dim [..., M], got a 0-d tensor")
     dtype = _spearman_dtype(x, y)
@@ -126,6 +134,8 @@ def spearman(x: torch.Tensor, y: torch.Tensor, *, backend: Optional[str] = None)
     except RuntimeError:
         raise ValueError(f"y of shape {tuple(y.shape)} does not broadcast to x's shape {tuple(x.shape)}") from None
     lead, m = x.shape[:-1], x.shape[-1]
+    if m < 2 or xs.numel() == 0:  # no pair of values to rank (or no rows): rho is undefined
+        return torch.full(lead, float("nan"), dtype=torch.float64, device=x.device)
     xs = xs.reshape(-1, m)
     if all(ys.stride(i) == 0 or ys.shape[i] == 1 for i in range(len(lead))):
         ys = ys[(0,) * len(lead)].expand(xs.shape[0], m)  # row stride 0: the kernels rank y once

@@ -61,11 +61,17 @@ _PAIR_BYTES_PER_CALL = 1 << 30  # distances materialised at once on the general 
 FeaturesLike = Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]]
 
 
+# With 2 dims, every centred row is a multiple of (1, -1): each correlation is +-1, each distance
+# 0 or 2, and the ranks of those ties are decided by rounding. 3 dims is the least that measures.
+MIN_DIMS = 3
+
+
 def _check_pca_dim(pca_dim) -> Optional[int]:
     if pca_dim is None:
         return None
-    if isinstance(pca_dim, bool) or not isinstance(pca_dim, (int, np.integer)) or pca_dim < 2:
-        raise ValueError(f"pca_dim must be an int >= 2 or None (no PCA), got {pca_dim!r}")
+    if isinstance(pca_dim, bool) or not isinstance(pca_dim, (int, np.integer)) or pca_dim < MIN_DIMS:
+        raise ValueError(f"pca_dim must be an int >= {MIN_DIMS} or None (no PCA), got {pca_dim!r}: with 2 dims "
+                         f"every correlation is +-1 and rounding decides the ranks")
     return int(pca_dim)
 
 
@@ -225,7 +231,7 @@ def parc(features: FeaturesLike, labels, *, num_classes: Optional[int] = None,
 
     Raises:
         ValueError: N < 3, mismatched N, labels out of range or not matching N, a single class,
-            no same-class pair, D < pca_dim.
+            no same-class pair, D < pca_dim, pca_dim < 3 or D < 3 (degenerate: see MIN_DIMS).
     """
     check_choice("mode", mode, MODES)
     dims = _check_pca_dim(pca_dim)
@@ -233,12 +239,14 @@ def parc(features: FeaturesLike, labels, *, num_classes: Optional[int] = None,
     n = models.n
     y = _check_label_side(as_labels(labels, n, num_classes, device=models.tensors[0].device))
     k = None if dims is None else min(dims, n)
-    if k is not None:
-        for i, t in enumerate(models.tensors):
-            if t.shape[1] < k:
-                label = "features" if models.single else f"features[{i}]"
-                raise ValueError(f"{label} has D={t.shape[1]} feature dims, fewer than pca_dim={k}; pass "
-                                 f"pca_dim <= {t.shape[1]} or pca_dim=None")
+    for i, t in enumerate(models.tensors):
+        label = "features" if models.single else f"features[{i}]"
+        if k is not None and t.shape[1] < k:
+            raise ValueError(f"{label} has D={t.shape[1]} feature dims, fewer than pca_dim={k}; pass "
+                             f"pca_dim <= {t.shape[1]} or pca_dim=None")
+        if t.shape[1] < MIN_DIMS:
+            raise ValueError(f"{label} has D={t.shape[1]} feature dims; PARC needs at least {MIN_DIMS} (with 2 "
+                             f"every correlation is +-1 and rounding decides the ranks)")
 
     label_distances = None
     if mode == "reference":

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .. import _ops
 from ..reference.flatness import probe_key
+from ._index import block_range
 
 _ACC = {torch.float64: tl.float64}  # every other input dtype computes in float32
 _KINDS = {"rademacher": 0, "gaussian": 1}
@@ -47,7 +48,7 @@ def _softmax_at(x, lse):
 
 @triton.jit
 def _energy_kernel(z_ptr, out_ptr, N, K, stride_n, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = block_range(tl.program_id(0), BLOCK_N)
     row_ok = rows < N
     lse = _row_logsumexp(z_ptr, rows, row_ok, stride_n, K, ACC, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + rows, -lse, mask=row_ok)
@@ -57,7 +58,7 @@ def _energy_kernel(z_ptr, out_ptr, N, K, stride_n, ACC: tl.constexpr, BLOCK_N: t
 def _logsumexp_hvp_kernel(z_ptr, u_ptr, s_ptr, e_ptr, h_ptr, N, K, S, stride_zn, stride_us, stride_un,
                           ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (row block, tangent i); the i == 0 programs also write softmax and energy.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = block_range(tl.program_id(0), BLOCK_N)
     i = tl.program_id(1)
     row_ok = rows < N
     lse = _row_logsumexp(z_ptr, rows, row_ok, stride_zn, K, ACC, BLOCK_N, BLOCK_K)
@@ -99,7 +100,7 @@ def _mix32(x):
 
 @triton.jit
 def _fill_probes_kernel(out_ptr, n, offset, k1, k2, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    i = block_range(tl.program_id(0), BLOCK)
     ok = i < n
     index = offset + i
     key1 = k1.to(tl.uint32)
@@ -111,8 +112,9 @@ def _fill_probes_kernel(out_ptr, n, offset, k1, k2, KIND: tl.constexpr, ACC: tl.
         value = tl.where((r1 >> 31) == 1, -1.0, 1.0).to(ACC)
     else:
         r2 = _mix32(a ^ key2 ^ 0x27D4EB2F)
-        u1 = ((r1 >> 8).to(ACC) + 0.5) * 5.9604644775390625e-08
-        u2 = (r2 >> 8).to(ACC) * 5.9604644775390625e-08
+        # In float64 for every output dtype, then rounded (gaussian_from_bits in csrc/core/flatness.h).
+        u1 = ((r1 >> 8).to(tl.float64) + 0.5) * 5.9604644775390625e-08
+        u2 = (r2 >> 8).to(tl.float64) * 5.9604644775390625e-08
         value = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
     tl.store(out_ptr + i, value, mask=ok)
 

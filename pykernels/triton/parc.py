@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..reference.parc import register_distance_autograd
+from ._index import triu_offset
 
 _KEY_BYTES_PER_CHUNK = 1 << 28  # parc_spearman: sort keys of this many bytes of models at a time
 
@@ -29,9 +30,13 @@ def _normalize_rows_kernel(x_ptr, z_ptr, D, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * D
     total = tl.zeros([BLOCK_D], dtype=tl.float64)
+    first = tl.load(x_row)
+    varies = tl.zeros([BLOCK_D], dtype=tl.int32)  # a constant row is undefined however its mean rounds
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
-        total += tl.load(x_row + ks, mask=ks < D, other=0.0).to(tl.float64)
+        x = tl.load(x_row + ks, mask=ks < D, other=0.0)
+        total += x.to(tl.float64)
+        varies += tl.where((ks < D) & (x != first), 1, 0)
     mean = tl.sum(total, axis=0) / D
     squares = tl.zeros([BLOCK_D], dtype=tl.float64)
     for k0 in range(0, D, BLOCK_D):
@@ -40,7 +45,7 @@ def _normalize_rows_kernel(x_ptr, z_ptr, D, BLOCK_D: tl.constexpr):
         squares += tl.where(ks < D, c * c, 0.0)
     norm2 = tl.sum(squares, axis=0)
     inv = 1.0 / tl.sqrt(norm2)
-    valid = (norm2 > 0.0) & (norm2 < float("inf")) & (inv == inv)
+    valid = (tl.sum(varies, axis=0) > 0) & (norm2 > 0.0) & (norm2 < float("inf")) & (inv == inv)
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
         c = tl.load(x_row + ks, mask=ks < D, other=0.0).to(tl.float64) - mean
@@ -94,9 +99,7 @@ def _distance_kernel(z_ptr, out_ptr, N, D, TRIU: tl.constexpr, BLOCK_I: tl.const
     ii, jj = i[:, None], j[None, :]
     inside = (ii < N) & (jj < N)
     if TRIU:
-        pair = ii * (2 * N - ii - 1) // 2 + (jj - ii - 1)
-        tl.store(out_ptr + b.to(tl.int64) * (N * (N - 1) // 2) + pair, dist.to(out_ptr.dtype.element_ty),
-                 mask=inside & (ii < jj))
+        tl.store(out_ptr + triu_offset(b, ii, jj, N), dist.to(out_ptr.dtype.element_ty), mask=inside & (ii < jj))
     else:
         dist = tl.where(ii == jj, tl.where(r == r, 0.0, r), dist)  # zero diagonal, NaN if undefined
         tl.store(out_ptr + b.to(tl.int64) * N * N + ii * N + jj, dist.to(out_ptr.dtype.element_ty), mask=inside)
@@ -119,8 +122,7 @@ def _parc_keys_kernel(z_ptr, block_end_ptr, keys_ptr, N, D, BLOCK_I: tl.constexp
     end = tl.load(block_end_ptr + i, mask=i < N, other=0)[:, None]
     bits = dist.to(tl.int64, bitcast=True)
     keys = tl.where(jj < end, bits | -9223372036854775808, bits)
-    pair = ii * (2 * N - ii - 1) // 2 + (jj - ii - 1)
-    tl.store(keys_ptr + b.to(tl.int64) * (N * (N - 1) // 2) + pair, keys, mask=ok)
+    tl.store(keys_ptr + triu_offset(b, ii, jj, N), keys, mask=ok)
 
 
 @triton.jit

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .._ops import probe_stream_step_fake, probe_stream_step_varlen_fake
+from ._index import block_range
 from .probe_scores import _TL_DTYPES
 
 
@@ -24,11 +25,11 @@ from .probe_scores import _TL_DTYPES
 @triton.jit
 def _accumulate_kernel(x_ptr, row_stride, w_ptr, acc_ptr, N, H, K,
                        DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = block_range(tl.program_id(0), BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     r_ok = rows < N
     k_ok = ks < K
-    x_rows = x_ptr.to(tl.pointer_type(DTYPE)) + rows.to(tl.int64) * row_stride
+    x_rows = x_ptr.to(tl.pointer_type(DTYPE)) + rows * row_stride
     total = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
@@ -211,45 +212,66 @@ probe_stream_step_varlen_triton.register_fake(probe_stream_step_varlen_fake)
 
 
 @triton.jit
-def _swbce_kernel(z_ptr, y_ptr, len_ptr, loss_ptr, grad_ptr, work_ptr, T, window, tau_ptr,
+def _swbce_kernel(z_ptr, y_ptr, len_ptr, loss_ptr, grad_ptr, work_ptr, T, window, window_loop, tau_ptr,
                   DETACH: tl.constexpr, GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    # tau comes in a one-element tensor of the logits' dtype: a Python float
-    # argument would be float32 in the kernel, too coarse for float64 logits.
+    # One program per sequence, looping over T in blocks like the CUDA kernel: work[b] holds
+    # zbar, then d loss / d zbar_t / count_t. window_loop = min(window, T) bounds the window sums.
     tau = tl.load(tau_ptr)
-    b = tl.program_id(0)
-    t = tl.arange(0, BLOCK_T)
+    b = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 1), T)
     first = tl.where(n >= window, window - 1, n - 1)
-    pred = (t >= first) & (t < n)
     z_row = z_ptr + b * T
-    start = tl.maximum(t + 1 - window, 0)
-    zsum = tl.zeros([BLOCK_T], dtype=z_ptr.dtype.element_ty)
-    for m in range(0, window):  # oldest first, as swim_at sums
-        s = start + m
-        zsum += tl.load(z_row + s, mask=pred & (s <= t), other=0.0)
-    zbar = zsum / (t + 1 - start).to(zsum.dtype)
-    y = tl.load(y_ptr + b)
-    scaled = tl.where(pred, zbar / tau, float("-inf"))
-    top = tl.max(tl.where(scaled == scaled, scaled, float("-inf")), axis=0)  # NaN reaches the loss via exp
+    work_row = work_ptr + b * T
+    top = tl.full([BLOCK_T], float("-inf"), dtype=z_ptr.dtype.element_ty)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        pred = (t >= first) & (t < n)
+        start = tl.maximum(t + 1 - window, 0)
+        zsum = tl.zeros([BLOCK_T], dtype=z_ptr.dtype.element_ty)
+        for m in range(0, window_loop):  # oldest first, as swim_at sums
+            s = start + m
+            zsum += tl.load(z_row + s, mask=pred & (s <= t), other=0.0)
+        zbar = zsum / (t + 1 - start).to(zsum.dtype)
+        tl.store(work_row + t, zbar, mask=pred)
+        scaled = tl.where(pred, zbar / tau, float("-inf"))
+        top = tl.maximum(top, tl.where(scaled == scaled, scaled, float("-inf")))  # NaN reaches the loss via exp
+    top = tl.max(top, axis=0)
     top = tl.where(top > float("-inf"), top, 0.0)
-    e = tl.where(pred, tl.exp(scaled - top), 0.0)
-    bce = tl.maximum(zbar, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zbar))) - y * zbar
-    denom = tl.sum(e, axis=0)
-    loss = tl.sum(tl.where(pred, e * bce, 0.0), axis=0) / denom
+    y = tl.load(y_ptr + b)
+    tl.debug_barrier()
+    denom = tl.zeros([BLOCK_T], dtype=z_ptr.dtype.element_ty)
+    weighted = tl.zeros([BLOCK_T], dtype=z_ptr.dtype.element_ty)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        pred = (t >= first) & (t < n)
+        zbar = tl.load(work_row + t, mask=pred, other=0.0)
+        e = tl.where(pred, tl.exp(zbar / tau - top), 0.0)
+        bce = tl.maximum(zbar, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zbar))) - y * zbar
+        denom += e
+        weighted += tl.where(pred, e * bce, 0.0)
+    total = tl.sum(denom, axis=0)
+    loss = tl.sum(weighted, axis=0) / total
     tl.store(loss_ptr + b, loss)
     if GRAD:
-        w = e / denom
-        g = w * (1.0 / (1.0 + tl.exp(-zbar)) - y)
-        if not DETACH:
-            g += w * (bce - loss) / tau
-        g = g / (t + 1 - start).to(g.dtype)
-        tl.store(work_ptr + b * T + t, g, mask=pred)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            pred = (t >= first) & (t < n)
+            zbar = tl.load(work_row + t, mask=pred, other=0.0)
+            w = tl.exp(zbar / tau - top) / total
+            bce = tl.maximum(zbar, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zbar))) - y * zbar
+            g = w * (1.0 / (1.0 + tl.exp(-zbar)) - y)
+            if not DETACH:
+                g += w * (bce - loss) / tau
+            g = g / tl.minimum(t + 1, window).to(g.dtype)
+            tl.store(work_row + t, g, mask=pred)
         tl.debug_barrier()
-        acc = tl.zeros([BLOCK_T], dtype=g.dtype)
-        for m in range(0, window):  # predictions t = s + m whose window holds s
-            u = t + m
-            acc += tl.load(work_ptr + b * T + u, mask=(t < n) & (u >= first) & (u < n), other=0.0)
-        tl.store(grad_ptr + b * T + t, acc, mask=t < T)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            acc = tl.zeros([BLOCK_T], dtype=z_ptr.dtype.element_ty)
+            for m in range(0, window_loop):  # predictions u = t + m whose window holds t
+                u = t + m
+                acc += tl.load(work_row + u, mask=(t < n) & (u >= first) & (u < n), other=0.0)
+            tl.store(grad_ptr + b * T + t, acc, mask=t < T)
 
 
 @torch.library.custom_op("pykernels::softmax_weighted_bce_fwd_triton", mutates_args=())
@@ -262,10 +284,11 @@ def softmax_weighted_bce_fwd_triton(token_logits: torch.Tensor, labels: torch.Te
     grad = torch.empty((B, T) if compute_grad else (0,), dtype=z.dtype, device=z.device)
     if B == 0 or T == 0:
         return loss, grad
-    work = torch.empty_like(z) if compute_grad else z
+    work = torch.empty_like(z)
     _swbce_kernel[(B,)](
         z, labels.to(z.dtype).contiguous(), lengths.to(torch.int64).contiguous(), loss, grad if compute_grad else z,
-        work, T, window, torch.full((1,), tau, dtype=z.dtype, device=z.device), DETACH=detach_weights, GRAD=compute_grad, BLOCK_T=triton.next_power_of_2(T),
+        work, T, window, min(window, T), torch.full((1,), tau, dtype=z.dtype, device=z.device),
+        DETACH=detach_weights, GRAD=compute_grad, BLOCK_T=min(1024, triton.next_power_of_2(T)),
     )
     return loss, grad
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .._ops import probe_scores_fake, register_probe_scores_autograd
+from ._index import block_range
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -28,7 +29,7 @@ def _probe_logits_kernel(
     DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # flattened b * T + t
+    tok = block_range(tl.program_id(0), BLOCK_T)  # flattened b * T + t
     in_range = tok < n_tokens
     b = tok // T
     t = tok % T
@@ -41,7 +42,7 @@ def _probe_logits_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     for l in range(L):
         base = tl.load(layer_ptrs + l).to(tl.pointer_type(DTYPE))
-        rows = b.to(tl.int64) * tl.load(stride_b_ptr + l) + t.to(tl.int64) * tl.load(stride_t_ptr + l)
+        rows = b * tl.load(stride_b_ptr + l) + t * tl.load(stride_t_ptr + l)
         for h0 in range(0, H, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
             h_ok = hs < H
@@ -57,7 +58,7 @@ def _probe_logits_kernel(
 
 @triton.jit
 def _swim_kernel(z_ptr, out_ptr, len_ptr, T, K, n, window, HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flattened (b, t, k)
+    i = block_range(tl.program_id(0), BLOCK)  # flattened (b, t, k)
     ok = i < n
     k = i % K
     t = (i // K) % T
@@ -84,7 +85,7 @@ def _ema_combine(d1, a1, d2, a2):
 
 @triton.jit
 def _ema_kernel(z_ptr, out_ptr, len_ptr, T, K, alpha, HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
-    seq = tl.program_id(0)  # one program per (sequence, head)
+    seq = tl.program_id(0).to(tl.int64)  # one program per (sequence, head)
     b = seq // K
     k = seq % K
     length = T
@@ -146,7 +147,8 @@ def probe_scores_triton(
     )
     if smoothing == "swim" and smooth:
         n = B * T * K
-        _swim_kernel[(triton.cdiv(n, 1024),)](raw, out, n_len, T, K, n, window,
+        # A window past T sums what a window of T sums: the loop is bounded by T, not the window.
+        _swim_kernel[(triton.cdiv(n, 1024),)](raw, out, n_len, T, K, n, min(window, T),
                                               HAS_LENGTHS=lengths is not None, BLOCK=1024)
     elif smoothing == "ema":
         _ema_kernel[(B * K,)](raw, out, n_len, T, K, float(ema_alpha),

@@ -172,6 +172,32 @@ def test_forward_mode_falls_back_only_when_the_model_is_beyond_it():
         assert model.calls == 2
 
 
+@pytest.mark.parametrize("error, falls_back", [
+    (torch.OutOfMemoryError("CUDA out of memory (simulated)"), False),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (RuntimeError("Batching rule not implemented for aten::foo (simulated)"), True),
+])
+def test_double_backward_goes_vector_by_vector_only_without_a_batching_rule(monkeypatch, error, falls_back):
+    # Out of memory (or a bug) in the batched double backward reaches the caller; only a missing
+    # batching rule is retried one vector at a time.
+    model, x = small_cnn(nn.ReLU), inputs()
+    V = probes(2, x)
+    expect = flatness.hvp(model, x, V, method="double-backward")
+    real_grad = torch.autograd.grad
+
+    def grad(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            raise error
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    if falls_back:
+        torch.testing.assert_close(flatness.hvp(model, x, V, method="double-backward"), expect)
+    else:
+        with pytest.raises(type(error), match=str(error)[:10]):
+            flatness.hvp(model, x, V, method="double-backward")
+
+
 def test_train_mode_batchnorm_is_measured_in_eval_mode_or_refused():
     model, x = small_cnn(batchnorm=True), inputs()
     with torch.no_grad():

@@ -174,6 +174,18 @@ def test_probes_match_reference(backend, kind, dtype):
     torch.testing.assert_close(view.cpu().double(), R.probes((4, 7), 5, kind), rtol=0, atol=tol * 6)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_float32_gaussian_probes_are_the_same_numbers_on_every_backend(backend):
+    # Computed in float64 and rounded on every backend: float32 log / cos differ per library by
+    # a few ulps (up to 1e-5 apart before), float64 ones by at most one, which rounding absorbs.
+    device = device_of(backend)
+    for seed, offset in ((3, 0), (-7, 2**32 - 20_000)):
+        out = torch.full((2**16,), float("nan"), dtype=torch.float32, device=device)
+        ops.fill_probes_(out, seed, offset=offset, kind="gaussian", backend=backend)
+        expect = R.probes((2**16,), seed, "gaussian", offset=offset).float()
+        assert torch.equal(out.cpu(), expect), (out.cpu() - expect).abs().max()
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
 def test_probe_dots_match_reference(backend, dtype):
@@ -326,6 +338,8 @@ def test_torch_compile_backward_through_registered_autograd(backend):
         (lambda: ops.fill_probes_(torch.empty(3), 1.5), TypeError, "seed must be an int, got float"),
         (lambda: ops.fill_probes_(torch.empty(3), 2**64), ValueError, "seed must fit in a signed 64-bit"),
         (lambda: ops.fill_probes_(torch.empty(3), 0, offset=-1), ValueError, "offset must be >= 0, got -1"),
+        (lambda: ops.fill_probes_(torch.empty(3), 0, offset=2**63), ValueError, f"offset must be <= {2**63 - 4}"),
+        (lambda: ops.fill_probes_(torch.empty(3), 0, offset=2**63 - 2), ValueError, "offset must be <= "),
         (lambda: ops.fill_probes_(torch.empty(3, dtype=torch.int32), 0), TypeError, "out must have dtype in"),
         (lambda: ops.probe_dots(torch.ones(2, 3), torch.ones(2, 3)), ValueError,
          r"v must be \[S, B, ...\] with at least one trailing dim, got shape \(2, 3\)"),

@@ -91,10 +91,10 @@ def test_guard_flags_where_the_full_sequence_scores_cross(model):
             continue  # too close to call after KV-cache rounding
         assert int(out.flag_index[b]) == index, (b, out.flag_index, expect)
         assert bool(out.flagged[b]) == (index >= 0)
-    # The flagged row stopped: the token sampled from the forward that flagged it, then padding.
+    # The flagged row stopped, and nothing after the flagged token is returned.
     i0 = int(out.flag_index[0])
-    assert torch.equal(out.sequences[0, : i0 + 2], free.sequences[0, : i0 + 2])
-    assert (out.sequences[0, i0 + 2 :] == 0).all()
+    assert torch.equal(out.sequences[0, : i0 + 1], free.sequences[0, : i0 + 1])
+    assert (out.sequences[0, i0 + 1 :] == 0).all()
     assert out.prompt_length == ids.shape[1]
 
 
@@ -159,3 +159,72 @@ def test_remove_detaches_the_hooks(model):
     guard.remove()
     model(input_ids=torch.tensor([[5, 6, 7]]))
     assert guard.timer.forwards == 0
+
+
+def _tiny_model(arch):
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=H, n_layer=L, n_head=4, n_positions=128, **common)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    cfg = config_class(hidden_size=H, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=128, **common)
+    return model_class(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+def test_capture_of_a_left_padded_batch_equals_each_unpadded_row(arch):
+    # Absolute position embeddings (GPT-2) see the padding unless positions come from the mask,
+    # as generate assigns them; every architecture must give each row its own activations.
+    model = _tiny_model(arch)
+    ids, mask = _prompts()
+    pads = (mask.shape[1] - mask.sum(1)).tolist()
+    with ProbeGuard(model, _probe(0.0), max_batch=4) as guard:
+        batch = guard.capture(ids, mask)
+        for b, p in enumerate(pads):
+            row = guard.capture(ids[b : b + 1, p:])
+            for l in range(L):
+                torch.testing.assert_close(batch[l][b : b + 1, p:], row[l], rtol=1e-5, atol=1e-5)
+
+
+def test_no_token_after_a_flag_is_returned_without_an_eos_in_the_config():
+    # Without an EOS id, generate keeps sampling a row the guard stopped; those tokens must not
+    # reach the caller (generate's output is padded after the flagged token).
+    model = _tiny_model("llama")
+    model.config.eos_token_id = None
+    model.generation_config.eos_token_id = None
+    ids, mask = _prompts()
+    pads = (mask.shape[1] - mask.sum(1)).tolist()
+    gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    probe = _probe(1e9, smoothing="none")
+    with ProbeGuard(model, probe, max_batch=4) as guard:
+        free = guard.generate(ids, attention_mask=mask, **gen)
+        scores = _full_scores(guard, probe, free.sequences, mask, pads)
+        peaks = torch.stack([s[:-1].max() for s in scores])
+        # Between the lowest and the highest row peak: some row flags, another never does.
+        threshold = float(peaks.min() + peaks.max()) / 2
+        with torch.no_grad():
+            probe.threshold.fill_(threshold)
+        out = guard.generate(ids, attention_mask=mask, **gen)
+    assert out.flagged.any() and not out.flagged.all(), (peaks, out.flag_index)
+    assert out.sequences.shape == free.sequences.shape  # an unflagged row ran to max_new_tokens
+    for b in out.flagged.nonzero()[:, 0].tolist():
+        i = int(out.flag_index[b])
+        assert i < out.sequences.shape[1] - 1, "test setup: the flag must leave tokens after it"
+        assert torch.equal(out.sequences[b, : i + 1], free.sequences[b, : i + 1])
+        assert (out.sequences[b, i + 1 :] == 0).all(), out.sequences[b]
+
+
+def test_generate_without_any_pad_or_eos_id_is_refused():
+    model = _tiny_model("llama")
+    model.config.eos_token_id = model.config.pad_token_id = None
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+    ids, mask = _prompts()
+    with ProbeGuard(model, _probe(0.0), max_batch=4) as guard:
+        with pytest.raises(ValueError, match="needs a pad_token_id"):
+            guard.generate(ids, attention_mask=mask, max_new_tokens=2)

@@ -196,6 +196,41 @@ def test_padding_is_zero_and_never_read(backend):
     torch.testing.assert_close(out[:1], full, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+def test_padding_is_never_read_by_the_backward(backend, smoothing):
+    # NaN / Inf activations in padding give the same (finite) gradients as clean padding.
+    device = backend_device(backend) if backend != "reference" else "cpu"
+    L, B, T, H, K = 2, 3, 12, 24, 2
+    layers = make_layers(L, B, T, H, device=device)
+    w, b = make_probe(L, H, K, device)
+    lengths = torch.tensor([12, 5, 0], device=device)
+    poisoned = [h.clone() for h in layers]
+    for h in poisoned:
+        h[1, 5:] = float("nan")
+        h[2] = float("inf")
+    grads = []
+    for acts in (layers, poisoned):
+        acts = [h.clone().requires_grad_() for h in acts]
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        out = pykernels.probe_scores(acts, wg, bg, lengths=lengths, smoothing=smoothing, window=4, backend=backend)
+        grads.append(torch.autograd.grad((out * out).sum(), [wg, bg, *acts]))
+    for clean, got in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_a_window_past_the_sequence_costs_what_the_sequence_costs(backend):
+    # Work is bounded by T, not by the window: 2^40 returns at once, with the scores of window T.
+    device = backend_device(backend) if backend != "reference" else "cpu"
+    layers = make_layers(2, 2, 9, 8, device=device)
+    w, b = make_probe(2, 8, 2, device)
+    lengths = torch.tensor([9, 4], device=device)
+    huge = pykernels.probe_scores(layers, w, b, lengths=lengths, window=2**40, backend=backend)
+    torch.testing.assert_close(huge, pykernels.probe_scores(layers, w, b, lengths=lengths, window=9, backend=backend))
+
+
 def _expected_nonfinite(T, t_bad, smoothing, window):
     t = torch.arange(T)
     if smoothing == "none":

@@ -18,6 +18,7 @@ W = torch.randn(2, 8, 3)
     "kwargs, exc, pattern",
     [
         (dict(hidden_states=[]), ValueError, "at least one layer"),
+        (dict(hidden_states=torch.randn(0, 2, 5, 8)), ValueError, r"at least one layer \(L >= 1\), got shape \(0, 2, 5, 8\)"),
         (dict(hidden_states="x"), TypeError, "hidden_states must be a .* got str"),
         (dict(hidden_states=torch.randn(2, 5, 8)), ValueError, r"hidden_states must have 4 dims .* got shape \(2, 5, 8\)"),
         (dict(hidden_states=[torch.randn(5, 8), torch.randn(5, 8)]), ValueError, r"hidden_states\[0\] must have 3 dims"),
@@ -32,6 +33,7 @@ W = torch.randn(2, 8, 3)
         (dict(smoothing="mean"), ValueError, r"smoothing must be one of \('none', 'swim', 'ema'\), got 'mean'"),
         (dict(window=0), ValueError, "window must be >= 1, got 0"),
         (dict(window=2.5), TypeError, "window must be an int, got float"),
+        (dict(window=2**63), ValueError, f"window must be <= {2**63 - 1}, got {2**63}"),
         (dict(smoothing="ema", ema_alpha=0.0), ValueError, r"ema_alpha must lie in \(0, 1\], got 0.0"),
         (dict(smoothing="ema", ema_alpha=1.5), ValueError, r"ema_alpha must lie in \(0, 1\], got 1.5"),
         (dict(smoothing="swim", ema_alpha=0.5), ValueError, "ema_alpha only applies to smoothing='ema'"),
@@ -70,3 +72,19 @@ def test_compiled_op_checks_its_arguments(args, pattern):
         pytest.skip("cpu backend unavailable")
     with pytest.raises(RuntimeError, match=pattern):
         torch.ops.pykernels.probe_scores(*args())
+
+
+def test_ema_alpha_follows_one_rule_everywhere():
+    # probe_scores, ProbeStream and LinearProbe refuse ema_alpha without EMA smoothing alike.
+    from pykernels.probes import LinearProbe, ProbeStream
+
+    for smoothing in ("swim", "none"):
+        with pytest.raises(ValueError, match="ema_alpha only applies to smoothing='ema'"):
+            pykernels.probe_scores(layers(), W, smoothing=smoothing, ema_alpha=0.5)
+        with pytest.raises(ValueError, match="ema_alpha only applies to smoothing='ema'"):
+            ProbeStream(2, smoothing=smoothing, ema_alpha=0.5)
+        with pytest.raises(ValueError, match="ema_alpha only applies to smoothing='ema'"):
+            LinearProbe(2, 8, smoothing=smoothing, ema_alpha=0.5)
+    with pytest.raises(ValueError, match=r"ema_alpha must lie in \(0, 1\]"):
+        LinearProbe(2, 8, smoothing="ema", ema_alpha=0.0)
+    assert LinearProbe(2, 8, smoothing="ema", ema_alpha=0.25).resolved_ema_alpha == 0.25

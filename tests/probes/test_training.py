@@ -44,7 +44,7 @@ def test_hand_worked_loss():
 
 
 def _spec_loss(z, y, n, M, tau):
-    """Literal transcription of shared/spec/probes.md, one sequence, python floats."""
+    """Literal transcription of the loss in docs/probes.md ("The maths"), one sequence, python floats."""
     zbar = {t: sum(z[t - k] for k in range(M)) / M for t in range(M - 1, n)} if n >= M else {n - 1: sum(z[:n]) / n}
     top = max(v / tau for v in zbar.values())
     weights = {t: math.exp(v / tau - top) for t, v in zbar.items()}
@@ -331,3 +331,56 @@ def test_probe_stream_carries_the_probe_config():
 def test_linear_probe_threshold_count_error():
     with pytest.raises(ValueError, match=r"threshold must be a float or 3 floats \(one per head\), got 2"):
         LinearProbe(2, 8, 3, threshold=[0.1, 0.2])
+
+
+def test_reference_loss_ignores_non_finite_padding_in_the_gradient():
+    # Padding is never read: a NaN / Inf logit there leaves every gradient finite and equal
+    # to the clean one (the reference is the executable spec, so it must hold there too).
+    z, y, lengths = _inputs("cpu", torch.float64, seed=4)
+    clean = z.clone().requires_grad_()
+    (g_clean,) = torch.autograd.grad(ref.softmax_weighted_bce(clean, y, lengths, reduction="none").sum(), clean)
+    poisoned = z.clone()
+    poisoned[5, lengths[5]:] = float("nan")
+    poisoned[6, lengths[6]:] = float("inf")
+    poisoned.requires_grad_()
+    (g,) = torch.autograd.grad(ref.softmax_weighted_bce(poisoned, y, lengths, reduction="none").sum(), poisoned)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, g_clean, rtol=0, atol=0)
+
+
+def test_reference_loss_is_exact_in_float64_past_softplus_threshold():
+    # softplus(x) = x + log1p(exp(-x)): F.softplus returns x alone past x = 20, dropping ~1e-9.
+    z = torch.full((1, 4), 21.0, dtype=torch.float64)
+    y = torch.zeros(1, dtype=torch.float64)
+    loss = ref.softmax_weighted_bce(z, y, torch.tensor([4]), window=2, reduction="none")
+    exact = 21.0 + math.log1p(math.exp(-21.0))  # every prediction has zbar = 21, label 0
+    assert abs(loss.item() - exact) <= 4e-16 * exact, (loss.item(), exact)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("T", [65_536, 2**20 + 3])  # past 2^20: Triton's largest block
+def test_loss_of_long_sequences_matches_the_reference(backend, T):
+    # The Triton kernel loops over T in blocks (one block of next_pow2(T) fails past 2^20,
+    # and on a GPU long before); the window is short so that this stays fast.
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, T, generator=g, dtype=torch.float64)
+    y = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    lengths = torch.tensor([T, T // 3 + 1])
+    zr = z.clone().requires_grad_()
+    expect = ref.softmax_weighted_bce(zr, y, lengths, 3, 0.5, False, "none")
+    (expect_grad,) = torch.autograd.grad(expect.sum(), zr)
+    zk = z.to(device).requires_grad_()
+    got = softmax_weighted_bce(zk, y.to(device), lengths.to(device), 3, 0.5, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(got.sum(), zk)
+    torch.testing.assert_close(got.cpu(), expect.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad.cpu(), expect_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_a_loss_window_past_the_sequence_costs_what_the_sequence_costs(backend):
+    device = _device(backend)
+    z, y, lengths = _inputs(device, torch.float64, seed=6)
+    T = z.shape[1]
+    huge = softmax_weighted_bce(z, y, lengths, window=2**40, reduction="none", backend=backend)
+    torch.testing.assert_close(huge, softmax_weighted_bce(z, y, lengths, window=T, reduction="none", backend=backend))

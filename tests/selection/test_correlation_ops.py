@@ -11,7 +11,12 @@ from pykernels.reference import parc as ref
 
 from tests.helpers import backend_device, backend_params, compile_and_check_ops
 
-scipy_stats = pytest.importorskip("scipy.stats")
+
+
+@pytest.fixture
+def scipy_stats():
+    # Per test: without scipy only the comparisons with scipy skip, never the kernel tests.
+    return pytest.importorskip("scipy.stats")
 
 
 def features(B, N, D, seed, dtype=torch.float64, device="cpu", kind="random"):
@@ -49,13 +54,13 @@ def test_reference_distances_by_hand():
     assert torch.equal(d.diagonal(), torch.zeros(4, dtype=torch.float64))
 
 
-def test_reference_average_ranks_match_scipy():
+def test_reference_average_ranks_match_scipy(scipy_stats):
     v = torch.tensor([3.0, 1, 3, 2, 3, -0.0, 0.0, float("inf")])
     np.testing.assert_array_equal(ref.average_ranks(v).numpy(), scipy_stats.rankdata(v.numpy()))
 
 
 @pytest.mark.parametrize("kind", ["continuous", "ties"])
-def test_reference_spearman_matches_scipy(kind):
+def test_reference_spearman_matches_scipy(kind, scipy_stats):
     g = torch.Generator().manual_seed(1)
     if kind == "continuous":
         x, y = torch.randn(3, 200, generator=g), torch.randn(3, 200, generator=g)
@@ -66,7 +71,7 @@ def test_reference_spearman_matches_scipy(kind):
     np.testing.assert_allclose(got.numpy(), expect, atol=1e-13, rtol=0)
 
 
-def test_reference_parc_is_spearman_against_onehot_label_distances():
+def test_reference_parc_is_spearman_against_onehot_label_distances(scipy_stats):
     x = features(2, 40, 6, seed=2)
     classes = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(3))
     onehot = torch.nn.functional.one_hot(classes, 4).double()
@@ -147,6 +152,35 @@ def test_undefined_rows_are_nan_and_nothing_else(backend):
     assert torch.isnan(r).all()
 
 
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_constant_samples_are_nan_whatever_their_mean_rounds_to(backend, dtype):
+    # One rule on every backend and dtype: all values equal -> NaN row, column and diagonal.
+    # Values whose mean does not round back to themselves (0.1, 1/3, ...) used to split the
+    # backends (finite 1.0 on one, NaN on another).
+    device = backend_device(backend) if backend != "reference" else "cpu"
+    for D in (3, 7, 33):
+        x = features(1, 10, D, seed=D, dtype=dtype)
+        for row, value in zip((1, 4, 6, 9), (0.1, 1 / 3, 2.7182818, -1e-3 * np.pi)):
+            x[0, row] = value
+        x = x.to(device)
+        bad = torch.zeros(10, 10, dtype=torch.bool)
+        for row in (1, 4, 6, 9):
+            bad[row, :] = bad[:, row] = True
+        d = pykernels.pairwise_corr_distance(x, backend=backend)[0].cpu()
+        assert torch.equal(torch.isnan(d), bad), (D, torch.isnan(d).nonzero().tolist())
+        expect = ref.pairwise_corr_distance(x.double().cpu())[0]
+        torch.testing.assert_close(d.double(), expect, atol=_tol(dtype), rtol=0, equal_nan=True)
+        triu = pykernels.pairwise_corr_distance(x, triu=True, backend=backend)[0].cpu()
+        i, j = torch.triu_indices(10, 10, 1)
+        assert torch.equal(torch.isnan(triu), bad[i, j])
+        assert torch.isnan(pykernels.parc_spearman(x, torch.arange(10) % 2, backend=backend)).all()
+        # The same values one ulp apart are a sample like any other.
+        x[0, 1, 0] = torch.nextafter(x[0, 1, 0], x.new_tensor(1.0))
+        d = pykernels.pairwise_corr_distance(x, backend=backend)[0].cpu()
+        assert not torch.isnan(d[1, 0]) and d[1, 1] == 0
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_spearman_matches_reference(backend, dtype):
@@ -189,7 +223,7 @@ def test_spearman_shared_y_nan_and_batch_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + backend_params())
-def test_spearman_ranks_int64_exactly_past_2_53(backend):
+def test_spearman_ranks_int64_exactly_past_2_53(backend, scipy_stats):
     """2^53 + k are distinct int64 values but one float64: they must not be ranked as ties (scipy
     itself converts to float64, so the expectation comes from the offsets k)."""
     device = backend_device(backend) if backend != "reference" else "cpu"
@@ -247,6 +281,43 @@ def test_ops_refuse_features_without_dims(backend):
             dist(x, triu)
     with pytest.raises(RuntimeError, match=r"parc_spearman: .*\(D > 0\)"):
         parc_op(x, torch.arange(300, device=device) % 3)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+def test_spearman_of_complex_empty_and_single_value_rows(backend):
+    # Complex values have no order: a named TypeError, not NaN. M < 2 has no rank correlation
+    # (NaN per row) and an empty batch gives an empty result, not a reshape / index error.
+    device = backend_device(backend) if backend != "reference" else "cpu"
+    z = torch.randn(3, 5, dtype=torch.complex64, device=device)
+    with pytest.raises(TypeError, match="x must be real .* got dtype complex64"):
+        pykernels.spearman(z, z.real, backend=backend)
+    with pytest.raises(TypeError, match="y must be real .* got dtype complex64"):
+        pykernels.spearman(z.real, z, backend=backend)
+    for shape in ((3, 0), (2, 4, 0), (3, 1)):
+        x = torch.randn(shape, device=device)
+        out = pykernels.spearman(x, x, backend=backend)
+        assert out.shape == shape[:-1] and out.dtype == torch.float64 and torch.isnan(out).all()
+    for shape in ((0, 5), (2, 0, 5), (0, 0)):
+        x = torch.randn(shape, device=device)
+        out = pykernels.spearman(x, torch.randn(shape[-1], device=device), backend=backend)
+        assert out.shape == shape[:-1] and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.id == "cuda"])
+def test_cuda_spearman_and_parc_sums_are_exact_like_the_cpus(backend):
+    # The CUDA kernels sum rank products and tie terms in 128-bit integers (they used double
+    # atomics: order-dependent rounding): bit-equal to the CPU kernel and run to run.
+    g = torch.Generator().manual_seed(12)
+    x = torch.randint(0, 1000, (3, 2**20 + 7), generator=g).double()  # heavy ties, many blocks
+    y = torch.randint(0, 50, (3, 2**20 + 7), generator=g).double()
+    cpu = pykernels.spearman(x, y, backend="cpu")
+    first = pykernels.spearman(x.cuda(), y.cuda(), backend="cuda").cpu()
+    again = pykernels.spearman(x.cuda(), y.cuda(), backend="cuda").cpu()
+    assert torch.equal(first, cpu) and torch.equal(again, first)
+    f = features(2, 1500, 3, seed=13, kind="quantized")  # tie-heavy distances
+    classes = torch.arange(1500) % 7
+    cpu = pykernels.parc_spearman(f, classes, backend="cpu")
+    assert torch.equal(pykernels.parc_spearman(f.cuda(), classes.cuda(), backend="cuda").cpu(), cpu)
 
 
 class _LaunchLog:
@@ -402,7 +473,7 @@ def test_distance_gradient_matches_autograd_of_the_reference(backend, triu):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [b for b in backend_params() if b.id == "cpu"])
-def test_spearman_ranks_exactly_past_float32_precision(backend):
+def test_spearman_ranks_exactly_past_float32_precision(backend, scipy_stats):
     """M = 2^24 + 3 values with heavy ties: scipy (float64 average ranks) agrees to 1e-12."""
     m = 2**24 + 3
     g = torch.Generator().manual_seed(19)
