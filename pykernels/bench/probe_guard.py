@@ -178,6 +178,17 @@ def _overhead_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
             with torch.no_grad():
                 model.generate(input_ids=ids, **kwargs)
 
+        def noop_hooks(ids=ids, kwargs=kwargs):
+            # The control: hooks where the guard hooks, doing nothing (hook dispatch alone).
+            handles = [model.register_forward_pre_hook(lambda *a, **k: None, with_kwargs=True),
+                       model.register_forward_hook(lambda *a: None)]
+            handles += [layer.register_forward_hook(lambda *a: None) for layer in model.model.layers]
+            try:
+                unguarded(ids, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+
         def summary(batch=batch, totals=totals):
             share = 100 * totals["guard"] / totals["seconds"]
             per_step = 1e6 * totals["guard"] / max(1, totals["steps"])
@@ -186,9 +197,11 @@ def _overhead_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
 
         cases.append(Case(
             op="guard_overhead", shape=f"llama H=512 L=8 batch={batch} new={new_tokens}", dtype="float32",
-            implementations={"guarded generate": guarded}, baselines={"generate": unguarded},
-            notes="x = unguarded / guarded generate time (A/B; on a shared CPU the timer share below is the measure)",
-            summary=summary,
+            implementations={"guarded generate": guarded},
+            baselines={"generate": unguarded, "no-op hooks": noop_hooks},
+            notes="x = baseline / guarded generate time, A/B interleaved, median of rounds (no-op hooks: the "
+                  "same hooks doing nothing, so x against it is the guard's work without hook dispatch)",
+            summary=summary, interleaved_rounds=5 if ctx.quick else 15,
         ))
     return cases
 

@@ -32,7 +32,7 @@ mode="reference": the reference code's numbers (to ~1e-6 of a point).
 
 How far apart the modes are, on the tests' synthetic probes (N = 300; checked by
 tests/selection/test_parc.py::test_how_far_apart_the_modes_are): with 37 classes and no PCA the
-label noise alone puts exact at 18.7-20.4 and reference at 5.3-8.1, 10.6-13.4 points lower
+label noise alone puts exact at 18.7-20.4 and reference at 5.3-8.1, 10.7-13.7 points lower
 (seeds 11-15); with 10 classes the label noise is harmless and randomized vs full PCA (D = 64
 to 32) moves scores by up to 0.44 point (seeds 0-5). Rankings of models are what matter:
 compare models within one mode.

