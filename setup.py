@@ -8,6 +8,12 @@ CUDA is built when the installed torch has CUDA and nvcc is found, or when
 PYKERNELS_BUILD_CUDA=1 forces it (=0 disables it). With no GPU visible, the
 architectures default to TORCH_CUDA_ARCH_LIST="8.0;9.0".
 PYKERNELS_NO_EXTENSION=1 installs the pure-Python package only.
+
+The compiled library only loads with the torch release it was built against (the
+C++ ABI of torch changes between releases), so a build with the extension pins
+that release in its dependencies (torch==2.13.0 for a build against 2.13.0+cpu)
+and records the exact version in pykernels/_build_info.py, which pykernels/_ops.py
+checks before loading the library.
 """
 
 import glob
@@ -35,10 +41,30 @@ def _want_cuda(cpp_extension):
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def _build_ext_class(cpp_extension, torch_version):
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, plus the torch version next to the built library."""
+
+        def run(self):
+            super().run()
+            # Next to the library: in the source tree with --inplace, else in build_lib.
+            package_dir = os.path.dirname(self.get_ext_fullpath("pykernels._C"))
+            with open(os.path.join(package_dir, "_build_info.py"), "w") as f:
+                f.write("# Written by setup.py when it built pykernels._C; read by pykernels/_ops.py.\n"
+                        f"TORCH_VERSION = {torch_version!r}\n")
+
+    return BuildExtension
+
+
 def _extensions():
     if os.environ.get("PYKERNELS_NO_EXTENSION") == "1":
-        return [], {}
+        return [], {}, ["torch>=2.4"]
+    import torch
     from torch.utils import cpp_extension
+
+    # 2.13.0+cpu -> torch==2.13.0, which the CPU and CUDA builds of 2.13.0 both satisfy.
+    requires_torch = [f"torch=={torch.__version__.split('+')[0]}"]
+    cmdclass = {"build_ext": _build_ext_class(cpp_extension, torch.__version__)}
 
     # -fopenmp: at::parallel_for is inline and runs serially in a translation unit
     # compiled without OpenMP. The libgomp it links is the one torch already loaded.
@@ -56,12 +82,10 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
         )
-        return [ext], {"build_ext": cpp_extension.BuildExtension}
+        return [ext], cmdclass, requires_torch
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     # CUDA wheels of torch ship some toolkit headers (cusparse.h, ...) in site-packages.
-    import torch
-
     torch_site = os.path.dirname(os.path.dirname(torch.__file__))
     include_dirs += sorted(glob.glob(os.path.join(torch_site, "nvidia", "cu*", "include")))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -73,8 +97,9 @@ def _extensions():
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+    return [ext], cmdclass, requires_torch
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+ext_modules, cmdclass, requires_torch = _extensions()
+# pyproject.toml declares dependencies dynamic: the torch requirement depends on the build.
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=requires_torch + ["numpy>=1.24"])
