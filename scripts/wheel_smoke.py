@@ -113,6 +113,8 @@ def check_resolution(report_path: str) -> None:
     torch stays (the wheel's pin keeps e.g. torchvision at the release built for it)."""
     with open(report_path) as f:
         names = sorted(item["metadata"]["name"].lower().replace("_", "-") for item in json.load(f)["install"])
+    # torchvision (curvlinops -> BackPACK) passes by name: which build it is depends on the
+    # index it comes from (PyPI's is a CUDA build; README's install section says so).
     gpu = [n for n in names if GPU_PACKAGES.match(n)]
     check(not gpu, f"pykernels[all] would install GPU packages (or replace torch): {gpu}")
     print(f"pykernels[all] adds {len(names)} packages, no GPU package: {', '.join(names)}")
