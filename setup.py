@@ -21,6 +21,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,6 +40,15 @@ def _want_cuda(cpp_extension):
     import torch
 
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+class BuildPy(build_py):
+    """Leaves out a pykernels/_build_info.py that an in-place build left in the source tree:
+    build_ext writes the one that belongs to this build (none without the extension)."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if (m[0], m[1]) != ("pykernels", "_build_info")]
 
 
 def _build_ext_class(cpp_extension, torch_version):
@@ -102,4 +112,5 @@ def _extensions():
 
 ext_modules, cmdclass, requires_torch = _extensions()
 # pyproject.toml declares dependencies dynamic: the torch requirement depends on the build.
-setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=requires_torch + ["numpy>=1.24"])
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPy, **cmdclass},
+      install_requires=requires_torch + ["numpy>=1.24"])
