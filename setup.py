@@ -11,6 +11,12 @@ PTX, which the driver compiles for newer GPUs (Blackwell). Older GPUs (T4 = 7.5,
 V100 = 7.0) need their own entry, e.g. TORCH_CUDA_ARCH_LIST="7.5;8.0;9.0+PTX";
 `pykernels backends` says when the GPU has no kernel image in the build.
 PYKERNELS_NO_EXTENSION=1 installs the pure-Python package only.
+
+The compiled library only loads with the torch release it was built against (the
+C++ ABI of torch changes between releases), so a build with the extension pins
+that release in its dependencies (torch==2.13.0 for a build against 2.13.0+cpu)
+and records the exact version in pykernels/_build_info.py, which pykernels/_ops.py
+checks before loading the library.
 """
 
 import glob
@@ -18,6 +24,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,10 +56,39 @@ def _want_cuda(cpp_extension):
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+class BuildPy(build_py):
+    """Leaves out a pykernels/_build_info.py that an in-place build left in the source tree:
+    build_ext writes the one that belongs to this build (none without the extension)."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if (m[0], m[1]) != ("pykernels", "_build_info")]
+
+
+def _build_ext_class(cpp_extension, torch_version):
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, plus the torch version next to the built library."""
+
+        def run(self):
+            super().run()
+            # Next to the library: in the source tree with --inplace, else in build_lib.
+            package_dir = os.path.dirname(self.get_ext_fullpath("pykernels._C"))
+            with open(os.path.join(package_dir, "_build_info.py"), "w") as f:
+                f.write("# Written by setup.py when it built pykernels._C; read by pykernels/_ops.py.\n"
+                        f"TORCH_VERSION = {torch_version!r}\n")
+
+    return BuildExtension
+
+
 def _extensions():
     if os.environ.get("PYKERNELS_NO_EXTENSION") == "1":
-        return [], {}
+        return [], {}, ["torch>=2.4"]
+    import torch
     from torch.utils import cpp_extension
+
+    # 2.13.0+cpu -> torch==2.13.0, which the CPU and CUDA builds of 2.13.0 both satisfy.
+    requires_torch = [f"torch=={torch.__version__.split('+')[0]}"]
+    cmdclass = {"build_ext": _build_ext_class(cpp_extension, torch.__version__)}
 
     # -fopenmp: at::parallel_for is inline and runs serially in a translation unit
     # compiled without OpenMP. The libgomp it links is the one torch already loaded.
@@ -70,9 +106,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
         )
-        return [ext], {"build_ext": cpp_extension.BuildExtension}
-
-    import torch
+        return [ext], cmdclass, requires_torch
 
     visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
     os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), visible)
@@ -89,9 +123,11 @@ def _extensions():
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+    return [ext], cmdclass, requires_torch
 
 
 if os.environ.get("PYKERNELS_SETUP_IMPORT") != "1":  # set by tests that import cuda_arch_list
-    ext_modules, cmdclass = _extensions()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    ext_modules, cmdclass, requires_torch = _extensions()
+    # pyproject.toml declares dependencies dynamic: the torch requirement depends on the build.
+    setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPy, **cmdclass},
+          install_requires=requires_torch + ["numpy>=1.24"])

@@ -9,14 +9,53 @@ backend serves every op.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-LOAD_ERROR: str | None = None
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.pykernels.*)
-except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+try:  # written by setup.py next to the library it builds
+    from ._build_info import TORCH_VERSION as BUILT_FOR_TORCH
+except ImportError:  # a checkout before `setup.py build_ext`, or PYKERNELS_NO_EXTENSION=1
+    BUILT_FOR_TORCH = None
 
+
+class ExtensionWarning(UserWarning):
+    """The compiled kernels (pykernels._C) cannot be used here; the reference serves every op."""
+
+
+def torch_mismatch(built: str | None, running: str) -> str | None:
+    """What to tell the user when a library built for torch `built` is imported with torch
+    `running`, or None when it can load. torch's C++ ABI changes between releases, so
+    the release must match; the local build tag (+cpu, +cu130) may differ."""
+    if built is None or built.split("+")[0] == running.split("+")[0]:
+        return None
+    release = built.split("+")[0]
+    return (f"pykernels' compiled kernels were built for torch {built}, but torch {running} is "
+            f"installed, so they are not loaded and the plain-PyTorch reference serves every op "
+            f"(slower). To use them, install the torch they were built for (pip install "
+            f"torch=={release}) or build pykernels against yours (in its source tree: pip install "
+            f"--no-build-isolation . or ./dev.sh setup).")
+
+
+def _load_extension() -> str | None:
+    """Loads pykernels._C unless it was built for another torch; why not, or None.
+    Warns (once: this runs at import) when a built library cannot be used."""
+    mismatch = torch_mismatch(BUILT_FOR_TORCH, torch.__version__)
+    if mismatch:
+        warnings.warn(mismatch, ExtensionWarning, stacklevel=2)
+        return f"built for torch {BUILT_FOR_TORCH}, running torch {torch.__version__}"
+    try:
+        from . import _C  # noqa: F401  (loading the library registers torch.ops.pykernels.*)
+    except Exception as exc:  # ImportError, an undefined symbol, a missing CUDA runtime
+        error = f"{type(exc).__name__}: {exc}"
+        if BUILT_FOR_TORCH is not None:  # built, yet it does not load: say so, not only in `backends`
+            warnings.warn(f"pykernels' compiled kernels failed to load ({error}); the plain-PyTorch "
+                          f"reference serves every op (slower)", ExtensionWarning, stacklevel=2)
+        return error
+    return None
+
+
+LOAD_ERROR = _load_extension()
 LOADED = LOAD_ERROR is None
 
 

@@ -55,8 +55,21 @@ def _cmd_select(args) -> int:
     return 0
 
 
+def _version() -> str:
+    import torch
+
+    import pykernels
+    from pykernels import _ops
+
+    built = f"built for torch {_ops.BUILT_FOR_TORCH}" if _ops.BUILT_FOR_TORCH else "no compiled kernels built"
+    return f"pykernels {pykernels.__version__} ({built}; torch {torch.__version__} installed)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pykernels", description=__doc__)
+    # Building the parser imports pykernels (and torch) already: see add_flatness_parser.
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="print the version and the torch the compiled kernels were built for, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("backends", help="which backends can run here, and why not")
