@@ -9,11 +9,16 @@ smoothed score crosses the threshold stops in the step that flagged it.
     for out in llm.generate(prompts, SamplingParams(max_tokens=256)):
         flagged, index = flag_of(out)   # index: position in prompt + output tokens, or -1
 
-Server: `vllm serve PATH --additional-config '{"pykernels_probe": {"path": "probe.safetensors"}}'
+Server: `vllm serve PATH --additional-config '{"pykernels_probe": {"path": "/abs/probe.safetensors"}}'
 --no-enable-prefix-caching`; a flagged completion has finish_reason "stop" and
 stop_reason "probe_flagged:<index>" (docs/probes.md, "Serving with vLLM").
 
-How it works (one model-owning process, vLLM's V1 model runner):
+additional_config["pykernels_probe"] keys: "path" (required), "backend" and
+"device" (see guard_kwargs); for tests and benchmarks only: "record_scores" (keep
+every request's scores in the worker; `worker_guards()` reads them in-process) and
+"noop_control" (the guard's subclasses without their work).
+
+How it works (one worker process, vLLM's V1 model runner):
 - pykernels registers the `vllm.general_plugins` entry point `pykernels_probe_guard`
   (`install`), which vLLM runs in every process it starts. It wraps two constructors
   and nothing else: the worker's `load_model` and the scheduler's `__init__`. An
