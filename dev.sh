@@ -104,10 +104,12 @@ sanitize() {
     ctest --test-dir build/sanitize --output-on-failure
   step "sanitizers: CPU op tests against the sanitized library"
   # Python and torch are not instrumented: the ASan runtime is preloaded so that it
-  # starts first, and leak checks are off (the interpreter keeps its memory at exit).
+  # starts first, with libstdc++ (else ASan cannot find the real __cxa_throw and aborts
+  # at the first C++ exception), and leak checks are off (the interpreter keeps its
+  # memory at exit).
   # tests/sanitized_ops.py stands the library in for pykernels._C.
   # shellcheck disable=SC2086  # the list is split into paths on purpose
-  LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
+  LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   PYKERNELS_SANITIZED_OPS="$PWD/build/sanitize/libpykernels_ops.so" PYKERNELS_REQUIRE_BACKENDS=cpu \
     "$VENV/bin/python" -m pytest $SANITIZED_TESTS -q -p no:cacheprovider \
