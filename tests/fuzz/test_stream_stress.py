@@ -20,7 +20,16 @@ from pykernels.probes import ProbeStream
 from .common import PROFILE, device_of, record, runnable_backends
 
 SLOTS, HEADS = 32, 3
-OPERATIONS = int(os.environ.get("PYKERNELS_STREAM_OPS", 10_000 if PROFILE == "ci" else 50_000))
+# Operations per backend. Each Triton step runs through the interpreter (~20 ms of CPU), so the
+# bounded CI profile gives it 3,000; `./dev.sh fuzz` (long) gives every backend 10,000 or more.
+_OPERATIONS = {"ci": {"triton": 3_000}, "long": {"triton": 10_000}}
+_DEFAULT_OPERATIONS = {"ci": 10_000, "long": 50_000}
+
+
+def operations(backend: str) -> int:
+    if "PYKERNELS_STREAM_OPS" in os.environ:
+        return int(os.environ["PYKERNELS_STREAM_OPS"])
+    return _OPERATIONS[PROFILE].get(backend, _DEFAULT_OPERATIONS[PROFILE])
 CONFIGS = (  # (smoothing, window, ema_alpha): one stream each, ops interleaved at random
     ("ema", 16, None),
     ("ema", 4, 1.0),
@@ -106,7 +115,7 @@ def test_stream_matches_python_model(backend):
     streams = [ProbeStream(SLOTS, HEADS, smoothing=s, window=w, ema_alpha=a, threshold=THRESHOLD, device=device,
                            backend=backend) for s, w, a in CONFIGS]
     models = [StreamModel(s, w, a) for s, w, a in CONFIGS]
-    for op in range(OPERATIONS):
+    for op in range(operations(backend)):
         which = rng.randrange(len(streams))
         stream, model = streams[which], models[which]
         where = f"op {op}, stream {CONFIGS[which]}"
