@@ -123,9 +123,11 @@ def test_probes_match_reference(backend):
         out = _probes(backend, case, device)
         expect = ref.probes(tuple(case["shape"]), case["seed"], case["kind"], offset=case["offset"])
         assert out.dtype == case["dtype"]
-        # Rademacher draws are exact; Gaussian ones within a few ulps of the float64 Box-Muller
-        # (|x| < 6 for 24-bit uniforms). Exact equality is tested below.
-        atol = 0.0 if case["kind"] == "rademacher" else 6 * 8 * EPS[case["dtype"]]
+        # Rademacher draws are exact; Gaussian ones close to the float64 Box-Muller (|x| < 6 for
+        # 24-bit uniforms): float64 within a few ulps, float32 within 1.8e-5 (the kernels' float32
+        # arithmetic, issue 11 defect 16). Exact equality is tested below.
+        atol = 0.0 if case["kind"] == "rademacher" else 6 * (8 * EPS[torch.float64] if case["dtype"] == torch.float64
+                                                             else 3e-6)
         assert_close(out, expect, atol, f"probes {case}")
 
     fuzz(backend, probe_cases(), body)
