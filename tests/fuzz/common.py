@@ -31,9 +31,9 @@ def record(op: str, backend: str) -> None:
     EXAMPLES[(op, backend)] += 1
 
 
-def runnable_backends(*, xfail: dict[str, int] | None = None):
+def runnable_backends(*, xfail: dict[str, int | str] | None = None):
     """pytest params: the reference and every fast backend, unavailable ones skipped with the reason.
-    xfail: {backend: issue 11 defect} for the backends where a known defect fails the test today."""
+    xfail: {backend: issue 11 defect number, or a description} where a known defect fails the test today."""
     status = pykernels.backends()
     params = []
     for name in ("reference", "cpu", "triton", "cuda"):
@@ -46,10 +46,10 @@ def runnable_backends(*, xfail: dict[str, int] | None = None):
     return params
 
 
-def known_defect(number: int):
-    """Fails today because of issue 11 defect `number`; strict, so the fix turns it into a failure
-    that says to remove the mark."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 11 defect {number}")
+def known_defect(defect: int | str):
+    """Fails today because of issue 11 defect `defect` (or the defect described); strict, so the fix
+    turns it into a failure that says to remove the mark."""
+    return pytest.mark.xfail(strict=True, reason=f"issue 11 defect {defect}" if isinstance(defect, int) else defect)
 
 
 def device_of(backend: str) -> str:
