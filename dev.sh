@@ -4,7 +4,11 @@
 #
 #   ./dev.sh test           everything CI checks: build, C++ core tests (ctest),
 #                           nvcc compile of every .cu (sm_80, sm_90), the C++-host
-#                           operator library, pytest, and the CUDA extension build
+#                           operator library, pytest (with the bounded fuzz profile),
+#                           the sanitizer build, and the CUDA extension build
+#   ./dev.sh fuzz [args]    the property-based suite (tests/fuzz) with its long profile
+#   ./dev.sh sanitize       ASan + UBSan build of the C++ cores and the CPU operator
+#                           library: ctest, then the CPU op tests against it
 #   ./dev.sh bench [args]   the benchmark suite, `pykernels bench` (e.g. --quick)
 #   ./dev.sh setup          only create .venv, install pinned tools, build pykernels._C
 #   ./dev.sh cuda-build     only build + import the CUDA extension against torch==2.14.1 (CUDA)
@@ -100,6 +104,44 @@ vllm_tests() {
     "$VLLM_VENV/bin/python" -m pytest tests/probes/test_vllm.py -q -m vllm "$@"
 }
 
+fuzz() {
+  step "fuzz: tests/fuzz, long profile (counts in build/fuzz_counts.json)"
+  PYKERNELS_FUZZ_PROFILE=long PYKERNELS_FUZZ_COUNTS="$PWD/build/fuzz_counts.json" \
+    "$VENV/bin/python" -m pytest tests/fuzz -q -p no:cacheprovider "$@"
+}
+
+# The CPU op tests that run against the sanitized library: the backend-vs-reference,
+# bad-input and stream tests of every op family, their cpu cases only.
+SANITIZED_TESTS="tests/probes/test_scoring.py tests/probes/test_scoring_errors.py tests/probes/test_stream.py
+  tests/probes/test_training.py tests/flatness/test_ops.py tests/selection/test_correlation_ops.py tests/fuzz"
+
+sanitize() {
+  step "sanitizers: ASan + UBSan build of the C++ cores and the CPU operator library"
+  local flags="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+  local torch_cmake
+  torch_cmake=$("$VENV/bin/python" -c "import torch; print(torch.utils.cmake_prefix_path)")
+  cmake -S . -B build/sanitize -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYKERNELS_CUDA=OFF \
+        -DPYKERNELS_TORCH_OPS=ON -DCMAKE_PREFIX_PATH="$torch_cmake" -DCMAKE_CXX_FLAGS="$flags" \
+        -DCMAKE_EXE_LINKER_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="$flags" -Wno-dev \
+        > build/sanitize.log 2>&1 || { cat build/sanitize.log; exit 1; }
+  quiet build/sanitize_build.log cmake --build build/sanitize
+  step "sanitizers: ctest"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    ctest --test-dir build/sanitize --output-on-failure
+  step "sanitizers: CPU op tests against the sanitized library"
+  # Python and torch are not instrumented: the ASan runtime is preloaded so that it
+  # starts first, with libstdc++ (else ASan cannot find the real __cxa_throw and aborts
+  # at the first C++ exception), and leak checks are off (the interpreter keeps its
+  # memory at exit).
+  # tests/sanitized_ops.py stands the library in for pykernels._C.
+  # shellcheck disable=SC2086  # the list is split into paths on purpose
+  LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  PYKERNELS_SANITIZED_OPS="$PWD/build/sanitize/libpykernels_ops.so" PYKERNELS_REQUIRE_BACKENDS=cpu \
+    "$VENV/bin/python" -m pytest $SANITIZED_TESTS -q -p no:cacheprovider \
+    -k "(cpu or survives_bad_input) and not triton and not cuda"
+}
+
 cuda_build() {
   if ! command -v nvcc >/dev/null 2>&1; then
     # CI sets PYKERNELS_REQUIRE_CUDA_BUILD=1: there a missing nvcc is a failure.
@@ -146,10 +188,12 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  test) setup; cpp_tests; python_tests "$@"; wheel_check; vllm_tests; cuda_build ;;
+  test) setup; cpp_tests; python_tests "$@"; sanitize; wheel_check; vllm_tests; cuda_build ;;
   bench) setup; "$VENV/bin/pykernels" bench "$@" ;;
+  fuzz) setup; fuzz "$@" ;;
+  sanitize) setup; sanitize ;;
   cuda-build) cuda_build ;;
   wheel-check) setup; wheel_check ;;
   vllm-test) setup; vllm_tests "$@" ;;
-  *) echo "usage: ./dev.sh [test|bench|setup|cuda-build|wheel-check|vllm-test] [args]"; exit 2 ;;
+  *) echo "usage: ./dev.sh [test|bench|fuzz|sanitize|setup|cuda-build|wheel-check|vllm-test] [args]"; exit 2 ;;
 esac

@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tests import sanitized_ops  # noqa: E402
+
+sanitized_ops.load()  # ./dev.sh sanitize: the ASan/UBSan build stands in for pykernels._C
+
 import pykernels  # noqa: E402
 
 @pytest.fixture(autouse=True)
