@@ -93,8 +93,9 @@ def cases(ctx: BenchContext) -> list[Case]:
         out.append(Case(
             op="vllm_guard_overhead", shape=f"llama H=512 L=8 batch={batch} new={new_tokens}"
                                              f"{' eager' if eager else ' compiled'}", dtype="float32",
-            implementations={"guarded": lambda: call("guarded")},
-            baselines={"unguarded": lambda: call("unguarded"), "no-op hooks": lambda: call("no-op hooks")},
+            implementations={"guarded": lambda call=call: call("guarded")},
+            baselines={"unguarded": lambda call=call: call("unguarded"),
+                       "no-op hooks": lambda call=call: call("no-op hooks")},
             notes="x = baseline time / guarded time (1.00 = no overhead); A/B interleaved, median of rounds",
             summary=summary, interleaved_rounds=5 if ctx.quick else 15,
         ))
