@@ -1,13 +1,12 @@
 """Every class of bad input to the public API raises a named Python error (TypeError or
 ValueError whose message names the argument), on every backend, before any kernel runs;
-values inside each class are drawn by hypothesis. Known gaps are marked xfail(strict) with
-the issue 11 defect that fixes them."""
+values inside each class are drawn by hypothesis."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import pykernels
 from pykernels.probes import ProbeStream
 from pykernels.probes.training import LinearProbe, softmax_weighted_bce
 
-from .common import device_of, fuzz, known_defect, record, runnable_backends
+from .common import device_of, fuzz, record, runnable_backends
 
 
 @dataclasses.dataclass
@@ -27,7 +26,6 @@ class BadInput:
     error: type | tuple
     match: str  # a regex the message must contain: the argument's name
     values: st.SearchStrategy = st.just(None)
-    defect: Optional[int] = None  # issue 11 defect that fixes it (xfail until then)
     backends: tuple = ("reference", "cpu", "triton", "cuda")  # backends where it applies / fails
 
 
@@ -68,7 +66,7 @@ CASES = [
     BadInput("probe_scores: a stacked tensor with 3 dims", lambda b, d, v: scores(b, d, hidden=t(2, 5, 4, device=d)),
              ValueError, "hidden_states"),
     BadInput("probe_scores: a stacked tensor with 0 layers",
-             lambda b, d, v: scores(b, d, hidden=t(0, 2, 5, 4, device=d)), ValueError, "hidden_states", defect=10),
+             lambda b, d, v: scores(b, d, hidden=t(0, 2, 5, 4, device=d)), ValueError, "hidden_states"),
     BadInput("probe_scores: integer activations",
              lambda b, d, v: scores(b, d, hidden=[torch.ones(2, 5, 4, dtype=v, device=d)] * 2), TypeError,
              r"hidden_states\[0\]", st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool])),
@@ -94,7 +92,7 @@ CASES = [
     BadInput("probe_scores: window < 1", lambda b, d, v: scores(b, d, window=v), ValueError, "window", ints_below_1),
     BadInput("probe_scores: window not an int", lambda b, d, v: scores(b, d, window=v), TypeError, "window", not_ints),
     BadInput("probe_scores: window past int64", lambda b, d, v: scores(b, d, window=v), (ValueError, TypeError),
-             "window", st.integers(2**63, 2**80), defect=18),
+             "window", st.integers(2**63, 2**80)),
     BadInput("probe_scores: ema_alpha outside (0, 1]", lambda b, d, v: scores(b, d, smoothing="ema", ema_alpha=v),
              ValueError, "ema_alpha", bad_alphas),
     BadInput("probe_scores: ema_alpha without EMA smoothing",
@@ -173,7 +171,7 @@ CASES = [
         torch.zeros(5, device=d), 0, offset=v, backend=b), ValueError, "offset", st.integers(-(2**70), -1)),
     BadInput("fill_probes_: offset past int64", lambda b, d, v: pykernels.fill_probes_(
         torch.zeros(5, device=d), 0, offset=v, backend=b), (ValueError, TypeError), "offset",
-             st.integers(2**63, 2**80), defect=18),
+             st.integers(2**63, 2**80)),
     BadInput("fill_probes_: unknown kind", lambda b, d, v: pykernels.fill_probes_(
         torch.zeros(5, device=d), 0, kind=v, backend=b), ValueError, "kind", st.sampled_from(["normal", "", "Gaussian"])),
     BadInput("probe_vectors: integer dtype", lambda b, d, v: pykernels.probe_vectors(
@@ -194,7 +192,7 @@ CASES = [
     BadInput("spearman: y that does not broadcast", lambda b, d, v: pykernels.spearman(
         t(3, 5, device=d), t(*v, device=d), backend=b), ValueError, "y", st.sampled_from([(4,), (2, 5), (3, 5, 1)])),
     BadInput("spearman: complex values", lambda b, d, v: pykernels.spearman(
-        t(3, 5, device=d).to(torch.complex64), t(3, 5, device=d), backend=b), TypeError, "x", defect=18),
+        t(3, 5, device=d).to(torch.complex64), t(3, 5, device=d), backend=b), TypeError, "x"),
     BadInput("parc_spearman: non-integer classes", lambda b, d, v: pykernels.parc_spearman(
         t(6, 4, device=d), torch.zeros(6, dtype=v, device=d), backend=b), TypeError, "classes",
              st.sampled_from([torch.float32, torch.float64, torch.bool])),
@@ -224,13 +222,9 @@ CASES = [
              "slot ids", st.sampled_from([[4], [-1], [0, 9]])),
     # ---- LinearProbe (backend independent)
     BadInput("LinearProbe: ema_alpha without EMA smoothing", lambda b, d, v: LinearProbe(
-        2, 4, smoothing=v, ema_alpha=0.5), ValueError, "ema_alpha", st.sampled_from(["none", "swim"]), defect=10,
+        2, 4, smoothing=v, ema_alpha=0.5), ValueError, "ema_alpha", st.sampled_from(["none", "swim"]),
              backends=("reference",)),
 ]
-
-# Where a defect's gap shows today: {case name: backends that fail}; the others already raise.
-_FAILING_BACKENDS = {}
-
 
 def _params():
     for case in CASES:
@@ -238,10 +232,7 @@ def _params():
             backend = p.values[0]
             if backend not in case.backends:
                 continue
-            marks = list(p.marks)
-            if case.defect is not None and backend in _FAILING_BACKENDS.get(case.name, case.backends):
-                marks.append(known_defect(case.defect))
-            yield pytest.param(case, backend, marks=marks, id=f"{case.name} [{backend}]")
+            yield pytest.param(case, backend, marks=p.marks, id=f"{case.name} [{backend}]")
 
 
 @pytest.mark.parametrize("case, backend", list(_params()))

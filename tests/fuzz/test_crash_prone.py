@@ -182,7 +182,7 @@ HUGE_WINDOW = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.parametrize("backend", runnable_backends(xfail={"triton": 17, "reference": 17}))
+@pytest.mark.parametrize("backend", runnable_backends())
 def test_window_past_int32_returns_promptly(backend):
     record("probe_scores window=2**40 (subprocess)", backend)
     try:

@@ -133,8 +133,10 @@ def test_probes_match_reference(backend):
     fuzz(backend, probe_cases(), body)
 
 
-# The docs promise the same numbers on every backend; float32 Gaussian probes differ by ulps.
-@pytest.mark.parametrize("backend", runnable_backends(xfail={"cpu": 16, "triton": 16}))
+# The docs promise the same numbers on every backend (issue 11 defect 16). Still open on the CPU:
+# float64 Gaussian probes at offsets near 2**62 differ from the reference's (found after the fix).
+@pytest.mark.parametrize("backend", runnable_backends(xfail={
+    "cpu": "CPU float64 Gaussian probes at offsets near 2**62 differ from the reference's"}))
 def test_probes_are_bit_equal_on_every_backend(backend):
     device = device_of(backend)
 

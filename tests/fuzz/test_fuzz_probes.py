@@ -190,7 +190,7 @@ def test_softmax_weighted_bce_matches_reference(backend):
 
 
 # Padding is documented as ignored: a NaN / Inf logit there must change nothing, gradients included.
-@pytest.mark.parametrize("backend", runnable_backends(xfail={"reference": 13}))
+@pytest.mark.parametrize("backend", runnable_backends())
 def test_softmax_weighted_bce_ignores_nonfinite_padding(backend):
     def body(case):
         # Gradients need float32 / float64 logits; sequence 0 is one token long, so padding exists when T > 1.
@@ -215,7 +215,7 @@ def test_softmax_weighted_bce_ignores_nonfinite_padding(backend):
 _TRITON_SOFTPLUS = "found by tests/fuzz: Triton softplus = log(1 + exp(-|z|)) without log1p (not in issue 11's list)"
 
 
-@pytest.mark.parametrize("backend", runnable_backends(xfail={"reference": 13, "triton": _TRITON_SOFTPLUS}))
+@pytest.mark.parametrize("backend", runnable_backends(xfail={"triton": _TRITON_SOFTPLUS}))
 def test_softmax_weighted_bce_float64_keeps_softplus_tail(backend):
     device = device_of(backend)
 

@@ -118,7 +118,8 @@ def test_parc_spearman_matches_reference(backend):
 # and a model holding one gets a NaN rho). Today the backends disagree: the reference itself gives
 # finite distances for a row of 0.1s in float64 (its mean is not exactly 0.1), and so does the CPU
 # kernel; the Triton kernel passes the bounded profile's examples.
-@pytest.mark.parametrize("backend", runnable_backends(xfail={"reference": 12, "cpu": 12}))
+@pytest.mark.parametrize("backend", runnable_backends(xfail={
+    "cpu": "CPU kernel: float16 features of magnitude ~1e4 make every row 'constant' (all distances NaN)"}))
 def test_constant_samples_follow_one_rule(backend):
     device = device_of(backend)
 
