@@ -45,6 +45,9 @@ Methods (`method=`):
                           model. Any other error (out of memory, a bug in the
                           model) is raised.
 
+The autodiff methods differentiate torch.logsumexp (the "reference" energy) unless a
+backend is given: through the fused kernel's autograd.Function wrappers they cost a fixed
+8-20 ms more per call on a CPU, and the logit-space work they would speed up is K-sized.
 Every method runs scaled_dot_product_attention by its math backend: the fused
 CPU / GPU attention kernels have neither a forward-mode rule nor a double
 backward, the math form (matmul, softmax) has both.
@@ -155,7 +158,11 @@ class InputHessian:
             elif expected_vectors is not None and expected_vectors <= FEW_VECTORS:
                 method = "double-backward"
         self.method = method
-        self._log_p = log_likelihood_fn(model, backend)
+        # The autodiff paths differentiate log p twice; through our energy kernel that goes via
+        # autograd.Function wrappers under torch.func, a fixed 8-20 ms per call on a CPU
+        # (`pykernels bench --ops flatness_hvp`) for nothing: the logit-space work is K-sized.
+        # They use torch.logsumexp unless a backend is asked for.
+        self._log_p = log_likelihood_fn(model, backend or "reference")
         K = self.logits.shape[1]
         self._use_jacobian = (method == "gauss-newton" and (expected_vectors or 0) >= K
                               and K * self.batch * self.dim <= JACOBIAN_BUDGET)
