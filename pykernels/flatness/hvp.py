@@ -30,14 +30,16 @@ Methods (`method=`):
   "auto" (default)        "gauss-newton" when every op the model runs at x is
                           piecewise linear in x (checked, see _piecewise.py).
                           Otherwise (a smooth network) "double-backward" when at
-                          most FEW_VECTORS vectors are expected (it wins there on
-                          every smooth family of `pykernels bench`, about 1.5x),
+                          most FEW_VECTORS vectors are expected (1.4-8x faster
+                          than forward-over-reverse for one vector on every
+                          smooth family of `pykernels bench --ops flatness_hvp`),
                           else the faster of "double-backward" and
                           "forward-over-reverse" on the first chunk of vectors,
                           timed once and cached per model, input shape, dtype and
-                          chunk size (neither wins on every family with 32
-                          vectors: forward-over-reverse on convolutions,
-                          double backward on MLPs and attention, within ~25%).
+                          number of vectors (with 32 vectors neither wins on
+                          every family: forward-over-reverse was up to 1.3x
+                          faster on a GELU CNN, double backward 1.4x on MLPs
+                          and attention and 2.5x on a SiLU ResNet).
                           If forward mode is not supported by the model (an op or
                           autograd.Function without a forward-mode rule, a
                           torch.func limitation such as data-dependent control
@@ -74,9 +76,9 @@ from ._piecewise import curved_ops
 
 HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
 
-# Up to this many vectors per example, "auto" takes double backward on smooth networks: one
-# reverse-over-reverse product costs 1.1-3.7 plain gradients against 2.3-5.5 for
-# forward-over-reverse on the benchmark's smooth families (`pykernels bench --ops flatness_hvp`).
+# Up to this many vectors per example, "auto" takes double backward on smooth networks: 1.4-8x
+# faster than forward-over-reverse for one vector on every smooth family of
+# `pykernels bench --ops flatness_hvp`, and at least as fast up to 4-8 vectors.
 FEW_VECTORS = 8
 _TIMED_METHODS = ("double-backward", "forward-over-reverse")
 # model -> {(shape, dtype, device, chunk): the method timed fastest on it}
