@@ -82,3 +82,137 @@ class NoForwardModeNet(nn.Module):
 
     def forward(self, x):
         return self.inner(NoForwardMode.apply(x))
+
+
+class SmoothResNet(nn.Module):
+    """Conv -> BatchNorm (eval) -> SiLU, one residual block of the same, pooled, linear head."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem, self.bn0 = nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.act = nn.SiLU()
+        self.head = nn.Linear(4 * 9, 5)
+        with torch.no_grad():
+            for bn in (self.bn0, self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.3, 0.3)
+                bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = self.act(self.bn0(self.stem(x)))
+        h = self.act(h + self.bn2(self.conv2(self.act(self.bn1(self.conv1(h))))))
+        return self.head(nn.functional.avg_pool2d(h, 2).flatten(1))
+
+
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer block on the 6 rows of a 6 x 6 input as tokens (nn.MultiheadAttention,
+    which runs scaled_dot_product_attention), mean-pooled, linear head."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(6, 8)
+        self.ln1, self.ln2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.embed(x.reshape(x.shape[0], 6, 6))
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.mlp(self.ln2(h))
+        return self.head(h.mean(1))
+
+
+def smooth_mlp(act=nn.GELU, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), act(), nn.Linear(16, 16), act(), nn.Linear(16, 5))
+
+
+def scaled(model: nn.Module, factor: float = 2.0, dtype=torch.float64) -> nn.Module:
+    """In float64 and eval mode, weights scaled so that log p is curved and not saturated."""
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.mul_(factor)
+    return model
+
+
+# Every network family the Hessian paths are checked on: name -> float64 model (inputs() shape).
+SMOOTH_FAMILIES = {
+    "mlp-gelu": lambda: scaled(smooth_mlp(nn.GELU)),
+    "mlp-tanh": lambda: scaled(smooth_mlp(nn.Tanh)),
+    "mlp-softplus": lambda: scaled(smooth_mlp(nn.Softplus)),
+    "mlp-silu": lambda: scaled(smooth_mlp(nn.SiLU)),
+    "cnn-gelu": lambda: small_cnn(nn.GELU),
+    "resnet-silu-batchnorm": lambda: scaled(SmoothResNet()),
+    "attention": lambda: scaled(AttentionBlock(), 1.5),
+}
+
+
+class _TanhBackward(torch.autograd.Function):
+    """grad * (1 - tanh(x)^2) as a function of (grad, x), whose own backward (run by double
+    backward's second pass) can be made non-batchable."""
+
+    generate_vmap_rule = True
+    backward_item = False  # calls .item() in its backward: fails under vmap, works vector by vector
+
+    @staticmethod
+    def forward(grad, x):
+        return grad * (1 - torch.tanh(x) ** 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, out_grad):
+        grad, x = ctx.saved_tensors
+        if _TanhBackward.backward_item:
+            out_grad.sum().item()
+        t = torch.tanh(x)
+        return out_grad * (1 - t**2), out_grad * grad * (-2 * t * (1 - t**2))
+
+    @staticmethod
+    def jvp(ctx, d_grad, d_x):
+        grad, x = ctx.saved_tensors
+        t = torch.tanh(x)
+        return d_grad * (1 - t**2) + grad * (-2 * t * (1 - t**2)) * d_x
+
+
+class _Tanh(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _TanhBackward.apply(grad, ctx.saved_tensors[0])
+
+    @staticmethod
+    def jvp(ctx, d_x):
+        return _TanhBackward.apply(d_x, ctx.saved_tensors[0])
+
+
+class TanhNet(nn.Module):
+    """A tanh MLP whose tanh second derivatives go through _TanhBackward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = scaled(smooth_mlp(nn.Identity))
+
+    def forward(self, x):
+        h = self.inner[1](self.inner[0](x))
+        return self.inner[5](_Tanh.apply(self.inner[3](_Tanh.apply(h))))

@@ -1,6 +1,7 @@
 """Input-space Hessian-vector products of log p: every method against double
 backward and the dense Hessian, per-example independence, fallbacks, train mode."""
 
+import time
 import warnings
 
 import pytest
@@ -9,9 +10,10 @@ from torch import nn
 
 from pykernels import flatness
 from pykernels.flatness._piecewise import curved_ops
-from pykernels.flatness.hvp import InputHessian, ParameterHessian, prepared
+from pykernels.flatness.hvp import FEW_VECTORS, InputHessian, ParameterHessian, prepared, twice_differentiable
 
-from tests.flatness.models import NoForwardModeNet, ResidualBlock, dense_hessians, inputs, small_cnn
+from tests.flatness.models import (SMOOTH_FAMILIES, NoForwardModeNet, ResidualBlock, TanhNet, _TanhBackward,
+                                   dense_hessians, inputs, small_cnn)
 
 METHODS = ("forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
 
@@ -50,13 +52,79 @@ def test_hvp_blocks_are_per_example():
 
 def test_auto_method_picks_gauss_newton_only_for_piecewise_linear_models():
     x = inputs()
-    for act, expect in ((nn.ReLU, "gauss-newton"), (nn.GELU, "forward-over-reverse")):
+    for act, expect in ((nn.ReLU, "gauss-newton"), (nn.GELU, "double-backward")):
         model = small_cnn(act)
         with prepared(model, x):
-            H = InputHessian(model, x)
+            H = InputHessian(model, x, expected_vectors=1)
         assert H.method == expect, act
     with prepared(small_cnn(nn.GELU), x):
         assert InputHessian(small_cnn(nn.GELU), x).curved == {"gelu": 2}
+
+
+@pytest.mark.parametrize("family", list(SMOOTH_FAMILIES))
+def test_every_exact_method_equals_double_backward_on_each_smooth_family(family):
+    """forward-over-reverse, auto (few and many vectors) and the measures built on them equal
+    double backward and the dense Hessian in float64, BatchNorm-eval and attention included."""
+    model, x = SMOOTH_FAMILIES[family](), inputs()
+    with twice_differentiable():
+        dense = dense_hessians(model, x)
+    V = probes(12, x)
+    expect = torch.einsum("bij,sbj->sbi", dense, V.flatten(2)).reshape(V.shape)
+    reference = flatness.hvp(model, x, V, method="double-backward")
+    scale = expect.abs().max().item()
+    assert (reference - expect).abs().max().item() <= 1e-10 * scale
+    for method, vectors in (("forward-over-reverse", V), ("auto", V), ("auto", V[:2])):
+        out = flatness.hvp(model, x, vectors, method=method)
+        assert (out - reference[: len(vectors)]).abs().max().item() <= 1e-6 * scale, (method, len(vectors))
+    trace = flatness.hessian_trace(model, x, 40, seed=3)
+    trace_db = flatness.hessian_trace(model, x, 40, seed=3, hvp="double-backward")
+    torch.testing.assert_close(trace.value, trace_db.value, rtol=1e-6, atol=1e-9)
+    plus = flatness.hessian_trace(model, x, 36 * 3, "hutch++", seed=3)  # the sketch spans R^36: exact
+    exact = dense.diagonal(dim1=1, dim2=2).sum(-1)
+    torch.testing.assert_close(plus.value, exact, rtol=1e-6, atol=1e-9)
+    eigen = torch.linalg.eigvalsh(dense)
+    top = eigen.gather(1, eigen.abs().argmax(1, keepdim=True))
+    torch.testing.assert_close(flatness.top_eigenvalues(model, x, 1, iters=36), top, rtol=1e-6, atol=1e-9)
+
+
+@pytest.fixture
+def tanh_knobs():
+    yield _TanhBackward
+    _TanhBackward.backward_delay = _TanhBackward.jvp_delay = 0.0
+    _TanhBackward.backward_item = False
+
+
+@pytest.mark.parametrize("slow, expect", [("_forward_over_reverse", "double-backward"),
+                                          ("_double_backward", "forward-over-reverse")])
+def test_auto_times_both_exact_methods_once_and_keeps_the_faster(monkeypatch, slow, expect):
+    """With many vectors on a smooth net, "auto" times both exact methods on the first chunk and
+    keeps the faster: make one of them 0.3 s slower and the other must be chosen, give the same
+    products, and be reused from the cache without timing again."""
+    model, x = small_cnn(nn.Tanh), inputs()
+    V = probes(FEW_VECTORS + 1, x)
+    expect_values = flatness.hvp(model, x, V, method="double-backward")
+    original = getattr(InputHessian, slow)
+
+    def delayed(self, Vx):
+        time.sleep(0.3)
+        return original(self, Vx)
+
+    monkeypatch.setattr(InputHessian, slow, delayed)
+    with prepared(model, x):
+        H = InputHessian(model, x)
+        assert H.method == "auto"
+        out = H.matvec(V.flatten(2))
+        assert H.method == expect and set(H.timings) == {"forward-over-reverse", "double-backward"}
+        torch.testing.assert_close(out.reshape(V.shape), expect_values)
+        again = InputHessian(model, x)
+        again.matvec(V.flatten(2))
+        assert again.method == expect and again.timings is None  # from the cache, not timed again
+
+
+@pytest.fixture
+def tanh_knobs():
+    yield _TanhBackward
+    _TanhBackward.backward_item = False
 
 
 def test_in_place_ops_are_judged_as_their_out_of_place_form():
@@ -153,6 +221,17 @@ class FailsOnce(nn.Module):
         if self.calls == 2:
             raise self.error
         return self.inner(x)
+
+
+def test_double_backward_falls_back_to_one_vector_at_a_time_when_batching_fails(tanh_knobs):
+    """A second-order op whose backward cannot run batched (.item() under vmap): the batched
+    attempt fails, and the graph must survive it for the vector-by-vector loop (it did not:
+    "Trying to backward through the graph a second time")."""
+    model, x = TanhNet(), inputs()
+    V = probes(3, x)
+    expect = flatness.hvp(model, x, V, method="forward-over-reverse")
+    tanh_knobs.backward_item = True
+    torch.testing.assert_close(flatness.hvp(model, x, V, method="double-backward"), expect)
 
 
 def test_forward_mode_falls_back_only_when_the_model_is_beyond_it():
