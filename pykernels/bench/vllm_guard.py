@@ -15,6 +15,7 @@ Needs vLLM (`./dev.sh vllm-test` makes .venv-vllm): `.venv-vllm/bin/pykernels be
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ import tempfile
 from pykernels.bench._core import BenchContext, Case
 
 OPS = ("vllm_guard_overhead",)
+REQUIRES = ("vllm",)  # without it the suite builds no case (and says so)
 BATCHES = (1, 8, 32)
 
 
@@ -49,9 +51,7 @@ class _Engine:
 
 
 def cases(ctx: BenchContext) -> list[Case]:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("vllm") is None:
         print("vllm_guard_overhead: vLLM is not installed here; run .venv-vllm/bin/pykernels bench "
               "--ops vllm_guard_overhead (./dev.sh vllm-test makes .venv-vllm)", file=sys.stderr)
         return []
