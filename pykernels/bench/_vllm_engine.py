@@ -4,7 +4,8 @@ no-op-control engines live side by side and are timed in interleaved rounds.
 
 argv: model path, probe path or "-" (no guard), "noop" to install the guard's
 subclasses without their work, "eager" for enforce_eager.
-Command {"batch": B, "new_tokens": N} -> {"seconds": s, "steps": n, "guard_seconds": g}.
+Command {"batch": B, "new_tokens": N} -> {"seconds": wall s, "cpu_seconds": process CPU s,
+"steps": n, "guard_cpu_seconds": CPU s of the guard's per-step host work}.
 """
 
 import json
@@ -38,13 +39,13 @@ def main() -> None:
         prompts = [TokensPrompt(prompt_token_ids=[3 + (7 * i + j) % 500 for j in range(16)]) for i in range(batch)]
         params = SamplingParams(max_tokens=new, min_tokens=new, temperature=0.0)
         guards = worker_guards()
-        before = (guards[0].step_seconds, guards[0].steps) if guards else (0.0, 0)
-        start = time.perf_counter()
+        before = (guards[0].step_cpu_seconds, guards[0].steps) if guards else (0.0, 0)
+        start, start_cpu = time.perf_counter(), time.process_time()
         llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        after = (guards[0].step_seconds, guards[0].steps) if guards else (0.0, 0)
-        print(json.dumps({"seconds": seconds, "guard_seconds": after[0] - before[0], "steps": after[1] - before[1]}),
-              flush=True)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+        after = (guards[0].step_cpu_seconds, guards[0].steps) if guards else (0.0, 0)
+        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "guard_cpu_seconds": after[0] - before[0],
+                          "steps": after[1] - before[1]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ and without it.
                         a random Llama (H=512, L=8) in three engines side by side:
                         unguarded, guarded, and guarded with no-op hooks (the same
                         subclasses, no scoring work); A/B interleaved over >= 15 rounds.
-                        Also the guard's step timer (host bookkeeping + the
-                        varlen stream step) as a share of generate time.
+                        Also the CPU time of the guard's per-step host work
+                        (bookkeeping + the varlen stream step) as a share of the
+                        engine's CPU time (robust to other load on the machine).
 
 Needs vLLM (`./dev.sh vllm-test` makes .venv-vllm): `.venv-vllm/bin/pykernels bench
 --ops vllm_guard_overhead`. vLLM's default compiled mode; --quick runs eager.
@@ -75,7 +76,7 @@ def cases(ctx: BenchContext) -> list[Case]:
     new_tokens = 16 if ctx.quick else 64
     out = []
     for batch in BATCHES:
-        timers = {"seconds": 0.0, "guard_seconds": 0.0, "steps": 0}
+        timers = {"cpu_seconds": 0.0, "guard_cpu_seconds": 0.0, "steps": 0}
 
         def call(name, batch=batch, timers=timers):
             result = engines[name].run(batch, new_tokens)
@@ -84,11 +85,11 @@ def cases(ctx: BenchContext) -> list[Case]:
                     timers[key] += result[key]
 
         def summary(batch=batch, timers=timers):
-            share = 100 * timers["guard_seconds"] / max(timers["seconds"], 1e-9)
-            per_step = 1e6 * timers["guard_seconds"] / max(1, timers["steps"])
-            return (f"vLLM guard at batch {batch}: step timer {share:.2f}% of generate time, {per_step:.0f} us per "
-                    f"engine step (host bookkeeping + varlen stream step; the per-layer accumulation runs inside "
-                    f"the model's graph and shows only in the A/B)")
+            share = 100 * timers["guard_cpu_seconds"] / max(timers["cpu_seconds"], 1e-9)
+            per_step = 1e6 * timers["guard_cpu_seconds"] / max(1, timers["steps"])
+            return (f"vLLM guard at batch {batch}: its per-step host work takes {share:.2f}% of the engine's CPU "
+                    f"time, {per_step:.0f} us CPU per engine step (bookkeeping + varlen stream step; the per-layer "
+                    f"accumulation runs inside the model's graph and shows only in the A/B)")
 
         out.append(Case(
             op="vllm_guard_overhead", shape=f"llama H=512 L=8 batch={batch} new={new_tokens}"

@@ -289,6 +289,10 @@ class ProbeStream:
         serving loops that copy it to the host asynchronously)."""
         return self._read_meta(slot_ids, sync=False)[:, 1]
 
+    def _flag_tokens_trusted(self, ids: torch.Tensor) -> torch.Tensor:
+        # flag_tokens for in-range int64 device ids (a serving loop's own slots): no check.
+        return self._live_meta[:, 1].index_select(0, ids)
+
     def _read_meta(self, slot_ids: Optional[SlotIds], sync: bool) -> torch.Tensor:
         if slot_ids is None:
             return self._meta[: self.max_slots]

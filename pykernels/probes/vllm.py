@@ -58,6 +58,7 @@ import threading
 import time
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -301,58 +302,65 @@ class VllmProbeGuard:
             layer.__class__ = _guarded_layer_class(type(layer))
         self.live: dict[str, _LiveRequest] = {}
         self.free_slots = list(range(max_slots - 1, -1, -1))
+        self.slot_scored = np.zeros(max_slots, dtype=np.int64)  # positions stepped into each slot
+        # Each step's segments, written in place (one host buffer, one copy to the device).
+        self.segments = torch.zeros((3, max_slots), dtype=torch.int64)
+        self.segments_np = self.segments.numpy()
         self.record_scores = bool(config.get("record_scores", False))
         self.scores: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
         self.step_flags: Optional[_StepFlags] = None  # this step's flag positions, until sampling
-        self.step_seconds, self.steps = 0.0, 0  # wall time in step() (the kernels inside the graph: A/B)
+        # CPU time this thread spends in step() (robust to other processes on the machine; the
+        # kernels inside the model's graph show only in an A/B of whole engines).
+        self.step_cpu_seconds, self.steps = 0.0, 0
         _WORKER_GUARDS.append(self)
 
     def step(self, runner) -> None:
         """Steps every scheduled request's new tokens through its slot, in one launch."""
-        start = time.perf_counter()
+        start = time.thread_time()
         if not self.noop_control:
             self._step(runner)
-        self.step_seconds += time.perf_counter() - start
+        self.step_cpu_seconds += time.thread_time() - start
         self.steps += 1
 
     def _step(self, runner) -> None:
+        # Host bookkeeping in numpy over the whole batch (no per-request Python arithmetic):
+        # it runs every engine step, between the forward and sampling.
         batch = runner.input_batch
         n = batch.num_reqs
         req_ids = batch.req_ids[:n]
         self._free_finished(runner.requests)
+        live = self.live
+        for req_id in req_ids:
+            if req_id not in live:
+                live[req_id] = self._admit(runner.requests[req_id])
+        segments = self.segments[:, :n]  # rows: slot, first token row, token count
+        slots, starts, counts = self.segments_np[:, :n]
+        slots[:] = [live[r].slot for r in req_ids]
         query_start = runner.query_start_loc.np[: n + 1]
-        computed = batch.num_computed_tokens_cpu[:n]
-        slots, starts, counts, unscored = [], [], [], []
-        for i, req_id in enumerate(req_ids):
-            live = self.live.get(req_id)
-            if live is None:
-                live = self.live[req_id] = self._admit(runner.requests[req_id])
-            first, count = int(computed[i]), int(query_start[i + 1] - query_start[i])
-            if first > live.scored:  # positions never computed here (cannot happen without prefix caching)
-                unscored.append(req_id)
-            skip = min(max(live.scored - first, 0), count)  # recomputed after preemption: scored already
-            slots.append(live.slot)
-            starts.append(int(query_start[i]) + skip)
-            counts.append(count - skip)
-            live.scored = max(live.scored, first + count)
-        device = self.accumulator.device
-        ids = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
-        scores, _ = self.stream._step_varlen_trusted(
-            ids, torch.tensor(starts, dtype=torch.int64).to(device, non_blocking=True),
-            torch.tensor(counts, dtype=torch.int64).to(device, non_blocking=True),
-            self.accumulator[: int(query_start[n])])
+        first = batch.num_computed_tokens_cpu[:n]
+        np.subtract(query_start[1:], query_start[:-1], out=counts)
+        scored = self.slot_scored[slots]
+        # Positions never computed here cannot happen without prefix caching: fail closed.
+        unscored = [req_ids[i] for i in np.flatnonzero(first > scored)]
+        skip = np.minimum(np.maximum(scored - first, 0), counts)  # recomputed after a preemption: scored already
+        self.slot_scored[slots] = np.maximum(scored, first + counts)
+        np.add(query_start[:-1], skip, out=starts)
+        counts -= skip
+        ids, starts, counts = segments.to(self.accumulator.device, non_blocking=True).unbind(0)
+        scores, _ = self.stream._step_varlen_trusted(ids, starts, counts, self.accumulator[: int(query_start[n])])
         if self.record_scores:
             host = scores.cpu()
-            for req_id, start, count in zip(req_ids, starts, counts):
-                if count:
-                    self.scores[req_id].append(host[start:start + count])
-        self.step_flags = _StepFlags(list(req_ids), self.stream.flag_tokens(ids), unscored)
+            for req_id, start, k in zip(req_ids, starts.tolist(), counts.tolist()):
+                if k:
+                    self.scores[req_id].append(host[start:start + k])
+        self.step_flags = _StepFlags(list(req_ids), self.stream._flag_tokens_trusted(ids), unscored)
 
     def _admit(self, state) -> "_LiveRequest":
         if not self.free_slots:
             raise RuntimeError(f"probe guard: more live requests than max_num_seqs={self.stream.max_slots}")
         slot = self.free_slots.pop()
         self.stream.reset([slot])
+        self.slot_scored[slot] = 0
         return _LiveRequest(slot, state)
 
     def _free_finished(self, requests: dict) -> None:
@@ -371,11 +379,10 @@ class VllmProbeGuard:
 
 
 class _LiveRequest:
-    __slots__ = ("slot", "state", "scored")
+    __slots__ = ("slot", "state")
 
     def __init__(self, slot: int, state):
         self.slot, self.state = slot, state
-        self.scored = 0  # positions stepped into the slot
 
 
 _WORKER_GUARDS: list[VllmProbeGuard] = []  # this process's guards (tests read recorded scores)
