@@ -306,6 +306,27 @@ def test_chunked_prefill_staggered_arrivals_and_slot_reuse(llama_dir, tmp_path):
 
 
 @pytest.mark.vllm
+def test_preempted_requests_are_scored_once_and_flag_as_offline(llama_dir, tmp_path):
+    """A KV cache of 6 blocks of 32 tokens for 10 requests of up to 88 tokens: the
+    scheduler preempts running requests and recomputes them from their first token.
+    Every position is still scored once, in order, and each flag equals offline scoring."""
+    hf = _hf_model(llama_dir)
+    prompts = _prompts(10, seed=10, shortest=4, longest=24)
+    max_tokens = [64] * len(prompts)
+    probe = _output_seeking_probe(hf, prompts, 64, seed=11)
+    probe_path = str(tmp_path / "probe.safetensors")
+    engine = {"enforce_eager": True, "block_size": 32, "num_gpu_blocks_override": 6, "max_model_len": 128}
+    base = {"model": str(llama_dir), "probe": probe_path, "engine": engine}
+    probe.threshold.fill_(_threshold_between(probe, probe_path, prompts, 64, base))
+    probe.save(probe_path)
+    out = _run({**base, "record_scores": True,
+                "requests": [{"prompt": p, "max_tokens": m} for p, m in zip(prompts, max_tokens)]})
+    assert out["preemptions"] > 0
+    in_prompt, in_output = _check_against_offline(hf, probe, prompts, out["results"], max_tokens)
+    assert in_prompt + in_output > 0 and in_prompt + in_output < len(prompts)
+
+
+@pytest.mark.vllm
 def test_multiprocess_engine_stops_the_same_requests(llama_dir, calibrated):
     """The engine core and the worker in their own processes (vLLM's default layout):
     the plugin entry point installs the guard there, the flags cross processes."""

@@ -5,6 +5,7 @@ each engine gets a fresh process and the test process never imports vLLM.
 Spec: {"model": path, "probe": path or null, "engine": {LLM kwargs},
        "record_scores": bool, "requests": [{"prompt": [ids], "max_tokens": n, "arrive": step}]}
 Requests with "arrive" = s are added before engine step s (staggered arrivals).
+The output also counts the scheduler's preemptions (in-process engines only).
 """
 
 import json
@@ -22,8 +23,9 @@ def main() -> None:
 
     from pykernels.probes.vllm import flag_of, guard_kwargs, worker_guards
 
-    engine_kwargs = dict(model=spec["model"], skip_tokenizer_init=True, dtype="float32", max_model_len=512,
-                         seed=0, **spec.get("engine", {}))
+    engine_kwargs = {"model": spec["model"], "skip_tokenizer_init": True, "dtype": "float32",
+                     "max_model_len": 512, "seed": 0, **spec.get("engine", {})}
+    preemptions = _count_preemptions()
     if spec.get("probe"):
         guard = guard_kwargs(spec["probe"])
         guard["additional_config"]["pykernels_probe"].update(spec.get("probe_config", {}))
@@ -60,7 +62,20 @@ def main() -> None:
             recorded = [k for k in guards[0].scores if k == str(i) or k.startswith(f"{i}-")]
             result["scores"] = guards[0].recorded_scores(recorded[0]).tolist() if recorded else []
         results.append(result)
-    print(json.dumps({"results": results, "steps": step}))
+    print(json.dumps({"results": results, "steps": step, "preemptions": preemptions[0]}))
+
+
+def _count_preemptions() -> list:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    count, preempt = [0], Scheduler._preempt_request
+
+    def counted(self, *args, **kwargs):
+        count[0] += 1
+        return preempt(self, *args, **kwargs)
+
+    Scheduler._preempt_request = counted
+    return count
 
 
 if __name__ == "__main__":
