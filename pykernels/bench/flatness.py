@@ -340,7 +340,7 @@ def _kernel_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
         z = torch.randn(B, K, generator=g).to(dev, dtype)
         cases.append(Case(
             op="energy", shape=f"B={B} K={K}", dtype=str(dtype).replace("torch.", ""),
-            implementations={b: (lambda b=b: pykernels.energy(z, backend=b)) for b in ours},
+            implementations={b: (lambda b=b, z=z: pykernels.energy(z, backend=b)) for b in ours},
             baselines={"torch.logsumexp": lambda z=z: -torch.logsumexp(z, -1)},
             bytes_read=z.numel() * z.element_size(),
         ))

@@ -164,7 +164,7 @@ def _overhead_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
         probe = LinearProbe(8, 512, threshold=1e9, device=ctx.device)  # never flags: full-length decode
         totals = {"seconds": 0.0, "guard": 0.0, "steps": 0}
 
-        def guarded(probe=probe, ids=ids, kwargs=kwargs, totals=totals):
+        def guarded(probe=probe, ids=ids, kwargs=kwargs, totals=totals, batch=batch):
             import time
 
             with ProbeGuard(model, probe, max_batch=batch) as guard:
