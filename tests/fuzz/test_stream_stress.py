@@ -2,8 +2,10 @@
 pure-Python model of each slot's EMA / SWiM state and latched flag (float64 arithmetic).
 
 Every op is one of: a step of a random set of distinct slots (some rows inactive, rare NaN /
-Inf logits), a step with bad slot ids (out of range or repeated: must raise and change
-nothing), a reset of some slots, a reset of all; after each, scores, flags and token counts
+Inf logits), a varlen step (a segment of 0-5 tokens per slot, with gaps between segments),
+a step with bad slot ids (out of range or repeated) or a varlen step with bad segments
+(overlapping, out of order, past the last row, negative): both must raise and change
+nothing, a reset of some slots, a reset of all; after each, scores, flags and token counts
 must match the model."""
 
 from __future__ import annotations
@@ -89,6 +91,38 @@ class StreamModel:
             self.slots[s] = SlotModel()
 
 
+def _random_segments(rng, ids):
+    """Increasing, non-overlapping [start, start + count) per slot, with gaps: (starts, counts, N)."""
+    starts, counts, row = [], [], 0
+    for _ in ids:
+        row += rng.choice([0, 0, 1, 2])  # rows no segment covers score 0
+        count = rng.choice([0, 1, 1, 2, 3, 5])
+        starts.append(row)
+        counts.append(count)
+        row += count
+    return starts, counts, row + rng.choice([0, 1])
+
+
+def _bad_segments(rng, n_ids):
+    """Segments the op must refuse: (starts, counts, N)."""
+    kind = rng.choice(["overlap", "order", "past_end", "negative"])
+    starts, counts = list(range(0, 2 * n_ids, 2)), [2] * n_ids
+    N = 2 * n_ids
+    if kind == "overlap":
+        counts[-1] = 3 if n_ids == 1 else counts[-1]
+        if n_ids == 1:
+            N = 2  # 0..3 past the 2 rows
+        else:
+            counts[0] = 3
+    elif kind == "order" and n_ids > 1:
+        starts[0], starts[1] = starts[1], starts[0]
+    elif kind == "negative":
+        counts[rng.randrange(n_ids)] = -1
+    else:  # past the last row (also "order" with one slot)
+        N -= 1
+    return starts, counts, N
+
+
 def _random_logits(rng, n):
     rows = []
     for _ in range(n):
@@ -120,7 +154,7 @@ def test_stream_matches_python_model(backend):
         stream, model = streams[which], models[which]
         where = f"op {op}, stream {CONFIGS[which]}"
         kind = rng.random()
-        if kind < 0.85:  # a step of distinct slots
+        if kind < 0.75:  # a step of distinct slots
             ids = rng.sample(range(SLOTS), rng.randint(1, SLOTS))
             z = _random_logits(rng, len(ids))
             active = [rng.random() < 0.9 for _ in ids]
@@ -133,6 +167,29 @@ def test_stream_matches_python_model(backend):
             torch.testing.assert_close(got_scores.cpu().double(), torch.tensor(scores, dtype=torch.float64),
                                        rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{where}: scores: {m}")
             assert got_flagged == flagged, f"{where}: flagged"
+        elif kind < 0.85:  # a varlen step: each slot steps through its segment, token by token
+            ids = rng.sample(range(SLOTS), rng.randint(1, 8))
+            starts, counts, N = _random_segments(rng, ids)
+            z = _random_logits(rng, N)
+            got_scores, got_flagged = stream.step_varlen(ids, starts, counts,
+                                                         torch.tensor(z, dtype=torch.float32, device=device))
+            record("ProbeStream.step_varlen (stress)", backend)
+            flag_token = dict(zip(range(SLOTS), stream.flags()[1].tolist()))
+            expect = [[0.0] * HEADS for _ in range(N)]
+            for slot, start, count in zip(ids, starts, counts):
+                for row in range(start, start + count):
+                    # Within rounding of the threshold, the kernel's flag token decides.
+                    kernel_crossed = flag_token[slot] == model.slots[slot].count
+                    (expect[row],), _ = model.step([slot], [z[row]], [True], [kernel_crossed], tol)
+            torch.testing.assert_close(got_scores.cpu().double(), torch.tensor(expect, dtype=torch.float64),
+                                       rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{where}: scores: {m}")
+            assert got_flagged.cpu().tolist() == [model.slots[s].flag >= 0 for s in ids], f"{where}: flagged"
+        elif kind < 0.86:  # bad segments: raises, and no state changes
+            ids = rng.sample(range(SLOTS), rng.randint(1, 4))
+            starts, counts, N = _bad_segments(rng, len(ids))
+            with pytest.raises(ValueError, match="token segments"):
+                stream.step_varlen(ids, starts, counts, torch.zeros(N, HEADS, device=device))
+            record("ProbeStream.step_varlen (stress)", backend)
         elif kind < 0.88:  # bad slot ids: raises, and no state changes
             ids = rng.choice([[SLOTS], [-1], [3, 3], [0, SLOTS + 5, 1], [7, 2, 7]])
             with pytest.raises(ValueError, match="slot ids"):
@@ -147,7 +204,7 @@ def test_stream_matches_python_model(backend):
             stream.reset()
             model.reset(range(SLOTS))
             record("ProbeStream.reset (stress)", backend)
-        if op % 50 == 0 or kind >= 0.85:
+        if op % 50 == 0 or kind >= 0.75:
             _compare(stream, model, where)
     for stream, model, config in zip(streams, models, CONFIGS):
         _compare(stream, model, f"end, stream {config}")
