@@ -132,15 +132,10 @@ def test_nan_in_padding_is_ignored_and_nan_in_a_sequence_is_not(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-def test_opcheck_and_compile(backend):
+def test_gradient_under_torch_compile(backend):
+    # opcheck of the fused op: tests/test_ops.py
     device = backend_device(backend)
     z, y, lengths = _inputs(device, torch.float32, seed=4, B=3, T=10, window=4)
-    if backend == "triton":
-        from pykernels.triton.probe_guard import softmax_weighted_bce_fwd_triton as op
-    else:
-        op = torch.ops.pykernels.softmax_weighted_bce_fwd.default
-    torch.library.opcheck(op, (z.requires_grad_(), y, lengths, 4, 1.0, False, True))
-    torch.library.opcheck(op, (z.detach(), y, lengths, 4, 0.5, True, False))
 
     def step(z):
         return softmax_weighted_bce(z, y, lengths, 4, backend=backend)
