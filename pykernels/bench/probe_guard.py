@@ -45,7 +45,7 @@ def _ours(ctx: BenchContext) -> list[str]:
 def _accumulate_impls(ours, acc, hidden, w):
     impls = {b: (lambda b=b: probe_accumulate_(acc, hidden, w, backend=b)) for b in ours}
     for b in ours:  # what ProbeGuard's hooks call: the registered op, checked once up front
-        op = resolve("probe_accumulate_", ctx.device, b)
+        op = resolve("probe_accumulate_", acc.device, b)
         impls[f"{b} (op)"] = lambda op=op: op(acc, hidden, w)
     return impls
 
@@ -237,5 +237,5 @@ OPS = ("probe_accumulate_", "decode_dispatch", "probe_stream_step", "probe_strea
 
 def cases(ctx: BenchContext) -> list[Case]:
     ours = _ours(ctx)
-    return (_accumulate_cases(ctx, ours) + _dispatch_cases(ctx) + _stream_cases(ctx, ours) + _varlen_cases(ctx, ours) + _loss_cases(ctx, ours)
-            + _overhead_cases(ctx, ours))
+    return (_accumulate_cases(ctx, ours) + _dispatch_cases(ctx) + _stream_cases(ctx, ours) + _varlen_cases(ctx, ours)
+            + _loss_cases(ctx, ours) + _overhead_cases(ctx, ours))
