@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pykernels.backend import op_callable
 from pykernels.probes import LinearProbe, annealed_bce, cumulative_max_bce, probe_scores, softmax_weighted_bce
 from pykernels.probes.training import threshold_for_flag_rate
 from pykernels.reference import probe_guard as ref
@@ -75,6 +76,19 @@ def _inputs(device, dtype, seed, B=7, T=41, window=16):
     y[0], y[1] = 0.0, 1.0
     lengths = torch.tensor([T, 1, max(1, window - 1), window, window + 1, T - 3, 5][:B]).to(device)
     return z, y, lengths
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_fused_op_matches_its_reference(backend, compute_grad):
+    """The op itself (losses and, when asked, their gradient) against the reference with its schema."""
+    device = backend_device(backend)
+    z, y, lengths = _inputs(device, torch.float64, seed=3, window=5)
+    loss, grad = op_callable("softmax_weighted_bce_fwd", backend)(z, y, lengths, 5, 0.7, False, compute_grad)
+    ref_loss, ref_grad = ref.softmax_weighted_bce_fwd(z.cpu(), y.cpu(), lengths.cpu(), 5, 0.7, False, compute_grad)
+    torch.testing.assert_close(loss.cpu(), ref_loss)
+    torch.testing.assert_close(grad.cpu(), ref_grad)
+    assert ref_grad.shape == ((7, 41) if compute_grad else (0,))
 
 
 @pytest.mark.parametrize("backend", backend_params())
