@@ -31,7 +31,8 @@ def library_schemas() -> list[str]:
     twins, registered from Python, are left out)."""
     if not _ops.LOADED:
         return []
-    names = {n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pykernels::")}
+    qualified = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pykernels::")]
+    names = {n.split("::")[1].split(".")[0] for n in qualified}
     return sorted(n for n in names if _maybe_get_opdef(f"pykernels::{n}") is None)
 
 

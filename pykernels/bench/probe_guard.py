@@ -232,7 +232,8 @@ def _overhead_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
 
 
 # The tables this suite fills (the runner skips the suite when --ops names none of them).
-OPS = ("probe_accumulate_", "decode_dispatch", "probe_stream_step", "probe_stream_step_varlen", "softmax_weighted_bce", "guard_overhead")
+OPS = ("probe_accumulate_", "decode_dispatch", "probe_stream_step", "probe_stream_step_varlen", "softmax_weighted_bce",
+       "guard_overhead")
 
 
 def cases(ctx: BenchContext) -> list[Case]:

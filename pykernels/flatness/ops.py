@@ -97,8 +97,7 @@ class _LogsumexpHvp(_KernelFunction):
 
     @staticmethod
     def backward(ctx, grad_softmax, grad_energy, grad_hvp):
-        grads = logsumexp_hvp_vjp(_lse_hvp_fn(ctx.kernels), *ctx.saved_tensors, grad_softmax, grad_energy,
-                                       grad_hvp)
+        grads = logsumexp_hvp_vjp(_lse_hvp_fn(ctx.kernels), *ctx.saved_tensors, grad_softmax, grad_energy, grad_hvp)
         return (*grads, None)
 
     @staticmethod

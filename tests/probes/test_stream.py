@@ -534,5 +534,5 @@ def test_stream_step_varlen_under_torch_compile(backend):
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
         assert torch.equal(a[1], b[1])
     assert torch.equal(eager.flags()[1], compiled_stream.flags()[1])
-    target = f"pykernels.{triton_name('probe_stream_step_varlen') if backend == 'triton' else 'probe_stream_step_varlen'}"
-    assert any(str(n.target) == f"{target}.default" for g in graphs for n in g.graph.nodes)
+    op = triton_name("probe_stream_step_varlen") if backend == "triton" else "probe_stream_step_varlen"
+    assert any(str(n.target) == f"pykernels.{op}.default" for g in graphs for n in g.graph.nodes)
