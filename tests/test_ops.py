@@ -79,6 +79,16 @@ def test_reference_has_the_schema_name_and_signature(op):
     assert all(p.default is not inspect.Parameter.empty for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def test_wings_dispatch_through_resolve():
+    # Only pykernels.backend.resolve steps from a backend name to a kernel.
+    banned = ("torch.ops.pykernels", "pykernels.triton", "from ..triton")
+    for folder in ("probes", "selection", "flatness", "bench"):
+        for path in (ROOT / "pykernels" / folder).glob("*.py"):
+            text = path.read_text()
+            for word in banned:
+                assert word not in text, f"{path.relative_to(ROOT)} reaches a kernel without resolve: {word!r}"
+
+
 def test_reference_registers_nothing():
     # The references are plain PyTorch: registrations belong to pykernels/_ops.py.
     for path in (ROOT / "pykernels" / "reference").glob("*.py"):
