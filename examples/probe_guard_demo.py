@@ -235,7 +235,8 @@ def streaming_guard(quick: bool) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
-    parser.add_argument("--out", default="probe-guard-demo", help="folder for the ROC plot")
+    parser.add_argument("--out", default="probe-guard-demo",
+                        help="folder for the ROC plot (default: ./probe-guard-demo, git-ignored)")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     n_train, n_cal, n_test, epochs = (64, 64, 64, 6) if args.quick else (384, 192, 256, 10)

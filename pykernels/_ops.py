@@ -1,15 +1,20 @@
 """Loads the compiled operator library and registers what PyTorch needs around it.
 
-The schemas live in C++ (csrc/ops/registration.cpp). Here: fake kernels so the
-ops trace under torch.compile / torch.export, and autograd formulas (plain
-torch ops, shared with the Triton custom ops). Importing this module never
-fails: without the extension, `LOAD_ERROR` says why and the reference
-backend serves every op.
+The schemas live in C++ (csrc/ops/registration.cpp). Here, `RULES` is the one
+table of what each schema needs from Python: a fake kernel (so the op traces
+under torch.compile / torch.export), and for a differentiable op its autograd
+rule (and vmap rule where it has one). `register_rules` applies an entry to
+pykernels::<op> and, from pykernels/triton/<family>.py, to its Triton twin
+pykernels::<triton_name(op)>. The derivative formulas live next to their forward
+in pykernels/reference/<family>.py; here is only the ctx glue. Importing this
+module never fails: without the extension, `LOAD_ERROR` says why and the
+reference backend serves every op.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -71,71 +76,86 @@ def cpu_isa() -> str | None:
     return torch.ops.pykernels.cpu_isa() if LOADED else None
 
 
+# ---- the table: one entry per schema of csrc/ops/registration.cpp ----
+
+
+class Rules(NamedTuple):
+    """What one schema needs from Python, applied alike to the op and its Triton twin.
+
+    fake: the fake (meta) kernel; None only for a schema without tensors (cpu_isa).
+    autograd: autograd(op) -> (backward, setup_context) for a differentiable op; `op` is
+        the registered op itself (the rules of energy and logsumexp_hvp call it again).
+    vmap: vmap(op) -> the vmap rule, where the op has one.
+    """
+
+    fake: Optional[Callable] = None
+    autograd: Optional[Callable] = None
+    vmap: Optional[Callable] = None
+
+
+def triton_name(op: str) -> str:
+    """The Triton twin of schema `op`: `<op>_triton`, an in-place op keeping its trailing
+    underscore at the end (probe_accumulate_ -> probe_accumulate_triton_)."""
+    return op[:-1] + "_triton_" if op.endswith("_") else op + "_triton"
+
+
 # ---- activation probes: probe_scores (probes/scoring.py), the guard (probes/stream.py, training.py) ----
 
 
-def probe_scores_fake(hidden_states, weight, bias, lengths, smoothing, window, ema_alpha):
+def _probe_scores_fake(hidden_states, weight, bias, lengths, smoothing, window, ema_alpha):
     h0 = hidden_states[0]
     return h0.new_empty((h0.shape[0], h0.shape[1], weight.shape[2]), dtype=torch.float32)
 
 
-def probe_stream_step_fake(state, meta, status, slot_ids, token_logits, active, threshold, window, ema_alpha):
+def _probe_scores_autograd(op):
+    from .reference.probe_scores import probe_scores_backward
+
+    def setup_context(ctx, inputs, output):
+        hidden_states, weight, bias, lengths, smoothing, window, ema_alpha = inputs
+        ctx.save_for_backward(*hidden_states, weight, lengths)
+        ctx.num_layers = len(hidden_states)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.smoothing, ctx.window, ctx.ema_alpha = smoothing, window, ema_alpha
+
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        layers, weight, lengths = saved[: ctx.num_layers], saved[ctx.num_layers], saved[ctx.num_layers + 1]
+        grads = probe_scores_backward(layers, weight, ctx.bias_dtype, lengths, ctx.smoothing, ctx.window,
+                                      ctx.ema_alpha, grad, ctx.needs_input_grad)
+        return *grads, None, None, None, None
+
+    return backward, setup_context
+
+
+def _no_output_fake(*args):
+    return None
+
+
+def _probe_stream_step_fake(state, meta, status, slot_ids, token_logits, active, threshold, window, ema_alpha):
     n, K = token_logits.shape
     return token_logits.new_empty((n, K), dtype=torch.float32), token_logits.new_empty((n,), dtype=torch.bool)
 
 
-def probe_stream_step_varlen_fake(state, meta, status, slot_ids, token_starts, token_counts, token_logits, threshold,
-                                  window, ema_alpha):
+def _probe_stream_step_varlen_fake(state, meta, status, slot_ids, token_starts, token_counts, token_logits,
+                                   threshold, window, ema_alpha):
     N, K = token_logits.shape
     return (token_logits.new_empty((N, K), dtype=torch.float32),
             token_logits.new_empty((slot_ids.shape[0],), dtype=torch.bool))
 
 
-def _probe_scores_setup_context(ctx, inputs, output):
-    hidden_states, weight, bias, lengths, smoothing, window, ema_alpha = inputs
-    ctx.save_for_backward(*hidden_states, weight, lengths)
-    ctx.num_layers = len(hidden_states)
-    ctx.has_bias, ctx.bias_dtype = bias is not None, None if bias is None else bias.dtype
-    ctx.smoothing, ctx.window, ctx.ema_alpha = smoothing, window, ema_alpha
+def _softmax_weighted_bce_fwd_fake(token_logits, labels, lengths, window, tau, detach_weights, compute_grad):
+    B, T = token_logits.shape
+    return token_logits.new_empty((B,)), token_logits.new_empty((B, T) if compute_grad else (0,))
 
 
-def _probe_scores_backward(ctx, grad):
-    """Gradients for the probe (weight, bias) and the activations: the smoothing's
-    adjoint maps grad to the raw logits, then one matmul per layer."""
-    from .reference.probe_scores import smoothing_adjoint
-
-    saved = ctx.saved_tensors
-    layers, weight, lengths = saved[: ctx.num_layers], saved[ctx.num_layers], saved[ctx.num_layers + 1]
-    grad = grad.float()
-    if lengths is not None:  # padded scores are constant zeros, and padded activations are never read
-        valid = (torch.arange(grad.shape[1], device=grad.device)[None, :] < lengths[:, None])[:, :, None]
-        grad = grad * valid
-        layers = [torch.where(valid, h, torch.zeros((), dtype=h.dtype, device=h.device)) for h in layers]
-    g = smoothing_adjoint(grad, ctx.smoothing, ctx.window, ctx.ema_alpha)  # [B, T, K]
-    needs = ctx.needs_input_grad
-    d_layers = None
-    if needs[0]:
-        d_layers = [(g @ weight[l].float().T).to(h.dtype) for l, h in enumerate(layers)]
-    d_weight = None
-    if needs[1]:
-        g2 = g.reshape(-1, g.shape[-1])
-        d_weight = torch.stack([h.reshape(-1, h.shape[-1]).float().T @ g2 for h in layers]).to(weight.dtype)
-    d_bias = g.sum((0, 1)).to(ctx.bias_dtype) if ctx.has_bias and needs[2] else None
-    return d_layers, d_weight, d_bias, None, None, None, None
-
-
-def register_probe_scores_autograd(op) -> None:
-    torch.library.register_autograd(op, _probe_scores_backward, setup_context=_probe_scores_setup_context)
-
-
-def register_swbce_autograd(op: str) -> None:
+def _softmax_weighted_bce_fwd_autograd(op):
     """The fused loss kernels return d loss_b / d z with the loss (computed in the
     same pass), so the backward only scales it by the incoming gradient."""
 
     def setup_context(ctx, inputs, output):
         token_logits, labels, *_, compute_grad = inputs
         if token_logits.requires_grad and not compute_grad:
-            raise RuntimeError(f"{op}: token_logits requires grad, so call it with compute_grad=True")
+            raise RuntimeError(f"{op.name()}: token_logits requires grad, so call it with compute_grad=True")
         ctx.save_for_backward(output[1])
 
     def backward(ctx, grad_loss, _grad_of_grad):
@@ -144,174 +164,159 @@ def register_swbce_autograd(op: str) -> None:
         (grad,) = ctx.saved_tensors
         return grad_loss[:, None] * grad, None, None, None, None, None, None
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
-
-
-if LOADED:
-    torch.library.register_fake("pykernels::probe_scores")(probe_scores_fake)
-    register_probe_scores_autograd("pykernels::probe_scores")
-
-    @torch.library.register_fake("pykernels::probe_accumulate_")
-    def _probe_accumulate_fake(acc, hidden, weight_l):
-        return None
-
-    torch.library.register_fake("pykernels::probe_stream_step")(probe_stream_step_fake)
-    torch.library.register_fake("pykernels::probe_stream_step_varlen")(probe_stream_step_varlen_fake)
-
-    @torch.library.register_fake("pykernels::softmax_weighted_bce_fwd")
-    def _softmax_weighted_bce_fwd_fake(token_logits, labels, lengths, window, tau, detach_weights, compute_grad):
-        B, T = token_logits.shape
-        return token_logits.new_empty((B,)), token_logits.new_empty((B, T) if compute_grad else (0,))
-
-    register_swbce_autograd("pykernels::softmax_weighted_bce_fwd")
+    return backward, setup_context
 
 
 # ---- flatness ops (pykernels/flatness/ops.py) ----
 # Reverse-mode autograd (differentiable to any order: each backward is built from
-# the ops themselves) and vmap rules, shared by the compiled ops and their Triton
-# twins. The registered rules serve torch.compile and direct callers of
+# the ops themselves) and vmap rules. They serve torch.compile and direct callers of
 # torch.ops.pykernels.*; in eager mode pykernels.flatness.ops wraps the same
 # formulas in autograd.Functions, which torch.func transforms (and forward mode) need.
 
 
-def energy_vjp(logits, energy, grad):
-    """d logits of energy = -logsumexp: -grad * softmax, from the saved output."""
-    wide = torch.promote_types(logits.dtype, torch.float32)
-    softmax = torch.exp(logits.to(wide) + energy.to(wide).unsqueeze(-1))
-    return (-grad.unsqueeze(-1) * softmax).to(logits.dtype)
+def _energy_fake(logits):
+    return logits.new_empty(logits.shape[:-1])
 
 
-def logsumexp_hvp_vjp(lse_hvp, logits, tangents, softmax, grad_softmax, grad_energy, grad_hvp):
-    """Backward of (s, E, h) = logsumexp_hvp(logits, tangents), with A = diag(s) - s s^T
-    (symmetric) and h_i = s * (u_i - s.u_i):
-      d logits <- A (g_s + sum_i r_i) - g_E s,  r_i = g_h_i * (u_i - s.u_i) - (g_h_i . s) u_i
-      d u_i    <- A g_h_i
-    Every product with A is one more `lse_hvp` call, so the result is differentiable again."""
-    s = softmax
-    through_softmax = torch.zeros_like(logits) if grad_softmax is None else grad_softmax
-    if grad_hvp is None:
-        grad_logits, grad_tangents = lse_hvp(logits, through_softmax.unsqueeze(0))[2][0], None
-    else:
-        centred = tangents - (s * tangents).sum(-1, keepdim=True)
-        r = grad_hvp * centred - (grad_hvp * s).sum(-1, keepdim=True) * tangents
-        through_softmax = through_softmax + r.sum(0)
-        products = lse_hvp(logits, torch.cat([through_softmax.unsqueeze(0), grad_hvp]))[2]
-        grad_logits, grad_tangents = products[0], products[1:]
-    if grad_energy is not None:
-        grad_logits = grad_logits - grad_energy.unsqueeze(-1) * s
-    return grad_logits, grad_tangents
+def _energy_autograd(op):
+    from .reference.flatness import energy_vjp
 
-
-def logsumexp_hvp_jvp(lse_hvp, logits, tangents, softmax, d_logits, d_tangents):
-    """Forward-mode rule of logsumexp_hvp: ds = A dz, dE = -s . dz,
-    dh_i = A du_i + ds * (u_i - s.u_i) - s (ds . u_i)."""
-    s = softmax
-    d_s = lse_hvp(logits, d_logits.unsqueeze(0))[2][0]
-    d_h = lse_hvp(logits, d_tangents)[2] if d_tangents is not None else torch.zeros_like(tangents)
-    centred = tangents - (s * tangents).sum(-1, keepdim=True)
-    d_h = d_h + d_s * centred - s * (d_s * tangents).sum(-1, keepdim=True)
-    return d_s, -(s * d_logits).sum(-1), d_h
-
-
-def register_flatness_rules(energy: str, logsumexp_hvp: str, probe_dots: str) -> None:
-    """Autograd and vmap rules for one backend's flatness ops, given their qualified names."""
-    energy_op = _resolve(energy)
-    lse_hvp_op = _resolve(logsumexp_hvp)
-
-    def energy_setup(ctx, inputs, output):
+    def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], output)
 
-    def energy_backward(ctx, grad):
+    def backward(ctx, grad):
         return energy_vjp(*ctx.saved_tensors, grad)
 
-    def energy_vmap(info, in_dims, logits):
+    return backward, setup_context
+
+
+def _energy_vmap(op):
+    def rule(info, in_dims, logits):
         (dim,) = in_dims
         if dim is None:
-            return energy_op(logits), None
-        return energy_op(logits.movedim(dim, 0)), 0
+            return op(logits), None
+        return op(logits.movedim(dim, 0)), 0
 
-    torch.library.register_autograd(energy, energy_backward, setup_context=energy_setup)
-    torch.library.register_vmap(energy, energy_vmap)
+    return rule
 
-    def lse_hvp_setup(ctx, inputs, output):
+
+def _logsumexp_hvp_fake(logits, tangents):
+    return logits.new_empty(logits.shape), logits.new_empty(logits.shape[:-1]), tangents.new_empty(tangents.shape)
+
+
+def _logsumexp_hvp_autograd(op):
+    from .reference.flatness import logsumexp_hvp_vjp
+
+    def setup_context(ctx, inputs, output):
         logits, tangents = inputs
         ctx.save_for_backward(logits, tangents, output[0])
 
-    def lse_hvp_backward(ctx, grad_softmax, grad_energy, grad_hvp):
-        return logsumexp_hvp_vjp(lse_hvp_op, *ctx.saved_tensors, grad_softmax, grad_energy, grad_hvp)
+    def backward(ctx, grad_softmax, grad_energy, grad_hvp):
+        return logsumexp_hvp_vjp(op, *ctx.saved_tensors, grad_softmax, grad_energy, grad_hvp)
 
-    def lse_hvp_vmap(info, in_dims, logits, tangents):
+    return backward, setup_context
+
+
+def _logsumexp_hvp_vmap(op):
+    def rule(info, in_dims, logits, tangents):
         dim_l, dim_t = in_dims
         if dim_l is None and dim_t is None:
-            return lse_hvp_op(logits, tangents), (None, None, None)
+            return op(logits, tangents), (None, None, None)
         if dim_l is None:  # only the tangents are batched: fold the vmap dim into S
             tangents = tangents.movedim(dim_t, 0)
             V, S = tangents.shape[:2]
-            s, e, h = lse_hvp_op(logits, tangents.reshape(V * S, *tangents.shape[2:]))
+            s, e, h = op(logits, tangents.reshape(V * S, *tangents.shape[2:]))
             return (s, e, h.reshape(V, S, *h.shape[1:])), (None, None, 0)
         logits = logits.movedim(dim_l, 0)  # [V, ..., K]: the vmap dim becomes a leading row dim
         if dim_t is None:
             tangents = tangents.unsqueeze(1).expand(tangents.shape[0], logits.shape[0], *tangents.shape[1:])
         else:
             tangents = tangents.movedim(dim_t, 1)
-        return lse_hvp_op(logits, tangents), (0, 0, 1)
+        return op(logits, tangents), (0, 0, 1)
 
-    torch.library.register_autograd(logsumexp_hvp, lse_hvp_backward, setup_context=lse_hvp_setup)
-    torch.library.register_vmap(logsumexp_hvp, lse_hvp_vmap)
+    return rule
 
-    def dots_setup(ctx, inputs, output):
+
+def _probe_dots_fake(v, w):
+    return v.new_empty(v.shape[:2])
+
+
+def _probe_dots_autograd(op):
+    from .reference.flatness import probe_dots_vjp
+
+    def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
-    def dots_backward(ctx, grad):
-        v, w = ctx.saved_tensors
-        return grad.unsqueeze(-1) * w, grad.unsqueeze(-1) * v
+    def backward(ctx, grad):
+        return probe_dots_vjp(*ctx.saved_tensors, grad)
 
-    torch.library.register_autograd(probe_dots, dots_backward, setup_context=dots_setup)
-
-
-def _resolve(qualified: str):
-    namespace, name = qualified.split("::")
-    return getattr(getattr(torch.ops, namespace), name).default
-
-
-if LOADED:
-
-    @torch.library.register_fake("pykernels::energy")
-    def _energy_fake(logits):
-        return logits.new_empty(logits.shape[:-1])
-
-    @torch.library.register_fake("pykernels::logsumexp_hvp")
-    def _logsumexp_hvp_fake(logits, tangents):
-        return logits.new_empty(logits.shape), logits.new_empty(logits.shape[:-1]), tangents.new_empty(tangents.shape)
-
-    @torch.library.register_fake("pykernels::fill_probes_")
-    def _fill_probes_fake(out, seed, offset, kind):
-        return None
-
-    @torch.library.register_fake("pykernels::probe_dots")
-    def _probe_dots_fake(v, w):
-        return v.new_empty(v.shape[:2])
-
-    register_flatness_rules("pykernels::energy", "pykernels::logsumexp_hvp", "pykernels::probe_dots")
+    return backward, setup_context
 
 
 # ---- model selection (selection/correlation.py) ----
 
+
+def _pairwise_corr_distance_fake(features, triu):
+    B, N = features.shape[0], features.shape[1]
+    return features.new_empty((B, N * (N - 1) // 2) if triu else (B, N, N))
+
+
+def _pairwise_corr_distance_autograd(op):
+    from .reference.parc import pairwise_corr_distance_backward
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.triu = inputs[1]
+
+    def backward(ctx, grad):
+        (features,) = ctx.saved_tensors
+        return pairwise_corr_distance_backward(features, ctx.triu, grad), None
+
+    return backward, setup_context
+
+
+def _per_row_float64_fake(a, b):
+    return a.new_empty((a.shape[0],), dtype=torch.float64)
+
+
+RULES: dict[str, Rules] = {
+    "probe_scores": Rules(_probe_scores_fake, _probe_scores_autograd),
+    "probe_accumulate_": Rules(_no_output_fake),
+    "probe_stream_step": Rules(_probe_stream_step_fake),
+    "probe_stream_step_varlen": Rules(_probe_stream_step_varlen_fake),
+    "softmax_weighted_bce_fwd": Rules(_softmax_weighted_bce_fwd_fake, _softmax_weighted_bce_fwd_autograd),
+    "cpu_isa": Rules(),  # returns a str: nothing to trace, no Triton twin
+    "energy": Rules(_energy_fake, _energy_autograd, _energy_vmap),
+    "logsumexp_hvp": Rules(_logsumexp_hvp_fake, _logsumexp_hvp_autograd, _logsumexp_hvp_vmap),
+    "fill_probes_": Rules(_no_output_fake),
+    "probe_dots": Rules(_probe_dots_fake, _probe_dots_autograd),
+    "pairwise_corr_distance": Rules(_pairwise_corr_distance_fake, _pairwise_corr_distance_autograd),
+    "spearman": Rules(_per_row_float64_fake),
+    "parc_spearman": Rules(_per_row_float64_fake),
+}
+
+
+def register_rules(op: str, qualified_name: str) -> None:
+    """Registers the table's rules of schema `op` on `qualified_name`: pykernels::<op>
+    (below, once the library is loaded) or its Triton twin (from pykernels/triton/)."""
+    rules = RULES[op]
+    namespace, name = qualified_name.split("::")
+    overload = getattr(getattr(torch.ops, namespace), name).default
+    if rules.fake is not None:
+        torch.library.register_fake(qualified_name, rules.fake)
+    if rules.autograd is not None:
+        backward, setup_context = rules.autograd(overload)
+        torch.library.register_autograd(qualified_name, backward, setup_context=setup_context)
+    if rules.vmap is not None:
+        torch.library.register_vmap(qualified_name, rules.vmap(overload))
+
+
+def register_triton_twins(*ops: str) -> None:
+    """Called by each pykernels/triton/<family>.py for the ops it defines."""
+    for op in ops:
+        register_rules(op, f"pykernels::{triton_name(op)}")
+
+
 if LOADED:
-
-    @torch.library.register_fake("pykernels::pairwise_corr_distance")
-    def _pairwise_corr_distance_fake(features, triu):
-        B, N = features.shape[0], features.shape[1]
-        return features.new_empty((B, N * (N - 1) // 2) if triu else (B, N, N))
-
-    @torch.library.register_fake("pykernels::spearman")
-    def _spearman_fake(x, y):
-        return x.new_empty((x.shape[0],), dtype=torch.float64)
-
-    @torch.library.register_fake("pykernels::parc_spearman")
-    def _parc_spearman_fake(features, classes):
-        return features.new_empty((features.shape[0],), dtype=torch.float64)
-
-    from .reference.parc import register_distance_autograd
-
-    register_distance_autograd("pykernels::pairwise_corr_distance")
+    for _op in RULES:
+        register_rules(_op, f"pykernels::{_op}")

@@ -31,6 +31,25 @@ from . import _ops
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "PYKERNELS_BACKEND"
 
+# Every op (a schema of csrc/ops/registration.cpp) and its family: the reference is
+# pykernels.reference.<family>.<op>, the Triton twin pykernels.triton.<family>.<triton_name(op)>,
+# the compiled op torch.ops.pykernels.<op>; its fake / autograd rules are _ops.RULES[op].
+# (cpu_isa, the one schema that is not an op on tensors, is not here.)
+OP_FAMILY = {
+    "probe_scores": "probe_scores",
+    "probe_accumulate_": "probe_guard",
+    "probe_stream_step": "probe_guard",
+    "probe_stream_step_varlen": "probe_guard",
+    "softmax_weighted_bce_fwd": "probe_guard",
+    "energy": "flatness",
+    "logsumexp_hvp": "flatness",
+    "fill_probes_": "flatness",
+    "probe_dots": "flatness",
+    "pairwise_corr_distance": "parc",
+    "spearman": "parc",
+    "parc_spearman": "parc",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class BackendStatus:
@@ -140,12 +159,16 @@ def select(op: str, device: torch.device, implemented: Iterable[str], requested:
     call. Under torch.compile the choice is made once, while tracing, and baked
     into the compiled graph.
     """
-    from_env = requested is None
-    if from_env:
+    return _select(op, device.type, tuple(implemented), _requested(requested), triton_interpreted())
+
+
+def _requested(requested: str | None) -> str | None:
+    """The backend asked for: the argument, else $PYKERNELS_BACKEND (checked), else None."""
+    if requested is None:
         requested = os.environ.get(ENV_VAR) or None
-    if from_env and requested is not None and requested not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {requested!r}")
-    return _select(op, device.type, tuple(implemented), requested, triton_interpreted())
+        if requested is not None and requested not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {requested!r}")
+    return requested
 
 
 # What torch.compiler.assume_constant_result(select) does, without importing
@@ -180,6 +203,44 @@ def _select(op: str, device_type: str, implemented: tuple[str, ...], requested: 
             _warn_once(f"pykernels: the cuda backend cannot run: {status.reason}; using the next available "
                        f"backend (a forced backend='cuda' raises)")
     return "reference"
+
+
+def resolve(op: str, device: torch.device, requested: str | None = None):
+    """The callable that runs `op` (a key of OP_FAMILY) for tensors on `device`, chosen as
+    `select` chooses (same precedence, same errors): the reference function, the Triton
+    op (its module imported now, on first use) or torch.ops.pykernels.<op>. All take the
+    schema's arguments. Cheap enough to call per call: one memoised lookup. Under
+    torch.compile the choice is made once, while tracing (`select` is a traced
+    constant), and the op it returns is baked into the graph."""
+    if torch.compiler.is_compiling():  # Dynamo traces through lru_cache wrappers only with a warning
+        return op_callable(op, select(_known(op), device, BACKENDS, requested))
+    return _resolve(op, device.type, _requested(requested), triton_interpreted())
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(op: str, device_type: str, requested: str | None, interpreted: bool):
+    return op_callable(op, _select(_known(op), device_type, BACKENDS, requested, interpreted))
+
+
+def _known(op: str) -> str:
+    if op not in OP_FAMILY:
+        raise ValueError(f"unknown op {op!r}; the ops are {tuple(OP_FAMILY)}")
+    return op
+
+
+def op_callable(op: str, backend: str):
+    """The callable of `op` on a backend already chosen (by `select`): no availability checks."""
+    _known(op)
+    # Import statements, not importlib: Dynamo traces them.
+    if backend == "reference":
+        from . import reference as modules
+    elif backend == "triton":
+        from . import triton as modules  # imports every Triton family, and Triton, on first use
+    else:
+        return getattr(torch.ops.pykernels, op).default
+    name = _ops.triton_name(op) if backend == "triton" else op
+    return getattr(getattr(modules, OP_FAMILY[op]), name)
+
 
 
 @functools.lru_cache(maxsize=None)

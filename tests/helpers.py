@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pykernels
+from pykernels._ops import triton_name
 
 FAST_BACKENDS = ("cpu", "triton", "cuda")
 
@@ -28,7 +29,7 @@ def backend_params():
 def compile_and_check_ops(fn, args, backend: str, ops):
     """torch.compile(fn, fullgraph=True) on args: the compiled result must equal
     eager, and every op in `ops` must appear in the captured graph (as
-    pykernels::<op>, or its Triton twin <op>_triton), i.e. no fallback or break."""
+    pykernels::<op>, or its Triton twin pykernels::<triton_name(op)>), i.e. no fallback or break."""
     graphs = []
 
     def capture(gm, example_inputs):
@@ -40,6 +41,6 @@ def compile_and_check_ops(fn, args, backend: str, ops):
     for g, e in zip(got if isinstance(got, tuple) else (got,), expect if isinstance(expect, tuple) else (expect,)):
         torch.testing.assert_close(g, e)
     names = {str(n.target) for g in graphs for n in g.graph.nodes}
-    suffix = "_triton" if backend == "triton" else ""
     for op in ops:
-        assert any(f"{op}{suffix}" in n for n in names), f"{op}{suffix} missing from the compiled graph"
+        target = f"pykernels.{triton_name(op) if backend == 'triton' else op}.default"
+        assert target in names, f"{target} missing from the compiled graph"

@@ -53,6 +53,50 @@ def test_unimplemented_backend_is_an_error_not_a_fallback():
         B.select("some_op", torch.device("cpu"), ("reference", "cpu"), "triton")
 
 
+def test_resolve_returns_the_chosen_backends_callable(monkeypatch):
+    from pykernels.reference import flatness as reference
+
+    cpu = torch.device("cpu")
+    assert B.resolve("energy", cpu, "reference") is reference.energy
+    monkeypatch.setenv(B.ENV_VAR, "reference")  # the same precedence as select
+    assert B.resolve("energy", cpu) is reference.energy
+    if pykernels.backends()["cpu"].available:
+        assert B.resolve("energy", cpu, "cpu") is torch.ops.pykernels.energy.default
+        monkeypatch.delenv(B.ENV_VAR)
+        assert B.resolve("energy", cpu) is torch.ops.pykernels.energy.default
+    if pykernels.backends()["triton"].available:
+        from pykernels.triton import probe_guard
+
+        assert B.resolve("probe_accumulate_", cpu, "triton") is probe_guard.probe_accumulate_triton_
+
+
+def test_resolve_raises_what_select_raises(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown op 'no_such_op'"):
+        B.resolve("no_such_op", cpu)
+    with pytest.raises(ValueError, match=r"backend must be one of .*'gpu'"):
+        B.resolve("energy", cpu, "gpu")
+    monkeypatch.setenv(B.ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match=f"{B.ENV_VAR} must be one of"):
+        B.resolve("energy", cpu)
+    monkeypatch.delenv(B.ENV_VAR)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="energy: backend 'cuda' is not available"):
+            B.resolve("energy", cpu, "cuda")
+
+
+def test_resolve_imports_no_triton_for_other_backends():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pykernels import backend; "
+            "[backend.resolve(op, torch.device('cpu'), name) for op in backend.OP_FAMILY "
+            "for name in ('reference', 'cpu') if name == 'reference' or backend._ops.LOADED]; "
+            "loaded = [m for m in sys.modules if m == 'triton' or m.startswith('pykernels.triton')]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "", "TRITON_INTERPRET": "0"})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_forced_cuda_without_gpu_says_why():
     hs, w = _small()
@@ -135,7 +179,7 @@ def test_a_gpu_without_a_kernel_image_is_reported_and_skipped_by_the_default(mon
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(backend, "_triton_import_error", lambda: None)
-    for cached in (backend._select, backend._missing_kernel_image, backend._warn_once):
+    for cached in (backend._select, backend._resolve, backend._missing_kernel_image, backend._warn_once):
         cached.cache_clear()
     try:
         status = pykernels.backends()["cuda"]
@@ -150,5 +194,5 @@ def test_a_gpu_without_a_kernel_image_is_reported_and_skipped_by_the_default(mon
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*no kernel image"):
             backend.select("energy", cuda, ("reference", "cuda", "triton"), "cuda")
     finally:
-        for cached in (backend._select, backend._missing_kernel_image, backend._warn_once):
+        for cached in (backend._select, backend._resolve, backend._missing_kernel_image, backend._warn_once):
             cached.cache_clear()

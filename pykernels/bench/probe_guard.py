@@ -5,6 +5,11 @@
                         through the public function (argument checks included)
                         and as the registered op the guard's hooks call.
                         Target: within 2x.
+  decode_dispatch       what one decode-step call costs beyond its kernel: the public
+                        probe_accumulate_ (default backend: argument checks and
+                        pykernels.backend.resolve) and ProbeStream.step, on tensors
+                        so small that the kernel is negligible, vs the bare op.
+                        Read the median (us per call); x = bare op / public call.
   probe_stream_step     one decode step of EMA smoothing + latched flags for 16
                         slots vs the same in eager PyTorch ops.
   probe_stream_step_varlen  a 512-token prefill (8 slots x 64 tokens, EMA and
@@ -28,7 +33,7 @@ import torch
 import pykernels
 from pykernels.bench._core import BenchContext, Case
 from pykernels.probes import LinearProbe, ProbeStream, probe_accumulate_, softmax_weighted_bce
-from pykernels.probes.stream import accumulate_op
+from pykernels.backend import resolve
 from pykernels.reference import probe_guard as ref
 
 
@@ -40,7 +45,7 @@ def _ours(ctx: BenchContext) -> list[str]:
 def _accumulate_impls(ours, acc, hidden, w):
     impls = {b: (lambda b=b: probe_accumulate_(acc, hidden, w, backend=b)) for b in ours}
     for b in ours:  # what ProbeGuard's hooks call: the registered op, checked once up front
-        op = accumulate_op(b)
+        op = resolve("probe_accumulate_", acc.device, b)
         impls[f"{b} (op)"] = lambda op=op: op(acc, hidden, w)
     return impls
 
@@ -68,6 +73,26 @@ def _accumulate_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
                     notes="one layer of one decode step; x = GEMV time / our time (target >= 0.5x)",
                 ))
     return cases
+
+
+def _dispatch_cases(ctx: BenchContext) -> list[Case]:
+    acc, hidden = torch.zeros(1, 1, device=ctx.device), torch.randn(1, 8, device=ctx.device)
+    w = torch.randn(1, 8, device=ctx.device).t()  # LinearProbe's layout
+    bare_accumulate = resolve("probe_accumulate_", ctx.device)
+    stream = ProbeStream(4, 1, threshold=1e9, device=ctx.device)
+    ids, z = torch.tensor([0], device=ctx.device), torch.zeros(1, 1, device=ctx.device)
+    bare_step = resolve("probe_stream_step", ctx.device, stream.backend)
+    state, meta, status = stream._live_state, stream._live_meta, stream._status
+    notes = "dispatch-bound: read the median as the per-call cost; x = bare op time / public call time"
+    return [
+        Case(op="decode_dispatch", shape="probe_accumulate_ N=1 H=8 K=1", dtype="float32",
+             implementations={"probe_accumulate_": lambda: probe_accumulate_(acc, hidden, w)},
+             baselines={"bare op": lambda: bare_accumulate(acc, hidden, w)}, notes=notes),
+        Case(op="decode_dispatch", shape="ProbeStream.step n=1 K=1", dtype="float32",
+             implementations={"ProbeStream.step": lambda: stream.step(ids, z)},
+             baselines={"bare op": lambda: bare_step(state, meta, status, ids, z, None, stream.threshold, 0,
+                                                     stream.ema_alpha)}, notes=notes),
+    ]
 
 
 def _eager_stream_step(state, flagged, ids, z, alpha, threshold):
@@ -207,10 +232,11 @@ def _overhead_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
 
 
 # The tables this suite fills (the runner skips the suite when --ops names none of them).
-OPS = ("probe_accumulate_", "probe_stream_step", "probe_stream_step_varlen", "softmax_weighted_bce", "guard_overhead")
+OPS = ("probe_accumulate_", "decode_dispatch", "probe_stream_step", "probe_stream_step_varlen", "softmax_weighted_bce",
+       "guard_overhead")
 
 
 def cases(ctx: BenchContext) -> list[Case]:
     ours = _ours(ctx)
-    return (_accumulate_cases(ctx, ours) + _stream_cases(ctx, ours) + _varlen_cases(ctx, ours) + _loss_cases(ctx, ours)
-            + _overhead_cases(ctx, ours))
+    return (_accumulate_cases(ctx, ours) + _dispatch_cases(ctx) + _stream_cases(ctx, ours) + _varlen_cases(ctx, ours)
+            + _loss_cases(ctx, ours) + _overhead_cases(ctx, ours))

@@ -40,43 +40,35 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from .. import _ops
 from .. import backend as _backend
 from .._validation import INT64_MAX, check_choice, check_int, check_tensor
-from ..reference import flatness as _reference
+from ..reference.flatness import logsumexp_hvp_jvp, logsumexp_hvp_vjp, probe_dots_jvp, probe_dots_vjp
 
-IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 PROBE_KINDS = ("rademacher", "gaussian")
 LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 REAL_DTYPES = (torch.float32, torch.float64)
 
 
 class _Kernels(NamedTuple):
+    """The four flatness ops of one backend (the field names are the schema names)."""
+
     energy: Callable
     logsumexp_hvp: Callable
     fill_probes_: Callable
     probe_dots: Callable
 
 
-def _reference_fill(out, seed, offset, kind):
-    out.copy_(_reference.probes(tuple(out.shape), seed, kind, offset=offset, dtype=out.dtype))
-
-
-def _kernels(name: str) -> _Kernels:
-    if name == "reference":
-        return _Kernels(_reference.energy, _reference.logsumexp_hvp, _reference_fill, _reference.probe_dots)
-    if name == "triton":
-        from ..triton import flatness as t
-
-        return _Kernels(t.energy_triton, t.logsumexp_hvp_triton, t.fill_probes_triton_, t.probe_dots_triton)
-    ops = torch.ops.pykernels
-    return _Kernels(ops.energy, ops.logsumexp_hvp, ops.fill_probes_, ops.probe_dots)
+def _kernels(op: str, device: torch.device, backend: Optional[str]) -> tuple[str, _Kernels]:
+    """The backend that runs `op` here and its four ops (a backward of one calls another)."""
+    name = _backend.select(op, device, _backend.BACKENDS, backend)
+    return name, _Kernels(*(_backend.resolve(field, device, name) for field in _Kernels._fields))
 
 
 # Eager-mode wrappers. Custom ops can register reverse-mode autograd but not a
 # forward-mode rule, and their registered autograd does not run under torch.func
 # transforms; these autograd.Functions add both, with the formulas of
-# pykernels/_ops.py. Under torch.compile the ops are called directly.
+# pykernels/reference/flatness.py (registered on the ops by pykernels/_ops.py).
+# Under torch.compile the ops are called directly.
 
 
 class _KernelFunction(torch.autograd.Function):
@@ -105,8 +97,7 @@ class _LogsumexpHvp(_KernelFunction):
 
     @staticmethod
     def backward(ctx, grad_softmax, grad_energy, grad_hvp):
-        grads = _ops.logsumexp_hvp_vjp(_lse_hvp_fn(ctx.kernels), *ctx.saved_tensors, grad_softmax, grad_energy,
-                                       grad_hvp)
+        grads = logsumexp_hvp_vjp(_lse_hvp_fn(ctx.kernels), *ctx.saved_tensors, grad_softmax, grad_energy, grad_hvp)
         return (*grads, None)
 
     @staticmethod
@@ -114,7 +105,7 @@ class _LogsumexpHvp(_KernelFunction):
         logits, tangents, softmax = ctx.saved_tensors
         if d_logits is None:
             d_logits = torch.zeros_like(logits)
-        return _ops.logsumexp_hvp_jvp(_lse_hvp_fn(ctx.kernels), logits, tangents, softmax, d_logits, d_tangents)
+        return logsumexp_hvp_jvp(_lse_hvp_fn(ctx.kernels), logits, tangents, softmax, d_logits, d_tangents)
 
 
 def _lse_hvp_fn(kernels):
@@ -167,27 +158,16 @@ class _ProbeDots(_KernelFunction):
 
     @staticmethod
     def backward(ctx, grad):
-        v, w = ctx.saved_tensors
-        return grad.unsqueeze(-1) * w, grad.unsqueeze(-1) * v, None
+        return (*probe_dots_vjp(*ctx.saved_tensors, grad), None)
 
     @staticmethod
     def jvp(ctx, d_v, d_w, _):
-        v, w = ctx.saved_tensors
-        out = v.new_zeros(v.shape[:2])
-        if d_v is not None:
-            out = out + (d_v * w).sum(-1)
-        if d_w is not None:
-            out = out + (v * d_w).sum(-1)
-        return out
+        return probe_dots_jvp(*ctx.saved_tensors, d_v, d_w)
 
 
 def _eager(name: str) -> bool:
     """Whether to go through the autograd.Functions (eager, non-reference backends)."""
     return name != "reference" and not torch.compiler.is_compiling()
-
-
-def _select(op: str, device: torch.device, backend: Optional[str]) -> str:
-    return _backend.select(op, device, IMPLEMENTED, backend)
 
 
 def energy(logits: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -200,8 +180,7 @@ def energy(logits: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tens
     check_tensor("logits", logits, dtypes=LOGIT_DTYPES)
     if logits.dim() == 0:
         raise ValueError("logits must have a class dim [..., K], got a 0-dim tensor")
-    name = _select("energy", logits.device, backend)
-    kernels = _kernels(name)
+    name, kernels = _kernels("energy", logits.device, backend)
     return _Energy.apply(logits, kernels) if _eager(name) else kernels.energy(logits)
 
 
@@ -224,8 +203,7 @@ def logsumexp_hvp(logits: torch.Tensor, tangents: torch.Tensor, *, backend: Opti
     if tangents.shape[1:] != logits.shape:
         raise ValueError(f"tangents must be [S, *logits.shape] with logits.shape = {tuple(logits.shape)}, "
                          f"got {tuple(tangents.shape)}")
-    name = _select("logsumexp_hvp", logits.device, backend)
-    kernels = _kernels(name)
+    name, kernels = _kernels("logsumexp_hvp", logits.device, backend)
     if _eager(name):
         return _LogsumexpHvp.apply(logits, tangents, kernels)
     return kernels.logsumexp_hvp(logits, tangents)
@@ -240,7 +218,7 @@ def fill_probes_(out: torch.Tensor, seed: int, *, offset: int = 0, kind: str = "
     # Element indices offset + i must stay in int64, the kernels' counter type.
     check_int("offset", offset, minimum=0, maximum=INT64_MAX - out.numel())
     check_choice("kind", kind, PROBE_KINDS)
-    _kernels(_select("fill_probes_", out.device, backend)).fill_probes_(out, seed, offset, kind)
+    _backend.resolve("fill_probes_", out.device, backend)(out, seed, offset, kind)
     return out
 
 
@@ -261,8 +239,7 @@ def probe_dots(v: torch.Tensor, w: torch.Tensor, *, backend: Optional[str] = Non
         raise ValueError(f"w must have the shape of v {tuple(v.shape)}, got {tuple(w.shape)}")
     S, B = v.shape[:2]
     D = math.prod(v.shape[2:])
-    name = _select("probe_dots", v.device, backend)
-    kernels = _kernels(name)
+    name, kernels = _kernels("probe_dots", v.device, backend)
     v, w = v.reshape(S, B, D), w.reshape(S, B, D)
     return _ProbeDots.apply(v, w, kernels) if _eager(name) else kernels.probe_dots(v, w)
 

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .stream import accumulate_op
+from ..backend import resolve
 from .training import LinearProbe
 
 
@@ -115,7 +115,7 @@ class ProbeGuard:
         if model_device != device:
             raise ValueError(f"probe is on {device} but the model is on {model_device}; move it with probe.to(...)")
         self.stream = probe.stream(max_batch, backend=backend)
-        self._accumulate = accumulate_op(self.stream.backend)
+        self._accumulate = resolve("probe_accumulate_", device, self.stream.backend)
         self._weights = [probe.layer_weight(l).detach() for l in range(len(self.layers))]
         self._bias = probe.bias.detach()
         self._slots = torch.arange(max_batch, device=device)

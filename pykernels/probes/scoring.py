@@ -45,7 +45,6 @@ from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, c
 
 DEFAULT_WINDOW = 16
 SMOOTHINGS = ("none", "swim", "ema")
-IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 
 
 def default_ema_alpha(window: int) -> float:
@@ -66,7 +65,9 @@ def resolve_ema_alpha(smoothing: str, window: int, ema_alpha: Optional[float]) -
     return alpha
 
 
-def _as_layers(hidden_states) -> tuple[torch.Tensor, ...]:
+def as_layers(hidden_states) -> tuple[torch.Tensor, ...]:
+    """hidden_states as a tuple of [B, T, H] layers (from a [L, B, T, H] tensor or a sequence),
+    its type and layer count checked (shared by probe_scores and LinearProbe)."""
     if isinstance(hidden_states, torch.Tensor):
         check_tensor("hidden_states", hidden_states, ndim=4, shape_doc="[L, B, T, H] (or pass a list of [B, T, H])")
         if hidden_states.shape[0] == 0:
@@ -113,7 +114,7 @@ def probe_scores(
     Returns:
         float32 [B, T, K] scores (logits, not probabilities); padded tokens hold 0.
     """
-    layers = _as_layers(hidden_states)
+    layers = as_layers(hidden_states)
     h0 = check_tensor("hidden_states[0]", layers[0], ndim=3, dtypes=FLOAT_DTYPES, shape_doc="[B, T, H]")
     device = h0.device
     for i, h in enumerate(layers[1:], start=1):
@@ -137,16 +138,8 @@ def probe_scores(
         check_dim("lengths", lengths, 0, B, "the batch size B")
         _check_length_values(lengths, T)
 
-    name = _backend.select("probe_scores", device, IMPLEMENTED, backend)
-    if name == "reference":
-        from ..reference.probe_scores import probe_scores as reference
-
-        return reference(layers, weight, bias, lengths, smoothing, window, alpha)
-    if name == "triton":
-        from ..triton.probe_scores import probe_scores_triton
-
-        return probe_scores_triton(list(layers), weight, bias, lengths, smoothing, window, alpha)
-    return torch.ops.pykernels.probe_scores(list(layers), weight, bias, lengths, smoothing, window, alpha)
+    op = _backend.resolve("probe_scores", device, backend)
+    return op(list(layers), weight, bias, lengths, smoothing, window, alpha)
 
 
 def _check_length_values(lengths: torch.Tensor, T: int) -> None:

@@ -16,46 +16,14 @@ arithmetic from csrc/core/probe_scores.h; bit-identical on the CPU kernels).
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, check_int, check_tensor
-from ..reference.probe_guard import SLOT_DUPLICATED as _DUPLICATED
-from ..reference.probe_guard import SEGMENT_OUT_OF_RANGE as _BAD_SEGMENT
-from ..reference.probe_guard import SLOT_OUT_OF_RANGE as _OUT_OF_RANGE
+from ..reference.probe_guard import SEGMENT_OUT_OF_RANGE, SLOT_DUPLICATED, SLOT_OUT_OF_RANGE
 from .scoring import DEFAULT_WINDOW, SMOOTHINGS, resolve_ema_alpha
-
-IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
-
-
-def _select(op: str, device: torch.device, requested: Optional[str]) -> str:
-    return _backend.select(op, device, IMPLEMENTED, requested)
-
-
-def backend_op(name: str, backend: str):
-    """The callable running op pykernels::<name> on a compiled or Triton backend, or
-    its reference function (for the ops whose reference has the op's signature)."""
-    if backend == "reference":
-        from ..reference import probe_guard as reference
-
-        return {"probe_accumulate_": reference.probe_accumulate_, "probe_stream_step": reference.stream_step,
-                "probe_stream_step_varlen": reference.stream_step_varlen}[name]
-    if backend == "triton":
-        from ..triton import probe_guard as triton_ops
-
-        return getattr(triton_ops, name.rstrip("_") + "_triton")
-    return getattr(torch.ops.pykernels, name).default
-
-
-@functools.lru_cache(maxsize=None)
-def accumulate_op(backend: str):
-    """The raw probe_accumulate_ callable of a backend: no argument checks (hot paths
-    validate once, then call this; the kernels still check shapes)."""
-    return backend_op("probe_accumulate_", backend)
-
 
 def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor, *,
                       backend: Optional[str] = None) -> torch.Tensor:
@@ -77,10 +45,7 @@ def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.T
         check_dim("hidden", hidden, 0, acc.shape[0], "the number of rows N of acc")
         check_dim("weight_l", weight_l, 0, hidden.shape[1], "the hidden size H of hidden")
         check_dim("weight_l", weight_l, 1, acc.shape[1], "the number of heads K of acc")
-    name = _select("probe_accumulate_", acc.device, backend)
-    # Dynamo traces through lru_cache wrappers with a warning, so resolve plainly there.
-    op = backend_op("probe_accumulate_", name) if torch.compiler.is_compiling() else accumulate_op(name)
-    op(acc, hidden, weight_l)
+    _backend.resolve("probe_accumulate_", acc.device, backend)(acc, hidden, weight_l)
     return acc
 
 
@@ -152,9 +117,9 @@ class ProbeStream:
         self._meta[:, 1] = -1
         self._status = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._live_state, self._live_meta = self._state[:max_slots], self._meta[:max_slots]  # views, made once
-        self.backend = _select("probe_stream_step", self.device, backend)
-        self._op = backend_op("probe_stream_step", self.backend)
-        self._varlen_op = backend_op("probe_stream_step_varlen", self.backend)
+        self.backend = _backend.select("probe_stream_step", self.device, _backend.BACKENDS, backend)
+        self._op = _backend.resolve("probe_stream_step", self.device, self.backend)
+        self._varlen_op = _backend.resolve("probe_stream_step_varlen", self.device, self.backend)
 
     def _threshold_tensor(self, threshold) -> torch.Tensor:
         t = torch.as_tensor(threshold, dtype=torch.float32).to(self.device).reshape(-1)
@@ -262,7 +227,7 @@ class ProbeStream:
             return
         ids = self._ids("slot_ids", slot_ids).long()
         valid = (ids >= 0) & (ids < self.max_slots)
-        self._status[1] |= (~valid).any().long() * _OUT_OF_RANGE  # device op: no sync
+        self._status[1] |= (~valid).any().long() * SLOT_OUT_OF_RANGE  # device op: no sync
         safe = torch.where(valid, ids, torch.full_like(ids, self.max_slots))
         self._state.index_fill_(0, safe, 0.0)
         self._meta.index_copy_(0, safe, self._meta.new_tensor([0, -1, 0]).expand(ids.shape[0], 3))
@@ -305,7 +270,7 @@ class ProbeStream:
             return self._meta[ids]
         # Device ids: no sync; an out-of-range id reads the spare row and is reported by check().
         valid = (ids >= 0) & (ids < self.max_slots)
-        self._status[1] |= (~valid).any().long() * _OUT_OF_RANGE
+        self._status[1] |= (~valid).any().long() * SLOT_OUT_OF_RANGE
         return self._meta[torch.where(valid, ids, torch.full_like(ids, self.max_slots))]
 
     def check(self) -> None:
@@ -323,10 +288,10 @@ class ProbeStream:
             return
         self._status[1] = 0
         problems = []
-        if error & _OUT_OF_RANGE:
+        if error & SLOT_OUT_OF_RANGE:
             bad = "" if ids is None else f" (got {sorted({i for i in ids.tolist() if not 0 <= i < self.max_slots})})"
             problems.append(f"slot ids must lie in [0, max_slots={self.max_slots}){bad}")
-        if error & _DUPLICATED:
+        if error & SLOT_DUPLICATED:
             dup = ""
             if ids is not None:
                 seen, twice = set(), set()
@@ -334,7 +299,7 @@ class ProbeStream:
                     (twice if i in seen else seen).add(i)
                 dup = f" (got {sorted(twice)} more than once)"
             problems.append(f"slot ids must be distinct within one step{dup}")
-        if error & _BAD_SEGMENT:
+        if error & SEGMENT_OUT_OF_RANGE:
             bad = ""
             if starts is not None:
                 bad = f" (got starts {starts.tolist()}, counts {counts.tolist()} for N={tokens} token rows)"

@@ -23,10 +23,10 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .._validation import INDEX_DTYPES, check_choice, check_dim, check_int, check_tensor
+from ..backend import resolve
 from ..reference import probe_guard as _ref
 from ..reference.probe_scores import probe_logits
-from .scoring import DEFAULT_WINDOW, SMOOTHINGS, _as_layers, default_ema_alpha, probe_scores, resolve_ema_alpha
-from .stream import _select, backend_op
+from .scoring import DEFAULT_WINDOW, SMOOTHINGS, as_layers, default_ema_alpha, probe_scores, resolve_ema_alpha
 
 REDUCTIONS = ("mean", "none")
 LOSSES = ("softmax_bce", "cumulative_max", "annealed")
@@ -79,11 +79,10 @@ def softmax_weighted_bce(token_logits: torch.Tensor, labels: torch.Tensor, lengt
         raise ValueError(f"tau must be a positive finite float, got {tau}")
     if token_logits.dtype in (torch.float16, torch.bfloat16):
         token_logits = token_logits.float()
-    name = _select("softmax_weighted_bce_fwd", token_logits.device, backend)
-    if name == "reference":
+    fused = resolve("softmax_weighted_bce_fwd", token_logits.device, backend)
+    if fused is _ref.softmax_weighted_bce_fwd:  # the reference loss is differentiable itself, to any order
         return _ref.softmax_weighted_bce(token_logits, labels, lengths, window, tau, detach_weights, reduction)
     compute_grad = token_logits.requires_grad and torch.is_grad_enabled()
-    fused = backend_op("softmax_weighted_bce_fwd", name)
     loss, _ = fused(token_logits, labels.to(token_logits.dtype), lengths, window, tau, detach_weights, compute_grad)
     return loss.mean() if reduction == "mean" else loss
 
@@ -202,7 +201,7 @@ class LinearProbe(torch.nn.Module):
 
     def token_logits(self, hidden_states) -> torch.Tensor:
         """Raw per-token logits [B, T, K], differentiable w.r.t. the weights (training)."""
-        return probe_logits(_as_layers(hidden_states), self.weight, self.bias)
+        return probe_logits(as_layers(hidden_states), self.weight, self.bias)
 
     @torch.no_grad()
     def forward(self, hidden_states, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:

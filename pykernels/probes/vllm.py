@@ -270,7 +270,7 @@ class VllmProbeGuard:
     """Worker-side state: the probe, its accumulator, one stream slot per live request."""
 
     def __init__(self, runner, config: dict):
-        from .stream import accumulate_op
+        from ..backend import resolve
         from .training import LinearProbe
 
         model = runner.model
@@ -292,7 +292,7 @@ class VllmProbeGuard:
         self.bias = probe.bias.detach()
         # Rows: every token a forward can carry (padded batches and dummy runs included).
         self.accumulator = self.bias.repeat(runner.max_num_tokens, 1)
-        accumulate = accumulate_op(self.stream.backend)
+        accumulate = resolve("probe_accumulate_", device, self.stream.backend)
         # noop_control (benchmarks only): the same subclasses and calls, no scoring work,
         # so an A/B against it isolates what the guard's kernels cost.
         self.noop_control = bool(config.get("noop_control", False))

@@ -1,5 +1,9 @@
 """Reference flatness ops (maths: docs/flatness.md; API docs:
-pykernels/flatness/ops.py). Plain PyTorch, any float dtype (float64 in tests)."""
+pykernels/flatness/ops.py). Plain PyTorch, any float dtype (float64 in tests).
+With each forward, its derivative formulas (vjp / jvp), written with the ops
+themselves so that every backward is differentiable again: pykernels/_ops.py
+registers them on the compiled ops and their Triton twins, pykernels/flatness/ops.py
+wraps them in autograd.Functions for forward mode and torch.func."""
 
 from __future__ import annotations
 
@@ -20,6 +24,45 @@ def logsumexp_hvp(logits: torch.Tensor, tangents: torch.Tensor):
     s = torch.softmax(logits, dim=-1)
     hvp = s * (tangents - (s * tangents).sum(-1, keepdim=True))
     return s, energy(logits), hvp
+
+
+def energy_vjp(logits, energy, grad):
+    """d logits of energy = -logsumexp: -grad * softmax, from the saved output."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    softmax = torch.exp(logits.to(wide) + energy.to(wide).unsqueeze(-1))
+    return (-grad.unsqueeze(-1) * softmax).to(logits.dtype)
+
+
+def logsumexp_hvp_vjp(lse_hvp, logits, tangents, softmax, grad_softmax, grad_energy, grad_hvp):
+    """Backward of (s, E, h) = logsumexp_hvp(logits, tangents), with A = diag(s) - s s^T
+    (symmetric) and h_i = s * (u_i - s.u_i):
+      d logits <- A (g_s + sum_i r_i) - g_E s,  r_i = g_h_i * (u_i - s.u_i) - (g_h_i . s) u_i
+      d u_i    <- A g_h_i
+    Every product with A is one more `lse_hvp` call, so the result is differentiable again."""
+    s = softmax
+    through_softmax = torch.zeros_like(logits) if grad_softmax is None else grad_softmax
+    if grad_hvp is None:
+        grad_logits, grad_tangents = lse_hvp(logits, through_softmax.unsqueeze(0))[2][0], None
+    else:
+        centred = tangents - (s * tangents).sum(-1, keepdim=True)
+        r = grad_hvp * centred - (grad_hvp * s).sum(-1, keepdim=True) * tangents
+        through_softmax = through_softmax + r.sum(0)
+        products = lse_hvp(logits, torch.cat([through_softmax.unsqueeze(0), grad_hvp]))[2]
+        grad_logits, grad_tangents = products[0], products[1:]
+    if grad_energy is not None:
+        grad_logits = grad_logits - grad_energy.unsqueeze(-1) * s
+    return grad_logits, grad_tangents
+
+
+def logsumexp_hvp_jvp(lse_hvp, logits, tangents, softmax, d_logits, d_tangents):
+    """Forward-mode rule of logsumexp_hvp: ds = A dz, dE = -s . dz,
+    dh_i = A du_i + ds * (u_i - s.u_i) - s (ds . u_i)."""
+    s = softmax
+    d_s = lse_hvp(logits, d_logits.unsqueeze(0))[2][0]
+    d_h = lse_hvp(logits, d_tangents)[2] if d_tangents is not None else torch.zeros_like(tangents)
+    centred = tangents - (s * tangents).sum(-1, keepdim=True)
+    d_h = d_h + d_s * centred - s * (d_s * tangents).sum(-1, keepdim=True)
+    return d_s, -(s * d_logits).sum(-1), d_h
 
 
 # ---- probes: the counter-based generator of csrc/core/flatness.h, on int64 tensors ----
@@ -81,6 +124,26 @@ def probes(shape, seed: int, kind: str = "rademacher", *, offset: int = 0, dtype
     return out.reshape(shape).to(dtype)
 
 
+def fill_probes_(out: torch.Tensor, seed: int, offset: int, kind: str) -> None:
+    """Fills out with the probes of (seed, offset + i) for its elements i (row-major)."""
+    out.copy_(probes(tuple(out.shape), seed, kind, offset=offset, dtype=out.dtype))
+
+
 def probe_dots(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """out[s, b] = v[s, b] . w[s, b] over the flattened trailing dims."""
     return (v * w).flatten(2).sum(-1)
+
+
+def probe_dots_vjp(v, w, grad):
+    """(d v, d w) of probe_dots given the output's gradient."""
+    return grad.unsqueeze(-1) * w, grad.unsqueeze(-1) * v
+
+
+def probe_dots_jvp(v, w, d_v, d_w):
+    """Forward-mode rule of probe_dots (None: no tangent for that input)."""
+    out = v.new_zeros(v.shape[:2])
+    if d_v is not None:
+        out = out + (d_v * w).flatten(2).sum(-1)
+    if d_w is not None:
+        out = out + (v * d_w).flatten(2).sum(-1)
+    return out

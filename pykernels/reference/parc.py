@@ -112,17 +112,3 @@ def pairwise_corr_distance_backward(features: torch.Tensor, triu: bool, grad: to
     g_centred = (g_z - z * (z * g_z).sum(-1, keepdim=True)) / norm
     return g_centred - g_centred.mean(-1, keepdim=True)
 
-
-def register_distance_autograd(op) -> None:
-    """Makes pairwise_corr_distance_backward the gradient of a distance op with the schema
-    (Tensor features, bool triu) -> Tensor (the compiled op and the Triton op)."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.triu = inputs[1]
-
-    def backward(ctx, grad):
-        (features,) = ctx.saved_tensors
-        return pairwise_corr_distance_backward(features, ctx.triu, grad), None
-
-    torch.library.register_autograd(op, backward, setup_context=setup_context)

@@ -19,7 +19,8 @@ def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.T
     acc.add_(hidden.float() @ weight_l.float())
 
 
-def stream_step(state, meta, status, slot_ids, token_logits, active, threshold, window: int, ema_alpha: float):
+def probe_stream_step(state, meta, status, slot_ids, token_logits, active, threshold, window: int,
+                      ema_alpha: float):
     """One streaming step over per-slot state; the layout and rules of
     csrc/core/probe_guard.h (window 0 = EMA). Returns (scores [n, K], flagged [n])."""
     n = slot_ids.shape[0]
@@ -27,9 +28,9 @@ def stream_step(state, meta, status, slot_ids, token_logits, active, threshold, 
                   active, threshold, window, ema_alpha, segmented=False)
 
 
-def stream_step_varlen(state, meta, status, slot_ids, token_starts, token_counts, token_logits, threshold,
-                       window: int, ema_alpha: float):
-    """stream_step over a segment per slot: slot slot_ids[r] steps through token rows
+def probe_stream_step_varlen(state, meta, status, slot_ids, token_starts, token_counts, token_logits, threshold,
+                             window: int, ema_alpha: float):
+    """probe_stream_step over a segment per slot: slot slot_ids[r] steps through token rows
     [token_starts[r], token_starts[r] + token_counts[r]) in order. Returns (scores [N, K]
     (0 outside every segment), flagged [n])."""
     return _steps(state, meta, status, slot_ids, token_starts, token_counts, token_logits, None, threshold, window,
@@ -127,6 +128,20 @@ def softmax_weighted_bce(token_logits, labels, lengths, window=16, tau=1.0, deta
     bce = torch.logaddexp(zbar, torch.zeros_like(zbar)) - y * zbar  # softplus, exact past F.softplus' threshold
     loss = (w * torch.where(pred, bce, torch.zeros_like(bce))).sum(1)
     return loss.mean() if reduction == "mean" else loss
+
+
+def softmax_weighted_bce_fwd(token_logits, labels, lengths, window: int, tau: float, detach_weights: bool,
+                             compute_grad: bool):
+    """The fused kernels' contract: (per-sequence losses [B], and when compute_grad their
+    gradient d loss_b / d token_logits [B, T], else an empty [0])."""
+    if not compute_grad:
+        loss = softmax_weighted_bce(token_logits, labels, lengths, window, tau, detach_weights, reduction="none")
+        return loss, token_logits.new_empty((0,))
+    with torch.enable_grad():
+        z = token_logits.detach().requires_grad_(True)
+        loss = softmax_weighted_bce(z, labels, lengths, window, tau, detach_weights, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), grad
 
 
 def _mean_bce_of_probabilities(p, labels, pred, reduction):

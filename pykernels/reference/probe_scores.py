@@ -62,13 +62,14 @@ def ema(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def probe_scores(layers: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+def probe_scores(hidden_states: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
                  lengths: torch.Tensor | None, smoothing: str, window: int, ema_alpha: float,
                  *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Probe logits, smoothed along tokens; padded positions (t >= lengths[b]) hold 0.
 
     Smoothing only looks back in time, so padded tokens cannot reach valid ones.
     """
+    layers = hidden_states
     valid = None
     if lengths is not None:  # padding is never read: zeroed first, so no NaN there reaches a gradient
         T = layers[0].shape[1]
@@ -116,3 +117,27 @@ def smoothing_adjoint(grad: torch.Tensor, smoothing: str, window: int, ema_alpha
         dz[:, 0] = lam[:, 0]
         return dz
     raise ValueError(f"smoothing must be 'none', 'swim' or 'ema', got {smoothing!r}")
+
+
+def probe_scores_backward(hidden_states: Sequence[torch.Tensor], weight: torch.Tensor, bias_dtype: torch.dtype | None,
+                          lengths: torch.Tensor | None, smoothing: str, window: int, ema_alpha: float,
+                          grad: torch.Tensor, needs_input_grad: Sequence[bool]):
+    """Gradients of probe_scores for (hidden_states, weight, bias) given the scores' gradient
+    (None where not needed; bias_dtype None: no bias): the smoothing's adjoint maps grad to
+    the raw logits, then one matmul per layer."""
+    layers = hidden_states
+    grad = grad.float()
+    if lengths is not None:  # padded scores are constant zeros, and padded activations are never read
+        valid = (torch.arange(grad.shape[1], device=grad.device)[None, :] < lengths[:, None])[:, :, None]
+        grad = grad * valid
+        layers = [torch.where(valid, h, torch.zeros((), dtype=h.dtype, device=h.device)) for h in layers]
+    g = smoothing_adjoint(grad, smoothing, window, ema_alpha)  # [B, T, K]
+    d_layers = None
+    if needs_input_grad[0]:
+        d_layers = [(g @ weight[l].float().T).to(h.dtype) for l, h in enumerate(layers)]
+    d_weight = None
+    if needs_input_grad[1]:
+        g2 = g.reshape(-1, g.shape[-1])
+        d_weight = torch.stack([h.reshape(-1, h.shape[-1]).float().T @ g2 for h in layers]).to(weight.dtype)
+    d_bias = g.sum((0, 1)).to(bias_dtype) if bias_dtype is not None and needs_input_grad[2] else None
+    return d_layers, d_weight, d_bias

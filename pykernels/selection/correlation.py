@@ -41,7 +41,6 @@ import torch
 from .. import backend as _backend
 from .._validation import check_tensor
 
-IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 _FEATURE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -76,13 +75,7 @@ def pairwise_corr_distance(features: torch.Tensor, *, triu: bool = False,
         for float64 features. Rows of a constant or non-finite sample are NaN.
     """
     x, batched = _feature_batch("features", features)
-    name = _backend.select("pairwise_corr_distance", x.device, IMPLEMENTED, backend)
-    if name == "reference":
-        from ..reference.parc import pairwise_corr_distance as op
-    elif name == "triton":
-        from ..triton.parc import pairwise_corr_distance_triton as op
-    else:
-        op = torch.ops.pykernels.pairwise_corr_distance
+    op = _backend.resolve("pairwise_corr_distance", x.device, backend)
     out = op(x, bool(triu))
     return out if batched else out[0]
 
@@ -141,13 +134,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor, *, backend: Optional[str] = None)
         ys = ys[(0,) * len(lead)].expand(xs.shape[0], m)  # row stride 0: the kernels rank y once
     else:
         ys = ys.reshape(-1, m)
-    name = _backend.select("spearman", x.device, IMPLEMENTED, backend)
-    if name == "reference":
-        from ..reference.parc import spearman as op
-    elif name == "triton":
-        from ..triton.parc import spearman_triton as op
-    else:
-        op = torch.ops.pykernels.spearman
+    op = _backend.resolve("spearman", x.device, backend)
     return op(xs, ys).reshape(lead)
 
 
@@ -171,12 +158,6 @@ def parc_spearman(features: torch.Tensor, classes: torch.Tensor, *, backend: Opt
     if classes.shape[0] != x.shape[1]:
         raise ValueError(f"classes has {classes.shape[0]} labels but features have N={x.shape[1]} samples")
     ids = classes.to(torch.int64).contiguous()
-    name = _backend.select("parc_spearman", x.device, IMPLEMENTED, backend)
-    if name == "reference":
-        from ..reference.parc import parc_spearman as op
-    elif name == "triton":
-        from ..triton.parc import parc_spearman_triton as op
-    else:
-        op = torch.ops.pykernels.parc_spearman
+    op = _backend.resolve("parc_spearman", x.device, backend)
     out = op(x, ids)
     return out if batched else out[0]

@@ -158,10 +158,6 @@ def energy_triton(logits: torch.Tensor) -> torch.Tensor:
     return out.to(logits.dtype).reshape(logits.shape[:-1])
 
 
-@energy_triton.register_fake
-def _(logits):
-    return logits.new_empty(logits.shape[:-1])
-
 
 @torch.library.custom_op("pykernels::logsumexp_hvp_triton", mutates_args=())
 def logsumexp_hvp_triton(logits: torch.Tensor, tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,10 +179,6 @@ def logsumexp_hvp_triton(logits: torch.Tensor, tangents: torch.Tensor) -> tuple[
     return s, e, h
 
 
-@logsumexp_hvp_triton.register_fake
-def _(logits, tangents):
-    return logits.new_empty(logits.shape), logits.new_empty(logits.shape[:-1]), tangents.new_empty(tangents.shape)
-
 
 @torch.library.custom_op("pykernels::fill_probes_triton_", mutates_args=("out",))
 def fill_probes_triton_(out: torch.Tensor, seed: int, offset: int, kind: str) -> None:
@@ -200,10 +192,6 @@ def fill_probes_triton_(out: torch.Tensor, seed: int, offset: int, kind: str) ->
     if buf is not out:
         out.copy_(buf)
 
-
-@fill_probes_triton_.register_fake
-def _(out, seed, offset, kind):
-    return None
 
 
 @torch.library.custom_op("pykernels::probe_dots_triton", mutates_args=())
@@ -219,10 +207,5 @@ def probe_dots_triton(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@probe_dots_triton.register_fake
-def _(v, w):
-    return v.new_empty(v.shape[:2])
 
-
-_ops.register_flatness_rules("pykernels::energy_triton", "pykernels::logsumexp_hvp_triton",
-                             "pykernels::probe_dots_triton")
+_ops.register_triton_twins("energy", "logsumexp_hvp", "fill_probes_", "probe_dots")

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.parc import register_distance_autograd
+from .. import _ops
 from ._index import triu_offset
 
 _KEY_BYTES_PER_CHUNK = 1 << 28  # parc_spearman: sort keys of this many bytes of models at a time
@@ -247,13 +247,6 @@ def pairwise_corr_distance_triton(features: torch.Tensor, triu: bool) -> torch.T
     return out
 
 
-@pairwise_corr_distance_triton.register_fake
-def _(features, triu):
-    B, N = features.shape[0], features.shape[1]
-    return features.new_empty((B, N * (N - 1) // 2) if triu else (B, N, N))
-
-
-register_distance_autograd(pairwise_corr_distance_triton)
 
 
 def _twice_ranks(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,10 +280,6 @@ def spearman_triton(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     rho = 3.0 * partial.sum(1) / torch.sqrt((cube - tx) * (cube - ty))
     return torch.where(nan_row, out, rho)
 
-
-@spearman_triton.register_fake
-def _(x, y):
-    return x.new_empty((x.shape[0],), dtype=torch.float64)
 
 
 def _label_side(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -345,6 +334,4 @@ def parc_spearman_triton(features: torch.Tensor, classes: torch.Tensor) -> torch
     return out
 
 
-@parc_spearman_triton.register_fake
-def _(features, classes):
-    return features.new_empty((features.shape[0],), dtype=torch.float64)
+_ops.register_triton_twins("pairwise_corr_distance", "spearman", "parc_spearman")

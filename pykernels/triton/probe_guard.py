@@ -1,6 +1,6 @@
 """Triton kernels of the probe guard, registered as custom ops
-pykernels::{probe_accumulate_, probe_stream_step, probe_stream_step_varlen,
-softmax_weighted_bce_fwd}_triton
+pykernels::probe_accumulate_triton_ and pykernels::{probe_stream_step,
+probe_stream_step_varlen, softmax_weighted_bce_fwd}_triton
 (custom_op + explicit fake kernels, testable under TRITON_INTERPRET=1; see
 triton/probe_scores.py). The arithmetic mirrors csrc/core/probe_guard.h.
 """
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops import probe_stream_step_fake, probe_stream_step_varlen_fake
+from .. import _ops
 from ._index import block_range
 from .probe_scores import _TL_DTYPES
 
@@ -42,8 +42,8 @@ def _accumulate_kernel(x_ptr, row_stride, w_ptr, acc_ptr, N, H, K,
     tl.store(out, tl.load(out, mask=mask, other=0.0) + total, mask=mask)
 
 
-@torch.library.custom_op("pykernels::probe_accumulate_triton", mutates_args=("acc",))
-def probe_accumulate_triton(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor) -> None:
+@torch.library.custom_op("pykernels::probe_accumulate_triton_", mutates_args=("acc",))
+def probe_accumulate_triton_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor) -> None:
     N, H = hidden.shape
     K = weight_l.shape[1]
     if N == 0 or K == 0:
@@ -61,10 +61,6 @@ def probe_accumulate_triton(acc: torch.Tensor, hidden: torch.Tensor, weight_l: t
     if target is not acc:
         acc.add_(target)
 
-
-@probe_accumulate_triton.register_fake
-def _(acc, hidden, weight_l):
-    return None
 
 
 # ---------------------------------------------------------------- probe_stream_step
@@ -193,8 +189,6 @@ def probe_stream_step_triton(state: torch.Tensor, meta: torch.Tensor, status: to
                                ema_alpha)
 
 
-probe_stream_step_triton.register_fake(probe_stream_step_fake)
-
 
 @torch.library.custom_op("pykernels::probe_stream_step_varlen_triton", mutates_args=("state", "meta", "status"))
 def probe_stream_step_varlen_triton(state: torch.Tensor, meta: torch.Tensor, status: torch.Tensor,
@@ -204,8 +198,6 @@ def probe_stream_step_varlen_triton(state: torch.Tensor, meta: torch.Tensor, sta
     return _launch_stream_step(state, meta, status, slot_ids, token_starts, token_counts, token_logits, None,
                                threshold, window, ema_alpha)
 
-
-probe_stream_step_varlen_triton.register_fake(probe_stream_step_varlen_fake)
 
 
 # ---------------------------------------------------------------- softmax_weighted_bce
@@ -293,16 +285,6 @@ def softmax_weighted_bce_fwd_triton(token_logits: torch.Tensor, labels: torch.Te
     return loss, grad
 
 
-@softmax_weighted_bce_fwd_triton.register_fake
-def _(token_logits, labels, lengths, window, tau, detach_weights, compute_grad):
-    B, T = token_logits.shape
-    return token_logits.new_empty((B,)), token_logits.new_empty((B, T) if compute_grad else (0,))
 
-
-def _register_autograd():
-    from .._ops import register_swbce_autograd
-
-    register_swbce_autograd("pykernels::softmax_weighted_bce_fwd_triton")
-
-
-_register_autograd()
+_ops.register_triton_twins("probe_accumulate_", "probe_stream_step", "probe_stream_step_varlen",
+                           "softmax_weighted_bce_fwd")

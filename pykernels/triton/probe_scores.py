@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops import probe_scores_fake, register_probe_scores_autograd
+from .. import _ops
 from ._index import block_range
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -156,5 +156,4 @@ def probe_scores_triton(
     return out
 
 
-probe_scores_triton.register_fake(probe_scores_fake)
-register_probe_scores_autograd(probe_scores_triton)
+_ops.register_triton_twins("probe_scores")

@@ -1,6 +1,7 @@
 """The flatness kernels: the reference against hand-worked values, then every
 fast backend against the float64 reference (odd sizes, non-contiguous inputs,
-every dtype, special values), autograd in every mode, opcheck and compile."""
+every dtype, special values), autograd in every mode, compile (opcheck:
+tests/test_ops.py)."""
 
 import math
 
@@ -270,28 +271,6 @@ def test_probe_dots_gradcheck(backend):
 
 
 # ---------------------------------------------------------------- torch integration
-
-
-def _raw_ops(backend):
-    if backend == "triton":
-        from pykernels.triton import flatness as t
-
-        return t.energy_triton, t.logsumexp_hvp_triton, t.fill_probes_triton_, t.probe_dots_triton
-    p = torch.ops.pykernels
-    return p.energy.default, p.logsumexp_hvp.default, p.fill_probes_.default, p.probe_dots.default
-
-
-@pytest.mark.parametrize("backend", backend_params())
-def test_opcheck(backend):
-    device = backend_device(backend)
-    energy, lse_hvp, fill, dots = _raw_ops(backend)
-    z = randn(3, 5, seed=60, device=device).requires_grad_()
-    U = randn(2, 3, 5, seed=61, device=device).requires_grad_()
-    torch.library.opcheck(energy, (z,))
-    torch.library.opcheck(energy, (randn(2, 3, 5, seed=62, device=device, dtype=torch.float32),))
-    torch.library.opcheck(lse_hvp, (z, U))
-    torch.library.opcheck(fill, (torch.empty(4, 6, device=device), 3, 7, "gaussian"))
-    torch.library.opcheck(dots, (U, randn(2, 3, 5, seed=63, device=device)))
 
 
 @pytest.mark.parametrize("backend", backend_params())

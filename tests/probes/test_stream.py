@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pykernels
+from pykernels._ops import triton_name
 from pykernels.probes import ProbeStream, probe_accumulate_, probe_scores
-from pykernels.probes.stream import accumulate_op
 
 from tests.helpers import backend_device, backend_params
 from tests.probes.test_scoring import make_layers, make_probe
@@ -79,13 +79,9 @@ def test_accumulate_layers_equal_probe_scores(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-def test_accumulate_opcheck_and_compile(backend):
+def test_accumulate_under_torch_compile(backend):
+    # opcheck of the ops: tests/test_ops.py
     device = backend_device(backend)
-    op = accumulate_op(backend)
-    acc, hidden = torch.randn(4, 2, device=device), torch.randn(4, 16, device=device)
-    w = torch.randn(16, 2, device=device)
-    torch.library.opcheck(op, (acc, hidden, w))
-
     def probe_two_layers(h1, h2, w):
         acc = torch.zeros(h1.shape[0], w.shape[2], device=h1.device)
         probe_accumulate_(acc, h1, w[0], backend=backend)
@@ -293,15 +289,6 @@ def test_concurrent_streams_in_threads_are_independent():
         t.join()
     for i in range(4):
         assert torch.equal(results[i], expect[i])
-
-
-@pytest.mark.parametrize("backend", backend_params())
-def test_stream_step_opcheck(backend):
-    device = backend_device(backend)
-    stream = ProbeStream(5, 2, smoothing="swim", window=3, device=device, backend=backend)
-    args = (stream._state[:5], stream._meta[:5], stream._status, torch.tensor([3, 1], device=device),
-            torch.randn(2, 2, device=device), torch.tensor([True, False], device=device), stream.threshold, 3, 1.0)
-    torch.library.opcheck(stream._op, args)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -528,17 +515,6 @@ def test_step_varlen_argument_errors():
 
 
 @pytest.mark.parametrize("backend", backend_params())
-def test_stream_step_varlen_opcheck(backend):
-    device = backend_device(backend)
-    for smoothing in ("swim", "ema"):
-        stream = ProbeStream(5, 2, smoothing=smoothing, window=3, device=device, backend=backend)
-        args = (stream._state[:5], stream._meta[:5], stream._status, torch.tensor([3, 1, 4], device=device),
-                torch.tensor([0, 2, 7], device=device), torch.tensor([2, 5, 0], device=device),
-                torch.randn(8, 2, device=device), stream.threshold, stream._kernel_window, stream.ema_alpha)
-        torch.library.opcheck(stream._varlen_op, args)
-
-
-@pytest.mark.parametrize("backend", backend_params())
 def test_stream_step_varlen_under_torch_compile(backend):
     device = backend_device(backend)
     eager = ProbeStream(3, 2, smoothing="swim", window=2, threshold=0.5, device=device, backend=backend)
@@ -558,5 +534,5 @@ def test_stream_step_varlen_under_torch_compile(backend):
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
         assert torch.equal(a[1], b[1])
     assert torch.equal(eager.flags()[1], compiled_stream.flags()[1])
-    suffix = "_triton" if backend == "triton" else ""
-    assert any(f"probe_stream_step_varlen{suffix}" in str(n.target) for g in graphs for n in g.graph.nodes)
+    op = triton_name("probe_stream_step_varlen") if backend == "triton" else "probe_stream_step_varlen"
+    assert any(str(n.target) == f"pykernels.{op}.default" for g in graphs for n in g.graph.nodes)

@@ -1,12 +1,13 @@
 """The model-selection ops: the reference against hand-worked cases and scipy / numpy, then every
 fast backend against the reference (random, tie-heavy and degenerate inputs), then torch
-integration (opcheck, torch.compile, autograd)."""
+integration (torch.compile, autograd; opcheck in tests/test_ops.py)."""
 
 import numpy as np
 import pytest
 import torch
 
 import pykernels
+from pykernels.backend import op_callable
 from pykernels.reference import parc as ref
 
 from tests.helpers import backend_device, backend_params, compile_and_check_ops
@@ -274,7 +275,8 @@ def test_ops_refuse_features_without_dims(backend):
     """The ops themselves (not only the Python wrappers) reject D = 0: the CPU kernel used to read
     past the end (a segfault) and the others returned distances of 1."""
     device = backend_device(backend)
-    dist, _, parc_op = _ops(backend)
+    dist = op_callable("pairwise_corr_distance", backend)
+    parc_op = op_callable("parc_spearman", backend)
     x = torch.empty(1, 300, 0, device=device)
     for triu in (False, True):
         with pytest.raises(RuntimeError, match=r"pairwise_corr_distance: .*\(D > 0\)"):
@@ -414,29 +416,6 @@ def test_cpu_parc_ranks_exactly_past_float32_precision():
 
 
 # ---------------------------------------------------------------- torch integration
-
-
-def _ops(backend):
-    if backend == "triton":
-        from pykernels.triton import parc as tp
-
-        return tp.pairwise_corr_distance_triton, tp.spearman_triton, tp.parc_spearman_triton
-    ops = torch.ops.pykernels
-    return ops.pairwise_corr_distance.default, ops.spearman.default, ops.parc_spearman.default
-
-
-@pytest.mark.parametrize("backend", backend_params())
-def test_opcheck(backend):
-    device = backend_device(backend)
-    dist, spear, parc_op = _ops(backend)
-    x = features(2, 9, 4, seed=15, device=device)
-    for dtype in (torch.float32, torch.float64):
-        for triu in (False, True):
-            torch.library.opcheck(dist, (x.to(dtype), triu))
-    a, b = torch.randn(3, 20, device=device, dtype=torch.float64), torch.randn(3, 20, device=device, dtype=torch.float64)
-    torch.library.opcheck(spear, (a, b), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-    classes = torch.arange(9, device=device) % 3
-    torch.library.opcheck(parc_op, (x, classes), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.parametrize("backend", backend_params())
