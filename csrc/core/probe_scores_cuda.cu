@@ -2,28 +2,19 @@
 // a small smoothing kernel. Per-element arithmetic lives in probe_scores.h
 // (shared with, and tested by, the CPU build); this file holds the indexing,
 // vector loads and warp reductions.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <stdexcept>
-#include <string>
 
+#include "cuda_common.cuh"
 #include "probe_scores.h"
 
 namespace pykernels::core {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kTokensPerWarp = 4;  // each weight load is reused for 4 tokens
 constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxLayersPerLaunch = 64;  // layer table travels in kernel parameters
 constexpr int kVecElems = 8;             // activations per lane per step (16 B of bf16)
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pykernels probe_scores CUDA: ") + what + ": " +
-                             cudaGetErrorString(err));
-}
 
 struct LayerTable {
   const void* data[kMaxLayersPerLaunch];
@@ -133,10 +124,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 #pragma unroll
   for (int r = 0; r < kTokensPerWarp; ++r)
 #pragma unroll
-    for (int k = 0; k < KG; ++k)
-#pragma unroll
-      for (int offset = kWarp / 2; offset > 0; offset /= 2)
-        acc[r][k] += __shfl_xor_sync(0xffffffffu, acc[r][k], offset);
+    for (int k = 0; k < KG; ++k) acc[r][k] = warp_sum(acc[r][k]);
 
   if (lane != 0) return;
 #pragma unroll
@@ -169,7 +157,7 @@ __global__ void swim_kernel(const float* __restrict__ z, float* __restrict__ out
 constexpr int kEmaItems = 4;
 
 __device__ __forceinline__ EmaMap shfl_up_map(EmaMap m, int offset) {
-  return EmaMap{__shfl_up_sync(0xffffffffu, m.decay, offset), __shfl_up_sync(0xffffffffu, m.add, offset)};
+  return EmaMap{__shfl_up_sync(kFullWarpMask, m.decay, offset), __shfl_up_sync(kFullWarpMask, m.add, offset)};
 }
 
 __global__ void ema_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B,
@@ -209,8 +197,8 @@ __global__ void ema_kernel(const float* __restrict__ z, float* __restrict__ out,
         os[t * K] = 0.f;
       }
     }
-    const EmaMap last{__shfl_sync(0xffffffffu, incl.decay, kWarp - 1),
-                      __shfl_sync(0xffffffffu, incl.add, kWarp - 1)};
+    const EmaMap last{__shfl_sync(kFullWarpMask, incl.decay, kWarp - 1),
+                      __shfl_sync(kFullWarpMask, incl.add, kWarp - 1)};
     carry = ema_apply(last, carry);
   }
 }
@@ -244,7 +232,7 @@ void launch_logits(const ProbeScoresProblem& p, cudaStream_t stream) {
     else
       probe_logits_kernel<D, KG, false><<<grid, block, 0, stream>>>(table, int(l0), accumulate, p.batch, p.seq_len, p.hidden,
                                                                     p.heads, p.weight_t, p.bias, p.lengths, p.out);
-    check(cudaGetLastError(), "logit kernel launch");
+    cuda_check(cudaGetLastError(), "probe_scores logit kernel launch");
   }
 }
 
@@ -279,13 +267,13 @@ void probe_scores_cuda(const ProbeScoresProblem& problem, Smoothing smoothing, i
     const int threads = 256;
     swim_kernel<<<unsigned((n + threads - 1) / threads), threads, 0, stream>>>(
         raw, problem.out, p.batch, p.seq_len, p.heads, p.lengths, window);
-    check(cudaGetLastError(), "swim kernel launch");
+    cuda_check(cudaGetLastError(), "probe_scores swim kernel launch");
   } else if (smoothing == Smoothing::Ema) {
     const int warps_per_block = 4;
     const int64_t seqs = p.batch * p.heads;
     ema_kernel<<<unsigned((seqs + warps_per_block - 1) / warps_per_block), kWarp * warps_per_block, 0, stream>>>(
         raw, problem.out, p.batch, p.seq_len, p.heads, p.lengths, alpha);
-    check(cudaGetLastError(), "ema kernel launch");
+    cuda_check(cudaGetLastError(), "probe_scores ema kernel launch");
   }
 }
 
