@@ -108,12 +108,10 @@ PK_HD double spearman_rho(int64_t m, double centered_products, double ties_x, do
 
 // ---- Problems ----
 
-enum class FloatType : int { Float32 = 0, Float64 = 1 };
-
 // Features of a batch of models: [batch, n, d], contiguous.
 struct FeatureBatch {
   const void* data;
-  FloatType dtype;
+  DType dtype;  // Float32 or Float64
   int64_t batch, n, d;
 };
 
@@ -185,7 +183,7 @@ void pairwise_corr_distance_cuda(const FeatureBatch& f, bool triu, void* out, vo
 struct SpearmanProblem {
   const void* x;
   const void* y;
-  FloatType dtype;  // of x and y
+  DType dtype;  // of x and y: Float32 or Float64
   int64_t rows, m, x_row_stride, y_row_stride;
   double* out;
 };

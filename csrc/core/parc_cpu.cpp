@@ -214,7 +214,7 @@ bool normalize_row_cpu(const FeatureBatch& f, int64_t b, int64_t row, Z* zt, int
   const int64_t d = f.d, n = f.n;
   double mean = 0.0, norm2 = 0.0;
   auto value = [&](int64_t k) -> double {
-    return f.dtype == FloatType::Float32 ? double(model_row<float>(f, b, row)[k])
+    return f.dtype == DType::Float32 ? double(model_row<float>(f, b, row)[k])
                                          : model_row<double>(f, b, row)[k];
   };
   bool varies = false;  // a constant row is undefined however its mean rounds (pykernels/selection/correlation.py)

@@ -282,7 +282,7 @@ struct DistanceScratch {
 };
 
 DistanceScratch carve_distance(const FeatureBatch& f, Carver& c) {
-  const size_t elem = f.dtype == FloatType::Float32 ? sizeof(float) : sizeof(double);
+  const size_t elem = f.dtype == DType::Float32 ? sizeof(float) : sizeof(double);
   return DistanceScratch{c.take<char>(size_t(f.batch * f.n * f.d) * elem)};
 }
 
@@ -291,7 +291,7 @@ void launch_normalize(const FeatureBatch& f, Z* z, const int64_t* order, int* in
   const int64_t rows = f.batch * f.n;
   const int warps = kThreads / kWarp;
   const unsigned blocks = unsigned((rows + warps - 1) / warps);
-  if (f.dtype == FloatType::Float32)
+  if (f.dtype == DType::Float32)
     normalize_rows_kernel<float, Z><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(f.data), z, f.batch,
                                                                       f.n, f.d, order, invalid);
   else
@@ -415,7 +415,7 @@ void pairwise_corr_distance_cuda(const FeatureBatch& f, bool triu, void* out, vo
       cuda_check(cudaGetLastError(), "model selection distance kernel launch");
     }
   };
-  if (f.dtype == FloatType::Float32) run(static_cast<float*>(s.z));
+  if (f.dtype == DType::Float32) run(static_cast<float*>(s.z));
   else run(static_cast<double*>(s.z));
 }
 
@@ -435,7 +435,7 @@ void spearman_cuda(const SpearmanProblem& p, void* workspace, void* stream_ptr) 
   // sums, ties and NaN flags start at zero (they are carved back to back).
   cuda_check(cudaMemsetAsync(s.sums, 0, reinterpret_cast<char*>(s.nan_y + p.rows) - reinterpret_cast<char*>(s.sums), stream),
         "model selection clear accumulators");
-  if (p.dtype == FloatType::Float32) spearman_rows<float>(p, s, stream);
+  if (p.dtype == DType::Float32) spearman_rows<float>(p, s, stream);
   else spearman_rows<double>(p, s, stream);
 }
 

@@ -166,13 +166,13 @@ void probe_stream_step_cuda(const StreamStepProblem& p, void* stream);
 // d loss / d z_s = sum over predictions t whose window holds s of that / count_t.
 
 struct SwbceProblem {
-  const void* logits;  // [batch, seq_len] contiguous, float32 or float64 (see `fp64`)
+  const void* logits;  // [batch, seq_len] contiguous, of `dtype`
   const void* labels;  // [batch], same type
   const int64_t* lengths;  // [batch], values in [1, seq_len]
   int64_t batch, seq_len, window;
   double tau;
   bool detach_weights;
-  bool fp64;
+  DType dtype;  // of logits, labels, loss and grad: Float32 or Float64
   void* loss;  // [batch] out
   void* grad;  // [batch, seq_len] out (d loss_b / d z), or nullptr
 };

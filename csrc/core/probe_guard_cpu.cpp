@@ -90,8 +90,11 @@ void swbce_sequence(const SwbceProblem& p, int64_t b) {
 }  // namespace
 
 void softmax_weighted_bce_cpu(const SwbceProblem& p, int64_t b) {
-  if (p.fp64) swbce_sequence<double>(p, b);
-  else swbce_sequence<float>(p, b);
+  switch (p.dtype) {
+    case DType::Float32: swbce_sequence<float>(p, b); return;
+    case DType::Float64: swbce_sequence<double>(p, b); return;
+    default: throw_unsupported_dtype("softmax_weighted_bce", p.dtype);
+  }
 }
 
 }  // namespace pykernels::core

@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateProblem 
   __shared__ float shared[kThreads / kWarp];
   const int64_t n = blockIdx.x;
   const int64_t k0 = int64_t(blockIdx.y) * KG;
-  const void* row = static_cast<const char*>(p.hidden) + n * p.row_stride * (D == DType::Float32 ? 4 : 2);
+  const void* row = static_cast<const char*>(p.hidden) + n * p.row_stride * dtype_size(D);
   float acc[KG];
 #pragma unroll
   for (int k = 0; k < KG; ++k) acc[k] = 0.f;
@@ -140,6 +140,7 @@ void probe_accumulate_cuda(const AccumulateProblem& p, void* stream_ptr) {
     case DType::Float32: launch_accumulate<DType::Float32>(p, stream); break;
     case DType::Float16: launch_accumulate<DType::Float16>(p, stream); break;
     case DType::BFloat16: launch_accumulate<DType::BFloat16>(p, stream); break;
+    case DType::Float64: throw_unsupported_dtype("probe_accumulate_", p.dtype);
   }
 }
 
@@ -151,8 +152,11 @@ void probe_stream_step_cuda(const StreamStepProblem& p, void* stream_ptr) {
 void softmax_weighted_bce_cuda(const SwbceProblem& p, void* scratch, void* stream_ptr) {
   if (p.batch == 0) return;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (p.fp64) swbce_kernel<double><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<double*>(scratch));
-  else swbce_kernel<float><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<float*>(scratch));
+  switch (p.dtype) {
+    case DType::Float32: swbce_kernel<float><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<float*>(scratch)); break;
+    case DType::Float64: swbce_kernel<double><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<double*>(scratch)); break;
+    default: throw_unsupported_dtype("softmax_weighted_bce", p.dtype);
+  }
   cuda_check(cudaGetLastError(), "softmax_weighted_bce kernel launch");
 }
 

@@ -19,6 +19,7 @@ namespace pykernels::core::PK_KERNEL_NS {
 
 template <DType D>
 inline Vec::reg load_activations(const void* row, int64_t j) {
+  static_assert(D != DType::Float64, "load_activations: float activations only");
   if constexpr (D == DType::Float32) {
     return Vec::load(static_cast<const float*>(row) + j);
   } else if constexpr (D == DType::BFloat16) {
@@ -33,7 +34,7 @@ template <DType D, int K, int R>
 void dot_rows(const void* const* rows, const void* const* next_rows, const float* w, int64_t H,
               float* out, int64_t out_stride) {
   using reg = Vec::reg;
-  constexpr int64_t kElemBytes = D == DType::Float32 ? 4 : 2;
+  constexpr int64_t kElemBytes = dtype_size(D);
   constexpr int64_t kLine = 64 / kElemBytes;  // activations per cache line
   constexpr int64_t kLanes = Vec::kLanes;
   static_assert(kLine % kLanes == 0, "a cache line must hold whole vectors");
@@ -146,6 +147,7 @@ inline void accumulate_rows_any_dtype(const AccumulateProblem& p, int64_t n_begi
     case DType::Float32: accumulate_rows<DType::Float32>(p, n_begin, n_end); break;
     case DType::Float16: accumulate_rows<DType::Float16>(p, n_begin, n_end); break;
     case DType::BFloat16: accumulate_rows<DType::BFloat16>(p, n_begin, n_end); break;
+    case DType::Float64: throw_unsupported_dtype("probe_accumulate_", p.dtype);
   }
 }
 
@@ -155,6 +157,7 @@ inline void probe_logits_tile_any_dtype(const ProbeScoresProblem& p, int64_t b, 
     case DType::Float32: probe_logits_tile<DType::Float32>(p, b, t_begin, t_end); break;
     case DType::Float16: probe_logits_tile<DType::Float16>(p, b, t_begin, t_end); break;
     case DType::BFloat16: probe_logits_tile<DType::BFloat16>(p, b, t_begin, t_end); break;
+    case DType::Float64: throw_unsupported_dtype("probe_scores", p.dtype);
   }
 }
 

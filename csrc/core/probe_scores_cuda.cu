@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   const int64_t first_token = warp * kTokensPerWarp;
   const int64_t k0 = int64_t(blockIdx.y) * KG;
   if (first_token >= B * T) return;
-  const int64_t elem = D == DType::Float32 ? 4 : 2;
+  const int64_t elem = dtype_size(D);
 
   bool valid[kTokensPerWarp];
   int64_t tb[kTokensPerWarp], tt[kTokensPerWarp];
@@ -262,6 +262,7 @@ void probe_scores_cuda(const ProbeScoresProblem& problem, Smoothing smoothing, i
     case DType::Float32: launch_logits_any_heads<DType::Float32>(p, stream); break;
     case DType::Float16: launch_logits_any_heads<DType::Float16>(p, stream); break;
     case DType::BFloat16: launch_logits_any_heads<DType::BFloat16>(p, stream); break;
+    case DType::Float64: throw_unsupported_dtype("probe_scores", p.dtype);
   }
   if (smoothing == Smoothing::Swim && smooth) {
     const int threads = 256;

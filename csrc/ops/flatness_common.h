@@ -10,28 +10,20 @@
 #include <vector>
 
 #include "../core/flatness.h"
+#include "dtype.h"
 
 namespace pykernels::ops {
 
 // Calls f(T{}) with the core element type of `t` (energy reads 16-bit floats too).
 template <typename F>
-void visit_logits_dtype(at::ScalarType t, const char* op, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); return;
-    case at::kDouble: f(double{}); return;
-    case at::kHalf: f(core::Float16Bits{}); return;
-    case at::kBFloat16: f(core::BFloat16Bits{}); return;
-    default: TORCH_CHECK(false, op, ": expected float32, float64, float16 or bfloat16, got ", t);
-  }
+void visit_logits_dtype(at::ScalarType t, const char* op, const char* arg, F&& f) {
+  using core::DType;
+  visit_dtype<DType::Float32, DType::Float64, DType::Float16, DType::BFloat16>(t, op, arg, std::forward<F>(f));
 }
 
 template <typename F>
-void visit_real_dtype(at::ScalarType t, const char* op, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); return;
-    case at::kDouble: f(double{}); return;
-    default: TORCH_CHECK(false, op, ": expected float32 or float64, got ", t);
-  }
+void visit_real_dtype(at::ScalarType t, const char* op, const char* arg, F&& f) {
+  visit_dtype<core::DType::Float32, core::DType::Float64>(t, op, arg, std::forward<F>(f));
 }
 
 template <typename T>

@@ -66,7 +66,7 @@ at::Tensor pairwise_corr_distance_cpu(const at::Tensor& features, bool triu) {
   const core::FeatureBatch f = feature_batch(x, "pairwise_corr_distance");
   at::Tensor out = distance_output(x, triu);
   if (out.numel() == 0) return out;
-  if (f.dtype == core::FloatType::Float32) corr_distances<float>(f, triu, out);
+  if (f.dtype == core::DType::Float32) corr_distances<float>(f, triu, out);
   else corr_distances<double>(f, triu, out);
   return out;
 }

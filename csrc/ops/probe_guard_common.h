@@ -41,7 +41,7 @@ inline PackedAccumulate pack_accumulate(const at::Tensor& acc, const at::Tensor&
                          : (P.weight_copy = weight_l.to(at::kFloat).t().contiguous()).const_data_ptr<float>();
   float* out = acc.is_contiguous() ? acc.data_ptr<float>()
                                    : (P.acc_copy = at::zeros_like(acc, at::MemoryFormat::Contiguous)).data_ptr<float>();
-  P.problem = core::AccumulateProblem{x->const_data_ptr(), N > 1 ? x->stride(0) : H, to_core_dtype(hidden.scalar_type()),
+  P.problem = core::AccumulateProblem{x->const_data_ptr(), N > 1 ? x->stride(0) : H, activation_dtype(hidden.scalar_type(), "probe_accumulate_", "hidden"),
                                       N, H, K, w_t, out};
   return P;
 }
@@ -132,7 +132,8 @@ inline PackedSwbce pack_swbce(const at::Tensor& token_logits, const at::Tensor& 
               token_logits.sizes());
   const int64_t B = token_logits.size(0), T = token_logits.size(1);
   const auto type = token_logits.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kDouble, "softmax_weighted_bce: token_logits must be float32 or float64");
+  const core::DType dtype =
+      to_core_dtype<core::DType::Float32, core::DType::Float64>(type, "softmax_weighted_bce", "token_logits");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B && labels.device() == token_logits.device(),
               "softmax_weighted_bce: labels must be [B=", B, "] on ", token_logits.device());
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.device() == token_logits.device(),
@@ -149,7 +150,7 @@ inline PackedSwbce pack_swbce(const at::Tensor& token_logits, const at::Tensor& 
   P.loss = at::empty({B}, P.logits.options());
   P.grad = compute_grad ? at::empty({B, T}, P.logits.options()) : at::empty({0}, P.logits.options());
   P.problem = core::SwbceProblem{P.logits.data_ptr(), P.labels.data_ptr(), P.lengths.data_ptr<int64_t>(),
-                                 B, T, window, tau, detach_weights, type == at::kDouble, P.loss.data_ptr(),
+                                 B, T, window, tau, detach_weights, dtype, P.loss.data_ptr(),
                                  compute_grad ? P.grad.data_ptr() : nullptr};
   return P;
 }

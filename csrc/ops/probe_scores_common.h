@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../core/probe_scores.h"
+#include "dtype.h"
 
 namespace pykernels::ops {
 
@@ -19,13 +20,10 @@ inline core::Smoothing parse_smoothing(const std::string& s) {
   TORCH_CHECK(false, "probe_scores: smoothing must be 'none', 'swim' or 'ema', got '", s, "'");
 }
 
-inline core::DType to_core_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return core::DType::Float32;
-    case at::kHalf: return core::DType::Float16;
-    case at::kBFloat16: return core::DType::BFloat16;
-    default: TORCH_CHECK(false, "probe_scores: hidden_states must be float32, float16 or bfloat16, got ", t);
-  }
+// The activation dtypes the probe kernels read (widened to float32 exactly).
+inline core::DType activation_dtype(at::ScalarType t, const char* op, const char* arg) {
+  using core::DType;
+  return to_core_dtype<DType::Float32, DType::Float16, DType::BFloat16>(t, op, arg);
 }
 
 // Owns the tensors the problem's raw pointers refer to.
@@ -86,7 +84,7 @@ inline PackedProbeScores pack_probe_scores(at::TensorList hidden_states, const a
   for (const auto& h : P.layers) P.views.push_back({h.data_ptr(), h.stride(0), h.stride(1)});
   P.problem = core::ProbeScoresProblem{P.views.data(),
                                        L,
-                                       to_core_dtype(h0.scalar_type()),
+                                       activation_dtype(h0.scalar_type(), "probe_scores", "hidden_states"),
                                        B,
                                        T,
                                        H,

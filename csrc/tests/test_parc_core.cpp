@@ -154,7 +154,7 @@ static void test_closed_form_equals_pearson_of_ranks() {
 }
 
 static FeatureBatch batch_of(const std::vector<double>& x, int64_t b, int64_t n, int64_t d) {
-  return FeatureBatch{x.data(), FloatType::Float64, b, n, d};
+  return FeatureBatch{x.data(), DType::Float64, b, n, d};
 }
 
 static void test_distance_rows_against_naive() {

@@ -191,7 +191,7 @@ static void test_accumulate_every_isa() {
 static double swbce_loss(std::vector<double> z, double y, int64_t n, int64_t T, int64_t M, double tau, bool detach) {
   double loss = 0;
   const int64_t len = n;
-  SwbceProblem p{z.data(), &y, &len, 1, T, M, tau, detach, true, &loss, nullptr};
+  SwbceProblem p{z.data(), &y, &len, 1, T, M, tau, detach, DType::Float64, &loss, nullptr};
   softmax_weighted_bce_cpu(p, 0);
   return loss;
 }
@@ -208,7 +208,7 @@ static void test_swbce_gradient_by_finite_differences() {
         const double y = 0.3;
         std::vector<double> grad(T, NAN);
         double loss = 0;
-        SwbceProblem p{z.data(), &y, &n, 1, T, M, tau, false, true, &loss, grad.data()};
+        SwbceProblem p{z.data(), &y, &n, 1, T, M, tau, false, DType::Float64, &loss, grad.data()};
         softmax_weighted_bce_cpu(p, 0);
         CHECK(std::fabs(loss - swbce_loss(z, y, n, T, M, tau, false)) < 1e-15, "grad path changes the loss");
         for (int64_t s = 0; s < T; ++s) {
