@@ -51,9 +51,7 @@ struct DTypeStorage<DType::BFloat16> {
 template <DType D>
 using Storage = typename DTypeStorage<D>::type;
 
-PK_HD constexpr int64_t dtype_size(DType t) {
-  return t == DType::Float64 ? 8 : t == DType::Float32 ? 4 : 2;
-}
+PK_HD constexpr int64_t dtype_size(DType t) { return t == DType::Float64 ? 8 : t == DType::Float32 ? 4 : 2; }
 
 inline const char* dtype_name(DType t) {
   switch (t) {

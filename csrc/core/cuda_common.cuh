@@ -14,7 +14,8 @@ constexpr unsigned kFullWarpMask = 0xffffffffu;
 
 // Throws std::runtime_error naming the failed step (`what`, e.g. "energy kernel launch").
 inline void cuda_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("pykernels CUDA: ") + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("pykernels CUDA: ") + what + ": " + cudaGetErrorString(err));
 }
 
 // Butterfly reduction over the warp: every lane gets op(all lanes' v). All 32 lanes must call it.

@@ -113,8 +113,8 @@ void fill_probes_cuda(T* out, int64_t count, uint64_t seed, uint64_t offset, Pro
   if (count == 0) return;
   const int threads = 256;
   const unsigned blocks = unsigned(std::min<int64_t>((count + threads - 1) / threads, 8192));
-  fill_probes_kernel<T><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(out, count, probe_key(seed),
-                                                                                   offset, kind);
+  fill_probes_kernel<T>
+      <<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(out, count, probe_key(seed), offset, kind);
   cuda_check(cudaGetLastError(), "fill_probes kernel launch");
 }
 

@@ -19,12 +19,12 @@
 namespace pykernels::core {
 namespace {
 
-constexpr int kThreads = 256;      // 1-D kernels
-constexpr int kTile = 32;          // pair tiles are kTile x kTile
-constexpr int kTileRows = 8;       // blockDim.y of the tile kernels; each thread owns 4 rows
+constexpr int kThreads = 256;  // 1-D kernels
+constexpr int kTile = 32;      // pair tiles are kTile x kTile
+constexpr int kTileRows = 8;   // blockDim.y of the tile kernels; each thread owns 4 rows
 constexpr int kRowsPerThread = kTile / kTileRows;
-constexpr int kChunk = 32;         // feature dims staged in shared memory per step
-constexpr int kMaxGrid = 4096;     // blocks of the grid-stride kernels
+constexpr int kChunk = 32;      // feature dims staged in shared memory per step
+constexpr int kMaxGrid = 4096;  // blocks of the grid-stride kernels
 
 // Splits one scratch allocation into 256-byte aligned arrays (base == nullptr: only measures).
 struct Carver {
@@ -245,7 +245,8 @@ __global__ void rank_products_kernel(const int64_t* __restrict rx, const int64_t
 
 __global__ void spearman_final_kernel(int64_t rows, int64_t m, bool shared_y, const ExactSum* __restrict sums,
                                       const ExactSum* __restrict ties_x, const ExactSum* __restrict ties_y,
-                                      const int* __restrict nan_x, const int* __restrict nan_y, double* __restrict out) {
+                                      const int* __restrict nan_x, const int* __restrict nan_y,
+                                      double* __restrict out) {
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   const int64_t ry = shared_y ? 0 : r;
@@ -257,17 +258,17 @@ __global__ void spearman_final_kernel(int64_t rows, int64_t m, bool shared_y, co
 size_t sort_pairs_temp_bytes(int64_t m) {
   size_t bytes = 0;
   cuda_check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int64_t*>(nullptr),
-                                        static_cast<int64_t*>(nullptr), static_cast<const uint32_t*>(nullptr),
-                                        static_cast<uint32_t*>(nullptr), int(m)),
-        "model selection sort size query");
+                                             static_cast<int64_t*>(nullptr), static_cast<const uint32_t*>(nullptr),
+                                             static_cast<uint32_t*>(nullptr), int(m)),
+             "model selection sort size query");
   return bytes;
 }
 
 size_t sort_keys_temp_bytes(int64_t m) {
   size_t bytes = 0;
   cuda_check(cub::DeviceRadixSort::SortKeys(nullptr, bytes, static_cast<const int64_t*>(nullptr),
-                                       static_cast<int64_t*>(nullptr), int(m)),
-        "model selection sort size query");
+                                            static_cast<int64_t*>(nullptr), int(m)),
+             "model selection sort size query");
   return bytes;
 }
 
@@ -292,11 +293,11 @@ void launch_normalize(const FeatureBatch& f, Z* z, const int64_t* order, int* in
   const int warps = kThreads / kWarp;
   const unsigned blocks = unsigned((rows + warps - 1) / warps);
   if (f.dtype == DType::Float32)
-    normalize_rows_kernel<float, Z><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(f.data), z, f.batch,
-                                                                      f.n, f.d, order, invalid);
+    normalize_rows_kernel<float, Z>
+        <<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(f.data), z, f.batch, f.n, f.d, order, invalid);
   else
-    normalize_rows_kernel<double, Z><<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(f.data), z, f.batch,
-                                                                       f.n, f.d, order, invalid);
+    normalize_rows_kernel<double, Z>
+        <<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(f.data), z, f.batch, f.n, f.d, order, invalid);
   cuda_check(cudaGetLastError(), "model selection normalize kernel launch");
 }
 
@@ -368,9 +369,9 @@ void rank_row(const T* row, int64_t m, SpearmanCudaScratch& s, int64_t* ranks, E
   rank_keys_kernel<T><<<grid_for(m), kThreads, 0, stream>>>(row, m, s.keys, s.index, has_nan);
   cuda_check(cudaGetLastError(), "model selection rank key kernel launch");
   size_t bytes = s.sort_bytes;
-  cuda_check(cub::DeviceRadixSort::SortPairs(s.sort_temp, bytes, s.keys, s.sorted, s.index, s.sorted_index, int(m), 0, 64,
-                                        stream),
-        "model selection radix sort");
+  cuda_check(cub::DeviceRadixSort::SortPairs(s.sort_temp, bytes, s.keys, s.sorted, s.index, s.sorted_index, int(m), 0,
+                                             64, stream),
+             "model selection radix sort");
   midrank_kernel<<<grid_for(m), kThreads, 0, stream>>>(s.sorted, s.sorted_index, m, ranks, ties);
   cuda_check(cudaGetLastError(), "model selection midrank kernel launch");
 }
@@ -433,8 +434,9 @@ void spearman_cuda(const SpearmanProblem& p, void* workspace, void* stream_ptr) 
   Carver c{static_cast<char*>(workspace)};
   SpearmanCudaScratch s = carve_spearman(p, c);
   // sums, ties and NaN flags start at zero (they are carved back to back).
-  cuda_check(cudaMemsetAsync(s.sums, 0, reinterpret_cast<char*>(s.nan_y + p.rows) - reinterpret_cast<char*>(s.sums), stream),
-        "model selection clear accumulators");
+  cuda_check(
+      cudaMemsetAsync(s.sums, 0, reinterpret_cast<char*>(s.nan_y + p.rows) - reinterpret_cast<char*>(s.sums), stream),
+      "model selection clear accumulators");
   if (p.dtype == DType::Float32) spearman_rows<float>(p, s, stream);
   else spearman_rows<double>(p, s, stream);
 }
@@ -454,9 +456,9 @@ void parc_spearman_cuda(const FeatureBatch& f, const ParcLabels& labels, const i
   require_int_items(m, "parc_spearman");
   Carver c{static_cast<char*>(workspace)};
   ParcCudaScratch s = carve_parc(f, c);
-  cuda_check(cudaMemsetAsync(s.twice_u, 0, reinterpret_cast<char*>(s.invalid + f.batch) - reinterpret_cast<char*>(s.twice_u),
-                        stream),
-        "model selection clear accumulators");
+  cuda_check(cudaMemsetAsync(s.twice_u, 0,
+                             reinterpret_cast<char*>(s.invalid + f.batch) - reinterpret_cast<char*>(s.twice_u), stream),
+             "model selection clear accumulators");
   launch_normalize(f, s.z, labels.order, s.invalid, stream);
   const dim3 block(kTile, kTileRows);
   for (int64_t b = 0; b < f.batch && m > 0; ++b) {
@@ -464,7 +466,8 @@ void parc_spearman_cuda(const FeatureBatch& f, const ParcLabels& labels, const i
         <<<tile_grid(f.n, 1), block, 0, stream>>>(s.z, f.n, f.d, b, s.keys, labels.block_end);
     cuda_check(cudaGetLastError(), "model selection pair key kernel launch");
     size_t bytes = s.sort_bytes;
-    cuda_check(cub::DeviceRadixSort::SortKeys(s.sort_temp, bytes, s.keys, s.sorted, int(m), 0, 64, stream), "model selection radix sort");
+    cuda_check(cub::DeviceRadixSort::SortKeys(s.sort_temp, bytes, s.keys, s.sorted, int(m), 0, 64, stream),
+               "model selection radix sort");
     parc_count_kernel<<<grid_for(m), kThreads, 0, stream>>>(s.sorted, m, pair_counts, s.twice_u + b, s.ties + b);
     cuda_check(cudaGetLastError(), "model selection pair count kernel launch");
   }

@@ -76,8 +76,8 @@ void swbce_sequence(const SwbceProblem& p, int64_t b) {
   T* grad = static_cast<T*>(p.grad) + b * T_;
   // d loss / d zbar_t divided by the window's token count, in place of e.
   for (int64_t i = 0; i < P; ++i)
-    e[i] = swbce_dzbar(e[i] / denom, zbar[i], a[i], bce[i], y, loss, tau, p.detach_weights) /
-           T(swim_count(first + i, M));
+    e[i] =
+        swbce_dzbar(e[i] / denom, zbar[i], a[i], bce[i], y, loss, tau, p.detach_weights) / T(swim_count(first + i, M));
   std::fill(grad, grad + T_, T(0));
   if (n >= M) {  // prediction i's window is tokens i .. i + M - 1
     for (int64_t m = 0; m < M; ++m)

@@ -116,8 +116,8 @@ __global__ void __launch_bounds__(kThreads) swbce_kernel(SwbceProblem p, T* work
 
   for (int64_t t = first + threadIdx.x; t < n; t += kThreads) {
     const T w = exp(zbar[t] / tau - top) / denom, a = exp(-fabs(zbar[t]));
-    zbar[t] = swbce_dzbar(w, zbar[t], a, swbce_bce(y, zbar[t], a), y, loss, tau, p.detach_weights) /
-              T(swim_count(t, M));
+    zbar[t] =
+        swbce_dzbar(w, zbar[t], a, swbce_bce(y, zbar[t], a), y, loss, tau, p.detach_weights) / T(swim_count(t, M));
   }
   __syncthreads();
   T* grad = static_cast<T*>(p.grad) + b * Tn;
@@ -153,8 +153,12 @@ void softmax_weighted_bce_cuda(const SwbceProblem& p, void* scratch, void* strea
   if (p.batch == 0) return;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   switch (p.dtype) {
-    case DType::Float32: swbce_kernel<float><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<float*>(scratch)); break;
-    case DType::Float64: swbce_kernel<double><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<double*>(scratch)); break;
+    case DType::Float32:
+      swbce_kernel<float><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<float*>(scratch));
+      break;
+    case DType::Float64:
+      swbce_kernel<double><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<double*>(scratch));
+      break;
     default: throw_unsupported_dtype("softmax_weighted_bce", p.dtype);
   }
   cuda_check(cudaGetLastError(), "softmax_weighted_bce kernel launch");

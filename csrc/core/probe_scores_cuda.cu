@@ -29,8 +29,14 @@ __device__ __forceinline__ void load8(const void* row, int64_t j, float (&x)[kVe
   if constexpr (D == DType::Float32) {
     const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(row) + j);
     const float4 a = __ldg(p), b = __ldg(p + 1);
-    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
-    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    x[0] = a.x;
+    x[1] = a.y;
+    x[2] = a.z;
+    x[3] = a.w;
+    x[4] = b.x;
+    x[5] = b.y;
+    x[6] = b.z;
+    x[7] = b.w;
   } else {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(row) + j));
     const uint32_t words[4] = {v.x, v.y, v.z, v.w};
@@ -48,10 +54,9 @@ __device__ __forceinline__ void load8(const void* row, int64_t j, float (&x)[kVe
 // kVectorized: every row is 16-byte aligned and H % 8 == 0.
 template <DType D, int KG, bool kVectorized>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
-    probe_logits_kernel(LayerTable table, int first_layer, bool accumulate, int64_t B, int64_t T,
-                        int64_t H, int64_t K, const float* __restrict__ weight_t,
-                        const float* __restrict__ bias, const int64_t* __restrict__ lengths,
-                        float* __restrict__ out) {
+    probe_logits_kernel(LayerTable table, int first_layer, bool accumulate, int64_t B, int64_t T, int64_t H, int64_t K,
+                        const float* __restrict__ weight_t, const float* __restrict__ bias,
+                        const int64_t* __restrict__ lengths, float* __restrict__ out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int64_t first_token = warp * kTokensPerWarp;
@@ -80,8 +85,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     const void* rows[kTokensPerWarp];
 #pragma unroll
     for (int r = 0; r < kTokensPerWarp; ++r)
-      rows[r] = static_cast<const char*>(table.data[li]) +
-                (tb[r] * table.stride_b[li] + tt[r] * table.stride_t[li]) * elem;
+      rows[r] =
+          static_cast<const char*>(table.data[li]) + (tb[r] * table.stride_b[li] + tt[r] * table.stride_t[li]) * elem;
     if constexpr (kVectorized) {
 #pragma unroll 2  // two steps' loads in flight per lane: the kernel is bound by memory latency
       for (int64_t j = int64_t(lane) * kVecElems; j < H; j += kWarp * kVecElems) {
@@ -142,9 +147,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 }
 
 // SWiM: one thread per (token, head); reads the raw logits, writes `out`.
-__global__ void swim_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B,
-                            int64_t T, int64_t K, const int64_t* __restrict__ lengths,
-                            int64_t window) {
+__global__ void swim_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B, int64_t T, int64_t K,
+                            const int64_t* __restrict__ lengths, int64_t window) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= B * T * K) return;
   const int64_t k = i % K, t = (i / K) % T, b = i / (K * T);
@@ -160,8 +164,8 @@ __device__ __forceinline__ EmaMap shfl_up_map(EmaMap m, int offset) {
   return EmaMap{__shfl_up_sync(kFullWarpMask, m.decay, offset), __shfl_up_sync(kFullWarpMask, m.add, offset)};
 }
 
-__global__ void ema_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B,
-                           int64_t T, int64_t K, const int64_t* __restrict__ lengths, float alpha) {
+__global__ void ema_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B, int64_t T, int64_t K,
+                           const int64_t* __restrict__ lengths, float alpha) {
   const int lane = threadIdx.x % kWarp;
   const int64_t seq = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (seq >= B * K) return;
@@ -214,8 +218,8 @@ void launch_logits(const ProbeScoresProblem& p, cudaStream_t stream) {
   const int64_t elem = dtype_size(p.dtype);
   for (int64_t l = 0; l < p.num_layers; ++l) {
     const LayerView& v = p.layers[l];
-    vectorized = vectorized && reinterpret_cast<uintptr_t>(v.data) % 16 == 0 &&
-                 (v.stride_b * elem) % 16 == 0 && (v.stride_t * elem) % 16 == 0;
+    vectorized = vectorized && reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && (v.stride_b * elem) % 16 == 0 &&
+                 (v.stride_t * elem) % 16 == 0;
   }
   for (int64_t l0 = 0; l0 < p.num_layers; l0 += kMaxLayersPerLaunch) {
     LayerTable table{};
@@ -227,11 +231,11 @@ void launch_logits(const ProbeScoresProblem& p, cudaStream_t stream) {
     }
     const bool accumulate = l0 > 0;
     if (vectorized)
-      probe_logits_kernel<D, KG, true><<<grid, block, 0, stream>>>(table, int(l0), accumulate, p.batch, p.seq_len, p.hidden,
-                                                                   p.heads, p.weight_t, p.bias, p.lengths, p.out);
+      probe_logits_kernel<D, KG, true><<<grid, block, 0, stream>>>(
+          table, int(l0), accumulate, p.batch, p.seq_len, p.hidden, p.heads, p.weight_t, p.bias, p.lengths, p.out);
     else
-      probe_logits_kernel<D, KG, false><<<grid, block, 0, stream>>>(table, int(l0), accumulate, p.batch, p.seq_len, p.hidden,
-                                                                    p.heads, p.weight_t, p.bias, p.lengths, p.out);
+      probe_logits_kernel<D, KG, false><<<grid, block, 0, stream>>>(
+          table, int(l0), accumulate, p.batch, p.seq_len, p.hidden, p.heads, p.weight_t, p.bias, p.lengths, p.out);
     cuda_check(cudaGetLastError(), "probe_scores logit kernel launch");
   }
 }
@@ -246,13 +250,14 @@ void launch_logits_any_heads(const ProbeScoresProblem& p, cudaStream_t stream) {
 
 }  // namespace
 
-void probe_scores_cuda(const ProbeScoresProblem& problem, Smoothing smoothing, int64_t window,
-                       float alpha, float* scratch, void* stream_ptr) {
+void probe_scores_cuda(const ProbeScoresProblem& problem, Smoothing smoothing, int64_t window, float alpha,
+                       float* scratch, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t n = problem.batch * problem.seq_len * problem.heads;
   if (n == 0) return;
   const bool smooth = probe_scores_needs_scratch(smoothing, window);
-  if (smooth && scratch == nullptr) throw std::invalid_argument("pykernels probe_scores CUDA: smoothing needs a scratch buffer");
+  if (smooth && scratch == nullptr)
+    throw std::invalid_argument("pykernels probe_scores CUDA: smoothing needs a scratch buffer");
 
   // Smoothing reads the raw logits while it writes the output, so the logits go to scratch.
   ProbeScoresProblem p = problem;
@@ -266,8 +271,8 @@ void probe_scores_cuda(const ProbeScoresProblem& problem, Smoothing smoothing, i
   }
   if (smoothing == Smoothing::Swim && smooth) {
     const int threads = 256;
-    swim_kernel<<<unsigned((n + threads - 1) / threads), threads, 0, stream>>>(
-        raw, problem.out, p.batch, p.seq_len, p.heads, p.lengths, window);
+    swim_kernel<<<unsigned((n + threads - 1) / threads), threads, 0, stream>>>(raw, problem.out, p.batch, p.seq_len,
+                                                                               p.heads, p.lengths, window);
     cuda_check(cudaGetLastError(), "probe_scores swim kernel launch");
   } else if (smoothing == Smoothing::Ema) {
     const int warps_per_block = 4;

@@ -24,23 +24,20 @@ at::Tensor energy_cpu(const at::Tensor& logits) {
   visit_logits_dtype(logits.scalar_type(), "energy", "logits", [&](auto tag) {
     using T = decltype(tag);
     const auto problem = energy_problem<T>(P);
-    at::parallel_for(0, problem.rows, grain(problem.cols), [&](int64_t begin, int64_t end) {
-      core::energy_rows_cpu(problem, begin, end);
-    });
+    at::parallel_for(0, problem.rows, grain(problem.cols),
+                     [&](int64_t begin, int64_t end) { core::energy_rows_cpu(problem, begin, end); });
   });
   return finish_energy(P, logits);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logsumexp_hvp_cpu(const at::Tensor& logits,
-                                                                 const at::Tensor& tangents) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logsumexp_hvp_cpu(const at::Tensor& logits, const at::Tensor& tangents) {
   expect_cpu(logits, "logsumexp_hvp");
   PackedLseHvp P = pack_logsumexp_hvp(logits, tangents);
   visit_real_dtype(logits.scalar_type(), "logsumexp_hvp", "logits", [&](auto tag) {
     using T = decltype(tag);
     const auto problem = logsumexp_hvp_problem<T>(P);
-    at::parallel_for(0, problem.rows, grain(problem.cols * (problem.samples + 1)), [&](int64_t begin, int64_t end) {
-      core::logsumexp_hvp_rows_cpu(problem, begin, end);
-    });
+    at::parallel_for(0, problem.rows, grain(problem.cols * (problem.samples + 1)),
+                     [&](int64_t begin, int64_t end) { core::logsumexp_hvp_rows_cpu(problem, begin, end); });
   });
   return {P.softmax, P.energy, P.hvp};
 }
@@ -65,9 +62,8 @@ at::Tensor probe_dots_cpu(const at::Tensor& v, const at::Tensor& w) {
   visit_real_dtype(v.scalar_type(), "probe_dots", "v", [&](auto tag) {
     using T = decltype(tag);
     const auto problem = probe_dots_problem<T>(P);
-    at::parallel_for(0, problem.samples * problem.batch, grain(problem.dim), [&](int64_t begin, int64_t end) {
-      core::probe_dots_rows_cpu(problem, begin, end);
-    });
+    at::parallel_for(0, problem.samples * problem.batch, grain(problem.dim),
+                     [&](int64_t begin, int64_t end) { core::probe_dots_rows_cpu(problem, begin, end); });
   });
   return P.out;
 }

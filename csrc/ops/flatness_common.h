@@ -101,8 +101,8 @@ inline PackedLseHvp pack_logsumexp_hvp(const at::Tensor& logits, const at::Tenso
 
 template <typename T>
 core::LseHvpProblem<T> logsumexp_hvp_problem(PackedLseHvp& P) {
-  return {typed<T>(P.logits),  P.logits.stride(0),   typed<T>(P.tangents), P.tangents.stride(0),
-          P.tangents.stride(1), P.tangents.size(0),  P.logits.size(0),     P.logits.size(1),
+  return {typed<T>(P.logits),      P.logits.stride(0),     typed<T>(P.tangents), P.tangents.stride(0),
+          P.tangents.stride(1),    P.tangents.size(0),     P.logits.size(0),     P.logits.size(1),
           typed_mut<T>(P.softmax), typed_mut<T>(P.energy), typed_mut<T>(P.hvp)};
 }
 
@@ -127,8 +127,8 @@ struct PackedProbeDots {
 };
 
 inline PackedProbeDots pack_probe_dots(const at::Tensor& v, const at::Tensor& w) {
-  TORCH_CHECK(v.dim() == 3 && v.sizes() == w.sizes(), "probe_dots: v and w must both be [S, B, D], got ",
-              v.sizes(), " and ", w.sizes());
+  TORCH_CHECK(v.dim() == 3 && v.sizes() == w.sizes(), "probe_dots: v and w must both be [S, B, D], got ", v.sizes(),
+              " and ", w.sizes());
   TORCH_CHECK(v.scalar_type() == w.scalar_type() && v.device() == w.device(),
               "probe_dots: v and w must match in dtype and device");
   auto unit = [](const at::Tensor& t) { return t.size(2) > 1 && t.stride(2) != 1 ? t.contiguous() : t; };
@@ -137,8 +137,8 @@ inline PackedProbeDots pack_probe_dots(const at::Tensor& v, const at::Tensor& w)
 
 template <typename T>
 core::ProbeDotsProblem<T> probe_dots_problem(PackedProbeDots& P) {
-  return {typed<T>(P.v), P.v.stride(0), P.v.stride(1), typed<T>(P.w), P.w.stride(0), P.w.stride(1),
-          P.v.size(0),   P.v.size(1),   P.v.size(2),   typed_mut<T>(P.out)};
+  return {typed<T>(P.v), P.v.stride(0), P.v.stride(1), typed<T>(P.w), P.w.stride(0),
+          P.w.stride(1), P.v.size(0),   P.v.size(1),   P.v.size(2),   typed_mut<T>(P.out)};
 }
 
 }  // namespace pykernels::ops

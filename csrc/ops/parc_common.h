@@ -32,8 +32,8 @@ inline at::Tensor distance_output(const at::Tensor& features, bool triu) {
 }
 
 inline void check_spearman_args(const at::Tensor& x, const at::Tensor& y) {
-  TORCH_CHECK(x.dim() == 2 && y.sizes() == x.sizes(), "spearman: x and y must both be [B, M], got ", x.sizes(),
-              " and ", y.sizes());
+  TORCH_CHECK(x.dim() == 2 && y.sizes() == x.sizes(), "spearman: x and y must both be [B, M], got ", x.sizes(), " and ",
+              y.sizes());
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "spearman: x and y must share a dtype, got ", x.scalar_type(),
               " and ", y.scalar_type());
   TORCH_CHECK(x.device() == y.device(), "spearman: x and y must be on one device");

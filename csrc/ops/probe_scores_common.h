@@ -39,17 +39,16 @@ struct PackedProbeScores {
 
 inline PackedProbeScores pack_probe_scores(at::TensorList hidden_states, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& lengths,
-                                           const std::string& smoothing, int64_t window,
-                                           double ema_alpha) {
+                                           const std::optional<at::Tensor>& lengths, const std::string& smoothing,
+                                           int64_t window, double ema_alpha) {
   PackedProbeScores P;
   const int64_t L = int64_t(hidden_states.size());
   TORCH_CHECK(L >= 1, "probe_scores: hidden_states must hold at least one layer");
   const at::Tensor& h0 = hidden_states[0];
   TORCH_CHECK(h0.dim() == 3, "probe_scores: each layer must be [B, T, H], got ", h0.sizes());
   const int64_t B = h0.size(0), T = h0.size(1), H = h0.size(2);
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == L && weight.size(1) == H,
-              "probe_scores: weight must be [L=", L, ", H=", H, ", K], got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == L && weight.size(1) == H, "probe_scores: weight must be [L=", L,
+              ", H=", H, ", K], got ", weight.sizes());
   const int64_t K = weight.size(2);
   const auto device = h0.device();
   for (const auto& h : hidden_states) {
@@ -61,8 +60,8 @@ inline PackedProbeScores pack_probe_scores(at::TensorList hidden_states, const a
   TORCH_CHECK(weight.device() == device, "probe_scores: weight must be on ", device);
   P.weight_t = weight.to(at::kFloat).transpose(1, 2).contiguous();  // [L, K, H]
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->device() == device,
-                "probe_scores: bias must be [K=", K, "] on ", device);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->device() == device, "probe_scores: bias must be [K=", K,
+                "] on ", device);
     P.bias = bias->to(at::kFloat).contiguous();
   }
   if (lengths.has_value()) {

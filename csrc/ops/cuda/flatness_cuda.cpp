@@ -19,9 +19,8 @@ at::Tensor energy_cuda(const at::Tensor& logits) {
   expect_cuda(logits, "energy");
   const c10::cuda::CUDAGuard guard(logits.device());
   PackedEnergy P = pack_energy(logits);
-  visit_logits_dtype(logits.scalar_type(), "energy", "logits", [&](auto tag) {
-    core::energy_cuda(energy_problem<decltype(tag)>(P), current_stream());
-  });
+  visit_logits_dtype(logits.scalar_type(), "energy", "logits",
+                     [&](auto tag) { core::energy_cuda(energy_problem<decltype(tag)>(P), current_stream()); });
   return finish_energy(P, logits);
 }
 
@@ -52,9 +51,8 @@ at::Tensor probe_dots_cuda(const at::Tensor& v, const at::Tensor& w) {
   expect_cuda(v, "probe_dots");
   const c10::cuda::CUDAGuard guard(v.device());
   PackedProbeDots P = pack_probe_dots(v, w);
-  visit_real_dtype(v.scalar_type(), "probe_dots", "v", [&](auto tag) {
-    core::probe_dots_cuda(probe_dots_problem<decltype(tag)>(P), current_stream());
-  });
+  visit_real_dtype(v.scalar_type(), "probe_dots", "v",
+                   [&](auto tag) { core::probe_dots_cuda(probe_dots_problem<decltype(tag)>(P), current_stream()); });
   return P.out;
 }
 

@@ -38,8 +38,8 @@ at::Tensor spearman_cuda(const at::Tensor& x, const at::Tensor& y) {
   const at::Tensor ys = shared ? y.select(0, 0).contiguous() : y.contiguous();
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kDouble));
   if (out.numel() == 0) return out;
-  core::SpearmanProblem p{xs.data_ptr(), ys.data_ptr(), real_dtype(xs, "spearman", "x"), xs.size(0), xs.size(1),
-                          xs.size(1), shared ? 0 : xs.size(1), out.data_ptr<double>()};
+  core::SpearmanProblem p{xs.data_ptr(), ys.data_ptr(), real_dtype(xs, "spearman", "x"), xs.size(0),
+                          xs.size(1),    xs.size(1),    shared ? 0 : xs.size(1),         out.data_ptr<double>()};
   at::Tensor ws = workspace(core::spearman_cuda_workspace(p), xs);
   core::spearman_cuda(p, ws.data_ptr(), current_stream());
   return out;
