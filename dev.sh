@@ -167,7 +167,7 @@ cuda_build() {
   step "CUDA extension against $CUDA_TORCH in $CUDA_VENV"
   [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
   "$CUDA_VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$CUDA_VENV/bin/python" "$CUDA_TORCH"
-  pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 ninja==1.13.2 setuptools==84.2.1 wheel
+  pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 tqdm==4.70.1 ninja==1.13.2 setuptools==84.2.1 wheel
   # The toolkit root: the folder above nvcc's bin/ when it holds the headers
   # (nvcc may be a wrapper outside the toolkit), else /usr/local/cuda.
   local nvcc_home
