@@ -1,19 +1,13 @@
 // CUDA bindings of the flatness ops (built only when CUDA is enabled): device
 // guard, current stream, outputs from PyTorch's caching allocator.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../flatness_common.h"
+#include "cuda_binding.h"
 
 namespace pykernels::ops {
 namespace {
-
-void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
-
-void expect_cuda(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.is_cuda(), op, " (CUDA kernel): expected CUDA tensors, got ", t.device());
-}
 
 at::Tensor energy_cuda(const at::Tensor& logits) {
   expect_cuda(logits, "energy");

@@ -1,10 +1,10 @@
 // CUDA binding of pykernels::probe_scores (built only when CUDA is enabled):
 // device guard, current stream, scratch from PyTorch's caching allocator.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../probe_scores_common.h"
+#include "cuda_binding.h"
 
 namespace pykernels::ops {
 namespace {
@@ -20,8 +20,7 @@ at::Tensor probe_scores_cuda(at::TensorList hidden_states, const at::Tensor& wei
   at::Tensor scratch;
   if (core::probe_scores_needs_scratch(P.smoothing, P.window)) scratch = at::empty_like(P.out);
   core::probe_scores_cuda(P.problem, P.smoothing, P.window, P.alpha,
-                          scratch.defined() ? scratch.data_ptr<float>() : nullptr,
-                          at::cuda::getCurrentCUDAStream().stream());
+                          scratch.defined() ? scratch.data_ptr<float>() : nullptr, current_stream());
   return P.out;
 }
 
