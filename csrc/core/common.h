@@ -1,9 +1,12 @@
-// Shared helpers for the torch-free kernel cores: host/device qualifiers and
-// the 16-bit float conversions every backend uses to read activations.
+// Shared helpers for the torch-free kernel cores: host/device qualifiers, the one
+// element-type vocabulary (DType) and the 16-bit float conversions every backend
+// uses to read activations.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #if defined(__CUDACC__)
 #define PK_HD __host__ __device__ __forceinline__
@@ -13,11 +16,57 @@
 
 namespace pykernels::core {
 
-// Element types the kernels read. Values match nothing outside this project;
-// the torch bindings translate at::ScalarType into these.
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+// Element types of the cores, the one vocabulary of core/. Values match nothing outside
+// this project; the torch bindings translate at::ScalarType into these in one place
+// (ops/dtype.h). Each op says which of them it takes.
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 
-inline int64_t dtype_size(DType t) { return t == DType::Float32 ? 4 : 2; }
+// 16-bit floats travel as their bits; these tags keep float16 and bfloat16 apart.
+struct Float16Bits {
+  uint16_t bits;
+};
+struct BFloat16Bits {
+  uint16_t bits;
+};
+
+// The C++ type one element of D is stored as: Storage<D>.
+template <DType D>
+struct DTypeStorage;
+template <>
+struct DTypeStorage<DType::Float32> {
+  using type = float;
+};
+template <>
+struct DTypeStorage<DType::Float64> {
+  using type = double;
+};
+template <>
+struct DTypeStorage<DType::Float16> {
+  using type = Float16Bits;
+};
+template <>
+struct DTypeStorage<DType::BFloat16> {
+  using type = BFloat16Bits;
+};
+template <DType D>
+using Storage = typename DTypeStorage<D>::type;
+
+PK_HD constexpr int64_t dtype_size(DType t) { return t == DType::Float64 ? 8 : t == DType::Float32 ? 4 : 2; }
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::Float32: return "float32";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+    case DType::Float64: return "float64";
+  }
+  return "unknown";
+}
+
+// For a kernel's dispatch over the dtypes it does not take (the bindings check first).
+[[noreturn]] inline void throw_unsupported_dtype(const char* op, DType t) {
+  throw std::invalid_argument(std::string("pykernels ") + op + ": " + dtype_name(t) + " is not supported");
+}
 
 PK_HD float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
@@ -49,9 +98,10 @@ PK_HD float f16_bits_to_float(uint16_t h) {
   return bits_to_float(sign | (uint32_t(112 - e) << 23) | ((mant & 0x3ffu) << 13));
 }
 
-// Element j of a row of D-typed values, widened to float (exact).
+// Element j of a row of D-typed values, widened to float (exact; so no float64).
 template <DType D>
 PK_HD float load_as_float(const void* row, int64_t j) {
+  static_assert(D != DType::Float64, "load_as_float: float64 does not fit in a float");
   if constexpr (D == DType::Float32) {
     return static_cast<const float*>(row)[j];
   } else if constexpr (D == DType::BFloat16) {

@@ -16,15 +16,7 @@
 
 namespace pykernels::core {
 
-// ---- element types ----
-
-// 16-bit floats travel as their bits; these tags keep float16 and bfloat16 apart.
-struct Float16Bits {
-  uint16_t bits;
-};
-struct BFloat16Bits {
-  uint16_t bits;
-};
+// ---- element types (Storage<D> of common.h's DType) ----
 
 // Acc: the type a kernel computes in; load widens one element exactly.
 template <typename T>

@@ -1,46 +1,32 @@
 // CUDA flatness kernels. Per-element arithmetic lives in flatness.h (shared with,
 // and tested by, the CPU build); this file holds indexing and warp/block reductions.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <stdexcept>
-#include <string>
 
+#include "cuda_common.cuh"
 #include "flatness.h"
 
 namespace pykernels::core {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kSamplesPerWarp = 8;  // logsumexp_hvp: tangents handled by one warp
 constexpr int kDotThreads = 256;    // probe_dots: one block per probe row
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pykernels flatness CUDA: ") + what + ": " + cudaGetErrorString(err));
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_max(A x) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x = lse_max_step(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
+// The running max of logsumexp, with its NaN rule (lse_max_step), as a reduction op.
+struct LseMaxOp {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const {
+    return lse_max_step(a, b);
+  }
+};
 
 // logsumexp of one row, cooperatively by a warp; every lane gets the result.
 template <typename T, typename A = typename Elem<T>::Acc>
 __device__ __forceinline__ A warp_row_logsumexp(const T* z, int64_t cols, int lane) {
   A m = A(-INFINITY);
   for (int64_t k = lane; k < cols; k += kWarp) m = lse_max_step(m, Elem<T>::load(z + k));
-  m = warp_max(m);
+  m = warp_reduce(m, LseMaxOp{});
   A sum = A(0);
   for (int64_t k = lane; k < cols; k += kWarp) sum += lse_term(Elem<T>::load(z + k), m);
   return lse_finish(m, warp_sum(sum));
@@ -97,14 +83,8 @@ __global__ void __launch_bounds__(kDotThreads) probe_dots_kernel(ProbeDotsProble
   const T* w = p.w + s * p.w_sample_stride + b * p.w_batch_stride;
   T acc = T(0);
   for (int64_t d = threadIdx.x; d < p.dim; d += kDotThreads) acc += v[d] * w[d];
-  acc = warp_sum(acc);
-  if (threadIdx.x % kWarp == 0) partial[threadIdx.x / kWarp] = acc;
-  __syncthreads();
-  if (threadIdx.x < kWarp) {
-    acc = threadIdx.x < kDotThreads / kWarp ? partial[threadIdx.x] : T(0);
-    acc = warp_sum(acc);
-    if (threadIdx.x == 0) p.out[r] = acc;
-  }
+  acc = block_sum<kDotThreads>(acc, partial);
+  if (threadIdx.x == 0) p.out[r] = acc;
 }
 
 unsigned row_blocks(int64_t rows) { return unsigned((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
@@ -115,7 +95,7 @@ template <typename T>
 void energy_cuda(const EnergyProblem<T>& p, void* stream) {
   if (p.rows == 0) return;
   energy_kernel<T><<<row_blocks(p.rows), kWarp * kWarpsPerBlock, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  check(cudaGetLastError(), "energy kernel launch");
+  cuda_check(cudaGetLastError(), "energy kernel launch");
 }
 
 template <typename T>
@@ -125,7 +105,7 @@ void logsumexp_hvp_cuda(const LseHvpProblem<T>& p, void* stream) {
   if (chunks > 65535) throw std::invalid_argument("pykernels logsumexp_hvp CUDA: more than 524280 tangents");
   const dim3 grid(row_blocks(p.rows), unsigned(chunks));
   logsumexp_hvp_kernel<T><<<grid, kWarp * kWarpsPerBlock, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  check(cudaGetLastError(), "logsumexp_hvp kernel launch");
+  cuda_check(cudaGetLastError(), "logsumexp_hvp kernel launch");
 }
 
 template <typename T>
@@ -133,9 +113,9 @@ void fill_probes_cuda(T* out, int64_t count, uint64_t seed, uint64_t offset, Pro
   if (count == 0) return;
   const int threads = 256;
   const unsigned blocks = unsigned(std::min<int64_t>((count + threads - 1) / threads, 8192));
-  fill_probes_kernel<T><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(out, count, probe_key(seed),
-                                                                                   offset, kind);
-  check(cudaGetLastError(), "fill_probes kernel launch");
+  fill_probes_kernel<T>
+      <<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(out, count, probe_key(seed), offset, kind);
+  cuda_check(cudaGetLastError(), "fill_probes kernel launch");
 }
 
 template <typename T>
@@ -143,7 +123,7 @@ void probe_dots_cuda(const ProbeDotsProblem<T>& p, void* stream) {
   const int64_t rows = p.samples * p.batch;
   if (rows == 0) return;
   probe_dots_kernel<T><<<unsigned(rows), kDotThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  check(cudaGetLastError(), "probe_dots kernel launch");
+  cuda_check(cudaGetLastError(), "probe_dots kernel launch");
 }
 
 template void energy_cuda(const EnergyProblem<float>&, void*);

@@ -89,8 +89,8 @@ PK_HD double parc_key_distance(int64_t key) { return bits_double(key & INT64_MAX
 PK_HD double parc_rho(int64_t n_same, int64_t n_diff, int64_t twice_u, double ties) {
   if (n_same <= 0 || n_diff <= 0) return pk_nan();
   const double m = double(n_same) + double(n_diff);
-  const double spread = (m * m * m - m - ties) / (12.0 * m);  // sigma_R^2
-  if (!(spread > 0.0)) return pk_nan();                       // every value tied
+  const double spread = (m * m * m - m - ties) / (12.0 * m);   // sigma_R^2
+  if (!(spread > 0.0)) return pk_nan();                        // every value tied
   const double numerator = double(twice_u - n_same * n_diff);  // 2U - n0 n1, exact in int64
   return numerator / (2.0 * sqrt(double(n_same) * double(n_diff) * spread));
 }
@@ -108,12 +108,10 @@ PK_HD double spearman_rho(int64_t m, double centered_products, double ties_x, do
 
 // ---- Problems ----
 
-enum class FloatType : int { Float32 = 0, Float64 = 1 };
-
 // Features of a batch of models: [batch, n, d], contiguous.
 struct FeatureBatch {
   const void* data;
-  FloatType dtype;
+  DType dtype;  // Float32 or Float64
   int64_t batch, n, d;
 };
 
@@ -136,8 +134,7 @@ bool normalize_row_cpu(const FeatureBatch& f, int64_t b, int64_t row, Z* zt, int
 // Distances of rows [row_begin, row_end) from the normalised rows zt ([d, n], see above):
 // out is [n, n] (full, zero diagonal) or [n(n-1)/2] (triu), in Z.
 template <typename Z>
-void corr_distance_rows_cpu(const Z* zt, int64_t n, int64_t d, int64_t row_begin, int64_t row_end,
-                            bool triu, Z* out);
+void corr_distance_rows_cpu(const Z* zt, int64_t n, int64_t d, int64_t row_begin, int64_t row_end, bool triu, Z* out);
 
 // Buffers reused across calls by one thread.
 struct RankItem {
@@ -152,16 +149,15 @@ struct RankScratch {
 // Doubled average ranks (2 * rank, 1-based: an integer) of m non-NaN values read with `stride`;
 // returns the tie sum sum(t^3 - t). Requires m < 2^53.
 template <typename T>
-double twice_average_ranks_cpu(const T* values, int64_t stride, int64_t m, int64_t* twice_rank,
-                               RankScratch& scratch);
+double twice_average_ranks_cpu(const T* values, int64_t stride, int64_t m, int64_t* twice_rank, RankScratch& scratch);
 
 // Spearman's rho from two doubled-rank vectors, with exact integer products.
-double spearman_from_ranks_cpu(const int64_t* twice_rank_x, const int64_t* twice_rank_y, int64_t m,
-                               double ties_x, double ties_y);
+double spearman_from_ranks_cpu(const int64_t* twice_rank_x, const int64_t* twice_rank_y, int64_t m, double ties_x,
+                               double ties_y);
 
 // The label side from class ids [n] (equal ids = same class): order and block_end are [n].
-void parc_labels_cpu(const int64_t* classes, int64_t n, int64_t* order, int64_t* block_end,
-                     int64_t* n_same, int64_t* n_diff);
+void parc_labels_cpu(const int64_t* classes, int64_t n, int64_t* order, int64_t* block_end, int64_t* n_same,
+                     int64_t* n_diff);
 
 struct ParcScratch {
   std::vector<double> zt, pairs, bucketed;
@@ -169,8 +165,7 @@ struct ParcScratch {
 };
 
 // PARC's Spearman rho for model b; NaN for a model with a constant or non-finite row.
-double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_t b,
-                         ParcScratch& scratch);
+double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_t b, ParcScratch& scratch);
 
 // ---- CUDA entry points (parc_cuda.cu); `stream` is a cudaStream_t, every pointer device memory
 // unless noted. Each queues work on `stream` without host syncs and throws std::runtime_error on a
@@ -178,14 +173,13 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
 
 // out: [batch, n, n] or [batch, n(n-1)/2] of the features' type (float or double).
 int64_t pairwise_corr_distance_cuda_workspace(const FeatureBatch& f);
-void pairwise_corr_distance_cuda(const FeatureBatch& f, bool triu, void* out, void* workspace,
-                                 void* stream);
+void pairwise_corr_distance_cuda(const FeatureBatch& f, bool triu, void* out, void* workspace, void* stream);
 
 // x, y: [rows, m] with row strides (0 = one row broadcast to all, ranked once); out: [rows] double.
 struct SpearmanProblem {
   const void* x;
   const void* y;
-  FloatType dtype;  // of x and y
+  DType dtype;  // of x and y: Float32 or Float64
   int64_t rows, m, x_row_stride, y_row_stride;
   double* out;
 };
@@ -195,7 +189,7 @@ void spearman_cuda(const SpearmanProblem& p, void* workspace, void* stream);
 // labels.order / block_end point to device memory; n_same_device: [2] int64 {n_same, n_diff} on
 // the device. out: [batch] double.
 int64_t parc_spearman_cuda_workspace(const FeatureBatch& f);
-void parc_spearman_cuda(const FeatureBatch& f, const ParcLabels& labels, const int64_t* pair_counts,
-                        double* out, void* workspace, void* stream);
+void parc_spearman_cuda(const FeatureBatch& f, const ParcLabels& labels, const int64_t* pair_counts, double* out,
+                        void* workspace, void* stream);
 
 }  // namespace pykernels::core

@@ -21,9 +21,9 @@
 namespace pykernels::core {
 namespace {
 
-constexpr int64_t kTile = 256;          // columns of one row handled per pass over zt
-constexpr int64_t kValuesPerBucket = 8;  // average bucket size of the rank sorts
-constexpr int64_t kPairsPerBucket = 1;   // ... of PARC's grid, where most buckets need no sort
+constexpr int64_t kTile = 256;                     // columns of one row handled per pass over zt
+constexpr int64_t kValuesPerBucket = 8;            // average bucket size of the rank sorts
+constexpr int64_t kPairsPerBucket = 1;             // ... of PARC's grid, where most buckets need no sort
 constexpr int64_t kMaxBuckets = int64_t(1) << 24;  // bounds the count arrays at large M
 
 // Maps a value to its bucket; monotone non-decreasing in the value.
@@ -105,8 +105,7 @@ void scatter_to_coarse(const double* in, int64_t m, const BitBuckets& grid, doub
 
 // The values in[begin, stop) of one coarse bucket, by fine bucket, to out[begin, stop): afterwards
 // fine bucket f is out[end[f-1], end[f]) (end[-1] = begin), positions counted from the array's start.
-void scatter_to_fine(const double* in, int64_t begin, int64_t stop, const BitBuckets& grid, double* out,
-                     int64_t* end) {
+void scatter_to_fine(const double* in, int64_t begin, int64_t stop, const BitBuckets& grid, double* out, int64_t* end) {
   constexpr int64_t mask = kFinePerCoarse - 1;
   std::fill(end, end + kFinePerCoarse + 1, 0);
   for (int64_t i = begin; i < stop; ++i) ++end[(grid(in[i]) & mask) + 1];
@@ -214,8 +213,7 @@ bool normalize_row_cpu(const FeatureBatch& f, int64_t b, int64_t row, Z* zt, int
   const int64_t d = f.d, n = f.n;
   double mean = 0.0, norm2 = 0.0;
   auto value = [&](int64_t k) -> double {
-    return f.dtype == FloatType::Float32 ? double(model_row<float>(f, b, row)[k])
-                                         : model_row<double>(f, b, row)[k];
+    return f.dtype == DType::Float32 ? double(model_row<float>(f, b, row)[k]) : model_row<double>(f, b, row)[k];
   };
   bool varies = false;  // a constant row is undefined however its mean rounds (pykernels/selection/correlation.py)
   for (int64_t k = 0; k < d; ++k) {
@@ -232,8 +230,7 @@ bool normalize_row_cpu(const FeatureBatch& f, int64_t b, int64_t row, Z* zt, int
 }
 
 template <typename Z>
-void corr_distance_rows_cpu(const Z* zt, int64_t n, int64_t d, int64_t row_begin, int64_t row_end,
-                            bool triu, Z* out) {
+void corr_distance_rows_cpu(const Z* zt, int64_t n, int64_t d, int64_t row_begin, int64_t row_end, bool triu, Z* out) {
   Z acc[kTile];
   for (int64_t i = row_begin; i < row_end; ++i) {
     const int64_t first = triu ? i + 1 : 0;
@@ -249,13 +246,13 @@ void corr_distance_rows_cpu(const Z* zt, int64_t n, int64_t d, int64_t row_begin
 }
 
 template <typename T>
-double twice_average_ranks_cpu(const T* values, int64_t stride, int64_t m, int64_t* twice_rank,
-                               RankScratch& s) {
+double twice_average_ranks_cpu(const T* values, int64_t stride, int64_t m, int64_t* twice_rank, RankScratch& s) {
   double lo, hi;
   finite_range(values, stride, m, lo, hi);
   s.items.resize(size_t(m));
-  bucket_sort(m, Buckets(lo, hi, m), [&](int64_t i) { return RankItem{double(values[i * stride]), i}; },
-              [](const RankItem& it) { return it.value; }, s.items.data(), s.bucket_end);
+  bucket_sort(
+      m, Buckets(lo, hi, m), [&](int64_t i) { return RankItem{double(values[i * stride]), i}; },
+      [](const RankItem& it) { return it.value; }, s.items.data(), s.bucket_end);
   __int128 ties = 0;
   for (int64_t start = 0, stop; start < m; start = stop) {
     stop = start + 1;
@@ -267,18 +264,17 @@ double twice_average_ranks_cpu(const T* values, int64_t stride, int64_t m, int64
   return double(ties);
 }
 
-double spearman_from_ranks_cpu(const int64_t* twice_rank_x, const int64_t* twice_rank_y, int64_t m,
-                               double ties_x, double ties_y) {
+double spearman_from_ranks_cpu(const int64_t* twice_rank_x, const int64_t* twice_rank_y, int64_t m, double ties_x,
+                               double ties_y) {
   // |2r - m - 1| < m, so each product is below m^2 (exact in int64 for m < 3e9) and the sum,
   // up to m^3, is exact in 128 bits.
   __int128 sum = 0;
-  for (int64_t i = 0; i < m; ++i)
-    sum += __int128((twice_rank_x[i] - m - 1) * (twice_rank_y[i] - m - 1));
+  for (int64_t i = 0; i < m; ++i) sum += __int128((twice_rank_x[i] - m - 1) * (twice_rank_y[i] - m - 1));
   return spearman_rho(m, double(sum), ties_x, ties_y);
 }
 
-void parc_labels_cpu(const int64_t* classes, int64_t n, int64_t* order, int64_t* block_end,
-                     int64_t* n_same, int64_t* n_diff) {
+void parc_labels_cpu(const int64_t* classes, int64_t n, int64_t* order, int64_t* block_end, int64_t* n_same,
+                     int64_t* n_diff) {
   std::iota(order, order + n, int64_t(0));
   std::stable_sort(order, order + n, [&](int64_t a, int64_t b) { return classes[a] < classes[b]; });
   int64_t same = 0;
@@ -370,8 +366,7 @@ double parc_spearman_cpu(const FeatureBatch& f, const ParcLabels& labels, int64_
 template bool normalize_row_cpu<float>(const FeatureBatch&, int64_t, int64_t, float*, int64_t);
 template bool normalize_row_cpu<double>(const FeatureBatch&, int64_t, int64_t, double*, int64_t);
 template void corr_distance_rows_cpu<float>(const float*, int64_t, int64_t, int64_t, int64_t, bool, float*);
-template void corr_distance_rows_cpu<double>(const double*, int64_t, int64_t, int64_t, int64_t, bool,
-                                             double*);
+template void corr_distance_rows_cpu<double>(const double*, int64_t, int64_t, int64_t, int64_t, bool, double*);
 template double twice_average_ranks_cpu<float>(const float*, int64_t, int64_t, int64_t*, RankScratch&);
 template double twice_average_ranks_cpu<double>(const double*, int64_t, int64_t, int64_t*, RankScratch&);
 

@@ -6,8 +6,6 @@
 // [lower_bound, upper_bound) of its key, found by binary search, so ranks and tie sums are exact
 // integers. Models (spearman: rows) are sorted one after another, which bounds the scratch to one
 // model's pairs whatever the batch size.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <climits>
 #include <cub/block/block_reduce.cuh>
@@ -15,23 +13,18 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_common.cuh"
 #include "parc.h"
 
 namespace pykernels::core {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kThreads = 256;      // 1-D kernels
-constexpr int kTile = 32;          // pair tiles are kTile x kTile
-constexpr int kTileRows = 8;       // blockDim.y of the tile kernels; each thread owns 4 rows
+constexpr int kThreads = 256;  // 1-D kernels
+constexpr int kTile = 32;      // pair tiles are kTile x kTile
+constexpr int kTileRows = 8;   // blockDim.y of the tile kernels; each thread owns 4 rows
 constexpr int kRowsPerThread = kTile / kTileRows;
-constexpr int kChunk = 32;         // feature dims staged in shared memory per step
-constexpr int kMaxGrid = 4096;     // blocks of the grid-stride kernels
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pykernels model selection CUDA: ") + what + ": " + cudaGetErrorString(err));
-}
+constexpr int kChunk = 32;      // feature dims staged in shared memory per step
+constexpr int kMaxGrid = 4096;  // blocks of the grid-stride kernels
 
 // Splits one scratch allocation into 256-byte aligned arrays (base == nullptr: only measures).
 struct Carver {
@@ -50,12 +43,6 @@ unsigned grid_for(int64_t items, int threads = kThreads) {
   return unsigned(blocks < 1 ? 1 : (blocks > kMaxGrid ? kMaxGrid : blocks));
 }
 
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // A signed 128-bit integer sum that blocks add to with atomics, exactly: two 64-bit words, the
 // carry out of the low word added to the high one. Integer addition is associative, so the
 // result does not depend on the order the blocks run in (double atomics would: the CPU sums the
@@ -67,8 +54,8 @@ struct ExactSum {
 __device__ __forceinline__ __int128 warp_sum_exact(__int128 v) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const unsigned long long lo = __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(v), offset);
-    const long long hi = __shfl_xor_sync(0xffffffffu, static_cast<long long>(v >> 64), offset);
+    const unsigned long long lo = __shfl_xor_sync(kFullWarpMask, static_cast<unsigned long long>(v), offset);
+    const long long hi = __shfl_xor_sync(kFullWarpMask, static_cast<long long>(v >> 64), offset);
     v += static_cast<__int128>((static_cast<unsigned __int128>(hi) << 64) | lo);
   }
   return v;
@@ -109,7 +96,7 @@ __global__ void normalize_rows_kernel(const In* __restrict x, Z* __restrict z, i
   for (int64_t k = lane; k < d; k += kWarp) squares += (double(src[k]) - mean) * (double(src[k]) - mean);
   const double norm2 = warp_sum(squares);
   const double inv = 1.0 / sqrt(norm2);
-  const bool ok = __any_sync(0xffffffffu, varies) && norm2 > 0.0 && isfinite(norm2) && isfinite(inv);
+  const bool ok = __any_sync(kFullWarpMask, varies) && norm2 > 0.0 && isfinite(norm2) && isfinite(inv);
   for (int64_t k = lane; k < d; k += kWarp) z[row * d + k] = ok ? Z((double(src[k]) - mean) * inv) : Z(pk_nan());
   if (!ok && lane == 0 && invalid != nullptr) atomicOr(invalid + b, 1);
 }
@@ -258,7 +245,8 @@ __global__ void rank_products_kernel(const int64_t* __restrict rx, const int64_t
 
 __global__ void spearman_final_kernel(int64_t rows, int64_t m, bool shared_y, const ExactSum* __restrict sums,
                                       const ExactSum* __restrict ties_x, const ExactSum* __restrict ties_y,
-                                      const int* __restrict nan_x, const int* __restrict nan_y, double* __restrict out) {
+                                      const int* __restrict nan_x, const int* __restrict nan_y,
+                                      double* __restrict out) {
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   const int64_t ry = shared_y ? 0 : r;
@@ -269,18 +257,18 @@ __global__ void spearman_final_kernel(int64_t rows, int64_t m, bool shared_y, co
 
 size_t sort_pairs_temp_bytes(int64_t m) {
   size_t bytes = 0;
-  check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int64_t*>(nullptr),
-                                        static_cast<int64_t*>(nullptr), static_cast<const uint32_t*>(nullptr),
-                                        static_cast<uint32_t*>(nullptr), int(m)),
-        "sort size query");
+  cuda_check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int64_t*>(nullptr),
+                                             static_cast<int64_t*>(nullptr), static_cast<const uint32_t*>(nullptr),
+                                             static_cast<uint32_t*>(nullptr), int(m)),
+             "model selection sort size query");
   return bytes;
 }
 
 size_t sort_keys_temp_bytes(int64_t m) {
   size_t bytes = 0;
-  check(cub::DeviceRadixSort::SortKeys(nullptr, bytes, static_cast<const int64_t*>(nullptr),
-                                       static_cast<int64_t*>(nullptr), int(m)),
-        "sort size query");
+  cuda_check(cub::DeviceRadixSort::SortKeys(nullptr, bytes, static_cast<const int64_t*>(nullptr),
+                                            static_cast<int64_t*>(nullptr), int(m)),
+             "model selection sort size query");
   return bytes;
 }
 
@@ -295,7 +283,7 @@ struct DistanceScratch {
 };
 
 DistanceScratch carve_distance(const FeatureBatch& f, Carver& c) {
-  const size_t elem = f.dtype == FloatType::Float32 ? sizeof(float) : sizeof(double);
+  const size_t elem = f.dtype == DType::Float32 ? sizeof(float) : sizeof(double);
   return DistanceScratch{c.take<char>(size_t(f.batch * f.n * f.d) * elem)};
 }
 
@@ -304,13 +292,13 @@ void launch_normalize(const FeatureBatch& f, Z* z, const int64_t* order, int* in
   const int64_t rows = f.batch * f.n;
   const int warps = kThreads / kWarp;
   const unsigned blocks = unsigned((rows + warps - 1) / warps);
-  if (f.dtype == FloatType::Float32)
-    normalize_rows_kernel<float, Z><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(f.data), z, f.batch,
-                                                                      f.n, f.d, order, invalid);
+  if (f.dtype == DType::Float32)
+    normalize_rows_kernel<float, Z>
+        <<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(f.data), z, f.batch, f.n, f.d, order, invalid);
   else
-    normalize_rows_kernel<double, Z><<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(f.data), z, f.batch,
-                                                                       f.n, f.d, order, invalid);
-  check(cudaGetLastError(), "normalize kernel launch");
+    normalize_rows_kernel<double, Z>
+        <<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(f.data), z, f.batch, f.n, f.d, order, invalid);
+  cuda_check(cudaGetLastError(), "model selection normalize kernel launch");
 }
 
 // Grid axes y and z stop at 65,535: tiles on y allow n up to 2M samples (far past memory); models
@@ -379,13 +367,13 @@ template <typename T>
 void rank_row(const T* row, int64_t m, SpearmanCudaScratch& s, int64_t* ranks, ExactSum* ties, int* has_nan,
               cudaStream_t stream) {
   rank_keys_kernel<T><<<grid_for(m), kThreads, 0, stream>>>(row, m, s.keys, s.index, has_nan);
-  check(cudaGetLastError(), "rank key kernel launch");
+  cuda_check(cudaGetLastError(), "model selection rank key kernel launch");
   size_t bytes = s.sort_bytes;
-  check(cub::DeviceRadixSort::SortPairs(s.sort_temp, bytes, s.keys, s.sorted, s.index, s.sorted_index, int(m), 0, 64,
-                                        stream),
-        "radix sort");
+  cuda_check(cub::DeviceRadixSort::SortPairs(s.sort_temp, bytes, s.keys, s.sorted, s.index, s.sorted_index, int(m), 0,
+                                             64, stream),
+             "model selection radix sort");
   midrank_kernel<<<grid_for(m), kThreads, 0, stream>>>(s.sorted, s.sorted_index, m, ranks, ties);
-  check(cudaGetLastError(), "midrank kernel launch");
+  cuda_check(cudaGetLastError(), "model selection midrank kernel launch");
 }
 
 template <typename T>
@@ -397,11 +385,11 @@ void spearman_rows(const SpearmanProblem& p, SpearmanCudaScratch& s, cudaStream_
     rank_row(x + r * p.x_row_stride, p.m, s, s.rx, s.ties_x + r, s.nan_x + r, stream);
     if (!shared_y || r == 0) rank_row(y + r * p.y_row_stride, p.m, s, s.ry, s.ties_y + r, s.nan_y + r, stream);
     rank_products_kernel<<<grid_for(p.m), kThreads, 0, stream>>>(s.rx, s.ry, p.m, s.sums + r);
-    check(cudaGetLastError(), "rank product kernel launch");
+    cuda_check(cudaGetLastError(), "model selection rank product kernel launch");
   }
   spearman_final_kernel<<<grid_for(p.rows), kThreads, 0, stream>>>(p.rows, p.m, shared_y, s.sums, s.ties_x, s.ties_y,
                                                                    s.nan_x, s.nan_y, p.out);
-  check(cudaGetLastError(), "spearman final kernel launch");
+  cuda_check(cudaGetLastError(), "model selection spearman final kernel launch");
 }
 
 }  // namespace
@@ -425,10 +413,10 @@ void pairwise_corr_distance_cuda(const FeatureBatch& f, bool triu, void* out, vo
       const dim3 grid = tile_grid(f.n, std::min(kMaxGridZ, f.batch - b0));
       if (triu) pair_tile_kernel<Z, TileOut::Triu><<<grid, block, 0, stream>>>(z, f.n, f.d, b0, out, nullptr);
       else pair_tile_kernel<Z, TileOut::Full><<<grid, block, 0, stream>>>(z, f.n, f.d, b0, out, nullptr);
-      check(cudaGetLastError(), "distance kernel launch");
+      cuda_check(cudaGetLastError(), "model selection distance kernel launch");
     }
   };
-  if (f.dtype == FloatType::Float32) run(static_cast<float*>(s.z));
+  if (f.dtype == DType::Float32) run(static_cast<float*>(s.z));
   else run(static_cast<double*>(s.z));
 }
 
@@ -446,9 +434,10 @@ void spearman_cuda(const SpearmanProblem& p, void* workspace, void* stream_ptr) 
   Carver c{static_cast<char*>(workspace)};
   SpearmanCudaScratch s = carve_spearman(p, c);
   // sums, ties and NaN flags start at zero (they are carved back to back).
-  check(cudaMemsetAsync(s.sums, 0, reinterpret_cast<char*>(s.nan_y + p.rows) - reinterpret_cast<char*>(s.sums), stream),
-        "clear accumulators");
-  if (p.dtype == FloatType::Float32) spearman_rows<float>(p, s, stream);
+  cuda_check(
+      cudaMemsetAsync(s.sums, 0, reinterpret_cast<char*>(s.nan_y + p.rows) - reinterpret_cast<char*>(s.sums), stream),
+      "model selection clear accumulators");
+  if (p.dtype == DType::Float32) spearman_rows<float>(p, s, stream);
   else spearman_rows<double>(p, s, stream);
 }
 
@@ -467,23 +456,24 @@ void parc_spearman_cuda(const FeatureBatch& f, const ParcLabels& labels, const i
   require_int_items(m, "parc_spearman");
   Carver c{static_cast<char*>(workspace)};
   ParcCudaScratch s = carve_parc(f, c);
-  check(cudaMemsetAsync(s.twice_u, 0, reinterpret_cast<char*>(s.invalid + f.batch) - reinterpret_cast<char*>(s.twice_u),
-                        stream),
-        "clear accumulators");
+  cuda_check(cudaMemsetAsync(s.twice_u, 0,
+                             reinterpret_cast<char*>(s.invalid + f.batch) - reinterpret_cast<char*>(s.twice_u), stream),
+             "model selection clear accumulators");
   launch_normalize(f, s.z, labels.order, s.invalid, stream);
   const dim3 block(kTile, kTileRows);
   for (int64_t b = 0; b < f.batch && m > 0; ++b) {
     pair_tile_kernel<double, TileOut::ParcKeys>
         <<<tile_grid(f.n, 1), block, 0, stream>>>(s.z, f.n, f.d, b, s.keys, labels.block_end);
-    check(cudaGetLastError(), "pair key kernel launch");
+    cuda_check(cudaGetLastError(), "model selection pair key kernel launch");
     size_t bytes = s.sort_bytes;
-    check(cub::DeviceRadixSort::SortKeys(s.sort_temp, bytes, s.keys, s.sorted, int(m), 0, 64, stream), "radix sort");
+    cuda_check(cub::DeviceRadixSort::SortKeys(s.sort_temp, bytes, s.keys, s.sorted, int(m), 0, 64, stream),
+               "model selection radix sort");
     parc_count_kernel<<<grid_for(m), kThreads, 0, stream>>>(s.sorted, m, pair_counts, s.twice_u + b, s.ties + b);
-    check(cudaGetLastError(), "pair count kernel launch");
+    cuda_check(cudaGetLastError(), "model selection pair count kernel launch");
   }
   parc_final_kernel<<<grid_for(f.batch), kThreads, 0, stream>>>(f.batch, pair_counts, s.twice_u, s.ties, s.invalid,
                                                                 out);
-  check(cudaGetLastError(), "parc final kernel launch");
+  cuda_check(cudaGetLastError(), "model selection parc final kernel launch");
 }
 
 }  // namespace pykernels::core

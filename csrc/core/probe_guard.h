@@ -19,8 +19,8 @@ namespace pykernels::core {
 // ---- probe_accumulate ----
 
 struct AccumulateProblem {
-  const void* hidden;   // [rows, hidden], unit stride along hidden
-  int64_t row_stride;   // elements between rows
+  const void* hidden;  // [rows, hidden], unit stride along hidden
+  int64_t row_stride;  // elements between rows
   DType dtype;
   int64_t rows, hidden_size, heads;
   const float* weight_t;  // [heads, hidden] float32, contiguous (W_l transposed)
@@ -56,14 +56,14 @@ struct StreamStepProblem {
   int64_t* meta;
   int64_t* status;
   int64_t slots, ring, heads;
-  int64_t window;  // SWiM window; 0 selects the EMA
-  float alpha;     // EMA weight of the newest token
+  int64_t window;           // SWiM window; 0 selects the EMA
+  float alpha;              // EMA weight of the newest token
   const int64_t* slot_ids;  // [rows]
   const int64_t* starts;    // [rows] first token row of each segment, or nullptr: row r is token r
   const int64_t* counts;    // [rows] tokens of each segment (with starts)
   const float* logits;      // [tokens, heads] contiguous
-  const bool* active;       // [rows] or nullptr (all active); one-token op only: inactive rows leave their slot untouched
-  const float* threshold;   // [heads]
+  const bool* active;  // [rows] or nullptr (all active); one-token op only: inactive rows leave their slot untouched
+  const float* threshold;  // [heads]
   int64_t rows;
   int64_t tokens;
   float* scores;  // [tokens, heads] out (token rows outside every segment: left to the caller, zeros)
@@ -71,8 +71,7 @@ struct StreamStepProblem {
 };
 
 // Score of one (slot, head) after appending logit z; updates the slot's state.
-PK_HD float stream_update(float* state, int64_t heads, int64_t k, int64_t count, int64_t window,
-                          float alpha, float z) {
+PK_HD float stream_update(float* state, int64_t heads, int64_t k, int64_t count, int64_t window, float alpha, float z) {
   if (window == 0) {
     const float e = ema_apply(ema_token_map(z, alpha, count == 0), state[k]);
     state[k] = e;
@@ -166,15 +165,15 @@ void probe_stream_step_cuda(const StreamStepProblem& p, void* stream);
 // d loss / d z_s = sum over predictions t whose window holds s of that / count_t.
 
 struct SwbceProblem {
-  const void* logits;  // [batch, seq_len] contiguous, float32 or float64 (see `fp64`)
-  const void* labels;  // [batch], same type
+  const void* logits;      // [batch, seq_len] contiguous, of `dtype`
+  const void* labels;      // [batch], same type
   const int64_t* lengths;  // [batch], values in [1, seq_len]
   int64_t batch, seq_len, window;
   double tau;
   bool detach_weights;
-  bool fp64;
-  void* loss;  // [batch] out
-  void* grad;  // [batch, seq_len] out (d loss_b / d z), or nullptr
+  DType dtype;  // of logits, labels, loss and grad: Float32 or Float64
+  void* loss;   // [batch] out
+  void* grad;   // [batch, seq_len] out (d loss_b / d z), or nullptr
 };
 
 // Valid tokens of sequence b, clamped to [1, seq_len] so bad lengths cannot
@@ -188,14 +187,20 @@ PK_HD int64_t swbce_first_prediction(int64_t n, int64_t window) { return n >= wi
 
 // softplus(x) and sigmoid(x) from a = exp(-|x|), which both need (one exp for both).
 template <typename T>
-PK_HD T softplus_from(T x, T a) { return (x > T(0) ? x : T(0)) + log1p(a); }
+PK_HD T softplus_from(T x, T a) {
+  return (x > T(0) ? x : T(0)) + log1p(a);
+}
 
 template <typename T>
-PK_HD T sigmoid_from(T x, T a) { return x >= T(0) ? T(1) / (T(1) + a) : a / (T(1) + a); }
+PK_HD T sigmoid_from(T x, T a) {
+  return x >= T(0) ? T(1) / (T(1) + a) : a / (T(1) + a);
+}
 
 // bce(y, x) = -(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))) = softplus(x) - y x.
 template <typename T>
-PK_HD T swbce_bce(T y, T x, T a) { return softplus_from(x, a) - y * x; }
+PK_HD T swbce_bce(T y, T x, T a) {
+  return softplus_from(x, a) - y * x;
+}
 
 // d loss / d zbar_t from the prediction's weight w, zbar (with a = exp(-|zbar|)),
 // its bce, the label and the sequence loss.

@@ -76,8 +76,8 @@ void swbce_sequence(const SwbceProblem& p, int64_t b) {
   T* grad = static_cast<T*>(p.grad) + b * T_;
   // d loss / d zbar_t divided by the window's token count, in place of e.
   for (int64_t i = 0; i < P; ++i)
-    e[i] = swbce_dzbar(e[i] / denom, zbar[i], a[i], bce[i], y, loss, tau, p.detach_weights) /
-           T(swim_count(first + i, M));
+    e[i] =
+        swbce_dzbar(e[i] / denom, zbar[i], a[i], bce[i], y, loss, tau, p.detach_weights) / T(swim_count(first + i, M));
   std::fill(grad, grad + T_, T(0));
   if (n >= M) {  // prediction i's window is tokens i .. i + M - 1
     for (int64_t m = 0; m < M; ++m)
@@ -90,8 +90,11 @@ void swbce_sequence(const SwbceProblem& p, int64_t b) {
 }  // namespace
 
 void softmax_weighted_bce_cpu(const SwbceProblem& p, int64_t b) {
-  if (p.fp64) swbce_sequence<double>(p, b);
-  else swbce_sequence<float>(p, b);
+  switch (p.dtype) {
+    case DType::Float32: swbce_sequence<float>(p, b); return;
+    case DType::Float64: swbce_sequence<double>(p, b); return;
+    default: throw_unsupported_dtype("softmax_weighted_bce", p.dtype);
+  }
 }
 
 }  // namespace pykernels::core

@@ -1,48 +1,21 @@
 // CUDA kernels of the probe guard. The per-element arithmetic (stream_update,
 // crosses, swbce_*) lives in probe_guard.h and is tested on the CPU; this file
 // keeps indexing, loads and block reductions.
-#include <cuda_runtime.h>
-
-#include <stdexcept>
-#include <string>
-
+#include "cuda_common.cuh"
 #include "probe_guard.h"
 
 namespace pykernels::core {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kThreads = 256;  // one block per row (accumulate) or per sequence (loss)
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pykernels probe guard CUDA: ") + what + ": " + cudaGetErrorString(err));
-}
-
-// Sum over the block; every thread gets the result. `shared` holds kThreads / kWarp values.
-template <typename T>
-__device__ T block_sum(T v, T* shared) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  __syncthreads();  // `shared` may still be read by a previous call
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  T total = T(0);
-  for (int w = 0; w < kThreads / kWarp; ++w) total += shared[w];
-  return total;
-}
-
-template <typename T>
-__device__ T block_max(T v, T* shared) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  T top = shared[0];
-  for (int w = 1; w < kThreads / kWarp; ++w) top = fmax(top, shared[w]);
-  return top;
-}
+// The loss's softmax shift is a max with fmax, which skips NaN (see swbce_kernel).
+struct FmaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return fmax(a, b);
+  }
+};
 
 // ---- probe_accumulate: one block per (row, group of up to KG heads) ----
 
@@ -51,7 +24,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateProblem 
   __shared__ float shared[kThreads / kWarp];
   const int64_t n = blockIdx.x;
   const int64_t k0 = int64_t(blockIdx.y) * KG;
-  const void* row = static_cast<const char*>(p.hidden) + n * p.row_stride * (D == DType::Float32 ? 4 : 2);
+  const void* row = static_cast<const char*>(p.hidden) + n * p.row_stride * dtype_size(D);
   float acc[KG];
 #pragma unroll
   for (int k = 0; k < KG; ++k) acc[k] = 0.f;
@@ -63,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateProblem 
   }
 #pragma unroll
   for (int k = 0; k < KG; ++k) {
-    const float total = block_sum(acc[k], shared);
+    const float total = block_sum<kThreads>(acc[k], shared);
     if (threadIdx.x == 0 && k0 + k < p.heads) p.acc[n * p.heads + k0 + k] += total;
   }
 }
@@ -73,7 +46,7 @@ void launch_accumulate(const AccumulateProblem& p, cudaStream_t stream) {
   constexpr int KG = 4;
   const dim3 grid(unsigned(p.rows), unsigned((p.heads + KG - 1) / KG));
   accumulate_kernel<D, KG><<<grid, kThreads, 0, stream>>>(p);
-  check(cudaGetLastError(), "accumulate kernel launch");
+  cuda_check(cudaGetLastError(), "probe_accumulate kernel launch");
 }
 
 // ---- probe_stream_step(_varlen): one block; rows are few (one per active sequence),
@@ -127,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) swbce_kernel(SwbceProblem p, T* work
     zbar[t] = swim_at(z, 1, t, M);
     top = fmax(top, zbar[t] / tau);  // fmax skips NaN, which reaches the loss through exp below
   }
-  top = block_max(top, shared);
+  top = block_reduce<kThreads>(top, shared, FmaxOp{});
   if (!(top > -INFINITY)) top = T(0);
   T denom = T(0), weighted = T(0);
   for (int64_t t = first + threadIdx.x; t < n; t += kThreads) {
@@ -135,16 +108,16 @@ __global__ void __launch_bounds__(kThreads) swbce_kernel(SwbceProblem p, T* work
     denom += e;
     weighted += e * swbce_bce(y, zbar[t], exp(-fabs(zbar[t])));
   }
-  denom = block_sum(denom, shared);
-  weighted = block_sum(weighted, shared);
+  denom = block_sum<kThreads>(denom, shared);
+  weighted = block_sum<kThreads>(weighted, shared);
   const T loss = weighted / denom;
   if (threadIdx.x == 0) static_cast<T*>(p.loss)[b] = loss;
   if (p.grad == nullptr) return;
 
   for (int64_t t = first + threadIdx.x; t < n; t += kThreads) {
     const T w = exp(zbar[t] / tau - top) / denom, a = exp(-fabs(zbar[t]));
-    zbar[t] = swbce_dzbar(w, zbar[t], a, swbce_bce(y, zbar[t], a), y, loss, tau, p.detach_weights) /
-              T(swim_count(t, M));
+    zbar[t] =
+        swbce_dzbar(w, zbar[t], a, swbce_bce(y, zbar[t], a), y, loss, tau, p.detach_weights) / T(swim_count(t, M));
   }
   __syncthreads();
   T* grad = static_cast<T*>(p.grad) + b * Tn;
@@ -167,20 +140,28 @@ void probe_accumulate_cuda(const AccumulateProblem& p, void* stream_ptr) {
     case DType::Float32: launch_accumulate<DType::Float32>(p, stream); break;
     case DType::Float16: launch_accumulate<DType::Float16>(p, stream); break;
     case DType::BFloat16: launch_accumulate<DType::BFloat16>(p, stream); break;
+    case DType::Float64: throw_unsupported_dtype("probe_accumulate_", p.dtype);
   }
 }
 
 void probe_stream_step_cuda(const StreamStepProblem& p, void* stream_ptr) {
   stream_step_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream_ptr)>>>(p);
-  check(cudaGetLastError(), "stream step kernel launch");
+  cuda_check(cudaGetLastError(), "probe_stream_step kernel launch");
 }
 
 void softmax_weighted_bce_cuda(const SwbceProblem& p, void* scratch, void* stream_ptr) {
   if (p.batch == 0) return;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (p.fp64) swbce_kernel<double><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<double*>(scratch));
-  else swbce_kernel<float><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<float*>(scratch));
-  check(cudaGetLastError(), "softmax_weighted_bce kernel launch");
+  switch (p.dtype) {
+    case DType::Float32:
+      swbce_kernel<float><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<float*>(scratch));
+      break;
+    case DType::Float64:
+      swbce_kernel<double><<<unsigned(p.batch), kThreads, 0, stream>>>(p, static_cast<double*>(scratch));
+      break;
+    default: throw_unsupported_dtype("softmax_weighted_bce", p.dtype);
+  }
+  cuda_check(cudaGetLastError(), "softmax_weighted_bce kernel launch");
 }
 
 }  // namespace pykernels::core

@@ -23,12 +23,12 @@ struct LayerView {
 struct ProbeScoresProblem {
   const LayerView* layers;  // [num_layers]; on CUDA this array lives in host memory
   int64_t num_layers;
-  DType dtype;              // element type of every layer
+  DType dtype;  // element type of every layer
   int64_t batch, seq_len, hidden, heads;
-  const float* weight_t;    // [num_layers, heads, hidden] float32, contiguous (W transposed)
-  const float* bias;        // [heads] or nullptr
-  const int64_t* lengths;   // [batch] valid tokens per sequence, or nullptr (= seq_len)
-  float* out;               // [batch, seq_len, heads] float32, contiguous
+  const float* weight_t;   // [num_layers, heads, hidden] float32, contiguous (W transposed)
+  const float* bias;       // [heads] or nullptr
+  const int64_t* lengths;  // [batch] valid tokens per sequence, or nullptr (= seq_len)
+  float* out;              // [batch, seq_len, heads] float32, contiguous
 };
 
 // Valid length of sequence b, clamped to [0, seq_len] so bad lengths cannot
@@ -89,8 +89,7 @@ PK_HD float ema_apply(EmaMap m, float e) { return m.decay == 0.f ? m.add : m.dec
 void probe_logits_cpu(const ProbeScoresProblem& p, int64_t b, int64_t t_begin, int64_t t_end);
 
 // Smooths out[b, :len, :] in place and writes 0 to the padded tail [len, T).
-void smooth_sequence_cpu(const ProbeScoresProblem& p, int64_t b, Smoothing smoothing,
-                         int64_t window, float alpha);
+void smooth_sequence_cpu(const ProbeScoresProblem& p, int64_t b, Smoothing smoothing, int64_t window, float alpha);
 
 // Which SIMD path probe_logits_cpu takes on this machine: "avx512", "avx2" or "scalar".
 const char* probe_scores_cpu_isa();
@@ -105,7 +104,7 @@ inline bool probe_scores_needs_scratch(Smoothing smoothing, int64_t window) {
 // Full op: logits then smoothing, all queued on `stream` (no host sync, no
 // allocation: capturable in a CUDA graph). `p.layers` is read on the host;
 // every other pointer is device memory. Throws std::runtime_error on a CUDA error.
-void probe_scores_cuda(const ProbeScoresProblem& p, Smoothing smoothing, int64_t window,
-                       float alpha, float* scratch, void* stream);
+void probe_scores_cuda(const ProbeScoresProblem& p, Smoothing smoothing, int64_t window, float alpha, float* scratch,
+                       void* stream);
 
 }  // namespace pykernels::core

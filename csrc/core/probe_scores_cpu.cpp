@@ -27,8 +27,7 @@ enum class Isa { Scalar, Avx2, Avx512 };
 Isa best_isa() {
 #ifdef PK_HAVE_X86_DISPATCH
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::Avx2;
 #endif
   return Isa::Scalar;
@@ -77,8 +76,7 @@ void probe_accumulate_cpu(const AccumulateProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
-void smooth_sequence_cpu(const ProbeScoresProblem& p, int64_t b, Smoothing smoothing,
-                         int64_t window, float alpha) {
+void smooth_sequence_cpu(const ProbeScoresProblem& p, int64_t b, Smoothing smoothing, int64_t window, float alpha) {
   const int64_t T = p.seq_len, K = p.heads;
   const int64_t len = clamped_length(p.lengths, b, T);
   float* z = p.out + b * T * K;

@@ -19,6 +19,7 @@ namespace pykernels::core::PK_KERNEL_NS {
 
 template <DType D>
 inline Vec::reg load_activations(const void* row, int64_t j) {
+  static_assert(D != DType::Float64, "load_activations: float activations only");
   if constexpr (D == DType::Float32) {
     return Vec::load(static_cast<const float*>(row) + j);
   } else if constexpr (D == DType::BFloat16) {
@@ -30,10 +31,10 @@ inline Vec::reg load_activations(const void* row, int64_t j) {
 
 // out[r * out_stride + k] += rows[r] . w[k * H : (k + 1) * H] for r < R, k < K.
 template <DType D, int K, int R>
-void dot_rows(const void* const* rows, const void* const* next_rows, const float* w, int64_t H,
-              float* out, int64_t out_stride) {
+void dot_rows(const void* const* rows, const void* const* next_rows, const float* w, int64_t H, float* out,
+              int64_t out_stride) {
   using reg = Vec::reg;
-  constexpr int64_t kElemBytes = D == DType::Float32 ? 4 : 2;
+  constexpr int64_t kElemBytes = dtype_size(D);
   constexpr int64_t kLine = 64 / kElemBytes;  // activations per cache line
   constexpr int64_t kLanes = Vec::kLanes;
   static_assert(kLine % kLanes == 0, "a cache line must hold whole vectors");
@@ -44,8 +45,7 @@ void dot_rows(const void* const* rows, const void* const* next_rows, const float
 
   int64_t j = 0;
   for (; j + kLine <= H; j += kLine) {
-    for (int r = 0; r < R; ++r)
-      Vec::prefetch(static_cast<const char*>(next_rows[r]) + j * kElemBytes);
+    for (int r = 0; r < R; ++r) Vec::prefetch(static_cast<const char*>(next_rows[r]) + j * kElemBytes);
     for (int64_t u = 0; u < kLine; u += kLanes) {
       reg x[R];
       for (int r = 0; r < R; ++r) x[r] = load_activations<D>(rows[r], j + u);
@@ -67,8 +67,8 @@ void dot_rows(const void* const* rows, const void* const* next_rows, const float
 // Heads are processed in groups of up to 4 (the register budget); a larger K
 // re-reads the R rows from L1 once per group.
 template <DType D, int R>
-void dot_rows_all_heads(const void* const* rows, const void* const* next_rows, const float* w,
-                        int64_t H, int64_t K, float* out) {
+void dot_rows_all_heads(const void* const* rows, const void* const* next_rows, const float* w, int64_t H, int64_t K,
+                        float* out) {
   for (int64_t k0 = 0; k0 < K; k0 += 4) {
     const float* wk = w + k0 * H;
     float* o = out + k0;
@@ -122,9 +122,7 @@ template <DType D>
 void accumulate_rows(const AccumulateProblem& p, int64_t n_begin, int64_t n_end) {
   constexpr int R = 4;
   const int64_t elem = dtype_size(D), K = p.heads;
-  auto row = [&](int64_t n) -> const void* {
-    return static_cast<const char*>(p.hidden) + n * p.row_stride * elem;
-  };
+  auto row = [&](int64_t n) -> const void* { return static_cast<const char*>(p.hidden) + n * p.row_stride * elem; };
   int64_t n = n_begin;
   for (; n + R <= n_end; n += R) {
     const void* rows[R];
@@ -146,15 +144,16 @@ inline void accumulate_rows_any_dtype(const AccumulateProblem& p, int64_t n_begi
     case DType::Float32: accumulate_rows<DType::Float32>(p, n_begin, n_end); break;
     case DType::Float16: accumulate_rows<DType::Float16>(p, n_begin, n_end); break;
     case DType::BFloat16: accumulate_rows<DType::BFloat16>(p, n_begin, n_end); break;
+    case DType::Float64: throw_unsupported_dtype("probe_accumulate_", p.dtype);
   }
 }
 
-inline void probe_logits_tile_any_dtype(const ProbeScoresProblem& p, int64_t b, int64_t t_begin,
-                                 int64_t t_end) {
+inline void probe_logits_tile_any_dtype(const ProbeScoresProblem& p, int64_t b, int64_t t_begin, int64_t t_end) {
   switch (p.dtype) {
     case DType::Float32: probe_logits_tile<DType::Float32>(p, b, t_begin, t_end); break;
     case DType::Float16: probe_logits_tile<DType::Float16>(p, b, t_begin, t_end); break;
     case DType::BFloat16: probe_logits_tile<DType::BFloat16>(p, b, t_begin, t_end); break;
+    case DType::Float64: throw_unsupported_dtype("probe_scores", p.dtype);
   }
 }
 

@@ -2,28 +2,19 @@
 // a small smoothing kernel. Per-element arithmetic lives in probe_scores.h
 // (shared with, and tested by, the CPU build); this file holds the indexing,
 // vector loads and warp reductions.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <stdexcept>
-#include <string>
 
+#include "cuda_common.cuh"
 #include "probe_scores.h"
 
 namespace pykernels::core {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kTokensPerWarp = 4;  // each weight load is reused for 4 tokens
 constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxLayersPerLaunch = 64;  // layer table travels in kernel parameters
 constexpr int kVecElems = 8;             // activations per lane per step (16 B of bf16)
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pykernels probe_scores CUDA: ") + what + ": " +
-                             cudaGetErrorString(err));
-}
 
 struct LayerTable {
   const void* data[kMaxLayersPerLaunch];
@@ -38,8 +29,14 @@ __device__ __forceinline__ void load8(const void* row, int64_t j, float (&x)[kVe
   if constexpr (D == DType::Float32) {
     const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(row) + j);
     const float4 a = __ldg(p), b = __ldg(p + 1);
-    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
-    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    x[0] = a.x;
+    x[1] = a.y;
+    x[2] = a.z;
+    x[3] = a.w;
+    x[4] = b.x;
+    x[5] = b.y;
+    x[6] = b.z;
+    x[7] = b.w;
   } else {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(row) + j));
     const uint32_t words[4] = {v.x, v.y, v.z, v.w};
@@ -57,16 +54,15 @@ __device__ __forceinline__ void load8(const void* row, int64_t j, float (&x)[kVe
 // kVectorized: every row is 16-byte aligned and H % 8 == 0.
 template <DType D, int KG, bool kVectorized>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
-    probe_logits_kernel(LayerTable table, int first_layer, bool accumulate, int64_t B, int64_t T,
-                        int64_t H, int64_t K, const float* __restrict__ weight_t,
-                        const float* __restrict__ bias, const int64_t* __restrict__ lengths,
-                        float* __restrict__ out) {
+    probe_logits_kernel(LayerTable table, int first_layer, bool accumulate, int64_t B, int64_t T, int64_t H, int64_t K,
+                        const float* __restrict__ weight_t, const float* __restrict__ bias,
+                        const int64_t* __restrict__ lengths, float* __restrict__ out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int64_t first_token = warp * kTokensPerWarp;
   const int64_t k0 = int64_t(blockIdx.y) * KG;
   if (first_token >= B * T) return;
-  const int64_t elem = D == DType::Float32 ? 4 : 2;
+  const int64_t elem = dtype_size(D);
 
   bool valid[kTokensPerWarp];
   int64_t tb[kTokensPerWarp], tt[kTokensPerWarp];
@@ -89,8 +85,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     const void* rows[kTokensPerWarp];
 #pragma unroll
     for (int r = 0; r < kTokensPerWarp; ++r)
-      rows[r] = static_cast<const char*>(table.data[li]) +
-                (tb[r] * table.stride_b[li] + tt[r] * table.stride_t[li]) * elem;
+      rows[r] =
+          static_cast<const char*>(table.data[li]) + (tb[r] * table.stride_b[li] + tt[r] * table.stride_t[li]) * elem;
     if constexpr (kVectorized) {
 #pragma unroll 2  // two steps' loads in flight per lane: the kernel is bound by memory latency
       for (int64_t j = int64_t(lane) * kVecElems; j < H; j += kWarp * kVecElems) {
@@ -133,10 +129,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 #pragma unroll
   for (int r = 0; r < kTokensPerWarp; ++r)
 #pragma unroll
-    for (int k = 0; k < KG; ++k)
-#pragma unroll
-      for (int offset = kWarp / 2; offset > 0; offset /= 2)
-        acc[r][k] += __shfl_xor_sync(0xffffffffu, acc[r][k], offset);
+    for (int k = 0; k < KG; ++k) acc[r][k] = warp_sum(acc[r][k]);
 
   if (lane != 0) return;
 #pragma unroll
@@ -154,9 +147,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 }
 
 // SWiM: one thread per (token, head); reads the raw logits, writes `out`.
-__global__ void swim_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B,
-                            int64_t T, int64_t K, const int64_t* __restrict__ lengths,
-                            int64_t window) {
+__global__ void swim_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B, int64_t T, int64_t K,
+                            const int64_t* __restrict__ lengths, int64_t window) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= B * T * K) return;
   const int64_t k = i % K, t = (i / K) % T, b = i / (K * T);
@@ -169,11 +161,11 @@ __global__ void swim_kernel(const float* __restrict__ z, float* __restrict__ out
 constexpr int kEmaItems = 4;
 
 __device__ __forceinline__ EmaMap shfl_up_map(EmaMap m, int offset) {
-  return EmaMap{__shfl_up_sync(0xffffffffu, m.decay, offset), __shfl_up_sync(0xffffffffu, m.add, offset)};
+  return EmaMap{__shfl_up_sync(kFullWarpMask, m.decay, offset), __shfl_up_sync(kFullWarpMask, m.add, offset)};
 }
 
-__global__ void ema_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B,
-                           int64_t T, int64_t K, const int64_t* __restrict__ lengths, float alpha) {
+__global__ void ema_kernel(const float* __restrict__ z, float* __restrict__ out, int64_t B, int64_t T, int64_t K,
+                           const int64_t* __restrict__ lengths, float alpha) {
   const int lane = threadIdx.x % kWarp;
   const int64_t seq = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (seq >= B * K) return;
@@ -209,8 +201,8 @@ __global__ void ema_kernel(const float* __restrict__ z, float* __restrict__ out,
         os[t * K] = 0.f;
       }
     }
-    const EmaMap last{__shfl_sync(0xffffffffu, incl.decay, kWarp - 1),
-                      __shfl_sync(0xffffffffu, incl.add, kWarp - 1)};
+    const EmaMap last{__shfl_sync(kFullWarpMask, incl.decay, kWarp - 1),
+                      __shfl_sync(kFullWarpMask, incl.add, kWarp - 1)};
     carry = ema_apply(last, carry);
   }
 }
@@ -226,8 +218,8 @@ void launch_logits(const ProbeScoresProblem& p, cudaStream_t stream) {
   const int64_t elem = dtype_size(p.dtype);
   for (int64_t l = 0; l < p.num_layers; ++l) {
     const LayerView& v = p.layers[l];
-    vectorized = vectorized && reinterpret_cast<uintptr_t>(v.data) % 16 == 0 &&
-                 (v.stride_b * elem) % 16 == 0 && (v.stride_t * elem) % 16 == 0;
+    vectorized = vectorized && reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && (v.stride_b * elem) % 16 == 0 &&
+                 (v.stride_t * elem) % 16 == 0;
   }
   for (int64_t l0 = 0; l0 < p.num_layers; l0 += kMaxLayersPerLaunch) {
     LayerTable table{};
@@ -239,12 +231,12 @@ void launch_logits(const ProbeScoresProblem& p, cudaStream_t stream) {
     }
     const bool accumulate = l0 > 0;
     if (vectorized)
-      probe_logits_kernel<D, KG, true><<<grid, block, 0, stream>>>(table, int(l0), accumulate, p.batch, p.seq_len, p.hidden,
-                                                                   p.heads, p.weight_t, p.bias, p.lengths, p.out);
+      probe_logits_kernel<D, KG, true><<<grid, block, 0, stream>>>(
+          table, int(l0), accumulate, p.batch, p.seq_len, p.hidden, p.heads, p.weight_t, p.bias, p.lengths, p.out);
     else
-      probe_logits_kernel<D, KG, false><<<grid, block, 0, stream>>>(table, int(l0), accumulate, p.batch, p.seq_len, p.hidden,
-                                                                    p.heads, p.weight_t, p.bias, p.lengths, p.out);
-    check(cudaGetLastError(), "logit kernel launch");
+      probe_logits_kernel<D, KG, false><<<grid, block, 0, stream>>>(
+          table, int(l0), accumulate, p.batch, p.seq_len, p.hidden, p.heads, p.weight_t, p.bias, p.lengths, p.out);
+    cuda_check(cudaGetLastError(), "probe_scores logit kernel launch");
   }
 }
 
@@ -258,13 +250,14 @@ void launch_logits_any_heads(const ProbeScoresProblem& p, cudaStream_t stream) {
 
 }  // namespace
 
-void probe_scores_cuda(const ProbeScoresProblem& problem, Smoothing smoothing, int64_t window,
-                       float alpha, float* scratch, void* stream_ptr) {
+void probe_scores_cuda(const ProbeScoresProblem& problem, Smoothing smoothing, int64_t window, float alpha,
+                       float* scratch, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t n = problem.batch * problem.seq_len * problem.heads;
   if (n == 0) return;
   const bool smooth = probe_scores_needs_scratch(smoothing, window);
-  if (smooth && scratch == nullptr) throw std::invalid_argument("pykernels probe_scores CUDA: smoothing needs a scratch buffer");
+  if (smooth && scratch == nullptr)
+    throw std::invalid_argument("pykernels probe_scores CUDA: smoothing needs a scratch buffer");
 
   // Smoothing reads the raw logits while it writes the output, so the logits go to scratch.
   ProbeScoresProblem p = problem;
@@ -274,18 +267,19 @@ void probe_scores_cuda(const ProbeScoresProblem& problem, Smoothing smoothing, i
     case DType::Float32: launch_logits_any_heads<DType::Float32>(p, stream); break;
     case DType::Float16: launch_logits_any_heads<DType::Float16>(p, stream); break;
     case DType::BFloat16: launch_logits_any_heads<DType::BFloat16>(p, stream); break;
+    case DType::Float64: throw_unsupported_dtype("probe_scores", p.dtype);
   }
   if (smoothing == Smoothing::Swim && smooth) {
     const int threads = 256;
-    swim_kernel<<<unsigned((n + threads - 1) / threads), threads, 0, stream>>>(
-        raw, problem.out, p.batch, p.seq_len, p.heads, p.lengths, window);
-    check(cudaGetLastError(), "swim kernel launch");
+    swim_kernel<<<unsigned((n + threads - 1) / threads), threads, 0, stream>>>(raw, problem.out, p.batch, p.seq_len,
+                                                                               p.heads, p.lengths, window);
+    cuda_check(cudaGetLastError(), "probe_scores swim kernel launch");
   } else if (smoothing == Smoothing::Ema) {
     const int warps_per_block = 4;
     const int64_t seqs = p.batch * p.heads;
     ema_kernel<<<unsigned((seqs + warps_per_block - 1) / warps_per_block), kWarp * warps_per_block, 0, stream>>>(
         raw, problem.out, p.batch, p.seq_len, p.heads, p.lengths, alpha);
-    check(cudaGetLastError(), "ema kernel launch");
+    cuda_check(cudaGetLastError(), "probe_scores ema kernel launch");
   }
 }
 

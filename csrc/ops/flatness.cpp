@@ -21,26 +21,23 @@ void expect_cpu(const at::Tensor& t, const char* op) {
 at::Tensor energy_cpu(const at::Tensor& logits) {
   expect_cpu(logits, "energy");
   PackedEnergy P = pack_energy(logits);
-  visit_logits_dtype(logits.scalar_type(), "energy", [&](auto tag) {
+  visit_logits_dtype(logits.scalar_type(), "energy", "logits", [&](auto tag) {
     using T = decltype(tag);
     const auto problem = energy_problem<T>(P);
-    at::parallel_for(0, problem.rows, grain(problem.cols), [&](int64_t begin, int64_t end) {
-      core::energy_rows_cpu(problem, begin, end);
-    });
+    at::parallel_for(0, problem.rows, grain(problem.cols),
+                     [&](int64_t begin, int64_t end) { core::energy_rows_cpu(problem, begin, end); });
   });
   return finish_energy(P, logits);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logsumexp_hvp_cpu(const at::Tensor& logits,
-                                                                 const at::Tensor& tangents) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logsumexp_hvp_cpu(const at::Tensor& logits, const at::Tensor& tangents) {
   expect_cpu(logits, "logsumexp_hvp");
   PackedLseHvp P = pack_logsumexp_hvp(logits, tangents);
-  visit_real_dtype(logits.scalar_type(), "logsumexp_hvp", [&](auto tag) {
+  visit_real_dtype(logits.scalar_type(), "logsumexp_hvp", "logits", [&](auto tag) {
     using T = decltype(tag);
     const auto problem = logsumexp_hvp_problem<T>(P);
-    at::parallel_for(0, problem.rows, grain(problem.cols * (problem.samples + 1)), [&](int64_t begin, int64_t end) {
-      core::logsumexp_hvp_rows_cpu(problem, begin, end);
-    });
+    at::parallel_for(0, problem.rows, grain(problem.cols * (problem.samples + 1)),
+                     [&](int64_t begin, int64_t end) { core::logsumexp_hvp_rows_cpu(problem, begin, end); });
   });
   return {P.softmax, P.energy, P.hvp};
 }
@@ -49,7 +46,7 @@ void fill_probes_cpu(at::Tensor& out, int64_t seed, int64_t offset, c10::string_
   expect_cpu(out, "fill_probes_");
   const core::ProbeKind k = parse_probe_kind(kind);
   at::Tensor buf = probe_buffer(out, offset);
-  visit_real_dtype(out.scalar_type(), "fill_probes_", [&](auto tag) {
+  visit_real_dtype(out.scalar_type(), "fill_probes_", "out", [&](auto tag) {
     using T = decltype(tag);
     T* data = typed_mut<T>(buf);
     at::parallel_for(0, buf.numel(), 16384, [&](int64_t begin, int64_t end) {
@@ -62,12 +59,11 @@ void fill_probes_cpu(at::Tensor& out, int64_t seed, int64_t offset, c10::string_
 at::Tensor probe_dots_cpu(const at::Tensor& v, const at::Tensor& w) {
   expect_cpu(v, "probe_dots");
   PackedProbeDots P = pack_probe_dots(v, w);
-  visit_real_dtype(v.scalar_type(), "probe_dots", [&](auto tag) {
+  visit_real_dtype(v.scalar_type(), "probe_dots", "v", [&](auto tag) {
     using T = decltype(tag);
     const auto problem = probe_dots_problem<T>(P);
-    at::parallel_for(0, problem.samples * problem.batch, grain(problem.dim), [&](int64_t begin, int64_t end) {
-      core::probe_dots_rows_cpu(problem, begin, end);
-    });
+    at::parallel_for(0, problem.samples * problem.batch, grain(problem.dim),
+                     [&](int64_t begin, int64_t end) { core::probe_dots_rows_cpu(problem, begin, end); });
   });
   return P.out;
 }

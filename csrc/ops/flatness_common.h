@@ -10,28 +10,20 @@
 #include <vector>
 
 #include "../core/flatness.h"
+#include "dtype.h"
 
 namespace pykernels::ops {
 
 // Calls f(T{}) with the core element type of `t` (energy reads 16-bit floats too).
 template <typename F>
-void visit_logits_dtype(at::ScalarType t, const char* op, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); return;
-    case at::kDouble: f(double{}); return;
-    case at::kHalf: f(core::Float16Bits{}); return;
-    case at::kBFloat16: f(core::BFloat16Bits{}); return;
-    default: TORCH_CHECK(false, op, ": expected float32, float64, float16 or bfloat16, got ", t);
-  }
+void visit_logits_dtype(at::ScalarType t, const char* op, const char* arg, F&& f) {
+  using core::DType;
+  visit_dtype<DType::Float32, DType::Float64, DType::Float16, DType::BFloat16>(t, op, arg, std::forward<F>(f));
 }
 
 template <typename F>
-void visit_real_dtype(at::ScalarType t, const char* op, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); return;
-    case at::kDouble: f(double{}); return;
-    default: TORCH_CHECK(false, op, ": expected float32 or float64, got ", t);
-  }
+void visit_real_dtype(at::ScalarType t, const char* op, const char* arg, F&& f) {
+  visit_dtype<core::DType::Float32, core::DType::Float64>(t, op, arg, std::forward<F>(f));
 }
 
 template <typename T>
@@ -109,8 +101,8 @@ inline PackedLseHvp pack_logsumexp_hvp(const at::Tensor& logits, const at::Tenso
 
 template <typename T>
 core::LseHvpProblem<T> logsumexp_hvp_problem(PackedLseHvp& P) {
-  return {typed<T>(P.logits),  P.logits.stride(0),   typed<T>(P.tangents), P.tangents.stride(0),
-          P.tangents.stride(1), P.tangents.size(0),  P.logits.size(0),     P.logits.size(1),
+  return {typed<T>(P.logits),      P.logits.stride(0),     typed<T>(P.tangents), P.tangents.stride(0),
+          P.tangents.stride(1),    P.tangents.size(0),     P.logits.size(0),     P.logits.size(1),
           typed_mut<T>(P.softmax), typed_mut<T>(P.energy), typed_mut<T>(P.hvp)};
 }
 
@@ -135,8 +127,8 @@ struct PackedProbeDots {
 };
 
 inline PackedProbeDots pack_probe_dots(const at::Tensor& v, const at::Tensor& w) {
-  TORCH_CHECK(v.dim() == 3 && v.sizes() == w.sizes(), "probe_dots: v and w must both be [S, B, D], got ",
-              v.sizes(), " and ", w.sizes());
+  TORCH_CHECK(v.dim() == 3 && v.sizes() == w.sizes(), "probe_dots: v and w must both be [S, B, D], got ", v.sizes(),
+              " and ", w.sizes());
   TORCH_CHECK(v.scalar_type() == w.scalar_type() && v.device() == w.device(),
               "probe_dots: v and w must match in dtype and device");
   auto unit = [](const at::Tensor& t) { return t.size(2) > 1 && t.stride(2) != 1 ? t.contiguous() : t; };
@@ -145,8 +137,8 @@ inline PackedProbeDots pack_probe_dots(const at::Tensor& v, const at::Tensor& w)
 
 template <typename T>
 core::ProbeDotsProblem<T> probe_dots_problem(PackedProbeDots& P) {
-  return {typed<T>(P.v), P.v.stride(0), P.v.stride(1), typed<T>(P.w), P.w.stride(0), P.w.stride(1),
-          P.v.size(0),   P.v.size(1),   P.v.size(2),   typed_mut<T>(P.out)};
+  return {typed<T>(P.v), P.v.stride(0), P.v.stride(1), typed<T>(P.w), P.w.stride(0),
+          P.w.stride(1), P.v.size(0),   P.v.size(1),   P.v.size(2),   typed_mut<T>(P.out)};
 }
 
 }  // namespace pykernels::ops

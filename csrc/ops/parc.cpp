@@ -66,7 +66,7 @@ at::Tensor pairwise_corr_distance_cpu(const at::Tensor& features, bool triu) {
   const core::FeatureBatch f = feature_batch(x, "pairwise_corr_distance");
   at::Tensor out = distance_output(x, triu);
   if (out.numel() == 0) return out;
-  if (f.dtype == core::FloatType::Float32) corr_distances<float>(f, triu, out);
+  if (f.dtype == core::DType::Float32) corr_distances<float>(f, triu, out);
   else corr_distances<double>(f, triu, out);
   return out;
 }
@@ -137,8 +137,7 @@ at::Tensor parc_spearman_cpu(const at::Tensor& features, const at::Tensor& class
   const at::Tensor ids = classes.contiguous();
   std::vector<int64_t> order(static_cast<size_t>(f.n)), block_end(static_cast<size_t>(f.n));
   core::ParcLabels labels{order.data(), block_end.data(), 0, 0};
-  core::parc_labels_cpu(ids.data_ptr<int64_t>(), f.n, order.data(), block_end.data(), &labels.n_same,
-                        &labels.n_diff);
+  core::parc_labels_cpu(ids.data_ptr<int64_t>(), f.n, order.data(), block_end.data(), &labels.n_same, &labels.n_diff);
   at::Tensor out = at::empty({f.batch}, x.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
   const int64_t m = f.n * (f.n - 1) / 2;

@@ -6,13 +6,12 @@
 #include <ATen/ATen.h>
 
 #include "../core/parc.h"
+#include "dtype.h"
 
 namespace pykernels::ops {
 
-inline core::FloatType to_float_type(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-  return t.scalar_type() == at::kFloat ? core::FloatType::Float32 : core::FloatType::Float64;
+inline core::DType real_dtype(const at::Tensor& t, const char* op, const char* name) {
+  return to_core_dtype<core::DType::Float32, core::DType::Float64>(t.scalar_type(), op, name);
 }
 
 // features [B, N, D] -> a contiguous copy (if needed) and its FeatureBatch view.
@@ -21,7 +20,7 @@ inline core::FeatureBatch feature_batch(const at::Tensor& features, const char* 
   TORCH_CHECK(features.is_contiguous(), op, ": features must be contiguous");
   // A row of no values has no mean: the kernels would divide by D = 0 (and the CPU one index past it).
   TORCH_CHECK(features.size(2) > 0, op, ": features need at least one feature dim (D > 0), got ", features.sizes());
-  return core::FeatureBatch{features.data_ptr(), to_float_type(features, op, "features"), features.size(0),
+  return core::FeatureBatch{features.data_ptr(), real_dtype(features, op, "features"), features.size(0),
                             features.size(1), features.size(2)};
 }
 
@@ -33,12 +32,12 @@ inline at::Tensor distance_output(const at::Tensor& features, bool triu) {
 }
 
 inline void check_spearman_args(const at::Tensor& x, const at::Tensor& y) {
-  TORCH_CHECK(x.dim() == 2 && y.sizes() == x.sizes(), "spearman: x and y must both be [B, M], got ", x.sizes(),
-              " and ", y.sizes());
+  TORCH_CHECK(x.dim() == 2 && y.sizes() == x.sizes(), "spearman: x and y must both be [B, M], got ", x.sizes(), " and ",
+              y.sizes());
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "spearman: x and y must share a dtype, got ", x.scalar_type(),
               " and ", y.scalar_type());
   TORCH_CHECK(x.device() == y.device(), "spearman: x and y must be on one device");
-  to_float_type(x, "spearman", "x");
+  real_dtype(x, "spearman", "x");
 }
 
 inline void check_classes(const at::Tensor& classes, const at::Tensor& features) {

@@ -18,9 +18,8 @@ void probe_accumulate_cpu(at::Tensor& acc, const at::Tensor& hidden, const at::T
   PackedAccumulate P = pack_accumulate(acc, hidden, weight_l);
   if (P.problem.heads > 0 && P.problem.hidden_size > 0) {
     const int64_t grain = std::max<int64_t>(1, kAccumulateGrainElements / P.problem.hidden_size);
-    at::parallel_for(0, P.problem.rows, grain, [&](int64_t begin, int64_t end) {
-      core::probe_accumulate_cpu(P.problem, begin, end);
-    });
+    at::parallel_for(0, P.problem.rows, grain,
+                     [&](int64_t begin, int64_t end) { core::probe_accumulate_cpu(P.problem, begin, end); });
   }
   finish_accumulate(acc, P);
 }

@@ -41,8 +41,14 @@ inline PackedAccumulate pack_accumulate(const at::Tensor& acc, const at::Tensor&
                          : (P.weight_copy = weight_l.to(at::kFloat).t().contiguous()).const_data_ptr<float>();
   float* out = acc.is_contiguous() ? acc.data_ptr<float>()
                                    : (P.acc_copy = at::zeros_like(acc, at::MemoryFormat::Contiguous)).data_ptr<float>();
-  P.problem = core::AccumulateProblem{x->const_data_ptr(), N > 1 ? x->stride(0) : H, to_core_dtype(hidden.scalar_type()),
-                                      N, H, K, w_t, out};
+  P.problem = core::AccumulateProblem{x->const_data_ptr(),
+                                      N > 1 ? x->stride(0) : H,
+                                      activation_dtype(hidden.scalar_type(), "probe_accumulate_", "hidden"),
+                                      N,
+                                      H,
+                                      K,
+                                      w_t,
+                                      out};
   return P;
 }
 
@@ -64,22 +70,22 @@ inline PackedStreamStep pack_stream_step(const char* op, const at::Tensor& state
                                          const at::Tensor* token_starts, const at::Tensor* token_counts,
                                          const at::Tensor& token_logits, const std::optional<at::Tensor>& active,
                                          const at::Tensor& threshold, int64_t window, double ema_alpha) {
-  TORCH_CHECK(state.dim() == 3 && state.scalar_type() == at::kFloat && state.is_contiguous(),
-              op, ": state must be contiguous float32 [slots, ring, K]");
+  TORCH_CHECK(state.dim() == 3 && state.scalar_type() == at::kFloat && state.is_contiguous(), op,
+              ": state must be contiguous float32 [slots, ring, K]");
   const int64_t S = state.size(0), ring = state.size(1), K = state.size(2);
-  TORCH_CHECK(window >= 0 && ring == (window == 0 ? 1 : 2 * window),
-              op, ": state ring ", ring, " does not match window ", window);
+  TORCH_CHECK(window >= 0 && ring == (window == 0 ? 1 : 2 * window), op, ": state ring ", ring,
+              " does not match window ", window);
   TORCH_CHECK(meta.dim() == 2 && meta.size(0) == S && meta.size(1) == core::kMetaFields &&
                   meta.scalar_type() == at::kLong && meta.is_contiguous(),
               op, ": meta must be contiguous int64 [slots, 3]");
-  TORCH_CHECK(status.numel() == 2 && status.scalar_type() == at::kLong && status.is_contiguous(),
-              op, ": status must be contiguous int64 [2]");
+  TORCH_CHECK(status.numel() == 2 && status.scalar_type() == at::kLong && status.is_contiguous(), op,
+              ": status must be contiguous int64 [2]");
   TORCH_CHECK(slot_ids.dim() == 1, op, ": slot_ids must be [n], got ", slot_ids.sizes());
   const int64_t n = slot_ids.size(0);
   const bool varlen = token_starts != nullptr;
   TORCH_CHECK(token_logits.dim() == 2 && (varlen || token_logits.size(0) == n) && token_logits.size(1) == K, op,
-              ": token_logits must be [", varlen ? "N" : "n=", varlen ? "" : std::to_string(n), ", K=", K,
-              "], got ", token_logits.sizes());
+              ": token_logits must be [", varlen ? "N" : "n=", varlen ? "" : std::to_string(n), ", K=", K, "], got ",
+              token_logits.sizes());
   const int64_t N = token_logits.size(0);
   TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == K, op, ": threshold must be [K=", K, "]");
   const auto device = state.device();
@@ -91,18 +97,17 @@ inline PackedStreamStep pack_stream_step(const char* op, const at::Tensor& state
   if (varlen) {
     for (const at::Tensor* t : {token_starts, token_counts}) {
       const auto type = t->scalar_type();
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == device &&
-                      (type == at::kLong || type == at::kInt),
-                  op, ": token_starts and token_counts must be int64 or int32 [n=", n, "] on ", device, ", got ",
-                  type, " ", t->sizes(), " on ", t->device());
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == device && (type == at::kLong || type == at::kInt),
+                  op, ": token_starts and token_counts must be int64 or int32 [n=", n, "] on ", device, ", got ", type,
+                  " ", t->sizes(), " on ", t->device());
     }
     P.starts = token_starts->to(at::kLong).contiguous();
     P.counts = token_counts->to(at::kLong).contiguous();
   }
   P.logits = token_logits.to(at::kFloat).contiguous();
   if (active.has_value()) {
-    TORCH_CHECK(active->dim() == 1 && active->size(0) == n && active->device() == device,
-                op, ": active must be [n=", n, "] on ", device);
+    TORCH_CHECK(active->dim() == 1 && active->size(0) == n && active->device() == device, op, ": active must be [n=", n,
+                "] on ", device);
     P.active = active->to(at::kBool).contiguous();
   }
   P.threshold = threshold.to(at::kFloat).contiguous();
@@ -110,13 +115,23 @@ inline PackedStreamStep pack_stream_step(const char* op, const at::Tensor& state
   // op writes each row itself, the varlen op starts from zeros.
   P.scores = varlen ? at::zeros({N, K}, state.options()) : at::empty({N, K}, state.options());
   P.flagged = at::empty({n}, state.options().dtype(at::kBool));
-  P.problem = core::StreamStepProblem{state.data_ptr<float>(), meta.data_ptr<int64_t>(), status.data_ptr<int64_t>(),
-                                      S, ring, K, window, float(ema_alpha), P.slot_ids.data_ptr<int64_t>(),
+  P.problem = core::StreamStepProblem{state.data_ptr<float>(),
+                                      meta.data_ptr<int64_t>(),
+                                      status.data_ptr<int64_t>(),
+                                      S,
+                                      ring,
+                                      K,
+                                      window,
+                                      float(ema_alpha),
+                                      P.slot_ids.data_ptr<int64_t>(),
                                       varlen ? P.starts.data_ptr<int64_t>() : nullptr,
                                       varlen ? P.counts.data_ptr<int64_t>() : nullptr,
                                       P.logits.data_ptr<float>(),
                                       P.active.defined() ? P.active.data_ptr<bool>() : nullptr,
-                                      P.threshold.data_ptr<float>(), n, N, P.scores.data_ptr<float>(),
+                                      P.threshold.data_ptr<float>(),
+                                      n,
+                                      N,
+                                      P.scores.data_ptr<float>(),
                                       P.flagged.data_ptr<bool>()};
   return P;
 }
@@ -128,11 +143,11 @@ struct PackedSwbce {
 
 inline PackedSwbce pack_swbce(const at::Tensor& token_logits, const at::Tensor& labels, const at::Tensor& lengths,
                               int64_t window, double tau, bool detach_weights, bool compute_grad) {
-  TORCH_CHECK(token_logits.dim() == 2, "softmax_weighted_bce: token_logits must be [B, T], got ",
-              token_logits.sizes());
+  TORCH_CHECK(token_logits.dim() == 2, "softmax_weighted_bce: token_logits must be [B, T], got ", token_logits.sizes());
   const int64_t B = token_logits.size(0), T = token_logits.size(1);
   const auto type = token_logits.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kDouble, "softmax_weighted_bce: token_logits must be float32 or float64");
+  const core::DType dtype =
+      to_core_dtype<core::DType::Float32, core::DType::Float64>(type, "softmax_weighted_bce", "token_logits");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B && labels.device() == token_logits.device(),
               "softmax_weighted_bce: labels must be [B=", B, "] on ", token_logits.device());
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.device() == token_logits.device(),
@@ -148,8 +163,16 @@ inline PackedSwbce pack_swbce(const at::Tensor& token_logits, const at::Tensor& 
   }
   P.loss = at::empty({B}, P.logits.options());
   P.grad = compute_grad ? at::empty({B, T}, P.logits.options()) : at::empty({0}, P.logits.options());
-  P.problem = core::SwbceProblem{P.logits.data_ptr(), P.labels.data_ptr(), P.lengths.data_ptr<int64_t>(),
-                                 B, T, window, tau, detach_weights, type == at::kDouble, P.loss.data_ptr(),
+  P.problem = core::SwbceProblem{P.logits.data_ptr(),
+                                 P.labels.data_ptr(),
+                                 P.lengths.data_ptr<int64_t>(),
+                                 B,
+                                 T,
+                                 window,
+                                 tau,
+                                 detach_weights,
+                                 dtype,
+                                 P.loss.data_ptr(),
                                  compute_grad ? P.grad.data_ptr() : nullptr};
   return P;
 }

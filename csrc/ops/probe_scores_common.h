@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../core/probe_scores.h"
+#include "dtype.h"
 
 namespace pykernels::ops {
 
@@ -19,13 +20,10 @@ inline core::Smoothing parse_smoothing(const std::string& s) {
   TORCH_CHECK(false, "probe_scores: smoothing must be 'none', 'swim' or 'ema', got '", s, "'");
 }
 
-inline core::DType to_core_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return core::DType::Float32;
-    case at::kHalf: return core::DType::Float16;
-    case at::kBFloat16: return core::DType::BFloat16;
-    default: TORCH_CHECK(false, "probe_scores: hidden_states must be float32, float16 or bfloat16, got ", t);
-  }
+// The activation dtypes the probe kernels read (widened to float32 exactly).
+inline core::DType activation_dtype(at::ScalarType t, const char* op, const char* arg) {
+  using core::DType;
+  return to_core_dtype<DType::Float32, DType::Float16, DType::BFloat16>(t, op, arg);
 }
 
 // Owns the tensors the problem's raw pointers refer to.
@@ -41,17 +39,16 @@ struct PackedProbeScores {
 
 inline PackedProbeScores pack_probe_scores(at::TensorList hidden_states, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& lengths,
-                                           const std::string& smoothing, int64_t window,
-                                           double ema_alpha) {
+                                           const std::optional<at::Tensor>& lengths, const std::string& smoothing,
+                                           int64_t window, double ema_alpha) {
   PackedProbeScores P;
   const int64_t L = int64_t(hidden_states.size());
   TORCH_CHECK(L >= 1, "probe_scores: hidden_states must hold at least one layer");
   const at::Tensor& h0 = hidden_states[0];
   TORCH_CHECK(h0.dim() == 3, "probe_scores: each layer must be [B, T, H], got ", h0.sizes());
   const int64_t B = h0.size(0), T = h0.size(1), H = h0.size(2);
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == L && weight.size(1) == H,
-              "probe_scores: weight must be [L=", L, ", H=", H, ", K], got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == L && weight.size(1) == H, "probe_scores: weight must be [L=", L,
+              ", H=", H, ", K], got ", weight.sizes());
   const int64_t K = weight.size(2);
   const auto device = h0.device();
   for (const auto& h : hidden_states) {
@@ -63,8 +60,8 @@ inline PackedProbeScores pack_probe_scores(at::TensorList hidden_states, const a
   TORCH_CHECK(weight.device() == device, "probe_scores: weight must be on ", device);
   P.weight_t = weight.to(at::kFloat).transpose(1, 2).contiguous();  // [L, K, H]
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->device() == device,
-                "probe_scores: bias must be [K=", K, "] on ", device);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->device() == device, "probe_scores: bias must be [K=", K,
+                "] on ", device);
     P.bias = bias->to(at::kFloat).contiguous();
   }
   if (lengths.has_value()) {
@@ -86,7 +83,7 @@ inline PackedProbeScores pack_probe_scores(at::TensorList hidden_states, const a
   for (const auto& h : P.layers) P.views.push_back({h.data_ptr(), h.stride(0), h.stride(1)});
   P.problem = core::ProbeScoresProblem{P.views.data(),
                                        L,
-                                       to_core_dtype(h0.scalar_type()),
+                                       activation_dtype(h0.scalar_type(), "probe_scores", "hidden_states"),
                                        B,
                                        T,
                                        H,

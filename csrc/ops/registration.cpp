@@ -1,7 +1,7 @@
 // The pykernels operator library: every schema is defined here, once.
 // Implementations register per dispatch key next to their bindings
-// (probe_scores.cpp for CPU, cuda/*.cpp for CUDA); fake (meta) kernels and
-// autograd are registered from Python in pykernels/_ops.py.
+// (<family>.cpp for CPU, cuda/<family>_cuda.cpp for CUDA); fake (meta) kernels
+// and autograd are registered from Python in pykernels/_ops.py.
 #include <torch/library.h>
 
 #include <string>
@@ -25,7 +25,7 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "probe_scores(Tensor[] hidden_states, Tensor weight, Tensor? bias, Tensor? lengths, "
       "str smoothing, int window, float ema_alpha) -> Tensor");
-  // Probe guard (docs: pykernels/probes/{guard,stream,training}.py): one layer of a
+  // Probe guard (docs: pykernels/probes/{stream,training}.py; the guards: hf.py, vllm.py): one layer of a
   // probe added into a float32 accumulator in place; one streaming decode step
   // over per-slot device state (window 0 = EMA); the fused training loss, which
   // returns per-sequence losses and, when asked, their gradient w.r.t. token_logits.

@@ -15,7 +15,6 @@
 
 using namespace pykernels::core;
 
-
 static const double kInf = std::numeric_limits<double>::infinity();
 
 static double naive_lse(const std::vector<double>& z) {
@@ -52,9 +51,13 @@ static void test_energy_special_values() {
 template <typename T>
 static T from_double(double v);
 template <>
-float from_double<float>(double v) { return float(v); }
+float from_double<float>(double v) {
+  return float(v);
+}
 template <>
-double from_double<double>(double v) { return v; }
+double from_double<double>(double v) {
+  return v;
+}
 template <>
 Float16Bits from_double<Float16Bits>(double v) {  // values below are exact in float16
   const float f = float(v);
@@ -87,8 +90,8 @@ static void test_energy_rows(const char* name, double tol) {
   energy_rows_cpu(p, 5, rows);
   for (int64_t r = 0; r < rows; ++r) {
     const double expect = -naive_lse(std::vector<double>(zd.begin() + r * stride, zd.begin() + r * stride + cols));
-    CHECK(std::fabs(out[r] - expect) <= tol * (1 + std::fabs(expect)), "%s row %lld: %g vs %g", name,
-          (long long)r, double(out[r]), expect);
+    CHECK(std::fabs(out[r] - expect) <= tol * (1 + std::fabs(expect)), "%s row %lld: %g vs %g", name, (long long)r,
+          double(out[r]), expect);
   }
 }
 
@@ -111,8 +114,8 @@ static void test_logsumexp_hvp_rows() {
         const double sk = std::exp(row[k] - lse);
         double expect = sk * u[(i * N + r) * K + k];
         for (int64_t l = 0; l < K; ++l) expect -= sk * std::exp(row[l] - lse) * u[(i * N + r) * K + l];
-        CHECK(std::fabs(h[(i * N + r) * K + k] - expect) < 1e-13, "hvp s%lld r%lld k%lld", (long long)i,
-              (long long)r, (long long)k);
+        CHECK(std::fabs(h[(i * N + r) * K + k] - expect) < 1e-13, "hvp s%lld r%lld k%lld", (long long)i, (long long)r,
+              (long long)k);
         if (i == 0) CHECK(std::fabs(s[r * K + k] - sk) < 1e-15, "softmax r%lld k%lld", (long long)r, (long long)k);
       }
     }

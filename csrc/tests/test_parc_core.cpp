@@ -56,15 +56,18 @@ static void test_triu_index() {
   for (int64_t n : {2, 3, 7, 40}) {
     int64_t expect = 0;
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = i + 1; j < n; ++j) CHECK(triu_index(i, j, n) == expect++, "triu_index(%lld, %lld, %lld)", (long long)i, (long long)j, (long long)n);
+      for (int64_t j = i + 1; j < n; ++j)
+        CHECK(triu_index(i, j, n) == expect++, "triu_index(%lld, %lld, %lld)", (long long)i, (long long)j,
+              (long long)n);
   }
 }
 
 static void test_sort_keys_order_like_values() {
   std::mt19937_64 rng(1);
   std::normal_distribution<double> nd;
-  std::vector<double> v = {0.0, -0.0, 1.0, -1.0, std::numeric_limits<double>::infinity(),
-                           -std::numeric_limits<double>::infinity(), 1e-310, -1e-310};
+  std::vector<double> v = {
+      0.0,    -0.0,   1.0, -1.0, std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity(),
+      1e-310, -1e-310};
   for (int i = 0; i < 200; ++i) v.push_back(nd(rng) * std::pow(10.0, i % 7 - 3));
   for (double a : v)
     for (double b : v) {
@@ -93,7 +96,8 @@ static void test_ranks_against_naive() {
     std::uniform_int_distribution<int> small(0, trial % 5 + 1);  // many ties
     std::normal_distribution<double> nd;
     for (auto& x : v) x = trial % 2 ? double(small(rng)) : nd(rng);
-    if (trial % 7 == 3) v[0] = std::numeric_limits<double>::infinity(), v[m - 1] = -std::numeric_limits<double>::infinity();
+    if (trial % 7 == 3)
+      v[0] = std::numeric_limits<double>::infinity(), v[m - 1] = -std::numeric_limits<double>::infinity();
     std::vector<int64_t> got(static_cast<size_t>(m));
     const double ties = twice_average_ranks_cpu(v.data(), 1, m, got.data(), scratch);
     const auto expect = naive_twice_ranks(v);
@@ -130,10 +134,12 @@ static void test_spearman_against_naive() {
     const double ty = twice_average_ranks_cpu(y.data(), 1, m, ry.data(), scratch);
     const double got = spearman_from_ranks_cpu(rx.data(), ry.data(), m, tx, ty);
     const double expect = naive_spearman(x, y);
-    CHECK(std::fabs(got - expect) < 1e-12 || (std::isnan(got) && std::isnan(expect)), "spearman %.17g vs %.17g (trial %d)", got, expect, trial);
+    CHECK(std::fabs(got - expect) < 1e-12 || (std::isnan(got) && std::isnan(expect)),
+          "spearman %.17g vs %.17g (trial %d)", got, expect, trial);
   }
   std::vector<int64_t> tied = {3, 3}, other = {2, 4};
-  CHECK(std::isnan(spearman_from_ranks_cpu(tied.data(), other.data(), 2, double(tie_term_exact(2)), 0)), "constant side gives NaN");
+  CHECK(std::isnan(spearman_from_ranks_cpu(tied.data(), other.data(), 2, double(tie_term_exact(2)), 0)),
+        "constant side gives NaN");
 }
 
 static void test_closed_form_equals_pearson_of_ranks() {
@@ -154,7 +160,7 @@ static void test_closed_form_equals_pearson_of_ranks() {
 }
 
 static FeatureBatch batch_of(const std::vector<double>& x, int64_t b, int64_t n, int64_t d) {
-  return FeatureBatch{x.data(), FloatType::Float64, b, n, d};
+  return FeatureBatch{x.data(), DType::Float64, b, n, d};
 }
 
 static void test_distance_rows_against_naive() {
@@ -208,8 +214,7 @@ static void check_parc_case(int64_t n, int64_t d, int classes, bool quantized, u
   std::vector<double> protos(static_cast<size_t>(4 * d));
   for (auto& v : protos) v = nd(rng);
   for (int64_t r = 0; r < B * n; ++r)
-    for (int64_t k = 0; k < d; ++k)
-      x[size_t(r * d + k)] = quantized ? protos[size_t(pick(rng) * d + k)] : nd(rng);
+    for (int64_t k = 0; k < d; ++k) x[size_t(r * d + k)] = quantized ? protos[size_t(pick(rng) * d + k)] : nd(rng);
   std::vector<int64_t> y(static_cast<size_t>(n));
   for (auto& v : y) v = cls(rng) * 10 - 3;  // arbitrary ids
   std::vector<int64_t> order(static_cast<size_t>(n)), block_end(static_cast<size_t>(n));

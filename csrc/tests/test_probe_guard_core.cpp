@@ -29,8 +29,8 @@ static void test_stream_update_equals_whole_sequence() {
       for (int64_t k = 0; k < K; ++k) {
         const float got = stream_update(ring.data(), K, k, t, window, 0.f, z[t * K + k]);
         const float expect = swim_at(z.data() + k, K, t, window);
-        CHECK(got == expect, "swim window %lld t %lld k %lld: %g vs %g", (long long)window, (long long)t,
-              (long long)k, got, expect);
+        CHECK(got == expect, "swim window %lld t %lld k %lld: %g vs %g", (long long)window, (long long)t, (long long)k,
+              got, expect);
       }
   }
   for (float alpha : {0.1f, 0.5f, 1.f}) {
@@ -79,8 +79,23 @@ struct Stream {
     const int64_t n = int64_t(ids.size()), N = int64_t(z.size()) / K;
     scores.assign(N * K, 0.f);
     std::vector<char> f(n);
-    StreamStepProblem p{state.data(), meta.data(), status, slots, window ? 2 * window : 1, K, window, 0.25f,
-                        ids.data(), starts, counts, z.data(), nullptr, threshold.data(), n, N, scores.data(),
+    StreamStepProblem p{state.data(),
+                        meta.data(),
+                        status,
+                        slots,
+                        window ? 2 * window : 1,
+                        K,
+                        window,
+                        0.25f,
+                        ids.data(),
+                        starts,
+                        counts,
+                        z.data(),
+                        nullptr,
+                        threshold.data(),
+                        n,
+                        N,
+                        scores.data(),
                         reinterpret_cast<bool*>(f.data())};
     probe_stream_step_cpu(p);
     flagged.assign(f.begin(), f.end());
@@ -191,7 +206,7 @@ static void test_accumulate_every_isa() {
 static double swbce_loss(std::vector<double> z, double y, int64_t n, int64_t T, int64_t M, double tau, bool detach) {
   double loss = 0;
   const int64_t len = n;
-  SwbceProblem p{z.data(), &y, &len, 1, T, M, tau, detach, true, &loss, nullptr};
+  SwbceProblem p{z.data(), &y, &len, 1, T, M, tau, detach, DType::Float64, &loss, nullptr};
   softmax_weighted_bce_cpu(p, 0);
   return loss;
 }
@@ -208,7 +223,7 @@ static void test_swbce_gradient_by_finite_differences() {
         const double y = 0.3;
         std::vector<double> grad(T, NAN);
         double loss = 0;
-        SwbceProblem p{z.data(), &y, &n, 1, T, M, tau, false, true, &loss, grad.data()};
+        SwbceProblem p{z.data(), &y, &n, 1, T, M, tau, false, DType::Float64, &loss, grad.data()};
         softmax_weighted_bce_cpu(p, 0);
         CHECK(std::fabs(loss - swbce_loss(z, y, n, T, M, tau, false)) < 1e-15, "grad path changes the loss");
         for (int64_t s = 0; s < T; ++s) {

@@ -136,8 +136,8 @@ static void run_kernel_case(const Case& c, const char* isa) {
   for (int64_t b = 0; b < c.B; ++b) lengths[b] = c.T - (b % 3);  // some padding
   std::vector<float> out(c.B * c.T * c.K, NAN);
 
-  ProbeScoresProblem p{views.data(), c.L, c.dtype, c.B, c.T, c.H, c.K, w_t.data(), bias.data(),
-                       lengths.data(), out.data()};
+  ProbeScoresProblem p{views.data(), c.L,         c.dtype,        c.B,       c.T, c.H, c.K,
+                       w_t.data(),   bias.data(), lengths.data(), out.data()};
   setenv("PYKERNELS_CPU_ISA", isa, 1);
   for (int64_t b = 0; b < c.B; ++b) probe_logits_cpu(p, b, 0, clamped_length(lengths.data(), b, c.T));
 
@@ -155,8 +155,8 @@ static void run_kernel_case(const Case& c, const char* isa) {
         const double err = std::fabs(out[(b * c.T + t) * c.K + k] - ref) / (mag + 1e-30);
         worst = err > worst ? err : worst;
       }
-  CHECK(worst < 1e-6, "isa %s L%lld B%lld T%lld H%lld K%lld dtype %d: relative error %g", isa,
-        (long long)c.L, (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.K, int(c.dtype), worst);
+  CHECK(worst < 1e-6, "isa %s L%lld B%lld T%lld H%lld K%lld dtype %d: relative error %g", isa, (long long)c.L,
+        (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.K, int(c.dtype), worst);
 }
 
 static void test_cpu_kernel_every_isa() {

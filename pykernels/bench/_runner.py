@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 import pykernels
+from pykernels._progress import progress_bar
 from pykernels.bench._core import BenchContext, Case, Measurement, measure_read_bandwidth, run_case
 
 
@@ -135,10 +136,11 @@ def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick
         raise SystemExit(f"no benchmark cases for ops={ops} (suites: {suite_names()})")
     rows: list[Measurement] = []
     t0 = time.perf_counter()
-    for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.op} {case.shape} {case.dtype} ({time.perf_counter() - t0:.0f} s elapsed)",
-              file=sys.stderr, flush=True)
-        rows += run_case(case, ctx)
+    with progress_bar(len(cases), "bench", enabled=True, unit="case") as bar:
+        for case in cases:
+            bar.set_postfix_str(f"{case.op} {case.shape} {case.dtype}", refresh=True)
+            rows += run_case(case, ctx)
+            bar.update()
     os.makedirs(out_dir, exist_ok=True)
     for op in dict.fromkeys(r.op for r in rows):
         op_rows = [r for r in rows if r.op == op]

@@ -22,8 +22,6 @@ import csv
 import importlib
 import json
 import os
-import sys
-import time
 
 import torch
 
@@ -151,6 +149,7 @@ def _format(rows) -> str:
 def run(args) -> int:
     from . import exact_trace, grad_norm, hessian_trace, landscape, log_likelihood, neighborhood_drop, plot_landscape
     from . import top_eigenvalues
+    from .._progress import progress_bar
     from ._piecewise import curved_ops
 
     measures = [m for m in args.measures.split(",") if m]
@@ -177,7 +176,7 @@ def run(args) -> int:
     per_example: dict[str, list[torch.Tensor]] = {m: [] for m in measures}
     if "trace" in measures:
         per_example["trace_stderr"] = []
-    started = time.perf_counter()
+    bar = progress_bar(x.shape[0], "measured", enabled=True, unit="example")
     for b0 in range(0, x.shape[0], args.batch_size):
         xb = x[b0 : b0 + args.batch_size]
         seed = args.seed + b0  # the same seed would give example b0 + i the probes / noise of example i
@@ -197,9 +196,8 @@ def run(args) -> int:
             elif m == "neighborhood_drop":
                 per_example[m].append(neighborhood_drop(model, xb, sigma=args.sigma, samples=args.samples,
                                                         seed=seed).value)
-        done = min(x.shape[0], b0 + args.batch_size)
-        print(f"\rmeasured {done}/{x.shape[0]} examples ({time.perf_counter() - started:.1f} s)",
-              end="\n" if done == x.shape[0] else "", file=sys.stderr, flush=True)
+        bar.update(xb.shape[0])
+    bar.close()
     values = {m: torch.cat(v).cpu() for m, v in per_example.items() if v}
     rows = _summary_rows(values)
     print(_format(rows))

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.func import grad
 
+from .._progress import progress_bar
 from .._validation import check_choice, check_int
 from . import ops
 from ._model import log_likelihood_fn, validated_logits
@@ -155,6 +155,7 @@ def landscape(model: Callable, x: torch.Tensor, directions: Union[str, torch.Ten
         log_p = log_likelihood_fn(model, backend)
         B, feature_dims = x.shape[0], [1] * (x.dim() - 1)
         values = []
+        bar = progress_bar(B, "landscape", progress, unit="input")
         with torch.no_grad():
             for b0 in range(0, B, per_pass):
                 sl = slice(b0, b0 + per_pass)
@@ -164,9 +165,8 @@ def landscape(model: Callable, x: torch.Tensor, directions: Union[str, torch.Ten
                 c = pts.shape[0]
                 lp = log_p(pts.reshape(c * P, *x.shape[1:])).reshape(c, *([steps] * dims))
                 values.append(lp - base[sl].reshape(c, *([1] * dims)))
-                if progress:
-                    done = min(B, b0 + per_pass)
-                    print(f"\rlandscape: {done}/{B} inputs", end="\n" if done == B else "", file=sys.stderr, flush=True)
+                bar.update(c)
+        bar.close()
         return Landscape(tuple([axis] * dims), torch.cat(values), dirs, kinds, scale)
 
 

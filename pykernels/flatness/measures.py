@@ -30,12 +30,12 @@ parameter_*) need float32 / float64 inputs and models: 16-bit ones raise a TypeE
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.func import grad
 
+from .._progress import progress_callback
 from .._validation import check_choice, check_int
 from . import estimators as est
 from . import ops
@@ -46,13 +46,6 @@ from .hvp import InputHessian, ParameterHessian, default_chunk_size, input_jacob
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 EIGEN_METHODS = ("power", "lanczos")
-
-
-def _progress_printer(label: str) -> Callable[[int, int], None]:
-    def report(done: int, total: int) -> None:
-        print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    return report
 
 
 def log_likelihood(model: Callable, x: torch.Tensor, *, backend: Optional[str] = None,
@@ -120,14 +113,14 @@ def hessian_trace(model: Callable, x: torch.Tensor, num_probes: int = 64, method
     error needs >= 2) or "hutch++" (num_probes >= 3 HVPs; standard error of its
     residual Hutchinson part given the sketch). probes: "rademacher" (minimum
     variance for Hutchinson) or "gaussian", drawn from `seed` (pykernels.probes).
-    hvp: the HVP method (pykernels.flatness.hvp). progress: print probes done to stderr.
+    hvp: the HVP method (pykernels.flatness.hvp). progress: a bar of probes done on stderr.
     """
     check_choice("method", method, TRACE_METHODS)
     check_choice("probes", probes, ops.PROBE_KINDS)
     _check_num_probes(num_probes, method)
     with prepared(model, x, train_mode, "hessian_trace"):
         H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=num_probes)
-        return _trace(H, num_probes, method, probes, seed, _progress_printer("hessian_trace") if progress else None)
+        return _trace(H, num_probes, method, probes, seed, progress_callback("hessian_trace", unit="probe") if progress else None)
 
 
 def _trace(op, num_probes: int, method: str, probes: str, seed: int, progress) -> Estimate:

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -17,6 +16,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .._progress import progress_bar
 from . import estimators
 from .parc import DEFAULT_PCA_DIM, parc
 
@@ -193,31 +193,6 @@ def load_entry(entry, name: str = "model") -> tuple[torch.Tensor, Optional[torch
     return as_t(feats), as_t(probs)
 
 
-# ---- progress ----
-
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool, stream=None):
-        self.total, self.enabled, self.stream = total, enabled, stream or sys.stderr
-        self.start = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        fill = int(width * done / max(1, self.total))
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (self.total - done) if done else float("nan")
-        self.stream.write(f"\rscoring models [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
-                          f"{elapsed:.1f} s elapsed, ~{eta:.0f} s left ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 # ---- scoring ----
 
 
@@ -271,7 +246,7 @@ def score_models(bank, labels, methods: Union[str, Sequence[str]] = ("parc",), *
     options = dict(num_classes=num_classes, pca_dim=pca_dim, mode=mode, backend=backend)
     scores = {m.name: np.full(len(entries), np.nan) for m in chosen}
     seconds = {m.name: 0.0 for m in chosen}
-    bar = _Progress(len(mine), sys.stderr.isatty() if progress is None else progress)
+    bar = progress_bar(len(mine), "scoring models", progress, unit="model")
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         feats, probs = [], []
@@ -291,7 +266,7 @@ def score_models(bank, labels, methods: Union[str, Sequence[str]] = ("parc",), *
             result = m.fn(inputs, labels, options)
             seconds[m.name] += time.perf_counter() - t0
             scores[m.name][chunk] = result.detach().cpu().numpy().reshape(-1)
-        bar.update(min(start + batch_size, len(mine)))
+        bar.update(len(chunk))
     bar.close()
     if world > 1:
         scores, seconds = _gather(scores, seconds, mine)

@@ -5,11 +5,11 @@ outputs, for LEEP / NCE."""
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 from typing import Optional, Union
 
 import torch
+
+from .._progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -68,8 +68,7 @@ def extract_features(model: torch.nn.Module, data, *, batch_size: int = 128,
     was_training = model.training
     model.eval()
     feats, probs, labels = [], [], []
-    show = sys.stderr.isatty() if progress is None else progress
-    start, seen = time.perf_counter(), 0
+    bar = progress_bar(None, "extracting features", progress, unit=" samples")  # a counter: "10 samples"
     try:
         for batch in _batches(data, batch_size):
             if isinstance(batch, (tuple, list)):  # (inputs,) or (inputs, labels, ...)
@@ -85,16 +84,12 @@ def extract_features(model: torch.nn.Module, data, *, batch_size: int = 128,
                 probs.append(torch.softmax(out.float(), dim=-1).cpu())
             if y is not None:
                 labels.append(torch.as_tensor(y).cpu())
-            seen += x.shape[0]
-            if show:
-                print(f"\rextracting features: {seen} samples, {time.perf_counter() - start:.1f} s", end="",
-                      file=sys.stderr, flush=True)
+            bar.update(x.shape[0])
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-        if show:
-            print(file=sys.stderr)
+        bar.close()
     if not feats:
         raise ValueError("data yielded no batch")
     return ProbeSet(torch.cat(feats), torch.cat(probs) if len(probs) == len(feats) else None,

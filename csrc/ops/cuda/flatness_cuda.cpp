@@ -1,27 +1,20 @@
 // CUDA bindings of the flatness ops (built only when CUDA is enabled): device
 // guard, current stream, outputs from PyTorch's caching allocator.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../flatness_common.h"
+#include "cuda_binding.h"
 
 namespace pykernels::ops {
 namespace {
-
-void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
-
-void expect_cuda(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.is_cuda(), op, " (CUDA kernel): expected CUDA tensors, got ", t.device());
-}
 
 at::Tensor energy_cuda(const at::Tensor& logits) {
   expect_cuda(logits, "energy");
   const c10::cuda::CUDAGuard guard(logits.device());
   PackedEnergy P = pack_energy(logits);
-  visit_logits_dtype(logits.scalar_type(), "energy", [&](auto tag) {
-    core::energy_cuda(energy_problem<decltype(tag)>(P), current_stream());
-  });
+  visit_logits_dtype(logits.scalar_type(), "energy", "logits",
+                     [&](auto tag) { core::energy_cuda(energy_problem<decltype(tag)>(P), current_stream()); });
   return finish_energy(P, logits);
 }
 
@@ -30,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logsumexp_hvp_cuda(const at::Tens
   expect_cuda(logits, "logsumexp_hvp");
   const c10::cuda::CUDAGuard guard(logits.device());
   PackedLseHvp P = pack_logsumexp_hvp(logits, tangents);
-  visit_real_dtype(logits.scalar_type(), "logsumexp_hvp", [&](auto tag) {
+  visit_real_dtype(logits.scalar_type(), "logsumexp_hvp", "logits", [&](auto tag) {
     core::logsumexp_hvp_cuda(logsumexp_hvp_problem<decltype(tag)>(P), current_stream());
   });
   return {P.softmax, P.energy, P.hvp};
@@ -41,7 +34,7 @@ void fill_probes_cuda(at::Tensor& out, int64_t seed, int64_t offset, c10::string
   const c10::cuda::CUDAGuard guard(out.device());
   const core::ProbeKind k = parse_probe_kind(kind);
   at::Tensor buf = probe_buffer(out, offset);
-  visit_real_dtype(out.scalar_type(), "fill_probes_", [&](auto tag) {
+  visit_real_dtype(out.scalar_type(), "fill_probes_", "out", [&](auto tag) {
     using T = decltype(tag);
     core::fill_probes_cuda(typed_mut<T>(buf), buf.numel(), uint64_t(seed), uint64_t(offset), k, current_stream());
   });
@@ -52,9 +45,8 @@ at::Tensor probe_dots_cuda(const at::Tensor& v, const at::Tensor& w) {
   expect_cuda(v, "probe_dots");
   const c10::cuda::CUDAGuard guard(v.device());
   PackedProbeDots P = pack_probe_dots(v, w);
-  visit_real_dtype(v.scalar_type(), "probe_dots", [&](auto tag) {
-    core::probe_dots_cuda(probe_dots_problem<decltype(tag)>(P), current_stream());
-  });
+  visit_real_dtype(v.scalar_type(), "probe_dots", "v",
+                   [&](auto tag) { core::probe_dots_cuda(probe_dots_problem<decltype(tag)>(P), current_stream()); });
   return P.out;
 }
 

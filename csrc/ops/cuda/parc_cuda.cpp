@@ -1,11 +1,11 @@
 // CUDA bindings of the model-selection ops (built only when CUDA is enabled): device guard,
 // current stream, scratch from PyTorch's caching allocator, and the label side of PARC built with
 // device tensor ops (no host sync).
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../parc_common.h"
+#include "cuda_binding.h"
 
 namespace pykernels::ops {
 namespace {
@@ -14,10 +14,8 @@ at::Tensor workspace(int64_t bytes, const at::Tensor& like) {
   return at::empty({bytes}, like.options().dtype(at::kByte));
 }
 
-void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
-
 at::Tensor pairwise_corr_distance_cuda(const at::Tensor& features, bool triu) {
-  TORCH_CHECK(features.is_cuda(), "pairwise_corr_distance (CUDA kernel): expected CUDA tensors");
+  expect_cuda(features, "pairwise_corr_distance");
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor x = features.contiguous();
   const core::FeatureBatch f = feature_batch(x, "pairwise_corr_distance");
@@ -30,7 +28,7 @@ at::Tensor pairwise_corr_distance_cuda(const at::Tensor& features, bool triu) {
 
 at::Tensor spearman_cuda(const at::Tensor& x, const at::Tensor& y) {
   check_spearman_args(x, y);
-  TORCH_CHECK(x.is_cuda(), "spearman (CUDA kernel): expected CUDA tensors");
+  expect_cuda(x, "spearman");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xs = x.contiguous();
   // A y broadcast over rows stays one row, ranked once.
@@ -38,15 +36,15 @@ at::Tensor spearman_cuda(const at::Tensor& x, const at::Tensor& y) {
   const at::Tensor ys = shared ? y.select(0, 0).contiguous() : y.contiguous();
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kDouble));
   if (out.numel() == 0) return out;
-  core::SpearmanProblem p{xs.data_ptr(), ys.data_ptr(), to_float_type(xs, "spearman", "x"), xs.size(0), xs.size(1),
-                          xs.size(1), shared ? 0 : xs.size(1), out.data_ptr<double>()};
+  core::SpearmanProblem p{xs.data_ptr(), ys.data_ptr(), real_dtype(xs, "spearman", "x"), xs.size(0),
+                          xs.size(1),    xs.size(1),    shared ? 0 : xs.size(1),         out.data_ptr<double>()};
   at::Tensor ws = workspace(core::spearman_cuda_workspace(p), xs);
   core::spearman_cuda(p, ws.data_ptr(), current_stream());
   return out;
 }
 
 at::Tensor parc_spearman_cuda(const at::Tensor& features, const at::Tensor& classes) {
-  TORCH_CHECK(features.is_cuda(), "parc_spearman (CUDA kernel): expected CUDA tensors");
+  expect_cuda(features, "parc_spearman");
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor x = features.contiguous();
   const core::FeatureBatch f = feature_batch(x, "parc_spearman");
