@@ -121,6 +121,33 @@ def test_auto_times_both_exact_methods_once_and_keeps_the_faster(monkeypatch, sl
         assert again.method == expect and again.timings is None  # from the cache, not timed again
 
 
+def test_auto_timing_is_not_decided_by_a_one_off_cost_of_the_method_timed_first(monkeypatch):
+    """The method timed first pays one-off costs (allocator growth, the first transform call).
+    Forward-over-reverse pays 0.3 s once, double backward 0.1 s on every call: forward-over-reverse
+    is the faster method and must be kept (a single timing round kept double backward)."""
+    model, x = small_cnn(nn.Tanh, seed=7), inputs()
+    V = probes(FEW_VECTORS + 1, x)
+    forward, backward = InputHessian._forward_over_reverse, InputHessian._double_backward
+    calls = []
+
+    def forward_once_slow(self, Vx):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)
+        return forward(self, Vx)
+
+    def backward_slow(self, Vx):
+        time.sleep(0.1)
+        return backward(self, Vx)
+
+    monkeypatch.setattr(InputHessian, "_forward_over_reverse", forward_once_slow)
+    monkeypatch.setattr(InputHessian, "_double_backward", backward_slow)
+    with prepared(model, x):
+        H = InputHessian(model, x)
+        H.matvec(V.flatten(2))
+    assert H.method == "forward-over-reverse", H.timings
+
+
 @pytest.fixture
 def tanh_knobs():
     yield _TanhBackward
