@@ -340,6 +340,63 @@ def test_parameter_hessian_matches_dense():
     torch.testing.assert_close(H.matvec(V), (V @ dense.T))
 
 
+PARAMETER_METHODS = ("forward-over-reverse", "double-backward", "double-backward-loop", "auto")
+
+
+@pytest.mark.parametrize("family", list(SMOOTH_FAMILIES))
+def test_every_parameter_hvp_method_equals_double_backward_on_each_family(family):
+    """Each parameter-Hessian product (and auto's timed choice) equals one double backward per
+    vector through torch.autograd in float64, BatchNorm-eval and attention included."""
+    model, x = SMOOTH_FAMILIES[family](), inputs()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    y = torch.arange(x.shape[0]) % 5
+    params = list(model.parameters())
+    D = sum(p.numel() for p in params)
+    V = torch.randn(3, 1, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with twice_differentiable():
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+            nn.functional.cross_entropy(model(x), y), params, create_graph=True)])
+        expect = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(g, params, v[0],
+                                                                                      retain_graph=True)])
+                              for v in V]).unsqueeze(1)
+    scale = expect.abs().max().item()
+    for method in PARAMETER_METHODS:
+        H = ParameterHessian(model, nn.functional.cross_entropy, x, y, method=method)
+        out = H.matvec(V)
+        assert (out - expect).abs().max().item() <= 1e-6 * scale, method
+        again = H.matvec(V[:1])  # a later call reuses the operator's gradient graph
+        assert (again - expect[:1]).abs().max().item() <= 1e-6 * scale, method
+
+
+@pytest.mark.parametrize("slow", ["_forward_over_reverse", "_double_backward"])
+def test_parameter_auto_times_the_methods_once_and_keeps_the_fastest(monkeypatch, slow):
+    """Make forward-over-reverse, or both double-backward methods, 0.2 s slower: auto must keep
+    a method of the other kind, equal to double backward, and reuse the choice from the cache."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    V = torch.randn(4, 1, 26, dtype=torch.float64)
+    expect = ParameterHessian(model, nn.functional.cross_entropy, x, y, method="double-backward-loop").matvec(V)
+    original = getattr(ParameterHessian, slow)
+
+    def delayed(self, *args, **kwargs):
+        time.sleep(0.2)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ParameterHessian, slow, delayed)
+    H = ParameterHessian(model, nn.functional.cross_entropy, x, y)
+    torch.testing.assert_close(H.matvec(V), expect)
+    assert set(H.timings) == {"forward-over-reverse", "double-backward", "double-backward-loop"}
+    if slow == "_forward_over_reverse":
+        assert H.method in ("double-backward", "double-backward-loop"), H.timings
+    else:
+        assert H.method == "forward-over-reverse", H.timings
+    again = ParameterHessian(model, nn.functional.cross_entropy, x, y)
+    torch.testing.assert_close(again.matvec(V), expect)
+    assert again.method == H.method and again.timings is None
+
+
 @pytest.mark.parametrize(
     "call, exc, pattern",
     [
