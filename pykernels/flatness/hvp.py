@@ -73,7 +73,7 @@ from .._validation import check_choice, check_int
 from . import ops
 from ._model import (check_hessian_dtype, check_inputs, frozen_parameters, log_likelihood_fn, measurement_mode,
                      report_once, validated_logits)
-from ._piecewise import curved_ops
+from ._piecewise import curved_ops_cached
 
 HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
 
@@ -156,7 +156,7 @@ class InputHessian:
         # For "auto" on a smooth network with many vectors: chosen by timing the first chunk.
         self.timings: Optional[dict[str, float]] = None
         if method == "auto":
-            self.curved = curved_ops(model, self.x)
+            self.curved = curved_ops_cached(model, self.x)
             if not self.curved:
                 method = "gauss-newton"
             elif expected_vectors is not None and expected_vectors <= FEW_VECTORS:
@@ -171,6 +171,7 @@ class InputHessian:
         self._use_jacobian = (method == "gauss-newton" and (expected_vectors or 0) >= K
                               and K * self.batch * self.dim <= JACOBIAN_BUDGET)
         self._jacobian: Optional[torch.Tensor] = None
+        self._graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x, its gradient with graph)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -240,6 +241,7 @@ class InputHessian:
                 start = time.perf_counter()
                 self._matvec_chunk(Vx)  # falls back to (and switches to) double backward if forward mode fails
                 forward_time = min(forward_time, time.perf_counter() - start)
+            self._graph = None  # timed with the gradient it builds, as a one-chunk call runs it
             start = time.perf_counter()
             out = self._double_backward(Vx)
             backward_time = min(backward_time, time.perf_counter() - start)
@@ -265,14 +267,23 @@ class InputHessian:
         self.method = "double-backward"
         return out
 
+    def _gradient_graph(self):
+        """The input gradient with its graph, built once per operator and kept for every later
+        product (Lanczos: one per step, each of which rebuilt it before)."""
+        if self._graph is None:
+            x = self.x.clone().requires_grad_()
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self._sum_log_p(x), x, create_graph=True)
+            self._graph = (x, g)
+        return self._graph
+
     def _double_backward(self, Vx):
-        x = self.x.clone().requires_grad_()
+        x, g = self._gradient_graph()
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self._sum_log_p(x), x, create_graph=True)
             if Vx.shape[0] == 1:  # one vector: no batching needed
-                return torch.autograd.grad(g, x, Vx[0])[0].unsqueeze(0)
+                return torch.autograd.grad(g, x, Vx[0], retain_graph=True)[0].unsqueeze(0)
             try:
-                # retain_graph: the graph must survive a failed batched attempt for the loop below
+                # retain_graph: the graph serves later calls and the loop below after a failed batched attempt
                 return torch.autograd.grad(g, x, Vx, is_grads_batched=True, retain_graph=True)[0]
             except (RuntimeError, NotImplementedError) as exc:
                 if not transform_unsupported(exc):  # out of memory, a bug in the model: the caller's to see

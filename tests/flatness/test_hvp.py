@@ -123,7 +123,7 @@ def test_auto_times_both_exact_methods_once_and_keeps_the_faster(monkeypatch, sl
 
 def test_auto_timing_is_not_decided_by_a_one_off_cost_of_the_method_timed_first(monkeypatch):
     """The method timed first pays one-off costs (allocator growth, the first transform call).
-    Forward-over-reverse pays 0.3 s once, double backward 0.1 s on every call: forward-over-reverse
+    Forward-over-reverse pays 1 s once, double backward 0.3 s on every call: forward-over-reverse
     is the faster method and must be kept (a single timing round kept double backward)."""
     model, x = small_cnn(nn.Tanh, seed=7), inputs()
     V = probes(FEW_VECTORS + 1, x)
@@ -133,11 +133,11 @@ def test_auto_timing_is_not_decided_by_a_one_off_cost_of_the_method_timed_first(
     def forward_once_slow(self, Vx):
         calls.append(1)
         if len(calls) == 1:
-            time.sleep(0.3)
+            time.sleep(1.0)
         return forward(self, Vx)
 
     def backward_slow(self, Vx):
-        time.sleep(0.1)
+        time.sleep(0.3)
         return backward(self, Vx)
 
     monkeypatch.setattr(InputHessian, "_forward_over_reverse", forward_once_slow)
@@ -152,6 +152,30 @@ def test_auto_timing_is_not_decided_by_a_one_off_cost_of_the_method_timed_first(
 def tanh_knobs():
     yield _TanhBackward
     _TanhBackward.backward_item = False
+
+
+def test_piecewise_check_runs_once_per_model_and_shape_and_again_when_a_module_is_swapped(monkeypatch):
+    """The one-shot hvp() checks the model once per input shape (a cached dispatch-mode forward),
+    and again when its module structure changes: a ReLU swapped for a GELU must leave
+    Gauss-Newton, which would silently drop the curved part."""
+    from pykernels.flatness import _piecewise
+
+    runs = []
+    original = _piecewise.curved_ops
+    monkeypatch.setattr(_piecewise, "curved_ops", lambda model, x: runs.append(1) or original(model, x))
+    model, x = small_cnn(nn.ReLU), inputs()
+    V = probes(2, x)
+    flatness.hvp(model, x, V)
+    flatness.hvp(model, x, V)
+    assert len(runs) == 1
+    flatness.hvp(model, x[:2], V[:, :2])  # another shape: checked
+    assert len(runs) == 2
+    model[1] = nn.GELU()
+    out = flatness.hvp(model, x, V)
+    assert len(runs) == 3
+    with prepared(model, x):
+        assert InputHessian(model, x, expected_vectors=2).method == "double-backward"
+    torch.testing.assert_close(out, flatness.hvp(model, x, V, method="double-backward"))
 
 
 def test_in_place_ops_are_judged_as_their_out_of_place_form():
