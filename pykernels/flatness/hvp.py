@@ -35,7 +35,8 @@ Methods (`method=`):
                           smooth family of `pykernels bench --ops flatness_hvp`),
                           else the faster of "double-backward" and
                           "forward-over-reverse" on the first chunk of vectors,
-                          timed once and cached per model, input shape, dtype and
+                          timed in two alternating rounds (each method's fastest
+                          kept) and cached per model, input shape, dtype and
                           number of vectors (with 32 vectors neither wins on
                           every family: forward-over-reverse was up to 1.3x
                           faster on a GELU CNN, double backward 1.4x on MLPs
