@@ -76,7 +76,11 @@ from ._model import (check_hessian_dtype, check_inputs, frozen_parameters, log_l
                      report_once, validated_logits)
 from ._piecewise import curved_ops_cached
 
-HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
+HVP_METHODS = ("auto", "forward-over-reverse", "forward-over-reverse-per-example", "double-backward",
+               "finite-difference", "gauss-newton")
+FORWARD_METHODS = ("forward-over-reverse", "forward-over-reverse-per-example")
+# What "auto" times on smooth networks with many vectors.
+TIMED_METHODS = FORWARD_METHODS + ("double-backward",)
 
 # Up to this many vectors per example, "auto" takes double backward on smooth networks: 1.4-8x
 # faster than forward-over-reverse for one vector on every smooth family of
@@ -105,6 +109,15 @@ def forward_over_reverse(log_p: Callable, x: torch.Tensor, V: torch.Tensor) -> t
     on their forward-mode rules); reverse_over_reverse compiles there."""
     g = grad(lambda t: log_p(t).sum())
     return vmap(lambda v: jvp(g, (x,), (v,))[1])(V)
+
+
+def forward_over_reverse_per_example(log_p: Callable, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """The same products with the gradient of one example, vmapped over the examples and then the
+    vectors: the torch.func formulation of `pykernels bench`'s baseline. Neither batching wins on
+    every network on a CPU (each was up to 1.4x faster than the other across the bench's smooth
+    families), so "auto" times both."""
+    one = grad(lambda xb: log_p(xb.unsqueeze(0))[0])
+    return vmap(vmap(lambda xb, vb: jvp(one, (xb,), (vb,))[1]), in_dims=(None, 0))(x, V)
 
 
 def reverse_over_reverse(log_p: Callable, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -203,9 +216,9 @@ class InputHessian:
             if Vx.shape[0] <= FEW_VECTORS:  # e.g. Lanczos steps: double backward, no timing needed
                 return self._double_backward(Vx).reshape(V.shape)
             return self._timed(Vx).reshape(V.shape)
-        if self.method == "forward-over-reverse":
+        if self.method in FORWARD_METHODS:
             try:
-                return self._forward_over_reverse(Vx).reshape(V.shape)
+                return self._forward_over_reverse(Vx, self.method).reshape(V.shape)
             except (RuntimeError, NotImplementedError) as exc:
                 if not transform_unsupported(exc):
                     raise
@@ -216,12 +229,13 @@ class InputHessian:
             return self._finite_difference(Vx).reshape(V.shape)
         return self._gauss_newton(Vx).reshape(V.shape)
 
-    def _forward_over_reverse(self, Vx):
-        return forward_over_reverse(self._log_p, self.x, Vx)
+    def _forward_over_reverse(self, Vx, method: str = "forward-over-reverse"):
+        product = forward_over_reverse if method == "forward-over-reverse" else forward_over_reverse_per_example
+        return product(self._log_p, self.x, Vx)
 
     def _timed(self, Vx):
-        """Both exact methods on this chunk, timed; the faster one is kept (and cached for the
-        model) for every later chunk. Both give the same products; double backward's are returned."""
+        """The exact methods of TIMED_METHODS on this chunk, timed; the fastest is kept (and cached
+        for the model) for every later chunk. All give the same products."""
         key = self._choice_key(Vx.shape[0])
         try:
             cached = _timed_choice.get(self.model, {}).get(key)
@@ -230,27 +244,28 @@ class InputHessian:
         if cached is not None:
             self.method = cached
             return self._matvec_chunk(Vx)
-        # Two rounds, alternating, keeping each method's faster time: the method timed first on a
+        # Two rounds, alternating, keeping each method's fastest time: the method timed first on a
         # fresh process pays one-off costs (allocator growth, first transform call), and one
         # timing on a shared machine is noisy; a single round picked the slower method on a
         # GELU CNN (`pykernels bench --ops flatness_trace`).
-        forward_time = backward_time = math.inf
-        out = None
+        self.timings, out, candidates = {}, None, list(TIMED_METHODS)
         for _ in range(TIMING_ROUNDS):
-            if self.method in ("auto", "forward-over-reverse"):
-                self.method = "forward-over-reverse"
+            for method in list(candidates):
+                if method == "double-backward":
+                    self._graph = None  # timed with the gradient it builds, as a one-chunk call runs it
                 start = time.perf_counter()
-                self._matvec_chunk(Vx)  # falls back to (and switches to) double backward if forward mode fails
-                forward_time = min(forward_time, time.perf_counter() - start)
-            self._graph = None  # timed with the gradient it builds, as a one-chunk call runs it
-            start = time.perf_counter()
-            out = self._double_backward(Vx)
-            backward_time = min(backward_time, time.perf_counter() - start)
-        self.timings = {"forward-over-reverse": forward_time, "double-backward": backward_time}
-        if self.method == "forward-over-reverse" and forward_time < backward_time:
-            choice = "forward-over-reverse"
-        else:
-            choice = "double-backward"
+                try:
+                    result = (self._double_backward(Vx) if method == "double-backward"
+                              else self._forward_over_reverse(Vx, method))
+                except (RuntimeError, NotImplementedError) as exc:
+                    if not transform_unsupported(exc):
+                        raise
+                    self._report_fallback(exc)
+                    candidates = ["double-backward"]
+                    continue
+                self.timings[method] = min(self.timings.get(method, math.inf), time.perf_counter() - start)
+                out = result
+        choice = min(self.timings, key=self.timings.get)
         self.method = choice
         with contextlib.suppress(TypeError):
             _timed_choice.setdefault(self.model, {})[key] = choice
@@ -261,12 +276,15 @@ class InputHessian:
             out = self._double_backward(Vx)
         except Exception:
             raise exc
+        self._report_fallback(exc)
+        self.method = "double-backward"
+        return out
+
+    def _report_fallback(self, exc: Exception) -> None:
         report_once(self.model, "hvp-fallback",
                     f"pykernels.flatness: forward-mode AD failed on this model "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                     f"Hessian-vector products use double backward instead")
-        self.method = "double-backward"
-        return out
 
     def _gradient_graph(self):
         """The input gradient with its graph, built once per operator and kept for every later
