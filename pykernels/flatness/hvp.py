@@ -489,18 +489,18 @@ class ParameterHessian:
         return self._double_backward(flat, batched=self.method == "double-backward")
 
     def _timed(self, flat: torch.Tensor) -> torch.Tensor:
-        """Every method on this chunk, timed once; the fastest is kept (and cached for the model).
-        The gradient graph is built before timing, so the double-backward methods are timed as
-        every later call runs them."""
+        """Every method on this chunk, timed once (one round: forward-over-reverse costs seconds per
+        chunk on a ResNet); the fastest is kept (and cached for the model). The double-backward
+        methods are timed with the gradient graph they build, as a one-chunk call runs them."""
         key = self._key + (flat.shape[0],)
         with contextlib.suppress(TypeError):  # a model that is not weak-referenceable: nothing cached
             cached = _parameter_choice.get(self.model, {}).get(key)
             if cached is not None:
                 self.method = cached
                 return self._products(flat)
-        self._gradient_graph()
         self.timings, out = {}, None
         for method in PARAMETER_HVP_METHODS[1:]:
+            self._graph = None
             start = time.perf_counter()
             try:
                 result = (self._forward_over_reverse(flat) if method == "forward-over-reverse"
