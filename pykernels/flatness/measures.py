@@ -40,7 +40,7 @@ from .._validation import check_choice, check_int
 from . import estimators as est
 from . import ops
 from ._model import check_hessian_dtype, log_likelihood_fn, validated_logits
-from ._piecewise import curved_ops
+from ._piecewise import curved_ops_cached
 from .estimators import Estimate
 from .hvp import InputHessian, ParameterHessian, default_chunk_size, input_jacobian, prepared
 
@@ -194,7 +194,7 @@ def exact_trace(model: Callable, x: torch.Tensor, *, check: bool = True, chunk_s
         logits = validated_logits(model, x)
         check_hessian_dtype(logits.dtype, "the model's output")
         if check:
-            curved = curved_ops(model, x)
+            curved = curved_ops_cached(model, x)
             if curved:
                 names = ", ".join(f"{n} (x{c})" for n, c in sorted(curved.items()))
                 raise ValueError(f"exact_trace needs a network that is piecewise linear in its input, but at x the "
