@@ -8,6 +8,9 @@ own vectors: v [S, B, ...] -> H v [S, B, ...].
 Methods (`method=`):
   "forward-over-reverse"  jvp of the input gradient, vmapped over the S vectors
                           (torch.func). Exact.
+  "forward-over-reverse-per-example"  the same with the gradient of one example,
+                          vmapped over the examples and then the vectors
+                          (torch.func's batching). Exact.
   "double-backward"       reverse-over-reverse: the gradient with create_graph,
                           then one batched backward per chunk of vectors. Exact;
                           the fallback for ops without forward-mode AD.
@@ -33,11 +36,11 @@ Methods (`method=`):
                           most FEW_VECTORS vectors are expected (1.4-8x faster
                           than forward-over-reverse for one vector on every
                           smooth family of `pykernels bench --ops flatness_hvp`),
-                          else the faster of "double-backward" and
-                          "forward-over-reverse" on the first chunk of vectors,
+                          else the fastest of "double-backward" and the two
+                          forward-over-reverse batchings on the first chunk of vectors,
                           timed in two alternating rounds (each method's fastest
                           kept) and cached per model, input shape, dtype and
-                          number of vectors (with 32 vectors neither wins on
+                          number of vectors (with 32 vectors none wins on
                           every family: forward-over-reverse was up to 1.3x
                           faster on a GELU CNN, double backward 1.4x on MLPs
                           and attention and 2.5x on a SiLU ResNet).
