@@ -12,7 +12,8 @@ flatness_trace  Hutchinson tr H of log p, B = 64 examples, S = 32 Rademacher pro
     estimates checked equal before timing. Ours: hessian_trace, hvp="auto".
 flatness_hutchpp / flatness_top_eig  Hutch++ (S = 32) and the top eigenvalue (Lanczos,
     30 steps): the same estimator code on the torch.func operator (baseline) and on ours.
-flatness_hvp  one HVP per example against one plain input gradient,
+flatness_hvp  one HVP per example against one plain input gradient (a repeated product on an
+    operator built once, whose double backward keeps its gradient graph, and the one-shot call),
     torch.autograd.grad(torch.logsumexp(model(x), -1).sum(), x) (the baseline): "x vs
     gradient" = gradient time / HVP time, so an HVP costs 1 / x gradients. Ours: the
     operator built once (InputHessian(model, x).matvec, each method), and the one-shot
@@ -228,8 +229,10 @@ def _hvp_case(ctx: BenchContext, name: str, B: int) -> Case:
                          for m in methods}
         | {"hvp() one-shot, auto": lambda: flatness.hvp(model, x, v)},
         baselines={"plain gradient": lambda: plain_gradient(model, x)},
-        notes="one HVP per example costs 1/x plain gradients; 'one-shot' includes the validating forward and "
-              "the piecewise-linear check (one forward under a dispatch mode)",
+        notes="one HVP per example costs 1/x plain gradients; 'operator': a repeated product on an operator built "
+              "once (double backward keeps its gradient graph: one backward per product); 'one-shot' builds "
+              "everything: the validating forward, the piecewise-linear check (cached per model and shape) and the "
+              "gradient graph",
     )
 
 

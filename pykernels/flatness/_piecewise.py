@@ -15,6 +15,7 @@ out-of-place form.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -100,3 +101,30 @@ def curved_ops(model: Callable, x: torch.Tensor) -> dict[str, int]:
     with torch.no_grad(), recorder:
         model(x)
     return recorder.curved
+
+
+# model -> {(input shape, dtype, device, the model's modules and modes): curved_ops at such an x}
+_checked: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def _structure(model) -> tuple:
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple((name, type(m), m.training) for name, m in model.named_modules())
+
+
+def curved_ops_cached(model: Callable, x: torch.Tensor) -> dict[str, int]:
+    """curved_ops, run once per model, input shape, dtype, device and module structure (each
+    submodule's name, type and mode) and then taken from a cache: the check is a forward under
+    a Python dispatch mode, a third of a plain gradient on small networks
+    (`pykernels bench --ops flatness_hvp`, one-shot hvp()). A model whose ops at x depend on
+    the values of x (data-dependent branches) or whose forward is replaced in place keeps its
+    first answer: call curved_ops for those."""
+    key = (tuple(x.shape), x.dtype, x.device, _structure(model))
+    try:
+        cache = _checked.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: checked every time
+        return curved_ops(model, x)
+    if key not in cache:
+        cache[key] = curved_ops(model, x)
+    return dict(cache[key])

@@ -8,6 +8,9 @@ own vectors: v [S, B, ...] -> H v [S, B, ...].
 Methods (`method=`):
   "forward-over-reverse"  jvp of the input gradient, vmapped over the S vectors
                           (torch.func). Exact.
+  "forward-over-reverse-per-example"  the same with the gradient of one example,
+                          vmapped over the examples and then the vectors
+                          (torch.func's batching). Exact.
   "double-backward"       reverse-over-reverse: the gradient with create_graph,
                           then one batched backward per chunk of vectors. Exact;
                           the fallback for ops without forward-mode AD.
@@ -33,10 +36,11 @@ Methods (`method=`):
                           most FEW_VECTORS vectors are expected (1.4-8x faster
                           than forward-over-reverse for one vector on every
                           smooth family of `pykernels bench --ops flatness_hvp`),
-                          else the faster of "double-backward" and
-                          "forward-over-reverse" on the first chunk of vectors,
-                          timed once and cached per model, input shape, dtype and
-                          number of vectors (with 32 vectors neither wins on
+                          else the fastest of "double-backward" and the two
+                          forward-over-reverse batchings on the first chunk of vectors,
+                          timed in two alternating rounds (each method's fastest
+                          kept) and cached per model, input shape, dtype and
+                          number of vectors (with 32 vectors none wins on
                           every family: forward-over-reverse was up to 1.3x
                           faster on a GELU CNN, double backward 1.4x on MLPs
                           and attention and 2.5x on a SiLU ResNet).
@@ -58,6 +62,7 @@ backward, the math form (matmul, softmax) has both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import time
@@ -72,15 +77,19 @@ from .._validation import check_choice, check_int
 from . import ops
 from ._model import (check_hessian_dtype, check_inputs, frozen_parameters, log_likelihood_fn, measurement_mode,
                      report_once, validated_logits)
-from ._piecewise import curved_ops
+from ._piecewise import curved_ops_cached
 
-HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference", "gauss-newton")
+HVP_METHODS = ("auto", "forward-over-reverse", "forward-over-reverse-per-example", "double-backward",
+               "finite-difference", "gauss-newton")
+FORWARD_METHODS = ("forward-over-reverse", "forward-over-reverse-per-example")
+# What "auto" times on smooth networks with many vectors.
+TIMED_METHODS = FORWARD_METHODS + ("double-backward",)
 
 # Up to this many vectors per example, "auto" takes double backward on smooth networks: 1.4-8x
 # faster than forward-over-reverse for one vector on every smooth family of
 # `pykernels bench --ops flatness_hvp`, and at least as fast up to 4-8 vectors.
 FEW_VECTORS = 8
-_TIMED_METHODS = ("double-backward", "forward-over-reverse")
+TIMING_ROUNDS = 2  # each method timed this many times on the first chunk, fastest kept
 # model -> {(shape, dtype, device, chunk): the method timed fastest on it}
 _timed_choice: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
@@ -103,6 +112,15 @@ def forward_over_reverse(log_p: Callable, x: torch.Tensor, V: torch.Tensor) -> t
     on their forward-mode rules); reverse_over_reverse compiles there."""
     g = grad(lambda t: log_p(t).sum())
     return vmap(lambda v: jvp(g, (x,), (v,))[1])(V)
+
+
+def forward_over_reverse_per_example(log_p: Callable, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """The same products with the gradient of one example, vmapped over the examples and then the
+    vectors: the torch.func formulation of `pykernels bench`'s baseline. Neither batching wins on
+    every network on a CPU (each was up to 1.4x faster than the other across the bench's smooth
+    families), so "auto" times both."""
+    one = grad(lambda xb: log_p(xb.unsqueeze(0))[0])
+    return vmap(vmap(lambda xb, vb: jvp(one, (xb,), (vb,))[1]), in_dims=(None, 0))(x, V)
 
 
 def reverse_over_reverse(log_p: Callable, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -155,7 +173,7 @@ class InputHessian:
         # For "auto" on a smooth network with many vectors: chosen by timing the first chunk.
         self.timings: Optional[dict[str, float]] = None
         if method == "auto":
-            self.curved = curved_ops(model, self.x)
+            self.curved = curved_ops_cached(model, self.x)
             if not self.curved:
                 method = "gauss-newton"
             elif expected_vectors is not None and expected_vectors <= FEW_VECTORS:
@@ -170,6 +188,7 @@ class InputHessian:
         self._use_jacobian = (method == "gauss-newton" and (expected_vectors or 0) >= K
                               and K * self.batch * self.dim <= JACOBIAN_BUDGET)
         self._jacobian: Optional[torch.Tensor] = None
+        self._graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x, its gradient with graph)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -200,9 +219,9 @@ class InputHessian:
             if Vx.shape[0] <= FEW_VECTORS:  # e.g. Lanczos steps: double backward, no timing needed
                 return self._double_backward(Vx).reshape(V.shape)
             return self._timed(Vx).reshape(V.shape)
-        if self.method == "forward-over-reverse":
+        if self.method in FORWARD_METHODS:
             try:
-                return self._forward_over_reverse(Vx).reshape(V.shape)
+                return self._forward_over_reverse(Vx, self.method).reshape(V.shape)
             except (RuntimeError, NotImplementedError) as exc:
                 if not transform_unsupported(exc):
                     raise
@@ -213,12 +232,13 @@ class InputHessian:
             return self._finite_difference(Vx).reshape(V.shape)
         return self._gauss_newton(Vx).reshape(V.shape)
 
-    def _forward_over_reverse(self, Vx):
-        return forward_over_reverse(self._log_p, self.x, Vx)
+    def _forward_over_reverse(self, Vx, method: str = "forward-over-reverse"):
+        product = forward_over_reverse if method == "forward-over-reverse" else forward_over_reverse_per_example
+        return product(self._log_p, self.x, Vx)
 
     def _timed(self, Vx):
-        """Both exact methods on this chunk, timed; the faster one is kept (and cached for the
-        model) for every later chunk. Both give the same products; double backward's are returned."""
+        """The exact methods of TIMED_METHODS on this chunk, timed; the fastest is kept (and cached
+        for the model) for every later chunk. All give the same products."""
         key = self._choice_key(Vx.shape[0])
         try:
             cached = _timed_choice.get(self.model, {}).get(key)
@@ -227,18 +247,28 @@ class InputHessian:
         if cached is not None:
             self.method = cached
             return self._matvec_chunk(Vx)
-        self.method = "forward-over-reverse"
-        start = time.perf_counter()
-        self._matvec_chunk(Vx)  # falls back to (and switches to) double backward if forward mode fails
-        forward_time = time.perf_counter() - start
-        start = time.perf_counter()
-        out = self._double_backward(Vx)
-        backward_time = time.perf_counter() - start
-        self.timings = {"forward-over-reverse": forward_time, "double-backward": backward_time}
-        if self.method == "forward-over-reverse" and forward_time < backward_time:
-            choice = "forward-over-reverse"
-        else:
-            choice = "double-backward"
+        # Two rounds, alternating, keeping each method's fastest time: the method timed first on a
+        # fresh process pays one-off costs (allocator growth, first transform call), and one
+        # timing on a shared machine is noisy; a single round picked the slower method on a
+        # GELU CNN (`pykernels bench --ops flatness_trace`).
+        self.timings, out, candidates = {}, None, list(TIMED_METHODS)
+        for _ in range(TIMING_ROUNDS):
+            for method in list(candidates):
+                if method == "double-backward":
+                    self._graph = None  # timed with the gradient it builds, as a one-chunk call runs it
+                start = time.perf_counter()
+                try:
+                    result = (self._double_backward(Vx) if method == "double-backward"
+                              else self._forward_over_reverse(Vx, method))
+                except (RuntimeError, NotImplementedError) as exc:
+                    if not transform_unsupported(exc):
+                        raise
+                    self._report_fallback(exc)
+                    candidates = ["double-backward"]
+                    continue
+                self.timings[method] = min(self.timings.get(method, math.inf), time.perf_counter() - start)
+                out = result
+        choice = min(self.timings, key=self.timings.get)
         self.method = choice
         with contextlib.suppress(TypeError):
             _timed_choice.setdefault(self.model, {})[key] = choice
@@ -249,21 +279,33 @@ class InputHessian:
             out = self._double_backward(Vx)
         except Exception:
             raise exc
+        self._report_fallback(exc)
+        self.method = "double-backward"
+        return out
+
+    def _report_fallback(self, exc: Exception) -> None:
         report_once(self.model, "hvp-fallback",
                     f"pykernels.flatness: forward-mode AD failed on this model "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                     f"Hessian-vector products use double backward instead")
-        self.method = "double-backward"
-        return out
+
+    def _gradient_graph(self):
+        """The input gradient with its graph, built once per operator and kept for every later
+        product (Lanczos: one per step, each of which rebuilt it before)."""
+        if self._graph is None:
+            x = self.x.clone().requires_grad_()
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self._sum_log_p(x), x, create_graph=True)
+            self._graph = (x, g)
+        return self._graph
 
     def _double_backward(self, Vx):
-        x = self.x.clone().requires_grad_()
+        x, g = self._gradient_graph()
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self._sum_log_p(x), x, create_graph=True)
             if Vx.shape[0] == 1:  # one vector: no batching needed
-                return torch.autograd.grad(g, x, Vx[0])[0].unsqueeze(0)
+                return torch.autograd.grad(g, x, Vx[0], retain_graph=True)[0].unsqueeze(0)
             try:
-                # retain_graph: the graph must survive a failed batched attempt for the loop below
+                # retain_graph: the graph serves later calls and the loop below after a failed batched attempt
                 return torch.autograd.grad(g, x, Vx, is_grads_batched=True, retain_graph=True)[0]
             except (RuntimeError, NotImplementedError) as exc:
                 if not transform_unsupported(exc):  # out of memory, a bug in the model: the caller's to see
@@ -374,16 +416,36 @@ def hvp(model: Callable, x: torch.Tensor, v: torch.Tensor, *, method: str = "aut
         return out[0] if single else out
 
 
+PARAMETER_HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "double-backward-loop")
+# model -> {(parameter count, input shape, dtype, device, chunk): the parameter-HVP method timed fastest}
+_parameter_choice: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
 class ParameterHessian:
     """The Hessian of a scalar loss with respect to the model's parameters (those
     requiring grad), as a linear operator on flattened parameter vectors [S, 1, D]
-    (one "example"), so the same estimators apply. Forward-over-reverse with vmap."""
+    (one "example"), so the same estimators apply.
+
+    method: "forward-over-reverse" (jvp of the gradient, vmap over the vectors),
+    "double-backward" (the gradient once with create_graph, then one backward batched
+    over the vectors, is_grads_batched), "double-backward-loop" (the same graph, one
+    backward per vector: PyHessian's loop) or "auto" (default): the three timed once
+    on the first chunk of vectors, the fastest kept and cached per model, parameter
+    count, input shape, dtype and chunk (`timings` shows them). None wins everywhere:
+    on a SiLU ResNet with BatchNorm the loop was 2.4-3x faster than both batched
+    methods (convolutions with a batch of weight tangents are slow on a CPU), on MLPs
+    and a ReLU CNN the batched double backward was fastest
+    (`pykernels bench --ops flatness_parameter_trace`). The gradient graph is built
+    once per operator and kept for every later product (Lanczos: one per step)."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, *,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, method: str = "auto"):
+        check_choice("method", method, PARAMETER_HVP_METHODS)
+        self.model = model
         self.params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("the model has no parameters that require grad")
+        self._leaves = [p for p in model.parameters() if p.requires_grad]
         self.names = list(self.params)
         self.sizes = [p.numel() for p in self.params.values()]
         self.batch, self.dim = 1, sum(self.sizes)
@@ -391,12 +453,16 @@ class ParameterHessian:
         check_hessian_dtype(first.dtype, "the model's parameters")
         self._dtype, self._device = first.dtype, first.device
         self.chunk_size = chunk_size or default_chunk_size(self.dim, self._device)
+        self._loss = lambda: loss_fn(model(x), y)
 
         def loss(params):
             return loss_fn(torch.func.functional_call(model, params, (x,)), y)
 
         self._grad = grad(loss)
-        self.method = "forward-over-reverse"
+        self._graph: Optional[torch.Tensor] = None  # the flat gradient with its graph (double backward)
+        self.method = method
+        self.timings: Optional[dict[str, float]] = None
+        self._key = (self.dim, tuple(x.shape), self._dtype, self._device)
 
     @property
     def dtype(self):
@@ -410,14 +476,73 @@ class ParameterHessian:
         return {n: t.view_as(self.params[n]) for n, t in zip(self.names, flat.split(self.sizes))}
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        def one(v):
-            tangent = jvp(self._grad, (self.params,), (self._unflatten(v),))[1]
-            return torch.cat([tangent[n].reshape(-1) for n in self.names])
-
         flat = V.reshape(V.shape[0], self.dim)
         with twice_differentiable():
-            out = [vmap(one)(flat[i : i + self.chunk_size]) for i in range(0, flat.shape[0], self.chunk_size)]
+            out = [self._products(flat[i : i + self.chunk_size]) for i in range(0, flat.shape[0], self.chunk_size)]
         return torch.cat(out).reshape(V.shape)
 
     def quad(self, V: torch.Tensor) -> torch.Tensor:
         return ops.probe_dots(V, self.matvec(V))
+
+    def _products(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.method == "auto":
+            return self._timed(flat)
+        if self.method == "forward-over-reverse":
+            return self._forward_over_reverse(flat)
+        return self._double_backward(flat, batched=self.method == "double-backward")
+
+    def _timed(self, flat: torch.Tensor) -> torch.Tensor:
+        """Every method on this chunk, timed once (one round: forward-over-reverse costs seconds per
+        chunk on a ResNet); the fastest is kept (and cached for the model). The double-backward
+        methods are timed with the gradient graph they build, as a one-chunk call runs them."""
+        key = self._key + (flat.shape[0],)
+        with contextlib.suppress(TypeError):  # a model that is not weak-referenceable: nothing cached
+            cached = _parameter_choice.get(self.model, {}).get(key)
+            if cached is not None:
+                self.method = cached
+                return self._products(flat)
+        self.timings, out = {}, None
+        for method in PARAMETER_HVP_METHODS[1:]:
+            self._graph = None
+            start = time.perf_counter()
+            try:
+                result = (self._forward_over_reverse(flat) if method == "forward-over-reverse"
+                          else self._double_backward(flat, batched=method == "double-backward"))
+            except (RuntimeError, NotImplementedError) as exc:
+                if not transform_unsupported(exc):
+                    raise
+                continue  # beyond forward mode or batching: the loop always runs
+            self.timings[method] = time.perf_counter() - start
+            out = result
+        self.method = min(self.timings, key=self.timings.get)
+        with contextlib.suppress(TypeError):
+            _parameter_choice.setdefault(self.model, {})[key] = self.method
+        return out
+
+    def _forward_over_reverse(self, flat: torch.Tensor) -> torch.Tensor:
+        def one(v):
+            tangent = jvp(self._grad, (self.params,), (self._unflatten(v),))[1]
+            return torch.cat([tangent[n].reshape(-1) for n in self.names])
+
+        return vmap(one)(flat)
+
+    def _gradient_graph(self) -> torch.Tensor:
+        if self._graph is None:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(self._loss(), self._leaves, create_graph=True, allow_unused=True,
+                                            materialize_grads=True)
+                self._graph = torch.cat([g.reshape(-1) for g in grads])
+        return self._graph
+
+    def _double_backward(self, flat: torch.Tensor, batched: bool) -> torch.Tensor:
+        g = self._gradient_graph()
+        if not g.requires_grad:  # the loss is at most linear in the parameters
+            return torch.zeros_like(flat)
+        backward = functools.partial(torch.autograd.grad, g, self._leaves, retain_graph=True, allow_unused=True,
+                                     materialize_grads=True)
+        with torch.enable_grad():
+            if batched and flat.shape[0] > 1:
+                hv = backward(flat, is_grads_batched=True)
+                return torch.cat([h.reshape(flat.shape[0], -1) for h in hv], 1)
+            rows = [backward(v) for v in flat]
+        return torch.stack([torch.cat([h.reshape(-1) for h in hv]) for hv in rows])

@@ -40,7 +40,7 @@ from .._validation import check_choice, check_int
 from . import estimators as est
 from . import ops
 from ._model import check_hessian_dtype, log_likelihood_fn, validated_logits
-from ._piecewise import curved_ops
+from ._piecewise import curved_ops_cached
 from .estimators import Estimate
 from .hvp import InputHessian, ParameterHessian, default_chunk_size, input_jacobian, prepared
 
@@ -187,7 +187,7 @@ def exact_trace(model: Callable, x: torch.Tensor, *, check: bool = True, chunk_s
         logits = validated_logits(model, x)
         check_hessian_dtype(logits.dtype, "the model's output")
         if check:
-            curved = curved_ops(model, x)
+            curved = curved_ops_cached(model, x)
             if curved:
                 names = ", ".join(f"{n} (x{c})" for n, c in sorted(curved.items()))
                 raise ValueError(f"exact_trace needs a network that is piecewise linear in its input, but at x the "
@@ -238,23 +238,26 @@ def spectral_density(model: Callable, x: torch.Tensor, *, starts: int = 4, steps
 
 def parameter_hessian_trace(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, num_probes: int = 64,
                             method: str = "hutchinson", *, probes: str = "rademacher", seed: int = 0,
-                            chunk_size: Optional[int] = None, train_mode: str = "eval") -> Estimate:
+                            chunk_size: Optional[int] = None, hvp: str = "auto", train_mode: str = "eval") -> Estimate:
     """tr of the Hessian of loss_fn(model(x), y) over the parameters that require
-    grad, as (estimate [1], standard error [1]) (PyHessian's trace, batched over probes)."""
+    grad, as (estimate [1], standard error [1]) (PyHessian's trace, batched over probes).
+    hvp: the product (hvp.ParameterHessian: "auto", "forward-over-reverse",
+    "double-backward", "double-backward-loop")."""
     check_choice("method", method, TRACE_METHODS)
     check_choice("probes", probes, ops.PROBE_KINDS)
     _check_num_probes(num_probes, method)
     with prepared(model, x, train_mode, "parameter_hessian_trace", freeze=False):
-        H = ParameterHessian(model, loss_fn, x, y, chunk_size=chunk_size)
+        H = ParameterHessian(model, loss_fn, x, y, chunk_size=chunk_size, method=hvp)
         return _trace(H, num_probes, method, probes, seed, None)
 
 
 def parameter_top_eigenvalues(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, k: int = 1,
                               method: str = "lanczos", *, iters: Optional[int] = None, tol: float = 1e-4,
-                              seed: int = 0, chunk_size: Optional[int] = None,
+                              seed: int = 0, chunk_size: Optional[int] = None, hvp: str = "auto",
                               train_mode: str = "eval") -> torch.Tensor:
-    """The k eigenvalues of largest magnitude of the parameter Hessian of the loss, [1, k]."""
+    """The k eigenvalues of largest magnitude of the parameter Hessian of the loss, [1, k]
+    (hvp: as for parameter_hessian_trace)."""
     check_choice("method", method, EIGEN_METHODS)
     with prepared(model, x, train_mode, "parameter_top_eigenvalues", freeze=False):
-        H = ParameterHessian(model, loss_fn, x, y, chunk_size=chunk_size)
+        H = ParameterHessian(model, loss_fn, x, y, chunk_size=chunk_size, method=hvp)
         return _eigen(H, k, method, iters, tol, seed, False).values
