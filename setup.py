@@ -21,7 +21,6 @@ checks before loading the library.
 
 import glob
 import os
-import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -74,8 +73,10 @@ def _build_ext_class(cpp_extension, torch_version):
             # Next to the library: in the source tree with --inplace, else in build_lib.
             package_dir = os.path.dirname(self.get_ext_fullpath("pykernels._C"))
             with open(os.path.join(package_dir, "_build_info.py"), "w") as f:
-                f.write("# Written by setup.py when it built pykernels._C; read by pykernels/_ops.py.\n"
-                        f"TORCH_VERSION = {torch_version!r}\n")
+                f.write(
+                    "# Written by setup.py when it built pykernels._C; read by pykernels/_ops.py.\n"
+                    f"TORCH_VERSION = {torch_version!r}\n"
+                )
 
     return BuildExtension
 
@@ -129,5 +130,8 @@ def _extensions():
 if os.environ.get("PYKERNELS_SETUP_IMPORT") != "1":  # set by tests that import cuda_arch_list
     ext_modules, cmdclass, requires_torch = _extensions()
     # pyproject.toml declares dependencies dynamic: the torch requirement depends on the build.
-    setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPy, **cmdclass},
-          install_requires=requires_torch + ["numpy>=1.24", "tqdm>=4.62"])
+    setup(
+        ext_modules=ext_modules,
+        cmdclass={"build_py": BuildPy, **cmdclass},
+        install_requires=requires_torch + ["numpy>=1.24", "tqdm>=4.62"],
+    )

@@ -32,12 +32,15 @@ def main(ns):
     print("|---|---|---|---|---|---|---|")
     for n in ns:
         models = 2
-        out = subprocess.run([sys.executable, "-c", CASE, str(n), str(models)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CASE, str(n), str(models)], capture_output=True, text=True, check=True
+        )
         base, peak, seconds, _ = out.stdout.split(" ", 3)
         m = n * (n - 1) // 2
-        print(f"| {n:,} | {models} | 2 | {16 * m / 2**30:.2f} GiB | {float(peak):.2f} GiB | {float(base):.2f} GiB "
-              f"| {seconds} s |")
+        print(
+            f"| {n:,} | {models} | 2 | {16 * m / 2**30:.2f} GiB | {float(peak):.2f} GiB | {float(base):.2f} GiB "
+            f"| {seconds} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ Principle Behind Many Adversarial Defenses" (2020), on scikit-learn's bundled
                penalty; the paper's own regulariser is not available)
 
 For each model it reports clean accuracy, robust accuracy under a 20-step PGD
-attack (Linf, eps = --eps, inputs clamped to [0, 1]), and every flatness measure of pykernels.flatness (mean, std and median
-over test examples), writes side-by-side landscape plots, and states what the
+attack (Linf, eps = --eps, inputs clamped to [0, 1]), and every flatness measure of
+pykernels.flatness (mean, std and median over test examples), writes side-by-side landscape plots, and states what the
 numbers say about the claim, whichever way they come out.
 
     python examples/digits_flatness.py            # a few minutes on a CPU
@@ -53,8 +53,9 @@ class DigitsCNN(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
-                                      nn.ReLU(), nn.MaxPool2d(2))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x):
@@ -98,8 +99,9 @@ def measure(model, x, args) -> dict[str, torch.Tensor]:
         "trace std error": trace.stderr,
         "trace (exact)": flatness.exact_trace(model, x),
         "top eigenvalue": flatness.top_eigenvalues(model, x, 1, seed=args.seed)[:, 0],
-        "neighbourhood drop": flatness.neighborhood_drop(model, x, sigma=args.drop_sigma, samples=args.probes,
-                                                         seed=args.seed).value,
+        "neighbourhood drop": flatness.neighborhood_drop(
+            model, x, sigma=args.drop_sigma, samples=args.probes, seed=args.seed
+        ).value,
     }
 
 
@@ -117,8 +119,9 @@ def verdict(results: dict) -> list[str]:
     robust = {d: results[d]["robust acc"] for d in DEFENCES}
     working = [d for d in DEFENCES[1:] if robust[d] > robust["standard"] + 0.02]
     listed = ", ".join(f"{d} ({robust[d]:.1%})" for d in working) or "none"
-    lines = [f"Defences that raised PGD accuracy by more than 2 points over standard ({robust['standard']:.1%}): "
-             f"{listed}."]
+    lines = [
+        f"Defences that raised PGD accuracy by more than 2 points over standard ({robust['standard']:.1%}): {listed}."
+    ]
     if not working:
         return lines + ["No defence improved robustness here, so this run does not test the claim."]
     stat = lambda d, m, s: abs(results[d]["measures"][m][s])
@@ -126,23 +129,30 @@ def verdict(results: dict) -> list[str]:
     for m in ("grad norm", "trace (exact)", "top eigenvalue", "neighbourhood drop"):
         flatter = {s: [d for d in working if stat(d, m, s) < stat("standard", m, s)] for s in ("mean", "median")}
         rho = spearman([robust[d] for d in DEFENCES], [stat(d, m, "median") for d in DEFENCES])
-        values = "; ".join(f"{s} {stat('standard', m, s):.3g} -> "
-                           + ", ".join(f"{stat(d, m, s):.3g}" for d in working) for s in ("mean", "median"))
-        lines.append(f"{m} (|value|; standard -> {', '.join(working)}): {values}. Flatter than standard: "
-                     f"{len(flatter['mean'])}/{len(working)} by the mean, {len(flatter['median'])}/{len(working)} "
-                     f"by the median; rank correlation of robust accuracy with the median: {rho:+.2f}")
+        values = "; ".join(
+            f"{s} {stat('standard', m, s):.3g} -> " + ", ".join(f"{stat(d, m, s):.3g}" for d in working)
+            for s in ("mean", "median")
+        )
+        lines.append(
+            f"{m} (|value|; standard -> {', '.join(working)}): {values}. Flatter than standard: "
+            f"{len(flatter['mean'])}/{len(working)} by the mean, {len(flatter['median'])}/{len(working)} "
+            f"by the median; rank correlation of robust accuracy with the median: {rho:+.2f}"
+        )
         verdicts[m] = tuple(len(flatter[s]) == len(working) for s in ("mean", "median"))
     groups = {
         "consistent with the claim (mean and median)": [m for m, v in verdicts.items() if v == (True, True)],
-        "consistent by the mean only (a few sharp examples dominate; the typical example is not flatter)":
-            [m for m, v in verdicts.items() if v == (True, False)],
+        "consistent by the mean only (a few sharp examples dominate; the typical example is not flatter)": [
+            m for m, v in verdicts.items() if v == (True, False)
+        ],
         "consistent by the median only": [m for m, v in verdicts.items() if v == (False, True)],
         "not consistent with the claim": [m for m, v in verdicts.items() if v == (False, False)],
     }
     lines.append("Verdict: " + "; ".join(f"{label}: {', '.join(ms)}" for label, ms in groups.items() if ms) + ".")
-    lines.append("Caveats: four models, one seed, one small dataset. log p scales with the logits: a defence that "
-                 "makes the model less confident can flatten (or sharpen) log p without moving the decision "
-                 "boundary, and a saturated softmax (the standard model's typical digit) has almost no curvature.")
+    lines.append(
+        "Caveats: four models, one seed, one small dataset. log p scales with the logits: a defence that "
+        "makes the model less confident can flatten (or sharpen) log p without moving the decision "
+        "boundary, and a saturated softmax (the standard model's typical digit) has almost no curvature."
+    )
     return lines
 
 
@@ -156,9 +166,13 @@ def table(results: dict) -> str:
     rows = [header]
     for d in DEFENCES:
         r = results[d]
-        rows.append([d, f"{r['clean acc']:.1%}", f"{r['robust acc']:.1%}"]
-                    + [f"{r['measures'][m]['mean']:.3g} +- {r['measures'][m]['std']:.2g} "
-                       f"({r['measures'][m]['median']:.3g})" for m in measures])
+        rows.append(
+            [d, f"{r['clean acc']:.1%}", f"{r['robust acc']:.1%}"]
+            + [
+                f"{r['measures'][m]['mean']:.3g} +- {r['measures'][m]['std']:.2g} ({r['measures'][m]['median']:.3g})"
+                for m in measures
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -199,25 +213,41 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         models[d] = model = train(d, x_train, y_train, args)
         adv = flatness.pgd(model, x_eval, y_eval, args.eps, steps=args.pgd_steps, clamp=(0.0, 1.0), seed=args.seed)
-        results[d] = {"clean acc": accuracy(model, x_eval, y_eval), "robust acc": accuracy(model, adv, y_eval),
-                      "measures": summarise(measure(model, x_measure, args))}
+        results[d] = {
+            "clean acc": accuracy(model, x_eval, y_eval),
+            "robust acc": accuracy(model, adv, y_eval),
+            "measures": summarise(measure(model, x_measure, args)),
+        }
         print(f"{d:>11}: trained and measured in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    print(f"\nPGD: Linf eps {args.eps}, {args.pgd_steps} steps, on {len(y_eval)} test digits; measures: mean +- std (median) "
-          f"over {len(x_measure)} test digits ({args.probes} probes / draws each)\n")
+    print(
+        f"\nPGD: Linf eps {args.eps}, {args.pgd_steps} steps, on {len(y_eval)} test digits; "
+        f"measures: mean +- std (median) over {len(x_measure)} test digits ({args.probes} probes / draws each)\n"
+    )
     print(table(results))
     lines = verdict(results)
     print("\n" + "\n".join(lines))
 
     shown = x_test[:1]
     for direction in ("random", "adversarial"):
-        scapes = {d: flatness.landscape(models[d], shown, direction, radius=args.radius, steps=args.steps,
-                                        y=y_test[:1], seed=args.seed) for d in DEFENCES}
-        path = flatness.plot_landscape(scapes, os.path.join(args.out, f"landscape_{direction}.png"),
-                                       title=f"log p landscape of test digit 0 along {direction} directions")
+        scapes = {
+            d: flatness.landscape(
+                models[d], shown, direction, radius=args.radius, steps=args.steps, y=y_test[:1], seed=args.seed
+            )
+            for d in DEFENCES
+        }
+        path = flatness.plot_landscape(
+            scapes,
+            os.path.join(args.out, f"landscape_{direction}.png"),
+            title=f"log p landscape of test digit 0 along {direction} directions",
+        )
         print(f"plot: {path}")
-    slices = {d: flatness.landscape(models[d], shown, "adversarial", dims=1, radius=args.radius, steps=args.steps,
-                                    y=y_test[:1]) for d in DEFENCES}
+    slices = {
+        d: flatness.landscape(
+            models[d], shown, "adversarial", dims=1, radius=args.radius, steps=args.steps, y=y_test[:1]
+        )
+        for d in DEFENCES
+    }
     print(f"plot: {flatness.plot_landscape(slices, os.path.join(args.out, 'slice_adversarial.png'))}")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"settings": vars(args), "results": results, "verdict": lines}, f, indent=1)

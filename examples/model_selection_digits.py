@@ -34,7 +34,6 @@ from torch import nn
 
 from pykernels.selection import METHODS, evaluate, extract_features, score_models
 
-
 # ---------------------------------------------------------------- data
 
 
@@ -94,8 +93,16 @@ class CNN(nn.Module):
     def __init__(self, channels, classes):
         super().__init__()
         c1, c2 = channels
-        self.body = nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
-                                  nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c2 * 16, 48), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c2 * 16, 48),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(48, classes)
         self.depth = 4
 
@@ -164,8 +171,10 @@ def main(argv=None):
         for arch in archs:
             model = train(ARCHITECTURES[arch](int(y.max()) + 1), x, y, source_epochs, args.seed)
             bank[f"{arch} / {s_name}"] = (arch, model, accuracy(model, x, y))
-    print(f"\ntrained {len(bank)} source models in {time.perf_counter() - t0:.1f} s "
-          f"(train accuracy {min(a for *_, a in bank.values()):.0f}-{max(a for *_, a in bank.values()):.0f}%)")
+    print(
+        f"\ntrained {len(bank)} source models in {time.perf_counter() - t0:.1f} s "
+        f"(train accuracy {min(a for *_, a in bank.values()):.0f}-{max(a for *_, a in bank.values()):.0f}%)"
+    )
 
     names, oracle, target_of, rows = list(bank), [], [], {m: [] for m in METHODS}
     seconds = {m: 0.0 for m in METHODS}
@@ -178,8 +187,10 @@ def main(argv=None):
         probe_x, probe_y = train_xy[0][: args.probe], train_xy[1][: args.probe]
         classes = int(y.max()) + 1
         t1 = time.perf_counter()
-        accs = [fine_tune(model, arch, classes, train_xy, test_xy, tune_epochs, args.seed)
-                for arch, model, _ in bank.values()]
+        accs = [
+            fine_tune(model, arch, classes, train_xy, test_xy, tune_epochs, args.seed)
+            for arch, model, _ in bank.values()
+        ]
         tune_s = time.perf_counter() - t1
         probes = {}
         for name, (_, model, _) in bank.items():
@@ -200,11 +211,15 @@ def main(argv=None):
         print("PARC top 5:  " + ", ".join(f"{names[i]} ({table['parc'][i]:.1f} -> {accs[i]:.1f}%)" for i in top))
 
     result = evaluate({m: np.array(v) for m, v in rows.items()}, np.array(oracle), targets=target_of)
-    print(f"\n== how well each estimator predicts the fine-tuned accuracy ({len(targets)} targets x "
-          f"{len(bank)} models) ==")
+    print(
+        f"\n== how well each estimator predicts the fine-tuned accuracy ({len(targets)} targets x "
+        f"{len(bank)} models) =="
+    )
     print(result)
-    print("\nseconds per target to score the whole bank: " + ", ".join(
-        f"{m} {seconds[m] / len(targets) * 1e3:.0f} ms" for m in sorted(seconds, key=seconds.get)))
+    print(
+        "\nseconds per target to score the whole bank: "
+        + ", ".join(f"{m} {seconds[m] / len(targets) * 1e3:.0f} ms" for m in sorted(seconds, key=seconds.get))
+    )
     if args.csv:
         import csv
 

@@ -214,18 +214,25 @@ def streaming_guard(quick: bool) -> dict:
         out = guard.generate(prompts, attention_mask=mask, **gen)
         total = time.perf_counter() - start
     generated = (out.sequences[:, out.prompt_length :] != 0).sum(1)
-    print(f"\n== 4. streaming guard: random-weight Llama (hidden {hidden}, {layers} layers), batch {batch}, "
-          f"{new} new tokens ==")
+    print(
+        f"\n== 4. streaming guard: random-weight Llama (hidden {hidden}, {layers} layers), batch {batch}, "
+        f"{new} new tokens =="
+    )
     for b in range(batch):
         i = int(out.flag_index[b])
         at = f"prompt token {i}" if i < out.prompt_length else f"new token {i - out.prompt_length}"
-        where = f"flagged at {at}, stopped after {int(generated[b])} new tokens" if out.flagged[b] \
+        where = (
+            f"flagged at {at}, stopped after {int(generated[b])} new tokens"
+            if out.flagged[b]
             else f"not flagged, {int(generated[b])} new tokens"
+        )
         print(f"  sequence {b:2d}: {where}")
     share = guard.timer.seconds / total
-    print(f"  guard time (accumulated timers in hooks + stream steps): {1e3 * guard.timer.seconds:.1f} ms of "
-          f"{1e3 * total:.0f} ms generate = {100 * share:.2f}%, {1e6 * guard.timer.seconds / guard.timer.forwards:.0f} "
-          f"us per forward")
+    print(
+        f"  guard time (accumulated timers in hooks + stream steps): {1e3 * guard.timer.seconds:.1f} ms of "
+        f"{1e3 * total:.0f} ms generate = {100 * share:.2f}%, {1e6 * guard.timer.seconds / guard.timer.forwards:.0f} "
+        f"us per forward"
+    )
     return {"guard_flagged": int(out.flagged.sum()), "guard_share": share}
 
 
@@ -235,8 +242,9 @@ def streaming_guard(quick: bool) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
-    parser.add_argument("--out", default="probe-guard-demo",
-                        help="folder for the ROC plot (default: ./probe-guard-demo, git-ignored)")
+    parser.add_argument(
+        "--out", default="probe-guard-demo", help="folder for the ROC plot (default: ./probe-guard-demo, git-ignored)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     n_train, n_cal, n_test, epochs = (64, 64, 64, 6) if args.quick else (384, 192, 256, 10)
@@ -247,8 +255,10 @@ def main(argv=None) -> dict:
     train_texts, train_y = make_exchanges(n_train, split=0, seed=0)
     cal_texts, cal_y = make_exchanges(n_cal, split=1, seed=1)
     test_texts, test_y = make_exchanges(n_test, split=1, seed=2)
-    print(f"  train {n_train} (train words); calibration {n_cal} and test {n_test} exchanges (other exchanges, "
-          f"words unseen in training: the deployment traffic); half harmful")
+    print(
+        f"  train {n_train} (train words); calibration {n_cal} and test {n_test} exchanges (other exchanges, "
+        f"words unseen in training: the deployment traffic); half harmful"
+    )
     print(f"  example harmful test exchange: {test_texts[1]!r}")
     tokenizer, minilm = load_minilm()
     train, cal, test = (activations(tokenizer, minilm, t) for t in (train_texts, cal_texts, test_texts))
@@ -272,7 +282,7 @@ def main(argv=None) -> dict:
 
     @torch.no_grad()
     def classifier(text: str) -> float:  # a second full MiniLM pass over the exchange, then the regression
-        (_, _, pooled), = activations(tokenizer, minilm, [text])
+        ((_, _, pooled),) = activations(tokenizer, minilm, [text])
         return float(lr.decision_function(pooled.numpy())[0])
 
     cal_probe = exchange_scores(paper_probe, cal)
@@ -300,27 +310,47 @@ def main(argv=None) -> dict:
 
     escalation, flag = (0.25, 0.05) if args.quick else (0.10, 0.02)
     cascade = Cascade.calibrated(
-        probe, lambda i: classifier(test_texts[i]),
-        cal_probe[benign], cal_classifier[benign], target_escalation_rate=escalation, target_flag_rate=flag,
-        harmful_probe=cal_probe[~benign], harmful_classifier=cal_classifier[~benign])
-    print(f"  calibrated on {int(benign.sum())} benign exchanges for {100 * escalation:.0f}% escalation, "
-          f"{100 * flag:.0f}% flags: escalate above {cascade.escalate_threshold:.2f} (probe logit), flag above "
-          f"{cascade.final_threshold:.2f} (ensembled logit, alpha {cascade.alpha})")
+        probe,
+        lambda i: classifier(test_texts[i]),
+        cal_probe[benign],
+        cal_classifier[benign],
+        target_escalation_rate=escalation,
+        target_flag_rate=flag,
+        harmful_probe=cal_probe[~benign],
+        harmful_classifier=cal_classifier[~benign],
+    )
+    print(
+        f"  calibrated on {int(benign.sum())} benign exchanges for {100 * escalation:.0f}% escalation, "
+        f"{100 * flag:.0f}% flags: escalate above {cascade.escalate_threshold:.2f} (probe logit), flag above "
+        f"{cascade.final_threshold:.2f} (ensembled logit, alpha {cascade.alpha})"
+    )
     print(f"  traffic: {len(traffic)} test exchanges, {len(traffic) - len(benign_ids)} of them harmful")
     result = cascade(traffic, num_tokens=sum(int(lengths_of(test)[i]) for i in traffic))
     report = result.report
     print("\n".join("  " + line for line in str(report).splitlines()))
     detected = cascade.decide(test_probe[harmful_ids], test_classifier[harmful_ids]).float().mean().item()
     benign_flags = cascade.decide(test_probe[benign_ids], test_classifier[benign_ids]).float().mean().item()
-    print(f"  all {len(harmful_ids)} harmful test exchanges: {100 * detected:.1f}% flagged; benign: "
-          f"{100 * benign_flags:.1f}% flagged")
-    print(f"  AUROC: probe {auroc(test_probe, test_y):.3f}, classifier alone {auroc(test_classifier, test_y):.3f}, "
-          f"ensemble {auroc(0.55 * test_probe + 0.45 * test_classifier, test_y):.3f}")
-    results.update(escalation_rate=report.escalation_rate, flag_rate=report.flag_rate,
-                   relative_compute=report.relative_compute, detection_rate=detected,
-                   probe_auroc=auroc(test_probe, test_y), classifier_auroc=auroc(test_classifier, test_y))
-    _plot_roc(args.out, test_y, {"probe": test_probe, "classifier": test_classifier,
-                                 "ensemble": 0.55 * test_probe + 0.45 * test_classifier})
+    print(
+        f"  all {len(harmful_ids)} harmful test exchanges: {100 * detected:.1f}% flagged; benign: "
+        f"{100 * benign_flags:.1f}% flagged"
+    )
+    print(
+        f"  AUROC: probe {auroc(test_probe, test_y):.3f}, classifier alone {auroc(test_classifier, test_y):.3f}, "
+        f"ensemble {auroc(0.55 * test_probe + 0.45 * test_classifier, test_y):.3f}"
+    )
+    results.update(
+        escalation_rate=report.escalation_rate,
+        flag_rate=report.flag_rate,
+        relative_compute=report.relative_compute,
+        detection_rate=detected,
+        probe_auroc=auroc(test_probe, test_y),
+        classifier_auroc=auroc(test_classifier, test_y),
+    )
+    _plot_roc(
+        args.out,
+        test_y,
+        {"probe": test_probe, "classifier": test_classifier, "ensemble": 0.55 * test_probe + 0.45 * test_classifier},
+    )
 
     results.update(streaming_guard(args.quick))
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")

@@ -14,7 +14,8 @@ reference backend serves every op.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -35,11 +36,13 @@ def torch_mismatch(built: str | None, running: str) -> str | None:
     if built is None or built.split("+")[0] == running.split("+")[0]:
         return None
     release = built.split("+")[0]
-    return (f"pykernels' compiled kernels were built for torch {built}, but torch {running} is "
-            f"installed, so they are not loaded and the plain-PyTorch reference serves every op "
-            f"(slower). To use them, install the torch they were built for (pip install "
-            f"torch=={release}) or build pykernels against yours (in its source tree: pip install "
-            f"--no-build-isolation . or ./dev.sh setup).")
+    return (
+        f"pykernels' compiled kernels were built for torch {built}, but torch {running} is "
+        f"installed, so they are not loaded and the plain-PyTorch reference serves every op "
+        f"(slower). To use them, install the torch they were built for (pip install "
+        f"torch=={release}) or build pykernels against yours (in its source tree: pip install "
+        f"--no-build-isolation . or ./dev.sh setup)."
+    )
 
 
 def _load_extension() -> str | None:
@@ -54,8 +57,12 @@ def _load_extension() -> str | None:
     except Exception as exc:  # ImportError, an undefined symbol, a missing CUDA runtime
         error = f"{type(exc).__name__}: {exc}"
         if BUILT_FOR_TORCH is not None:  # built, yet it does not load: say so, not only in `backends`
-            warnings.warn(f"pykernels' compiled kernels failed to load ({error}); the plain-PyTorch "
-                          f"reference serves every op (slower)", ExtensionWarning, stacklevel=2)
+            warnings.warn(
+                f"pykernels' compiled kernels failed to load ({error}); the plain-PyTorch "
+                f"reference serves every op (slower)",
+                ExtensionWarning,
+                stacklevel=2,
+            )
         return error
     return None
 
@@ -120,8 +127,17 @@ def _probe_scores_autograd(op):
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         layers, weight, lengths = saved[: ctx.num_layers], saved[ctx.num_layers], saved[ctx.num_layers + 1]
-        grads = probe_scores_backward(layers, weight, ctx.bias_dtype, lengths, ctx.smoothing, ctx.window,
-                                      ctx.ema_alpha, grad, ctx.needs_input_grad)
+        grads = probe_scores_backward(
+            layers,
+            weight,
+            ctx.bias_dtype,
+            lengths,
+            ctx.smoothing,
+            ctx.window,
+            ctx.ema_alpha,
+            grad,
+            ctx.needs_input_grad,
+        )
         return *grads, None, None, None, None
 
     return backward, setup_context
@@ -136,11 +152,14 @@ def _probe_stream_step_fake(state, meta, status, slot_ids, token_logits, active,
     return token_logits.new_empty((n, K), dtype=torch.float32), token_logits.new_empty((n,), dtype=torch.bool)
 
 
-def _probe_stream_step_varlen_fake(state, meta, status, slot_ids, token_starts, token_counts, token_logits,
-                                   threshold, window, ema_alpha):
+def _probe_stream_step_varlen_fake(
+    state, meta, status, slot_ids, token_starts, token_counts, token_logits, threshold, window, ema_alpha
+):
     N, K = token_logits.shape
-    return (token_logits.new_empty((N, K), dtype=torch.float32),
-            token_logits.new_empty((slot_ids.shape[0],), dtype=torch.bool))
+    return (
+        token_logits.new_empty((N, K), dtype=torch.float32),
+        token_logits.new_empty((slot_ids.shape[0],), dtype=torch.bool),
+    )
 
 
 def _softmax_weighted_bce_fwd_fake(token_logits, labels, lengths, window, tau, detach_weights, compute_grad):

@@ -7,15 +7,22 @@ on stdout. `enabled=None` shows the bar only when stderr is a terminal (tqdm's d
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from tqdm.auto import tqdm
 
 
 def progress_bar(total: Optional[int], desc: str, enabled: Optional[bool] = None, unit: str = "it") -> tqdm:
     """A bar on stderr for `total` steps (None: a counter); close it, or use it as a context manager."""
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None if enabled is None else not enabled,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=None if enabled is None else not enabled,
+        dynamic_ncols=True,
+    )
 
 
 def progress_callback(desc: str, unit: str = "it") -> Callable[[int, int], None]:

@@ -3,7 +3,7 @@ expected and what was given."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -32,7 +32,9 @@ def check_tensor(
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if value.dtype not in dtypes:
-            raise TypeError(f"{name} must have dtype in ({_names(dtypes)}), got {str(value.dtype).replace('torch.', '')}")
+            raise TypeError(
+                f"{name} must have dtype in ({_names(dtypes)}), got {str(value.dtype).replace('torch.', '')}"
+            )
     if device is not None and value.device != device:
         raise ValueError(f"{name} must be on {device} (like the other inputs), got {value.device}")
     return value

@@ -22,7 +22,7 @@ import functools
 import importlib.util
 import os
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -65,7 +65,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
@@ -111,7 +111,7 @@ def _launch_a_cuda_kernel() -> None:
     torch.ops.pykernels.energy(torch.zeros(1, 1, device="cuda"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _missing_kernel_image() -> str | None:
     """Why the CUDA kernels cannot run on the current GPU (no kernel image for its architecture
     in this build), or None. Found by launching one tiny kernel, once per process (not while a
@@ -124,8 +124,10 @@ def _missing_kernel_image() -> str | None:
         if "no kernel image" not in str(exc):
             raise
         major, minor = torch.cuda.get_device_capability()
-        return (f"the extension has no kernel image for {torch.cuda.get_device_name()} (sm_{major}{minor}); "
-                f"rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (see setup.py)")
+        return (
+            f"the extension has no kernel image for {torch.cuda.get_device_name()} (sm_{major}{minor}); "
+            f'rebuild with TORCH_CUDA_ARCH_LIST="{major}.{minor}" (see setup.py)'
+        )
     return None
 
 
@@ -177,9 +179,8 @@ def _requested(requested: str | None) -> str | None:
 select._dynamo_marked_constant = True
 
 
-@functools.lru_cache(maxsize=None)
-def _select(op: str, device_type: str, implemented: tuple[str, ...], requested: str | None,
-            interpreted: bool) -> str:
+@functools.cache
+def _select(op: str, device_type: str, implemented: tuple[str, ...], requested: str | None, interpreted: bool) -> str:
     device = torch.device(device_type)
     if requested is not None:
         if requested not in BACKENDS:
@@ -200,8 +201,10 @@ def _select(op: str, device_type: str, implemented: tuple[str, ...], requested: 
         if name in implemented and status.available and _runs_on(name, device) and _op_has_kernel(op, name):
             return name
         if name == "cuda" and name in implemented and _ops.has_kernel(op, "CUDA") and torch.cuda.is_available():
-            _warn_once(f"pykernels: the cuda backend cannot run: {status.reason}; using the next available "
-                       f"backend (a forced backend='cuda' raises)")
+            _warn_once(
+                f"pykernels: the cuda backend cannot run: {status.reason}; using the next available "
+                f"backend (a forced backend='cuda' raises)"
+            )
     return "reference"
 
 
@@ -217,7 +220,7 @@ def resolve(op: str, device: torch.device, requested: str | None = None):
     return _resolve(op, device.type, _requested(requested), triton_interpreted())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolve(op: str, device_type: str, requested: str | None, interpreted: bool):
     return op_callable(op, _select(_known(op), device_type, BACKENDS, requested, interpreted))
 
@@ -242,7 +245,6 @@ def op_callable(op: str, backend: str):
     return getattr(getattr(modules, OP_FAMILY[op]), name)
 
 
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -27,8 +27,10 @@ def _cmd_probe_info(args) -> int:
 
     probe = LinearProbe.load(args.path)
     alpha = probe.resolved_ema_alpha if probe.smoothing == "ema" else None
-    print(f"{args.path}: LinearProbe over {probe.num_layers} layers x {probe.hidden_size} hidden, "
-          f"{probe.num_heads} head(s)")
+    print(
+        f"{args.path}: LinearProbe over {probe.num_layers} layers x {probe.hidden_size} hidden, "
+        f"{probe.num_heads} head(s)"
+    )
     print(f"smoothing {probe.smoothing}, window {probe.window}" + (f", ema_alpha {alpha:.4g}" if alpha else ""))
     print("thresholds " + ", ".join(f"{t:.4g}" for t in probe.threshold.tolist()))
     return 0
@@ -41,10 +43,17 @@ def _cmd_select(args) -> int:
     labels = load_entry(args.labels, "labels")[0]
     if labels.dim() != 1 and not (args.methods == "parc" and labels.dim() == 2):
         raise SystemExit(f"--labels must hold class ids [N], got shape {tuple(labels.shape)}")
-    table = score_models(args.bank, labels.numpy() if labels.dim() == 1 else labels, methods=args.methods.split(",")
-                         if args.methods != "all" else "all", num_classes=args.num_classes,
-                         pca_dim=None if args.pca_dim == 0 else args.pca_dim, mode=args.mode,
-                         batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    table = score_models(
+        args.bank,
+        labels.numpy() if labels.dim() == 1 else labels,
+        methods=args.methods.split(",") if args.methods != "all" else "all",
+        num_classes=args.num_classes,
+        pca_dim=None if args.pca_dim == 0 else args.pca_dim,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     print(table)
     if args.csv:
         table.to_csv(args.csv)
@@ -68,8 +77,12 @@ def _version() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pykernels", description=__doc__)
     # Building the parser imports pykernels (and torch) already: see add_flatness_parser.
-    parser.add_argument("--version", action="version", version=_version(),
-                        help="print the version and the torch the compiled kernels were built for, and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=_version(),
+        help="print the version and the torch the compiled kernels were built for, and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("backends", help="which backends can run here, and why not")
@@ -92,12 +105,18 @@ def main(argv=None) -> int:
     add_flatness_parser(sub)
 
     p = sub.add_parser("select", help="rank a bank of models for a target task (PARC and other estimators)")
-    p.add_argument("--bank", required=True,
-                   help="folder of per-model probe features (.npy/.npz/.pt/.pth/.safetensors; dicts may add 'probs')")
+    p.add_argument(
+        "--bank",
+        required=True,
+        help="folder of per-model probe features (.npy/.npz/.pt/.pth/.safetensors; dicts may add 'probs')",
+    )
     p.add_argument("--labels", required=True, help="the probe set's class ids [N] (.npy/.pt/.safetensors)")
-    p.add_argument("--methods", default="parc",
-                   help="comma-separated: parc, leep, nce, hscore, hscore_shrinkage, logme, one_nn_cv, gbc, "
-                        "transrate; or 'all' (default: parc)")
+    p.add_argument(
+        "--methods",
+        default="parc",
+        help="comma-separated: parc, leep, nce, hscore, hscore_shrinkage, logme, one_nn_cv, gbc, "
+        "transrate; or 'all' (default: parc)",
+    )
     p.add_argument("--num-classes", type=int, help="number of target classes (default: labels.max() + 1)")
     p.add_argument("--pca-dim", type=int, default=32, help="PARC's PCA dims (default 32; 0 = no PCA)")
     p.add_argument("--mode", choices=("exact", "reference"), default="exact", help="PARC mode (default exact)")

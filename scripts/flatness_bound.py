@@ -4,7 +4,7 @@ method does a tangent forward and a tangent backward, >= 2F), the rate this mach
 those same ops (profiler time of the linear ops of that forward, fastest of 5), and the
 Hutchinson times of torch.func and ours against the bound 2F / rate.
 Run: taskset -c 0 python scripts/flatness_bound.py [family ...]"""
-import statistics
+
 import sys
 import time
 
@@ -30,8 +30,16 @@ def fastest(fn, n=7):
     return min(times)
 
 
-LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
-              "aten::convolution_overrideable", "aten::thnn_conv2d", "aten::_slow_conv2d_forward")
+LINEAR_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::mkldnn_convolution",
+    "aten::convolution_overrideable",
+    "aten::thnn_conv2d",
+    "aten::_slow_conv2d_forward",
+)
 B, S = 64, 32
 for name in sys.argv[1:] or list(FAMILIES)[1:]:
     model, x = family(name, B, "cpu")
@@ -48,10 +56,13 @@ for name in sys.argv[1:] or list(FAMILIES)[1:]:
             linear_times.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in LINEAR_OPS) / 1e6)
         linear = min(linear_times)
     with twice_differentiable():
-        t_func = fastest(lambda: torch_func_hutchinson(model, x, V))
-        t_ours = fastest(lambda: flatness.hessian_trace(model, x, S, seed=0))
+        t_func = fastest(lambda model=model, x=x, V=V: torch_func_hutchinson(model, x, V))
+        t_ours = fastest(lambda model=model, x=x: flatness.hessian_trace(model, x, S, seed=0))
     bound = 2 * linear  # tangent forward + tangent backward: at least 2F FLOPs at this rate
-    print(f"{name}: F = {flops / 1e9:.3f} GFLOP per forward of S*B = {S * B} tangents, its linear ops "
-          f"{linear * 1e3:.1f} ms ({flops / linear / 1e9:.1f} GFLOP/s); bound 2F / rate {bound * 1e3:.1f} ms; "
-          f"torch.func {t_func * 1e3:.1f} ms = {t_func / bound:.2f}x bound; ours {t_ours * 1e3:.1f} ms = "
-          f"{t_ours / bound:.2f}x bound", flush=True)
+    print(
+        f"{name}: F = {flops / 1e9:.3f} GFLOP per forward of S*B = {S * B} tangents, its linear ops "
+        f"{linear * 1e3:.1f} ms ({flops / linear / 1e9:.1f} GFLOP/s); bound 2F / rate {bound * 1e3:.1f} ms; "
+        f"torch.func {t_func * 1e3:.1f} ms = {t_func / bound:.2f}x bound; ours {t_ours * 1e3:.1f} ms = "
+        f"{t_ours / bound:.2f}x bound",
+        flush=True,
+    )

@@ -34,5 +34,7 @@ try:
     torch.compile(forward_over_reverse, fullgraph=True, backend="aot_eager")(x, V)
     print("compiled forward-over-reverse: ok (fixed in this PyTorch)", torch.__version__)
 except Exception as exc:
-    print(f"compiled forward-over-reverse fails on torch {torch.__version__}: {type(exc).__name__}: "
-          f"{' / '.join(l.strip() for l in str(exc).splitlines()[:4] if l.strip())[:400]}")
+    print(
+        f"compiled forward-over-reverse fails on torch {torch.__version__}: {type(exc).__name__}: "
+        f"{' / '.join(l.strip() for l in str(exc).splitlines()[:4] if l.strip())[:400]}"
+    )

@@ -27,7 +27,6 @@ import torch
 import pykernels
 from pykernels import _ops
 
-
 # Packages that need (or pull) an NVIDIA GPU stack: no CPU extra may install them.
 GPU_PACKAGES = re.compile(r"^(torch|triton|vllm|nvidia-.*|cuda-.*|cupy.*|flash-attn|xformers|bitsandbytes|deepspeed)$")
 
@@ -39,23 +38,33 @@ def check(condition: bool, message: str) -> None:
 
 def check_installed_copy(source_root: str) -> None:
     package_dir = os.path.dirname(os.path.realpath(pykernels.__file__))
-    check(package_dir.startswith(os.path.realpath(sys.prefix)),
-          f"pykernels imported from {package_dir}, not from this venv ({sys.prefix})")
-    check(package_dir != os.path.realpath(os.path.join(source_root, "pykernels")),
-          f"pykernels imported from the source tree ({package_dir})")
+    check(
+        package_dir.startswith(os.path.realpath(sys.prefix)),
+        f"pykernels imported from {package_dir}, not from this venv ({sys.prefix})",
+    )
+    check(
+        package_dir != os.path.realpath(os.path.join(source_root, "pykernels")),
+        f"pykernels imported from the source tree ({package_dir})",
+    )
     check(_ops.LOADED, f"the compiled extension did not load: {_ops.LOAD_ERROR}")
-    check(_ops.BUILT_FOR_TORCH == torch.__version__,
-          f"built for torch {_ops.BUILT_FOR_TORCH}, running {torch.__version__}")
+    check(
+        _ops.BUILT_FOR_TORCH == torch.__version__,
+        f"built for torch {_ops.BUILT_FOR_TORCH}, running {torch.__version__}",
+    )
     print(f"imported {package_dir}, _C built for torch {_ops.BUILT_FOR_TORCH}")
 
 
 def check_metadata() -> None:
     dist = importlib.metadata.distribution("pykernels")
-    check(re.fullmatch(r"\d+\.\d+\.\d+", pykernels.__version__) is not None,
-          f"__version__ {pykernels.__version__!r} is not MAJOR.MINOR.PATCH")
+    check(
+        re.fullmatch(r"\d+\.\d+\.\d+", pykernels.__version__) is not None,
+        f"__version__ {pykernels.__version__!r} is not MAJOR.MINOR.PATCH",
+    )
     check(dist.version == pykernels.__version__, f"metadata version {dist.version} != {pykernels.__version__}")
-    check(dist.metadata["License-Expression"] == "Apache-2.0",
-          f"License-Expression is {dist.metadata['License-Expression']!r}")
+    check(
+        dist.metadata["License-Expression"] == "Apache-2.0",
+        f"License-Expression is {dist.metadata['License-Expression']!r}",
+    )
     check(any(f.name == "LICENSE" for f in dist.files), "LICENSE is not in the wheel")
     pin = f"torch=={torch.__version__.split('+')[0]}"
     requires = [r.replace(" ", "") for r in dist.requires or []]
@@ -66,8 +75,10 @@ def check_metadata() -> None:
 def check_cli() -> None:
     exe = os.path.join(sys.prefix, "bin", "pykernels")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
-    check(version.startswith(f"pykernels {pykernels.__version__} (built for torch {torch.__version__}"),
-          f"pykernels --version printed {version!r}")
+    check(
+        version.startswith(f"pykernels {pykernels.__version__} (built for torch {torch.__version__}"),
+        f"pykernels --version printed {version!r}",
+    )
     lines = subprocess.run([exe, "backends"], capture_output=True, text=True, check=True).stdout.splitlines()
     cpu = [line for line in lines if line.split()[:1] == ["cpu"]]
     check(len(cpu) == 1 and cpu[0].split()[1] == "yes", f"`pykernels backends` does not show cpu available: {lines}")
@@ -90,11 +101,19 @@ def check_ops() -> None:
     # Activation probes: scoring, and the guard's per-layer accumulation.
     layers = [randn(2, 37, 64) for _ in range(3)]
     weight = randn(3, 64, 2) / 8
-    same("probe_scores", lambda b: pykernels.probe_scores(layers, weight, smoothing="swim", window=4, backend=b),
-         rtol=1e-4, atol=1e-4)
+    same(
+        "probe_scores",
+        lambda b: pykernels.probe_scores(layers, weight, smoothing="swim", window=4, backend=b),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     hidden = randn(5, 64)
-    same("probe_accumulate_", lambda b: pykernels.probe_accumulate_(torch.zeros(5, 2), hidden, weight[0], backend=b),
-         rtol=1e-4, atol=1e-4)
+    same(
+        "probe_accumulate_",
+        lambda b: pykernels.probe_accumulate_(torch.zeros(5, 2), hidden, weight[0], backend=b),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     # Flatness: the energy and the logit-space Hessian-vector product.
     logits = randn(8, 10)
     same("energy", lambda b: pykernels.energy(logits, backend=b), rtol=1e-5, atol=1e-5)
@@ -103,8 +122,9 @@ def check_ops() -> None:
     # Model selection: correlation distances and PARC's fused Spearman.
     features = randn(40, 16)
     classes = torch.randint(0, 4, (40,), generator=gen)
-    same("pairwise_corr_distance", lambda b: pykernels.pairwise_corr_distance(features, backend=b),
-         rtol=1e-4, atol=1e-5)
+    same(
+        "pairwise_corr_distance", lambda b: pykernels.pairwise_corr_distance(features, backend=b), rtol=1e-4, atol=1e-5
+    )
     same("parc_spearman", lambda b: pykernels.parc_spearman(features, classes, backend=b), rtol=1e-6, atol=1e-8)
 
 

@@ -19,6 +19,7 @@ sanitized_ops.load()  # ./dev.sh sanitize: the ASan/UBSan build stands in for py
 
 import pykernels  # noqa: E402
 
+
 @pytest.fixture(autouse=True)
 def _clean_backend_env(monkeypatch):
     # A PYKERNELS_BACKEND from the caller's shell must not redirect the tests.

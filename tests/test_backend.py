@@ -89,11 +89,13 @@ def test_resolve_imports_no_triton_for_other_backends():
     import subprocess
     import sys
 
-    code = ("import sys, torch; from pykernels import backend; "
-            "[backend.resolve(op, torch.device('cpu'), name) for op in backend.OP_FAMILY "
-            "for name in ('reference', 'cpu') if name == 'reference' or backend._ops.LOADED]; "
-            "loaded = [m for m in sys.modules if m == 'triton' or m.startswith('pykernels.triton')]; "
-            "assert not loaded, loaded")
+    code = (
+        "import sys, torch; from pykernels import backend; "
+        "[backend.resolve(op, torch.device('cpu'), name) for op in backend.OP_FAMILY "
+        "for name in ('reference', 'cpu') if name == 'reference' or backend._ops.LOADED]; "
+        "loaded = [m for m in sys.modules if m == 'triton' or m.startswith('pykernels.triton')]; "
+        "assert not loaded, loaded"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "", "TRITON_INTERPRET": "0"})
 
 

@@ -169,23 +169,50 @@ def _probe_scores_samples(device):
     samples = [(layers, w, b, lengths, smoothing, 4, 0.3) for smoothing in ("none", "swim", "ema")]
     samples.append((layers, w, None, None, "swim", 4, 0.3))
     # Inputs that require grad: opcheck also checks the autograd registration.
-    samples.append(([h.clone().requires_grad_() for h in layers], w.clone().requires_grad_(),
-                    b.clone().requires_grad_(), lengths, "ema", 4, 0.3))
+    samples.append(
+        (
+            [h.clone().requires_grad_() for h in layers],
+            w.clone().requires_grad_(),
+            b.clone().requires_grad_(),
+            lengths,
+            "ema",
+            4,
+            0.3,
+        )
+    )
     return samples
 
 
 def _stream_step_samples(device):
     # Rows out of order, one inactive (swim keeps a ring of 2 * window per slot).
-    return [(*_stream_state(device, 5, 6, 2), torch.tensor([3, 1], device=device), _randn(2, 2, seed=20, device=device),
-             torch.tensor([True, False], device=device), torch.zeros(2, device=device), 3, 1.0)]
+    return [
+        (
+            *_stream_state(device, 5, 6, 2),
+            torch.tensor([3, 1], device=device),
+            _randn(2, 2, seed=20, device=device),
+            torch.tensor([True, False], device=device),
+            torch.zeros(2, device=device),
+            3,
+            1.0,
+        )
+    ]
 
 
 def _stream_step_varlen_samples(device):
     samples = []
     for window, ring in ((3, 6), (0, 1)):  # swim and ema; a segment with count 0, a gap of rows
-        samples.append((*_stream_state(device, 5, ring, 2), torch.tensor([3, 1, 4], device=device),
-                        torch.tensor([0, 2, 7], device=device), torch.tensor([2, 5, 0], device=device),
-                        _randn(8, 2, seed=21, device=device), torch.zeros(2, device=device), window, 0.5))
+        samples.append(
+            (
+                *_stream_state(device, 5, ring, 2),
+                torch.tensor([3, 1, 4], device=device),
+                torch.tensor([0, 2, 7], device=device),
+                torch.tensor([2, 5, 0], device=device),
+                _randn(8, 2, seed=21, device=device),
+                torch.zeros(2, device=device),
+                window,
+                0.5,
+            )
+        )
     return samples
 
 
@@ -202,8 +229,10 @@ def _flatness_samples(device):
     return {
         "energy": [(z,), (_randn(2, 3, 5, seed=62, device=device),)],
         "logsumexp_hvp": [(z, U)],
-        "fill_probes_": [(torch.empty(4, 6, device=device), 3, 7, "gaussian"),
-                         (torch.empty(5, 3, device=device, dtype=torch.float64), -2, 0, "rademacher")],
+        "fill_probes_": [
+            (torch.empty(4, 6, device=device), 3, 7, "gaussian"),
+            (torch.empty(5, 3, device=device, dtype=torch.float64), -2, 0, "rademacher"),
+        ],
         "probe_dots": [(U, _randn(2, 3, 5, seed=63, device=device, dtype=torch.float64))],
     }
 
@@ -212,8 +241,9 @@ def _selection_samples(device):
     x = _randn(2, 9, 4, seed=15, device=device)
     a, b = (_randn(3, 20, seed=s, device=device, dtype=torch.float64) for s in (16, 17))
     return {
-        "pairwise_corr_distance": [(x.to(dtype), triu) for dtype in (torch.float32, torch.float64)
-                                   for triu in (False, True)],
+        "pairwise_corr_distance": [
+            (x.to(dtype), triu) for dtype in (torch.float32, torch.float64) for triu in (False, True)
+        ],
         "spearman": [(a, b)],
         "parc_spearman": [(x, torch.arange(9, device=device) % 3)],
     }
@@ -224,8 +254,9 @@ def samples(op: str, device) -> list[tuple]:
     with the reference in tests/<domain>/; opcheck checks schema, fake, autograd, dispatch)."""
     table = {
         "probe_scores": _probe_scores_samples,
-        "probe_accumulate_": lambda d: [(_randn(4, 2, seed=1, device=d), _randn(4, 16, seed=2, device=d),
-                                         _randn(16, 2, seed=3, device=d))],
+        "probe_accumulate_": lambda d: [
+            (_randn(4, 2, seed=1, device=d), _randn(4, 16, seed=2, device=d), _randn(16, 2, seed=3, device=d))
+        ],
         "probe_stream_step": _stream_step_samples,
         "probe_stream_step_varlen": _stream_step_varlen_samples,
         "softmax_weighted_bce_fwd": _softmax_weighted_bce_fwd_samples,
@@ -262,7 +293,7 @@ def test_contributing_table_names_real_paths():
     """Every path CONTRIBUTING.md's "to add an op" table names, with <family> / <op> filled in
     for each op, exists (so the table cannot go stale)."""
     text = (ROOT / "CONTRIBUTING.md").read_text()
-    table = text[text.index("| step |"):]
+    table = text[text.index("| step |") :]
     table = table[: table.index("\n\n")]
     paths = re.findall(r"`((?:pykernels|csrc|tests|scripts)/[^`* ]+)`", table)
     assert len(paths) >= 8, paths

@@ -66,7 +66,9 @@ def test_mismatched_torch_warns_once_naming_both_versions_and_serves_the_referen
     assert not result["loaded"] and not result["registered"]  # the library is not even loaded
     assert result["served_reference"]
     assert not result["cpu_available"]
-    assert result["cpu_reason"] == f"compiled extension not loaded (built for torch 2.12.0+cpu, running torch {running})"
+    assert (
+        result["cpu_reason"] == f"compiled extension not loaded (built for torch 2.12.0+cpu, running torch {running})"
+    )
 
 
 def test_built_library_that_fails_to_load_warns_once():
@@ -74,19 +76,24 @@ def test_built_library_that_fails_to_load_warns_once():
     # The same release with another build tag passes the version check; the load then fails.
     result = _import_with_fake_build(f"{release}+cu999", extra='sys.modules["pykernels._C"] = None')
     assert len(result["warnings"]) == 1, result["warnings"]
-    assert result["warnings"][0].startswith("pykernels' compiled kernels failed to load (ModuleNotFoundError: import of pykernels._C halted")
+    assert result["warnings"][0].startswith(
+        "pykernels' compiled kernels failed to load (ModuleNotFoundError: import of pykernels._C halted"
+    )
     assert not result["loaded"] and result["served_reference"] and not result["cpu_available"]
 
 
-@pytest.mark.parametrize("built, running, compatible", [
-    ("2.13.0+cpu", "2.13.0+cpu", True),
-    ("2.13.0+cpu", "2.13.0+cu130", True),  # the local build tag does not change the CPU ABI
-    ("2.13.0", "2.13.0+cpu", True),
-    (None, "2.13.0", True),  # nothing was built: nothing to check
-    ("2.13.0+cpu", "2.13.1+cpu", False),
-    ("2.13.0+cpu", "2.14.0", False),
-    ("2.14.0.dev20260101+cpu", "2.14.0+cpu", False),
-])
+@pytest.mark.parametrize(
+    "built, running, compatible",
+    [
+        ("2.13.0+cpu", "2.13.0+cpu", True),
+        ("2.13.0+cpu", "2.13.0+cu130", True),  # the local build tag does not change the CPU ABI
+        ("2.13.0", "2.13.0+cpu", True),
+        (None, "2.13.0", True),  # nothing was built: nothing to check
+        ("2.13.0+cpu", "2.13.1+cpu", False),
+        ("2.13.0+cpu", "2.14.0", False),
+        ("2.14.0.dev20260101+cpu", "2.14.0+cpu", False),
+    ],
+)
 def test_torch_mismatch_compares_releases(built, running, compatible):
     message = _ops.torch_mismatch(built, running)
     assert (message is None) == compatible
@@ -103,7 +110,9 @@ def test_version_is_semver_and_in_the_changelog(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     built = f"built for torch {_ops.BUILT_FOR_TORCH}" if _ops.BUILT_FOR_TORCH else "no compiled kernels built"
-    assert capsys.readouterr().out == f"pykernels {pykernels.__version__} ({built}; torch {torch.__version__} installed)\n"
+    assert (
+        capsys.readouterr().out == f"pykernels {pykernels.__version__} ({built}; torch {torch.__version__} installed)\n"
+    )
 
 
 def _gpu_packages() -> re.Pattern:

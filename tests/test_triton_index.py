@@ -37,7 +37,7 @@ def test_offsets_past_two_to_the_31(n):
     pairs = n * (n - 1) // 2
     assert out[BLOCK] == pairs
     assert out[BLOCK + 1] == b * pairs + i * (2 * n - i - 1) // 2 + (j - i - 1) == 2 * pairs - 1
-    assert out[BLOCK + 2:] == [(first + k) * stride for k in range(BLOCK)]
+    assert out[BLOCK + 2 :] == [(first + k) * stride for k in range(BLOCK)]
 
 
 def test_block_range_of_a_large_grid_times_a_row_stride():

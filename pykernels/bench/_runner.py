@@ -12,7 +12,8 @@ import pkgutil
 import platform
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -50,8 +51,11 @@ def format_table(rows: list[Measurement]) -> str:
             lines.append([r.shape, r.dtype, r.name, f"error: {r.error[:60]}"] + [""] * (len(header) - 4))
             continue
         speed = [_fmt(r.speedups.get(b)) + "x" if b in r.speedups else "" for b in baselines]
-        lines.append([r.shape, r.dtype, r.name + ("" if r.kind == "ours" else " (baseline)"), _fmt(r.median_ms, 3)]
-                     + speed + [_fmt(r.gbps, 1), _fmt(r.pct_bandwidth, 0)])
+        lines.append(
+            [r.shape, r.dtype, r.name + ("" if r.kind == "ours" else " (baseline)"), _fmt(r.median_ms, 3)]
+            + speed
+            + [_fmt(r.gbps, 1), _fmt(r.pct_bandwidth, 0)]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -118,8 +122,14 @@ def environment(ctx: BenchContext, bandwidth: float) -> dict:
     return info
 
 
-def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick: bool = False,
-        out_dir: str = "bench-results", plot: bool = True, stream=sys.stdout) -> list[Measurement]:
+def run(
+    ops: Optional[Sequence[str]] = None,
+    device: Optional[str] = None,
+    quick: bool = False,
+    out_dir: str = "bench-results",
+    plot: bool = True,
+    stream=sys.stdout,
+) -> list[Measurement]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cpu":  # every core this process may run on
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
@@ -127,10 +137,15 @@ def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick
     print(f"pykernels bench on {dev} ({'quick' if quick else 'full'} run)", file=stream)
     bandwidth = measure_read_bandwidth(ctx)
     env = environment(ctx, bandwidth)
-    print(f"device: {env['device']}, torch {env['torch']}, {env['threads']} threads, CPU ISA {env['cpu_isa']}",
-          file=stream)
-    print(f"measured read bandwidth (large tensor.sum()): {bandwidth / 1e9:.1f} GB/s at the start; "
-          "'% bw' uses the same measurement repeated just before each memory-bound case", file=stream)
+    print(
+        f"device: {env['device']}, torch {env['torch']}, {env['threads']} threads, CPU ISA {env['cpu_isa']}",
+        file=stream,
+    )
+    print(
+        f"measured read bandwidth (large tensor.sum()): {bandwidth / 1e9:.1f} GB/s at the start; "
+        "'% bw' uses the same measurement repeated just before each memory-bound case",
+        file=stream,
+    )
     cases = collect_cases(ctx, ops)
     if not cases:
         raise SystemExit(f"no benchmark cases for ops={ops} (suites: {suite_names()})")
@@ -156,7 +171,7 @@ def run(ops: Optional[Sequence[str]] = None, device: Optional[str] = None, quick
     if plot:  # suites may draw their own figures (e.g. scaling curves) with a plot(rows, out_dir)
         for name in suite_names():
             draw = getattr(importlib.import_module(f"pykernels.bench.{name}"), "plot", None)
-            for path in (draw(rows, out_dir) if draw else []):
+            for path in draw(rows, out_dir) if draw else []:
                 print(f"plot: {path}", file=stream)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"environment": env, "results": [dataclasses.asdict(r) for r in rows]}, f, indent=1)

@@ -30,8 +30,16 @@ def main() -> None:
         kwargs["additional_config"]["pykernels_probe"]["noop_control"] = mode == "noop"
     else:
         kwargs = {"enable_prefix_caching": False}  # as the guarded engines run
-    llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=256, seed=0,
-              enforce_eager=eager, max_num_seqs=64, **kwargs)
+    llm = LLM(
+        model=model,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        max_model_len=256,
+        seed=0,
+        enforce_eager=eager,
+        max_num_seqs=64,
+        **kwargs,
+    )
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
@@ -44,8 +52,17 @@ def main() -> None:
         llm.generate(prompts, params, use_tqdm=False)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
         after = (guards[0].step_cpu_seconds, guards[0].steps) if guards else (0.0, 0)
-        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "guard_cpu_seconds": after[0] - before[0],
-                          "steps": after[1] - before[1]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
+                    "guard_cpu_seconds": after[0] - before[0],
+                    "steps": after[1] - before[1],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,15 @@ def digits_cnn(act=nn.ReLU) -> nn.Module:
     """The small CNN of the digits example (1 x 8 x 8 inputs, 10 classes)."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), act(), nn.Conv2d(16, 32, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 16, 64), act(), nn.Linear(64, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        act(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 64),
+        act(),
+        nn.Linear(64, 10),
     )
 
 
@@ -73,9 +80,16 @@ class _Block(nn.Module):
 def resnet(channels: int = 16) -> nn.Module:
     """Stem + two SiLU basic blocks with BatchNorm (eval, non-trivial running statistics) on 3 x 16 x 16."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.SiLU(),
-                          _Block(channels), _Block(channels), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(channels, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.SiLU(),
+        _Block(channels),
+        _Block(channels),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 10),
+    )
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -187,22 +201,33 @@ def _trace_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case]:
     _check_close(f"hutchinson {name}", ours.value, torch_func_hutchinson(model, x, V)[0])
     _check_close(f"hutchinson {name} (loop)", ours.value, pyhessian_loop(model, x, V)[0])
     trace = Case(
-        op="flatness_trace", shape=shape, dtype="float32",
+        op="flatness_trace",
+        shape=shape,
+        dtype="float32",
         implementations={"hessian_trace auto": lambda: flatness.hessian_trace(model, x, S, seed=0)},
-        baselines={"torch.func vmap(jvp(grad))": lambda: torch_func_hutchinson(model, x, V),
-                   "pyhessian loop": lambda: pyhessian_loop(model, x, V)},
+        baselines={
+            "torch.func vmap(jvp(grad))": lambda: torch_func_hutchinson(model, x, V),
+            "pyhessian loop": lambda: pyhessian_loop(model, x, V),
+        },
         notes="same probes, estimates checked equal before timing; x = baseline time / our time",
     )
-    _check_close(f"hutch++ {name}", flatness.hessian_trace(model, x, S, "hutch++", seed=0).value,
-                 est.hutch_plus_plus(base, S, 0).value)
+    _check_close(
+        f"hutch++ {name}",
+        flatness.hessian_trace(model, x, S, "hutch++", seed=0).value,
+        est.hutch_plus_plus(base, S, 0).value,
+    )
     hutchpp = Case(
-        op="flatness_hutchpp", shape=shape, dtype="float32",
+        op="flatness_hutchpp",
+        shape=shape,
+        dtype="float32",
         implementations={"hessian_trace hutch++ auto": lambda: flatness.hessian_trace(model, x, S, "hutch++", seed=0)},
         baselines={"hutch++ on torch.func HVPs": lambda: est.hutch_plus_plus(base, S, 0)},
         notes="the same Hutch++ code on both operators, same probes, estimates checked equal",
     )
     top = Case(
-        op="flatness_top_eig", shape=f"{name} B={B} Lanczos 30 steps", dtype="float32",
+        op="flatness_top_eig",
+        shape=f"{name} B={B} Lanczos 30 steps",
+        dtype="float32",
         implementations={"top_eigenvalues auto": lambda: flatness.top_eigenvalues(model, x, 1)},
         baselines={"Lanczos on torch.func HVPs": lambda: est.lanczos_eigen(base, 1, 30)},
         notes="the same Lanczos code (same start vector) on both operators",
@@ -224,15 +249,18 @@ def _hvp_case(ctx: BenchContext, name: str, B: int) -> Case:
         return operators[method].matvec(v.flatten(2))
 
     return Case(
-        op="flatness_hvp", shape=f"{name} B={B}", dtype="float32",
-        implementations={f"operator {m}" + (f" ({chosen})" if m == "auto" else ""): (lambda m=m: run(m))
-                         for m in methods}
+        op="flatness_hvp",
+        shape=f"{name} B={B}",
+        dtype="float32",
+        implementations={
+            f"operator {m}" + (f" ({chosen})" if m == "auto" else ""): (lambda m=m: run(m)) for m in methods
+        }
         | {"hvp() one-shot, auto": lambda: flatness.hvp(model, x, v)},
         baselines={"plain gradient": lambda: plain_gradient(model, x)},
         notes="one HVP per example costs 1/x plain gradients; 'operator': a repeated product on an operator built "
-              "once (double backward keeps its gradient graph: one backward per product); 'one-shot' builds "
-              "everything: the validating forward, the piecewise-linear check (cached per model and shape) and the "
-              "gradient graph",
+        "once (double backward keeps its gradient graph: one backward per product); 'one-shot' builds "
+        "everything: the validating forward, the piecewise-linear check (cached per model and shape) and the "
+        "gradient graph",
     )
 
 
@@ -255,8 +283,10 @@ def _parameter_trace_case(ctx: BenchContext, name: str, B: int, S: int) -> Case:
 
         try:
             theirs = run_pyhessian()
-            notes.append(f"{name}: PyHessian {theirs:.4g} vs ours {ours.value.item():.4g} (our stderr {stderr:.2g}; "
-                         f"{abs(theirs - ours.value.item()) / stderr:.1f} stderr apart, their own probes)")
+            notes.append(
+                f"{name}: PyHessian {theirs:.4g} vs ours {ours.value.item():.4g} (our stderr {stderr:.2g}; "
+                f"{abs(theirs - ours.value.item()) / stderr:.1f} stderr apart, their own probes)"
+            )
             baselines["PyHessian hessian.trace()"] = run_pyhessian
         except Exception as exc:  # a library's limitation is a finding, not the end of the run
             notes.append(f"{name}: PyHessian failed on this model: {type(exc).__name__}: {str(exc)[:120]}")
@@ -282,8 +312,10 @@ def _parameter_trace_case(ctx: BenchContext, name: str, B: int, S: int) -> Case:
             notes.append(f"{name}: curvlinops failed on this model: {type(exc).__name__}: {str(exc)[:120]}")
         else:
             _check_close(f"curvlinops {name}", ours.value, same_probes.reshape(1))
-            notes.append(f"{name}: curvlinops on our probes equals ours ({same_probes.item():.4g}); its own "
-                         f"hutchinson_trace {own_probes:.4g}")
+            notes.append(
+                f"{name}: curvlinops on our probes equals ours ({same_probes.item():.4g}); its own "
+                f"hutchinson_trace {own_probes:.4g}"
+            )
             baselines["curvlinops HessianLinearOperator + hutchinson_trace"] = run_curvlinops
     else:
         notes.append("curvlinops not installed: skipped (pip install curvlinops-for-pytorch)")
@@ -291,10 +323,12 @@ def _parameter_trace_case(ctx: BenchContext, name: str, B: int, S: int) -> Case:
     if not baselines:  # nothing to compare with: time ours against the plain double-backward loop
         baselines["parameter double-backward loop"] = lambda: _parameter_loop(model, loss, x, y, params, S)
     return Case(
-        op="flatness_parameter_trace", shape=f"{name} B={B} S={S} params={sum(p.numel() for p in params)}",
+        op="flatness_parameter_trace",
+        shape=f"{name} B={B} S={S} params={sum(p.numel() for p in params)}",
         dtype="float32",
         implementations={"parameter_hessian_trace": lambda: flatness.parameter_hessian_trace(model, loss, x, y, S)},
-        baselines=baselines, notes="; ".join(notes),
+        baselines=baselines,
+        notes="; ".join(notes),
     )
 
 
@@ -326,7 +360,9 @@ def _hvp_compiled_case(ctx: BenchContext, B: int) -> Case:
     hvp = lambda x, v: torch.func.jvp(gradient, (x,), (v,))[1]
     compiled_gradient, compiled_hvp = torch.compile(gradient), torch.compile(hvp)
     return Case(
-        op="flatness_hvp_compiled", shape=f"digits CNN B={B}", dtype="float32",
+        op="flatness_hvp_compiled",
+        shape=f"digits CNN B={B}",
+        dtype="float32",
         implementations={"hvp forward-over-reverse, compiled": lambda: compiled_hvp(x, v)},
         baselines={"gradient, compiled": lambda: compiled_gradient(x), "gradient, eager": lambda: gradient(x)},
         notes="torch.compile of jvp(grad(log p)) and of grad(log p); one HVP costs 1/x gradients",
@@ -341,12 +377,16 @@ def _kernel_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
     B, K = (4096, 1000) if big else (1024, 1000)
     for dtype in (torch.float32, torch.bfloat16):
         z = torch.randn(B, K, generator=g).to(dev, dtype)
-        cases.append(Case(
-            op="energy", shape=f"B={B} K={K}", dtype=str(dtype).replace("torch.", ""),
-            implementations={b: (lambda b=b, z=z: pykernels.energy(z, backend=b)) for b in ours},
-            baselines={"torch.logsumexp": lambda z=z: -torch.logsumexp(z, -1)},
-            bytes_read=z.numel() * z.element_size(),
-        ))
+        cases.append(
+            Case(
+                op="energy",
+                shape=f"B={B} K={K}",
+                dtype=str(dtype).replace("torch.", ""),
+                implementations={b: (lambda b=b, z=z: pykernels.energy(z, backend=b)) for b in ours},
+                baselines={"torch.logsumexp": lambda z=z: -torch.logsumexp(z, -1)},
+                bytes_read=z.numel() * z.element_size(),
+            )
+        )
     S, B, K = (32, 512, 1000) if big else (32, 128, 1000)
     z, U = torch.randn(B, K, generator=g).to(dev), torch.randn(S, B, K, generator=g).to(dev)
 
@@ -354,33 +394,57 @@ def _kernel_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
         s = torch.softmax(z, -1)
         return s, -torch.logsumexp(z, -1), s * (U - (s * U).sum(-1, keepdim=True))
 
-    cases.append(Case(
-        op="logsumexp_hvp", shape=f"S={S} B={B} K={K}", dtype="float32",
-        implementations={b: (lambda b=b: pykernels.logsumexp_hvp(z, U, backend=b)) for b in ours},
-        baselines={"plain torch": plain_lse_hvp},
-        bytes_read=(z.numel() + U.numel()) * 4,
-        notes="bytes: logits and tangents read once (the outputs add as much again in writes)",
-    ))
+    cases.append(
+        Case(
+            op="logsumexp_hvp",
+            shape=f"S={S} B={B} K={K}",
+            dtype="float32",
+            implementations={b: (lambda b=b: pykernels.logsumexp_hvp(z, U, backend=b)) for b in ours},
+            baselines={"plain torch": plain_lse_hvp},
+            bytes_read=(z.numel() + U.numel()) * 4,
+            notes="bytes: logits and tangents read once (the outputs add as much again in writes)",
+        )
+    )
     shape = (32, 64, 3 * 32 * 32) if big else (32, 16, 3 * 32 * 32)
     out = torch.empty(shape, device=dev)
-    cases.append(Case(
-        op="fill_probes", shape="x".join(map(str, shape)), dtype="float32 rademacher",
-        implementations={b: (lambda b=b: pykernels.fill_probes_(out, 1, backend=b)) for b in ours},
-        baselines={"torch.randint*2-1": lambda: torch.randint(0, 2, shape, device=dev, dtype=torch.float32) * 2 - 1},
-    ))
+    cases.append(
+        Case(
+            op="fill_probes",
+            shape="x".join(map(str, shape)),
+            dtype="float32 rademacher",
+            implementations={b: (lambda b=b: pykernels.fill_probes_(out, 1, backend=b)) for b in ours},
+            baselines={
+                "torch.randint*2-1": lambda: torch.randint(0, 2, shape, device=dev, dtype=torch.float32) * 2 - 1
+            },
+        )
+    )
     v, w = torch.randn(shape, generator=g).to(dev), torch.randn(shape, generator=g).to(dev)
-    cases.append(Case(
-        op="probe_dots", shape="x".join(map(str, shape)), dtype="float32",
-        implementations={b: (lambda b=b: pykernels.probe_dots(v, w, backend=b)) for b in ours},
-        baselines={"(v*w).sum": lambda: (v * w).sum(-1), "einsum": lambda: torch.einsum("sbd,sbd->sb", v, w)},
-        bytes_read=2 * v.numel() * 4,
-    ))
+    cases.append(
+        Case(
+            op="probe_dots",
+            shape="x".join(map(str, shape)),
+            dtype="float32",
+            implementations={b: (lambda b=b: pykernels.probe_dots(v, w, backend=b)) for b in ours},
+            baselines={"(v*w).sum": lambda: (v * w).sum(-1), "einsum": lambda: torch.einsum("sbd,sbd->sb", v, w)},
+            bytes_read=2 * v.numel() * 4,
+        )
+    )
     return cases
 
 
 # The tables this suite fills (the runner skips the suite when --ops names none of them).
-OPS = ("flatness_trace", "flatness_hutchpp", "flatness_top_eig", "flatness_hvp", "flatness_parameter_trace",
-       "flatness_hvp_compiled", "energy", "logsumexp_hvp", "fill_probes", "probe_dots")
+OPS = (
+    "flatness_trace",
+    "flatness_hutchpp",
+    "flatness_top_eig",
+    "flatness_hvp",
+    "flatness_parameter_trace",
+    "flatness_hvp_compiled",
+    "energy",
+    "logsumexp_hvp",
+    "fill_probes",
+    "probe_dots",
+)
 PARAMETER_FAMILIES = ("relu-cnn (piecewise linear)", "gelu-mlp", "gelu-cnn", "silu-resnet-batchnorm")
 
 

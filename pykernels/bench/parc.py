@@ -60,8 +60,9 @@ def reference_code(features: np.ndarray, y: np.ndarray, n_dims: Optional[int]) -
     scores = []
     for f in features:
         if n_dims is not None:
-            f = sklearn.decomposition.PCA(n_components=min(n_dims, f.shape[0]), svd_solver="randomized",
-                                          random_state=1919, iterated_power=1).fit_transform(f)
+            f = sklearn.decomposition.PCA(
+                n_components=min(n_dims, f.shape[0]), svd_solver="randomized", random_state=1919, iterated_power=1
+            ).fit_transform(f)
         f = sklearn.preprocessing.StandardScaler().fit_transform(f)
         upper = np.triu_indices(f.shape[0], 1)
         rdm1 = 1 - np.corrcoef(f)
@@ -86,9 +87,15 @@ def _parc_case(ctx, ours, models, n, d, n_dims, reference_models=None, note="") 
         if ctx.device.type == "cpu" and not ctx.quick:
             impls["reference mode (cpu)"] = lambda: parc(x, y, num_classes=CLASSES, pca_dim=n_dims, mode="reference")
     pca = f"PCA to {n_dims}" if n_dims else "no PCA"
-    return Case(op="parc", shape=f"{models} model{'s' if models > 1 else ''} x N={n} x D={d}, {pca}",
-                dtype="float32", implementations=impls, baselines=baselines, scale=scale,
-                notes=note or "x = reference time / our time; reference = dbolya/parc methods.PARC per model")
+    return Case(
+        op="parc",
+        shape=f"{models} model{'s' if models > 1 else ''} x N={n} x D={d}, {pca}",
+        dtype="float32",
+        implementations=impls,
+        baselines=baselines,
+        scale=scale,
+        notes=note or "x = reference time / our time; reference = dbolya/parc methods.PARC per model",
+    )
 
 
 def _spearman_case(ctx, ours, rows, m):
@@ -102,8 +109,13 @@ def _spearman_case(ctx, ours, rows, m):
 
         xs, ys = x.cpu().numpy(), y.cpu().numpy()
         baselines["scipy.stats.spearmanr"] = lambda: [scipy.stats.spearmanr(r, ys)[0] for r in xs]
-    return Case(op="spearman", shape=f"{rows} rows x M={m} (y shared, two-valued)", dtype="float64",
-                implementations=impls, baselines=baselines)
+    return Case(
+        op="spearman",
+        shape=f"{rows} rows x M={m} (y shared, two-valued)",
+        dtype="float64",
+        implementations=impls,
+        baselines=baselines,
+    )
 
 
 def _distance_case(ctx, ours, models, n, d, dtype):
@@ -112,12 +124,18 @@ def _distance_case(ctx, ours, models, n, d, dtype):
     xs = x.cpu().numpy()
     baselines = {
         "np.corrcoef + triu": lambda: [(1 - np.corrcoef(f))[np.triu_indices(n, 1)] for f in xs],
-        "torch.corrcoef + triu": lambda: [(1 - torch.corrcoef(f))[tuple(torch.triu_indices(n, n, 1, device=f.device))]
-                                          for f in x],
+        "torch.corrcoef + triu": lambda: [
+            (1 - torch.corrcoef(f))[tuple(torch.triu_indices(n, n, 1, device=f.device))] for f in x
+        ],
     }
-    return Case(op="pairwise_corr_distance", shape=f"{models} x N={n} x D={d}, upper triangle",
-                dtype=str(dtype).replace("torch.", ""), implementations=impls, baselines=baselines,
-                bytes_read=x.numel() * x.element_size())
+    return Case(
+        op="pairwise_corr_distance",
+        shape=f"{models} x N={n} x D={d}, upper triangle",
+        dtype=str(dtype).replace("torch.", ""),
+        implementations=impls,
+        baselines=baselines,
+        bytes_read=x.numel() * x.element_size(),
+    )
 
 
 def _scaling_cases(ctx, ours, quick):
@@ -128,9 +146,17 @@ def _scaling_cases(ctx, ours, quick):
         case.op, case.shape = "parc_scaling", f"1 model x N={n}"
         _SCALING[case.shape] = ("N", n)
         cases.append(case)
-    for models in ((1, 4, 16) if quick else (1, 4, 16, 64)):
-        case = _parc_case(ctx, ours, models, 500, 32, None, reference_models=min(models, 8),
-                          note="time vs number of models: N=500, 32-d, no PCA")
+    for models in (1, 4, 16) if quick else (1, 4, 16, 64):
+        case = _parc_case(
+            ctx,
+            ours,
+            models,
+            500,
+            32,
+            None,
+            reference_models=min(models, 8),
+            note="time vs number of models: N=500, 32-d, no PCA",
+        )
         case.op, case.shape = "parc_scaling", f"N=500, {models} model{'s' if models > 1 else ''}"
         _SCALING[case.shape] = ("models", models)
         cases.append(case)
@@ -155,8 +181,15 @@ def cases(ctx: BenchContext) -> list[Case]:
     if ctx.is_cuda:
         out.append(_parc_case(ctx, ["cuda"] if "cuda" in ours else ours, 256, 1000, 512, 32, reference_models=8))
         out.append(_parc_case(ctx, ["cuda"] if "cuda" in ours else ours, 256, 1000, 32, None, reference_models=8))
-        big = _parc_case(ctx, ["cuda"] if "cuda" in ours else ours, 1, 20000, 32, None,
-                         note="N = 20,000: 2e8 pairs ranked in float64 on one GPU")
+        big = _parc_case(
+            ctx,
+            ["cuda"] if "cuda" in ours else ours,
+            1,
+            20000,
+            32,
+            None,
+            note="N = 20,000: 2e8 pairs ranked in float64 on one GPU",
+        )
         big.baselines, big.scale = {}, {}
         out.append(big)
     out.append(_spearman_case(ctx, ours, 4 if quick else 16, 499500))
@@ -179,11 +212,14 @@ def plot(rows, out_dir: str) -> list[str]:
     except ImportError:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, axis, label in ((axes[0], "N", "probe samples N (1 model, 32-d)"),
-                            (axes[1], "models", "models in the batch (N=500, 32-d)")):
+    for ax, axis, label in (
+        (axes[0], "N", "probe samples N (1 model, 32-d)"),
+        (axes[1], "models", "models in the batch (N=500, 32-d)"),
+    ):
         for name in dict.fromkeys(r.name for r in scaling):
-            pts = sorted((_SCALING[r.shape][1], r.median_ms) for r in scaling
-                         if r.name == name and _SCALING[r.shape][0] == axis)
+            pts = sorted(
+                (_SCALING[r.shape][1], r.median_ms) for r in scaling if r.name == name and _SCALING[r.shape][0] == axis
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log")

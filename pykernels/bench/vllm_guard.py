@@ -34,8 +34,21 @@ class _Engine:
     def __init__(self, model: str, probe: str, mode: str, eager: bool):
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pykernels.bench._vllm_engine", model, probe, mode, "eager" if eager else "compiled"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            [
+                sys.executable,
+                "-m",
+                "pykernels.bench._vllm_engine",
+                model,
+                probe,
+                mode,
+                "eager" if eager else "compiled",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
         atexit.register(self.proc.kill)
         self._read()
 
@@ -53,8 +66,11 @@ class _Engine:
 
 def cases(ctx: BenchContext) -> list[Case]:
     if importlib.util.find_spec("vllm") is None:
-        print("vllm_guard_overhead: vLLM is not installed here; run .venv-vllm/bin/pykernels bench "
-              "--ops vllm_guard_overhead (./dev.sh vllm-test makes .venv-vllm)", file=sys.stderr)
+        print(
+            "vllm_guard_overhead: vLLM is not installed here; run .venv-vllm/bin/pykernels bench "
+            "--ops vllm_guard_overhead (./dev.sh vllm-test makes .venv-vllm)",
+            file=sys.stderr,
+        )
         return []
     import torch
 
@@ -70,9 +86,11 @@ def cases(ctx: BenchContext) -> list[Case]:
         probe.weight_t.normal_(0, 0.05)
     probe.save(probe_path)
     eager = ctx.quick
-    engines = {"unguarded": _Engine(model_dir, "-", "plain", eager),
-               "no-op hooks": _Engine(model_dir, probe_path, "noop", eager),
-               "guarded": _Engine(model_dir, probe_path, "guard", eager)}
+    engines = {
+        "unguarded": _Engine(model_dir, "-", "plain", eager),
+        "no-op hooks": _Engine(model_dir, probe_path, "noop", eager),
+        "guarded": _Engine(model_dir, probe_path, "guard", eager),
+    }
     new_tokens = 16 if ctx.quick else 64
     out = []
     for batch in BATCHES:
@@ -87,17 +105,25 @@ def cases(ctx: BenchContext) -> list[Case]:
         def summary(batch=batch, timers=timers):
             share = 100 * timers["guard_cpu_seconds"] / max(timers["cpu_seconds"], 1e-9)
             per_step = 1e6 * timers["guard_cpu_seconds"] / max(1, timers["steps"])
-            return (f"vLLM guard at batch {batch}: its per-step host work takes {share:.2f}% of the engine's CPU "
-                    f"time, {per_step:.0f} us CPU per engine step (bookkeeping + varlen stream step; the per-layer "
-                    f"accumulation runs inside the model's graph and shows only in the A/B)")
+            return (
+                f"vLLM guard at batch {batch}: its per-step host work takes {share:.2f}% of the engine's CPU "
+                f"time, {per_step:.0f} us CPU per engine step (bookkeeping + varlen stream step; the per-layer "
+                f"accumulation runs inside the model's graph and shows only in the A/B)"
+            )
 
-        out.append(Case(
-            op="vllm_guard_overhead", shape=f"llama H=512 L=8 batch={batch} new={new_tokens}"
-                                             f"{' eager' if eager else ' compiled'}", dtype="float32",
-            implementations={"guarded": lambda call=call: call("guarded")},
-            baselines={"unguarded": lambda call=call: call("unguarded"),
-                       "no-op hooks": lambda call=call: call("no-op hooks")},
-            notes="x = baseline time / guarded time (1.00 = no overhead); A/B interleaved, median of rounds",
-            summary=summary, interleaved_rounds=5 if ctx.quick else 15,
-        ))
+        out.append(
+            Case(
+                op="vllm_guard_overhead",
+                shape=f"llama H=512 L=8 batch={batch} new={new_tokens}{' eager' if eager else ' compiled'}",
+                dtype="float32",
+                implementations={"guarded": lambda call=call: call("guarded")},
+                baselines={
+                    "unguarded": lambda call=call: call("unguarded"),
+                    "no-op hooks": lambda call=call: call("no-op hooks"),
+                },
+                notes="x = baseline time / guarded time (1.00 = no overhead); A/B interleaved, median of rounds",
+                summary=summary,
+                interleaved_rounds=5 if ctx.quick else 15,
+            )
+        )
     return out

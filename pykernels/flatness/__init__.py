@@ -16,15 +16,48 @@ from .attacks import fgsm, pgd
 from .estimators import Estimate
 from .hvp import HVP_METHODS, InputHessian, ParameterHessian, hvp
 from .landscape import Landscape, landscape, plot_landscape
-from .measures import (SpectralDensity, exact_trace, grad_norm, hessian_trace, log_likelihood, neighborhood_drop,
-                       parameter_hessian_trace, parameter_top_eigenvalues, spectral_density, top_eigenvalues)
+from .measures import (
+    SpectralDensity,
+    exact_trace,
+    grad_norm,
+    hessian_trace,
+    log_likelihood,
+    neighborhood_drop,
+    parameter_hessian_trace,
+    parameter_top_eigenvalues,
+    spectral_density,
+    top_eigenvalues,
+)
 from .ops import energy, fill_probes_, logsumexp_hvp, probe_dots, probe_vectors
 from .regularizers import curvature_penalty, grad_norm_penalty, neighborhood_drop_penalty
 
 __all__ = [
-    "Estimate", "HVP_METHODS", "InputHessian", "Landscape", "ParameterHessian", "SpectralDensity",
-    "curvature_penalty", "energy", "exact_trace", "fgsm", "fill_probes_", "grad_norm", "grad_norm_penalty",
-    "hessian_trace", "hvp", "landscape", "log_likelihood", "logsumexp_hvp", "neighborhood_drop",
-    "neighborhood_drop_penalty", "parameter_hessian_trace", "parameter_top_eigenvalues", "pgd", "plot_landscape",
-    "probe_dots", "probe_vectors", "spectral_density", "top_eigenvalues",
+    "Estimate",
+    "HVP_METHODS",
+    "InputHessian",
+    "Landscape",
+    "ParameterHessian",
+    "SpectralDensity",
+    "curvature_penalty",
+    "energy",
+    "exact_trace",
+    "fgsm",
+    "fill_probes_",
+    "grad_norm",
+    "grad_norm_penalty",
+    "hessian_trace",
+    "hvp",
+    "landscape",
+    "log_likelihood",
+    "logsumexp_hvp",
+    "neighborhood_drop",
+    "neighborhood_drop_penalty",
+    "parameter_hessian_trace",
+    "parameter_top_eigenvalues",
+    "pgd",
+    "plot_landscape",
+    "probe_dots",
+    "probe_vectors",
+    "spectral_density",
+    "top_eigenvalues",
 ]

@@ -8,7 +8,8 @@ import os
 import sys
 import warnings
 import weakref
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 import torch
 
@@ -23,15 +24,16 @@ _BATCH_COUPLED = (torch.nn.modules.batchnorm._BatchNorm,)
 _TRAIN_SPECIFIC = _BATCH_COUPLED + (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.instancenorm._InstanceNorm)
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_reported: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
+_reported: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _user_stacklevel() -> int:
     """The stacklevel of the first frame outside pykernels (and contextlib), so a
     warning points at the user's call."""
     level, frame = 1, sys._getframe(2)
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep)
-                                 or frame.f_code.co_filename == contextlib.__file__):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep) or frame.f_code.co_filename == contextlib.__file__
+    ):
         frame, level = frame.f_back, level + 1
     return level + 1
 
@@ -64,9 +66,11 @@ def check_hessian_dtype(dtype: torch.dtype, what: str) -> None:
     """The Hessian measures (and hvp) run in float32 or float64: refused up front for 16-bit
     inputs or models, whose second derivatives are mostly rounding error."""
     if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"Hessian measures need float32 or float64, got {what} in {str(dtype).replace('torch.', '')} "
-                        f"(second derivatives in 16-bit precision are mostly rounding error); measure a float32 copy: "
-                        f"copy.deepcopy(model).float() and x.float()")
+        raise TypeError(
+            f"Hessian measures need float32 or float64, got {what} in {str(dtype).replace('torch.', '')} "
+            f"(second derivatives in 16-bit precision are mostly rounding error); measure a float32 copy: "
+            f"copy.deepcopy(model).float() and x.float()"
+        )
 
 
 def check_logits(logits, batch: int) -> torch.Tensor:
@@ -106,8 +110,12 @@ def warn_if_normalized(model, logits: torch.Tensor) -> None:
         what = "probabilities (non-negative rows summing to 1, read here as logits)"
     else:
         return
-    report_once(model, "normalized-output", f"pykernels.flatness: the model's outputs look like {what}; the measures "
-                                            f"need pre-softmax logits (drop the final softmax / log_softmax)")
+    report_once(
+        model,
+        "normalized-output",
+        f"pykernels.flatness: the model's outputs look like {what}; the measures "
+        f"need pre-softmax logits (drop the final softmax / log_softmax)",
+    )
 
 
 def _train_mode_modules(model) -> list[tuple[str, torch.nn.Module]]:
@@ -134,13 +142,22 @@ def measurement_mode(model, train_mode: str = "eval", what: str = "measure") -> 
     if special:
         coupled = [f"{type(m).__name__} '{name}'" for name, m in special if isinstance(m, _BATCH_COUPLED)]
         others = [f"{type(m).__name__} '{name}'" for name, m in special if not isinstance(m, _BATCH_COUPLED)]
-        why = (f"{', '.join(coupled[:3])} in train mode couples the examples of a batch" if coupled
-               else f"{', '.join(others[:3])} in train mode makes log p random")
+        why = (
+            f"{', '.join(coupled[:3])} in train mode couples the examples of a batch"
+            if coupled
+            else f"{', '.join(others[:3])} in train mode makes log p random"
+        )
         if train_mode == "raise":
-            raise ValueError(f"the model is in train mode: {why}. Call model.eval() first, or pass "
-                             f"train_mode='eval' to {what} in eval mode")
-        report_once(model, f"train-mode:{what}", f"pykernels.flatness: the model is in train mode ({why}); "
-                                                 f"{what} runs in eval mode and the model's modes are restored after")
+            raise ValueError(
+                f"the model is in train mode: {why}. Call model.eval() first, or pass "
+                f"train_mode='eval' to {what} in eval mode"
+            )
+        report_once(
+            model,
+            f"train-mode:{what}",
+            f"pykernels.flatness: the model is in train mode ({why}); "
+            f"{what} runs in eval mode and the model's modes are restored after",
+        )
     flags = [(m, m.training) for _, m in training]
     model.eval()
     try:
@@ -179,8 +196,10 @@ def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
         try:
             out = model(x)
         except Exception as exc:  # most often x lacks its batch dim: say what x was
-            raise RuntimeError(f"the model failed on x of shape {tuple(x.shape)} (x must be a batch [B, ...] "
-                               f"of the inputs the model takes): {type(exc).__name__}: {exc}") from exc
+            raise RuntimeError(
+                f"the model failed on x of shape {tuple(x.shape)} (x must be a batch [B, ...] "
+                f"of the inputs the model takes): {type(exc).__name__}: {exc}"
+            ) from exc
         logits = check_logits(out, x.shape[0])
     check_finite_logits(logits)
     warn_if_normalized(model, logits)

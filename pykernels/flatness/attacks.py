@@ -3,7 +3,8 @@ adversarial training and robust accuracy (Goodfellow et al. 2015; Madry et al. 2
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +29,23 @@ def _unit_l2(t: torch.Tensor) -> torch.Tensor:
 
 def _check(x, y, eps) -> None:
     if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]:
-        raise ValueError(f"y must be a [B] tensor of class indices with B = {x.shape[0]}, got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        raise ValueError(
+            f"y must be a [B] tensor of class indices with B = {x.shape[0]}, got "
+            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+        )
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
 
 
-def fgsm(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, *,
-         clamp: Optional[tuple[float, float]] = None, train_mode: str = "eval") -> torch.Tensor:
+def fgsm(
+    model: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    clamp: Optional[tuple[float, float]] = None,
+    train_mode: str = "eval",
+) -> torch.Tensor:
     """x + eps * sign(grad_x CE(f(x), y)), optionally clamped to the valid input range."""
     with prepared(model, x, train_mode, "fgsm"):
         _check(x, y, eps)
@@ -43,10 +53,20 @@ def fgsm(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, *,
         return adv.clamp(*clamp) if clamp else adv
 
 
-def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
-        step_size: Optional[float] = None, norm: str = "linf", random_start: bool = True,
-        clamp: Optional[tuple[float, float]] = None, seed: Optional[int] = None,
-        train_mode: str = "eval") -> torch.Tensor:
+def pgd(
+    model: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    steps: int = 10,
+    step_size: Optional[float] = None,
+    norm: str = "linf",
+    random_start: bool = True,
+    clamp: Optional[tuple[float, float]] = None,
+    seed: Optional[int] = None,
+    train_mode: str = "eval",
+) -> torch.Tensor:
     """Projected gradient ascent on CE(f(x + d), y) over ||d|| <= eps (Linf or L2).
 
     step_size defaults to 2.5 * eps / steps; random_start draws d uniformly in the
@@ -56,12 +76,33 @@ def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps:
     check_int("steps", steps, minimum=1)
     with prepared(model, x, train_mode, "pgd"):
         _check(x, y, eps)
-        return pgd_steps(model, x, y, eps, steps=steps, step_size=step_size, norm=norm, random_start=random_start,
-                         clamp=clamp, seed=seed)
+        return pgd_steps(
+            model,
+            x,
+            y,
+            eps,
+            steps=steps,
+            step_size=step_size,
+            norm=norm,
+            random_start=random_start,
+            clamp=clamp,
+            seed=seed,
+        )
 
 
-def pgd_steps(model: Callable, x: torch.Tensor, y: torch.Tensor, eps, *, steps: int, step_size: Optional[float],
-              norm: str, random_start: bool, clamp: Optional[tuple[float, float]], seed: Optional[int]) -> torch.Tensor:
+def pgd_steps(
+    model: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps,
+    *,
+    steps: int,
+    step_size: Optional[float],
+    norm: str,
+    random_start: bool,
+    clamp: Optional[tuple[float, float]],
+    seed: Optional[int],
+) -> torch.Tensor:
     """pgd's iterations, unchecked; eps may also be a tensor broadcasting against x (one budget
     per example)."""
     alpha = step_size if step_size is not None else 2.5 * eps / steps

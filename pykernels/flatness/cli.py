@@ -31,8 +31,12 @@ _Y_KEYS = ("y", "labels", "targets", "target")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("flatness", help="flatness measures and likelihood-landscape plots of a saved classifier",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "flatness",
+        help="flatness measures and likelihood-landscape plots of a saved classifier",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="TorchScript file, or state dict with --arch")
     p.add_argument("--arch", help="package.module:Factory building the model for a state dict")
     p.add_argument("--arch-kwargs", default="{}", help="JSON keyword arguments for --arch (default {})")
@@ -42,22 +46,32 @@ def add_parser(sub) -> None:
     p.add_argument("--y-key", help="key of the labels in a dict-like data file")
     p.add_argument("--examples", type=int, default=64, help="use the first N examples (default 64)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per call (default 32)")
-    p.add_argument("--measures", default=",".join(MEASURES),
-                   help=f"comma-separated subset of {','.join(MEASURES)} (default all; exact_trace is "
-                        f"skipped with a note for models that are not piecewise linear)")
+    p.add_argument(
+        "--measures",
+        default=",".join(MEASURES),
+        help=f"comma-separated subset of {','.join(MEASURES)} (default all; exact_trace is "
+        f"skipped with a note for models that are not piecewise linear)",
+    )
     p.add_argument("--num-probes", type=int, default=64, help="Hutchinson probes for the trace (default 64)")
     p.add_argument("--sigma", type=float, default=0.1, help="Gaussian noise std of neighborhood_drop (default 0.1)")
     p.add_argument("--samples", type=int, default=64, help="noise draws of neighborhood_drop (default 64)")
-    p.add_argument("--directions", default="random,adversarial",
-                   help="landscape directions, comma-separated from random,adversarial,pgd,gradient ('' for none)")
+    p.add_argument(
+        "--directions",
+        default="random,adversarial",
+        help="landscape directions, comma-separated from random,adversarial,pgd,gradient ('' for none)",
+    )
     p.add_argument("--radius", type=float, default=1.0, help="landscape radius, in L2 units (default 1.0)")
     p.add_argument("--steps", type=int, default=41, help="landscape grid points per axis (default 41)")
     p.add_argument("--plot-examples", type=int, default=1, help="examples to plot per direction (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="compute dtype")
-    p.add_argument("--seed", type=int, default=0,
-                   help="probe and noise seed (default 0); the batch starting at example i uses seed + i, so no two "
-                        "batches share their random draws")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="probe and noise seed (default 0); the batch starting at example i uses seed + i, so no two "
+        "batches share their random draws",
+    )
     p.add_argument("--out", default="flatness-out", help="output folder (default flatness-out)")
     p.set_defaults(func=run)
 
@@ -80,8 +94,10 @@ def load_model(path: str, arch=None, arch_kwargs: str = "{}", trust_pickle: bool
         return model
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
-    raise SystemExit(f"--model {path!r} is not TorchScript; for a state dict pass --arch package.module:Factory "
-                     f"(or --trust-pickle for a pickled nn.Module you trust)")
+    raise SystemExit(
+        f"--model {path!r} is not TorchScript; for a state dict pass --arch package.module:Factory "
+        f"(or --trust-pickle for a pickled nn.Module you trust)"
+    )
 
 
 def _pick(mapping, key, candidates, what):
@@ -131,8 +147,16 @@ def _summary_rows(values: dict[str, torch.Tensor]):
     rows = []
     for name, v in values.items():
         v = v.double()
-        rows.append((name, v.mean().item(), v.std().item() if v.numel() > 1 else float("nan"), v.median().item(),
-                     v.min().item(), v.max().item()))
+        rows.append(
+            (
+                name,
+                v.mean().item(),
+                v.std().item() if v.numel() > 1 else float("nan"),
+                v.median().item(),
+                v.min().item(),
+                v.max().item(),
+            )
+        )
     return rows
 
 
@@ -140,16 +164,25 @@ def _format(rows) -> str:
     header = ("measure", "mean", "std", "median", "min", "max")
     lines = [header] + [(r[0],) + tuple(f"{x:.4g}" for x in r[1:]) for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-           for line in lines]
+    out = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines
+    ]
     out.insert(1, "-" * len(out[0]))
     return "\n".join(out)
 
 
 def run(args) -> int:
-    from . import exact_trace, grad_norm, hessian_trace, landscape, log_likelihood, neighborhood_drop, plot_landscape
-    from . import top_eigenvalues
     from .._progress import progress_bar
+    from . import (
+        exact_trace,
+        grad_norm,
+        hessian_trace,
+        landscape,
+        log_likelihood,
+        neighborhood_drop,
+        plot_landscape,
+        top_eigenvalues,
+    )
     from ._piecewise import curved_ops
 
     measures = [m for m in args.measures.split(",") if m]
@@ -167,8 +200,10 @@ def run(args) -> int:
     print(f"model: {args.model}; data: {tuple(x.shape)} from {args.data}" + ("" if y is not None else " (no labels)"))
     with torch.no_grad():
         curved = curved_ops(model, x[:1])
-    print("piecewise linear in x: " + ("yes (exact_trace is exact)" if not curved else
-                                       f"no (curved ops: {', '.join(sorted(curved))})"))
+    print(
+        "piecewise linear in x: "
+        + ("yes (exact_trace is exact)" if not curved else f"no (curved ops: {', '.join(sorted(curved))})")
+    )
     if curved and "exact_trace" in measures:
         measures.remove("exact_trace")
         print("note: exact_trace skipped (it is exact only for piecewise-linear networks)")
@@ -194,8 +229,9 @@ def run(args) -> int:
             elif m == "top_eigenvalue":
                 per_example[m].append(top_eigenvalues(model, xb, 1, seed=seed)[:, 0])
             elif m == "neighborhood_drop":
-                per_example[m].append(neighborhood_drop(model, xb, sigma=args.sigma, samples=args.samples,
-                                                        seed=seed).value)
+                per_example[m].append(
+                    neighborhood_drop(model, xb, sigma=args.sigma, samples=args.samples, seed=seed).value
+                )
         bar.update(xb.shape[0])
     bar.close()
     values = {m: torch.cat(v).cpu() for m, v in per_example.items() if v}
@@ -208,17 +244,31 @@ def run(args) -> int:
         writer.writerow(["example"] + list(values))
         for i in range(x.shape[0]):
             writer.writerow([i] + [f"{values[m][i].item():.8g}" for m in values])
-    summary = {"model": args.model, "data": args.data, "examples": x.shape[0], "piecewise_linear": not curved,
-               "settings": {k: getattr(args, k) for k in ("num_probes", "sigma", "samples", "radius", "steps", "seed")},
-               "measures": {r[0]: dict(zip(("mean", "std", "median", "min", "max"), r[1:])) for r in rows}}
+    summary = {
+        "model": args.model,
+        "data": args.data,
+        "examples": x.shape[0],
+        "piecewise_linear": not curved,
+        "settings": {k: getattr(args, k) for k in ("num_probes", "sigma", "samples", "radius", "steps", "seed")},
+        "measures": {r[0]: dict(zip(("mean", "std", "median", "min", "max"), r[1:])) for r in rows},
+    }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"per-example values: {os.path.join(args.out, 'measures.csv')}; summary: "
-          f"{os.path.join(args.out, 'summary.json')}")
+    print(
+        f"per-example values: {os.path.join(args.out, 'measures.csv')}; summary: "
+        f"{os.path.join(args.out, 'summary.json')}"
+    )
     shown = x[: args.plot_examples]
     for direction in [d for d in args.directions.split(",") if d]:
-        L = landscape(model, shown, direction, radius=args.radius, steps=args.steps, seed=args.seed,
-                      y=y[: args.plot_examples] if y is not None else None)
+        L = landscape(
+            model,
+            shown,
+            direction,
+            radius=args.radius,
+            steps=args.steps,
+            seed=args.seed,
+            y=y[: args.plot_examples] if y is not None else None,
+        )
         for i in range(shown.shape[0]):
             path = plot_landscape(L, os.path.join(args.out, f"landscape_{direction}_{i}.png"), example=i)
             print(f"plot: {path}")

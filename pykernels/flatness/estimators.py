@@ -23,7 +23,8 @@ the same probes on every backend and for any chunking.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -54,8 +55,9 @@ def _mean_and_stderr(samples: torch.Tensor) -> Estimate:
     return Estimate(value, samples.std(0) / math.sqrt(n))
 
 
-def hutchinson_samples(op, num_probes: int, seed: int, kind: str = "rademacher", chunk: Optional[int] = None,
-                       progress: ProgressFn = None) -> torch.Tensor:
+def hutchinson_samples(
+    op, num_probes: int, seed: int, kind: str = "rademacher", chunk: Optional[int] = None, progress: ProgressFn = None
+) -> torch.Tensor:
     """The S quadratic forms v_s . H_b v_s, [S, B]."""
     chunk = chunk or num_probes
     out = []
@@ -67,8 +69,14 @@ def hutchinson_samples(op, num_probes: int, seed: int, kind: str = "rademacher",
     return torch.cat(out)
 
 
-def hutchinson(op, num_probes: int, seed: int = 0, kind: str = "rademacher", chunk: Optional[int] = None,
-               progress: ProgressFn = None) -> Estimate:
+def hutchinson(
+    op,
+    num_probes: int,
+    seed: int = 0,
+    kind: str = "rademacher",
+    chunk: Optional[int] = None,
+    progress: ProgressFn = None,
+) -> Estimate:
     return _mean_and_stderr(hutchinson_samples(op, num_probes, seed, kind, chunk, progress))
 
 
@@ -136,7 +144,8 @@ def power_iteration(op, k: int, iters: int = 100, tol: float = 1e-4, seed: int =
         new_theta, ritz = _rayleigh_ritz(V, HV)
         new_theta, ritz = new_theta[:, :k], ritz[:, :, :k]
         done = theta is not None and bool(
-            ((new_theta - theta).abs() <= tol * new_theta.abs().clamp(min=torch.finfo(V.dtype).tiny)).all())
+            ((new_theta - theta).abs() <= tol * new_theta.abs().clamp(min=torch.finfo(V.dtype).tiny)).all()
+        )
         theta = new_theta
         if done:
             return Eigen(theta, ritz.transpose(1, 2), it)
@@ -176,8 +185,9 @@ def lanczos(op, steps: int, starts: int = 1, seed: int = 0):
         if broke.any():  # restart those runs with a fresh direction orthogonal to Q
             fresh = torch.randn(starts, B, D, generator=gen, dtype=dtype).to(device)
             for _ in range(2):
-                fresh = fresh - torch.einsum("sbjd,sbj->sbd", Q[:, :, : j + 1],
-                                             torch.einsum("sbjd,sbd->sbj", Q[:, :, : j + 1], fresh))
+                fresh = fresh - torch.einsum(
+                    "sbjd,sbj->sbd", Q[:, :, : j + 1], torch.einsum("sbjd,sbd->sbj", Q[:, :, : j + 1], fresh)
+                )
             w = torch.where(broke.unsqueeze(-1), fresh, w)
             b = torch.where(broke, torch.zeros_like(b), b)
         beta[:, :, j] = b

@@ -67,7 +67,8 @@ import math
 import re
 import time
 import weakref
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -75,12 +76,25 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._validation import check_choice, check_int
 from . import ops
-from ._model import (check_hessian_dtype, check_inputs, frozen_parameters, log_likelihood_fn, measurement_mode,
-                     report_once, validated_logits)
+from ._model import (
+    check_hessian_dtype,
+    check_inputs,
+    frozen_parameters,
+    log_likelihood_fn,
+    measurement_mode,
+    report_once,
+    validated_logits,
+)
 from ._piecewise import curved_ops_cached
 
-HVP_METHODS = ("auto", "forward-over-reverse", "forward-over-reverse-per-example", "double-backward",
-               "finite-difference", "gauss-newton")
+HVP_METHODS = (
+    "auto",
+    "forward-over-reverse",
+    "forward-over-reverse-per-example",
+    "double-backward",
+    "finite-difference",
+    "gauss-newton",
+)
 FORWARD_METHODS = ("forward-over-reverse", "forward-over-reverse-per-example")
 # What "auto" times on smooth networks with many vectors.
 TIMED_METHODS = FORWARD_METHODS + ("double-backward",)
@@ -91,13 +105,14 @@ TIMED_METHODS = FORWARD_METHODS + ("double-backward",)
 FEW_VECTORS = 8
 TIMING_ROUNDS = 2  # each method timed this many times on the first chunk, fastest kept
 # model -> {(shape, dtype, device, chunk): the method timed fastest on it}
-_timed_choice: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_timed_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
 def twice_differentiable():
     """Runs scaled_dot_product_attention by its math backend: the fused attention kernels have
     no forward-mode rule and no double backward, the composite math form has both."""
     return sdpa_kernel(SDPBackend.MATH)
+
 
 # What torch says when forward-mode AD or a torch.func transform does not support something the
 # model does (its "not implemented" errors are NotImplementedError).
@@ -155,9 +170,17 @@ class InputHessian:
     freezes its parameters for the duration.
     """
 
-    def __init__(self, model: Callable, x: torch.Tensor, *, method: str = "auto", backend: Optional[str] = None,
-                 chunk_size: Optional[int] = None, fd_step: Optional[float] = None,
-                 expected_vectors: Optional[int] = None):
+    def __init__(
+        self,
+        model: Callable,
+        x: torch.Tensor,
+        *,
+        method: str = "auto",
+        backend: Optional[str] = None,
+        chunk_size: Optional[int] = None,
+        fd_step: Optional[float] = None,
+        expected_vectors: Optional[int] = None,
+    ):
         check_choice("method", method, HVP_METHODS)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, minimum=1)
@@ -185,8 +208,9 @@ class InputHessian:
         # They use torch.logsumexp unless a backend is asked for.
         self._log_p = log_likelihood_fn(model, backend or "reference")
         K = self.logits.shape[1]
-        self._use_jacobian = (method == "gauss-newton" and (expected_vectors or 0) >= K
-                              and K * self.batch * self.dim <= JACOBIAN_BUDGET)
+        self._use_jacobian = (
+            method == "gauss-newton" and (expected_vectors or 0) >= K and K * self.batch * self.dim <= JACOBIAN_BUDGET
+        )
         self._jacobian: Optional[torch.Tensor] = None
         self._graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x, its gradient with graph)
 
@@ -258,8 +282,11 @@ class InputHessian:
                     self._graph = None  # timed with the gradient it builds, as a one-chunk call runs it
                 start = time.perf_counter()
                 try:
-                    result = (self._double_backward(Vx) if method == "double-backward"
-                              else self._forward_over_reverse(Vx, method))
+                    result = (
+                        self._double_backward(Vx)
+                        if method == "double-backward"
+                        else self._forward_over_reverse(Vx, method)
+                    )
                 except (RuntimeError, NotImplementedError) as exc:
                     if not transform_unsupported(exc):
                         raise
@@ -278,16 +305,19 @@ class InputHessian:
         try:
             out = self._double_backward(Vx)
         except Exception:
-            raise exc
+            raise exc  # noqa: B904  (the first method's error, with the fallback's as its context)
         self._report_fallback(exc)
         self.method = "double-backward"
         return out
 
     def _report_fallback(self, exc: Exception) -> None:
-        report_once(self.model, "hvp-fallback",
-                    f"pykernels.flatness: forward-mode AD failed on this model "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                    f"Hessian-vector products use double backward instead")
+        report_once(
+            self.model,
+            "hvp-fallback",
+            f"pykernels.flatness: forward-mode AD failed on this model "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"Hessian-vector products use double backward instead",
+        )
 
     def _gradient_graph(self):
         """The input gradient with its graph, built once per operator and kept for every later
@@ -380,12 +410,21 @@ def prepared(model, x, train_mode: str = "eval", what: str = "measure", freeze: 
     """Validates x, puts the model in eval mode (see _model.measurement_mode) and,
     with freeze, stops its parameters requiring grad for the body."""
     check_inputs(x)
-    with measurement_mode(model, train_mode, what), (frozen_parameters(model) if freeze else contextlib.nullcontext()):
+    with measurement_mode(model, train_mode, what), frozen_parameters(model) if freeze else contextlib.nullcontext():
         yield
 
 
-def hvp(model: Callable, x: torch.Tensor, v: torch.Tensor, *, method: str = "auto", backend: Optional[str] = None,
-        chunk_size: Optional[int] = None, fd_step: Optional[float] = None, train_mode: str = "eval") -> torch.Tensor:
+def hvp(
+    model: Callable,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    method: str = "auto",
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    fd_step: Optional[float] = None,
+    train_mode: str = "eval",
+) -> torch.Tensor:
     """Input-space Hessian-vector products of log p (module docstring: methods).
 
     Args:
@@ -408,17 +447,25 @@ def hvp(model: Callable, x: torch.Tensor, v: torch.Tensor, *, method: str = "aut
         single = v.shape == x.shape
         V = v.unsqueeze(0) if single else v
         if V.dim() != x.dim() + 1 or V.shape[1:] != x.shape:
-            raise ValueError(f"v must be [S, *x.shape] = [S, {', '.join(map(str, x.shape))}] or x's shape, "
-                             f"got {tuple(v.shape)}")
-        H = InputHessian(model, x, method=method, backend=backend, chunk_size=chunk_size, fd_step=fd_step,
-                         expected_vectors=V.shape[0])
+            raise ValueError(
+                f"v must be [S, *x.shape] = [S, {', '.join(map(str, x.shape))}] or x's shape, got {tuple(v.shape)}"
+            )
+        H = InputHessian(
+            model,
+            x,
+            method=method,
+            backend=backend,
+            chunk_size=chunk_size,
+            fd_step=fd_step,
+            expected_vectors=V.shape[0],
+        )
         out = H.matvec(V.to(x.dtype).reshape(V.shape[0], H.batch, H.dim)).reshape(V.shape).detach()
         return out[0] if single else out
 
 
 PARAMETER_HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "double-backward-loop")
 # model -> {(parameter count, input shape, dtype, device, chunk): the parameter-HVP method timed fastest}
-_parameter_choice: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_parameter_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
 class ParameterHessian:
@@ -438,8 +485,16 @@ class ParameterHessian:
     (`pykernels bench --ops flatness_parameter_trace`). The gradient graph is built
     once per operator and kept for every later product (Lanczos: one per step)."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, *,
-                 chunk_size: Optional[int] = None, method: str = "auto"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable,
+        x: torch.Tensor,
+        y,
+        *,
+        chunk_size: Optional[int] = None,
+        method: str = "auto",
+    ):
         check_choice("method", method, PARAMETER_HVP_METHODS)
         self.model = model
         self.params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -506,8 +561,11 @@ class ParameterHessian:
             self._graph = None
             start = time.perf_counter()
             try:
-                result = (self._forward_over_reverse(flat) if method == "forward-over-reverse"
-                          else self._double_backward(flat, batched=method == "double-backward"))
+                result = (
+                    self._forward_over_reverse(flat)
+                    if method == "forward-over-reverse"
+                    else self._double_backward(flat, batched=method == "double-backward")
+                )
             except (RuntimeError, NotImplementedError) as exc:
                 if not transform_unsupported(exc):
                     raise
@@ -529,8 +587,9 @@ class ParameterHessian:
     def _gradient_graph(self) -> torch.Tensor:
         if self._graph is None:
             with torch.enable_grad():
-                grads = torch.autograd.grad(self._loss(), self._leaves, create_graph=True, allow_unused=True,
-                                            materialize_grads=True)
+                grads = torch.autograd.grad(
+                    self._loss(), self._leaves, create_graph=True, allow_unused=True, materialize_grads=True
+                )
                 self._graph = torch.cat([g.reshape(-1) for g in grads])
         return self._graph
 
@@ -538,8 +597,9 @@ class ParameterHessian:
         g = self._gradient_graph()
         if not g.requires_grad:  # the loss is at most linear in the parameters
             return torch.zeros_like(flat)
-        backward = functools.partial(torch.autograd.grad, g, self._leaves, retain_graph=True, allow_unused=True,
-                                     materialize_grads=True)
+        backward = functools.partial(
+            torch.autograd.grad, g, self._leaves, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
         with torch.enable_grad():
             if batched and flat.shape[0] > 1:
                 hv = backward(flat, is_grads_batched=True)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Optional, Union
 
 import torch
 from torch.func import grad
@@ -101,8 +102,9 @@ def _named_direction(kind: str, model, x, y, radius, scale, gen, backend) -> tor
         return _loss_grad(model, x, y).sign()
     norm, eps = _pgd_budget(x, radius, scale)
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-    return pgd_steps(model, x, y, eps, steps=10, step_size=None, norm=norm, random_start=True, clamp=None,
-                     seed=seed) - x
+    return (
+        pgd_steps(model, x, y, eps, steps=10, step_size=None, norm=norm, random_start=True, clamp=None, seed=seed) - x
+    )
 
 
 def _directions(directions, dims, model, x, y, radius, scale, seed, backend):
@@ -115,8 +117,10 @@ def _directions(directions, dims, model, x, y, radius, scale, seed, backend):
     elif isinstance(directions, (list, tuple)) and all(isinstance(d, torch.Tensor) for d in directions):
         given, kinds = list(directions), ["given"] * len(directions)
     else:
-        raise TypeError(f"directions must be one of {NAMED_DIRECTIONS}, a tensor or a pair of tensors, "
-                        f"got {type(directions).__name__}")
+        raise TypeError(
+            f"directions must be one of {NAMED_DIRECTIONS}, a tensor or a pair of tensors, "
+            f"got {type(directions).__name__}"
+        )
     if len(given) > dims:
         raise ValueError(f"{len(given)} directions given for a {dims}-D landscape")
     for i, d in enumerate(given):
@@ -129,10 +133,22 @@ def _directions(directions, dims, model, x, y, radius, scale, seed, backend):
     return tuple(_scaled(d, x, scale) for d in given), tuple(kinds)
 
 
-def landscape(model: Callable, x: torch.Tensor, directions: Union[str, torch.Tensor, Sequence[torch.Tensor]] = "random",
-              *, radius: float = 1.0, steps: int = 51, dims: int = 2, scale: str = "l2",
-              y: Optional[torch.Tensor] = None, seed: int = 0, points_per_batch: int = 8192,
-              backend: Optional[str] = None, train_mode: str = "eval", progress: bool = False) -> Landscape:
+def landscape(
+    model: Callable,
+    x: torch.Tensor,
+    directions: Union[str, torch.Tensor, Sequence[torch.Tensor]] = "random",
+    *,
+    radius: float = 1.0,
+    steps: int = 51,
+    dims: int = 2,
+    scale: str = "l2",
+    y: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    points_per_batch: int = 8192,
+    backend: Optional[str] = None,
+    train_mode: str = "eval",
+    progress: bool = False,
+) -> Landscape:
     """log p(x + a u + b v) - log p(x) on the grid a, b in linspace(-radius, radius, steps)
     (module docstring: directions and scaling). Returns a Landscape with values
     [B, steps] (dims=1) or [B, steps, steps] (dims=2)."""
@@ -170,8 +186,14 @@ def landscape(model: Callable, x: torch.Tensor, directions: Union[str, torch.Ten
         return Landscape(tuple([axis] * dims), torch.cat(values), dirs, kinds, scale)
 
 
-def plot_landscape(landscapes: Union[Landscape, Mapping[str, Landscape], Sequence[Landscape]], path: str, *,
-                   example: int = 0, kind: str = "both", title: Optional[str] = None) -> str:
+def plot_landscape(
+    landscapes: Union[Landscape, Mapping[str, Landscape], Sequence[Landscape]],
+    path: str,
+    *,
+    example: int = 0,
+    kind: str = "both",
+    title: Optional[str] = None,
+) -> str:
     """Writes a PNG of one example's landscape for one or several models side by side
     (one column per model, sharing the color scale and contour levels).
 
@@ -199,8 +221,9 @@ def plot_landscape(landscapes: Union[Landscape, Mapping[str, Landscape], Sequenc
         raise ValueError("plot_landscape: mix of 1-D and 2-D landscapes")
     for name, L in items:
         if not 0 <= example < L.values.shape[0]:
-            raise ValueError(f"example {example} out of range for {name or 'the landscape'} "
-                             f"({L.values.shape[0]} examples)")
+            raise ValueError(
+                f"example {example} out of range for {name or 'the landscape'} ({L.values.shape[0]} examples)"
+            )
     label = lambda L, i: f"{L.kinds[i]} direction ({L.scale} units)"
     if dims == {1}:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -224,8 +247,16 @@ def plot_landscape(landscapes: Union[Landscape, Mapping[str, Landscape], Sequenc
                 index = row * n + col + 1
                 if what == "surface":
                     ax = fig.add_subplot(len(rows), n, index, projection="3d")
-                    ax.plot_surface(A.numpy(), Bg.numpy(), z.numpy(), cmap="viridis", vmin=lo, vmax=hi,
-                                    linewidth=0, antialiased=True)
+                    ax.plot_surface(
+                        A.numpy(),
+                        Bg.numpy(),
+                        z.numpy(),
+                        cmap="viridis",
+                        vmin=lo,
+                        vmax=hi,
+                        linewidth=0,
+                        antialiased=True,
+                    )
                     ax.set_zlim(lo, hi)
                     ax.set_zlabel("log p diff", fontsize=7)
                 else:

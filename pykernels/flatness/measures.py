@@ -30,7 +30,8 @@ parameter_*) need float32 / float64 inputs and models: 16-bit ones raise a TypeE
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 from torch.func import grad
@@ -48,15 +49,17 @@ TRACE_METHODS = ("hutchinson", "hutch++")
 EIGEN_METHODS = ("power", "lanczos")
 
 
-def log_likelihood(model: Callable, x: torch.Tensor, *, backend: Optional[str] = None,
-                   train_mode: str = "eval") -> torch.Tensor:
+def log_likelihood(
+    model: Callable, x: torch.Tensor, *, backend: Optional[str] = None, train_mode: str = "eval"
+) -> torch.Tensor:
     """logsumexp of the logits, [B]: log p(x) up to the constant log Z."""
     with prepared(model, x, train_mode, "log_likelihood"), torch.no_grad():
         return -ops.energy(validated_logits(model, x), backend=backend)
 
 
-def grad_norm(model: Callable, x: torch.Tensor, *, backend: Optional[str] = None,
-              train_mode: str = "eval") -> torch.Tensor:
+def grad_norm(
+    model: Callable, x: torch.Tensor, *, backend: Optional[str] = None, train_mode: str = "eval"
+) -> torch.Tensor:
     """||grad_x log p(x)||_2 per example, [B]."""
     with prepared(model, x, train_mode, "grad_norm"):
         validated_logits(model, x)
@@ -64,9 +67,18 @@ def grad_norm(model: Callable, x: torch.Tensor, *, backend: Optional[str] = None
         return g.flatten(1).norm(dim=1)
 
 
-def neighborhood_drop(model: Callable, x: torch.Tensor, sigma: Optional[float] = None, eps: Optional[float] = None,
-                      samples: int = 64, *, seed: int = 0, chunk_size: Optional[int] = None,
-                      backend: Optional[str] = None, train_mode: str = "eval") -> Estimate:
+def neighborhood_drop(
+    model: Callable,
+    x: torch.Tensor,
+    sigma: Optional[float] = None,
+    eps: Optional[float] = None,
+    samples: int = 64,
+    *,
+    seed: int = 0,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+    train_mode: str = "eval",
+) -> Estimate:
     """E_d[log p(x) - log p(x + d)] per example (module docstring), with its standard
     error over the `samples` draws. Give exactly one of sigma (Gaussian noise) and
     eps (uniform in the Linf ball). The noise is drawn from a torch.Generator
@@ -100,13 +112,26 @@ def neighborhood_drop(model: Callable, x: torch.Tensor, sigma: Optional[float] =
 def _check_num_probes(num_probes, method: str) -> None:
     check_int("num_probes", num_probes, minimum=1)
     if method == "hutch++" and num_probes < 3:
-        raise ValueError(f"hutch++ needs num_probes >= 3 (a third sketches, a third multiplies the sketch, "
-                         f"the rest estimates the remainder), got {num_probes}")
+        raise ValueError(
+            f"hutch++ needs num_probes >= 3 (a third sketches, a third multiplies the sketch, "
+            f"the rest estimates the remainder), got {num_probes}"
+        )
 
 
-def hessian_trace(model: Callable, x: torch.Tensor, num_probes: int = 64, method: str = "hutchinson", *,
-                  probes: str = "rademacher", seed: int = 0, hvp: str = "auto", chunk_size: Optional[int] = None,
-                  backend: Optional[str] = None, train_mode: str = "eval", progress: bool = False) -> Estimate:
+def hessian_trace(
+    model: Callable,
+    x: torch.Tensor,
+    num_probes: int = 64,
+    method: str = "hutchinson",
+    *,
+    probes: str = "rademacher",
+    seed: int = 0,
+    hvp: str = "auto",
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+    train_mode: str = "eval",
+    progress: bool = False,
+) -> Estimate:
     """tr H per example: (estimate [B], standard error [B]).
 
     method: "hutchinson" (num_probes probes, any num_probes >= 1; the standard
@@ -120,7 +145,9 @@ def hessian_trace(model: Callable, x: torch.Tensor, num_probes: int = 64, method
     _check_num_probes(num_probes, method)
     with prepared(model, x, train_mode, "hessian_trace"):
         H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=num_probes)
-        return _trace(H, num_probes, method, probes, seed, progress_callback("hessian_trace", unit="probe") if progress else None)
+        return _trace(
+            H, num_probes, method, probes, seed, progress_callback("hessian_trace", unit="probe") if progress else None
+        )
 
 
 def _trace(op, num_probes: int, method: str, probes: str, seed: int, progress) -> Estimate:
@@ -135,10 +162,21 @@ def _check_k(k, dim: int) -> None:
         raise ValueError(f"k = {k} is larger than the input dimension D = {dim}: there are only {dim} eigenvalues")
 
 
-def top_eigenvalues(model: Callable, x: torch.Tensor, k: int = 1, method: str = "lanczos", *,
-                    iters: Optional[int] = None, tol: float = 1e-4, seed: int = 0, hvp: str = "auto",
-                    return_eigenvectors: bool = False, chunk_size: Optional[int] = None,
-                    backend: Optional[str] = None, train_mode: str = "eval"):
+def top_eigenvalues(
+    model: Callable,
+    x: torch.Tensor,
+    k: int = 1,
+    method: str = "lanczos",
+    *,
+    iters: Optional[int] = None,
+    tol: float = 1e-4,
+    seed: int = 0,
+    hvp: str = "auto",
+    return_eigenvectors: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+    train_mode: str = "eval",
+):
     """The k eigenvalues of H of largest magnitude per example, [B, k], largest first.
 
     method: "lanczos" (iters = Lanczos steps, default min(D, max(3k, 30))) or "power"
@@ -148,8 +186,9 @@ def top_eigenvalues(model: Callable, x: torch.Tensor, k: int = 1, method: str = 
     """
     check_choice("method", method, EIGEN_METHODS)
     with prepared(model, x, train_mode, "top_eigenvalues"):
-        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size,
-                         expected_vectors=(k + 2) * (iters or 30))
+        H = InputHessian(
+            model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=(k + 2) * (iters or 30)
+        )
         result = _eigen(H, k, method, iters, tol, seed, return_eigenvectors)
         if not return_eigenvectors:
             return result.values
@@ -168,8 +207,15 @@ def _eigen(op, k, method, iters, tol, seed, vectors) -> est.Eigen:
     return est.lanczos_eigen(op, k, steps, seed, vectors)
 
 
-def exact_trace(model: Callable, x: torch.Tensor, *, check: bool = True, chunk_size: Optional[int] = None,
-                backend: Optional[str] = None, train_mode: str = "eval") -> torch.Tensor:
+def exact_trace(
+    model: Callable,
+    x: torch.Tensor,
+    *,
+    check: bool = True,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+    train_mode: str = "eval",
+) -> torch.Tensor:
     """tr((diag(s) - s s^T) J J^T) per example, [B], from the K x D input Jacobian J
     of the logits (K vector-Jacobian products, batched).
 
@@ -190,9 +236,11 @@ def exact_trace(model: Callable, x: torch.Tensor, *, check: bool = True, chunk_s
             curved = curved_ops_cached(model, x)
             if curved:
                 names = ", ".join(f"{n} (x{c})" for n, c in sorted(curved.items()))
-                raise ValueError(f"exact_trace needs a network that is piecewise linear in its input, but at x the "
-                                 f"model runs curved ops: {names}. Use hessian_trace, or check=False for the "
-                                 f"trace of the Gauss-Newton part")
+                raise ValueError(
+                    f"exact_trace needs a network that is piecewise linear in its input, but at x the "
+                    f"model runs curved ops: {names}. Use hessian_trace, or check=False for the "
+                    f"trace of the Gauss-Newton part"
+                )
         B, K = logits.shape
         chunk = chunk_size or max(1, 2**20 // max(1, K * x[0].numel()))
         out = []
@@ -211,10 +259,20 @@ class SpectralDensity(NamedTuple):
     weights: torch.Tensor  # [B, starts * steps], sum to 1 per example
 
 
-def spectral_density(model: Callable, x: torch.Tensor, *, starts: int = 4, steps: int = 30, points: int = 256,
-                     sigma: Optional[float] = None, seed: int = 0, hvp: str = "auto",
-                     chunk_size: Optional[int] = None, backend: Optional[str] = None,
-                     train_mode: str = "eval") -> SpectralDensity:
+def spectral_density(
+    model: Callable,
+    x: torch.Tensor,
+    *,
+    starts: int = 4,
+    steps: int = 30,
+    points: int = 256,
+    sigma: Optional[float] = None,
+    seed: int = 0,
+    hvp: str = "auto",
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+    train_mode: str = "eval",
+) -> SpectralDensity:
     """Eigenvalue density of H per example by stochastic Lanczos quadrature:
     `starts` Lanczos runs of `steps` steps, each Ritz value a Gaussian of width
     sigma (default 1% of the spectral range) on a shared grid of `points`."""
@@ -222,13 +280,14 @@ def spectral_density(model: Callable, x: torch.Tensor, *, starts: int = 4, steps
     check_int("steps", steps, minimum=1)
     check_int("points", points, minimum=2)
     with prepared(model, x, train_mode, "spectral_density"):
-        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size,
-                         expected_vectors=starts * steps)
+        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=starts * steps)
         nodes, weights = est.slq(H, steps, starts, seed)
     lo, hi = nodes.min().item(), nodes.max().item()
     width = sigma if sigma is not None else max(0.01 * (hi - lo), 1e-12)
     grid = torch.linspace(lo - 3 * width, hi + 3 * width, points, dtype=nodes.dtype, device=nodes.device)
-    kernel = torch.exp(-0.5 * ((grid[None, None, :] - nodes[:, :, None]) / width) ** 2) / (width * math.sqrt(2 * math.pi))
+    kernel = torch.exp(-0.5 * ((grid[None, None, :] - nodes[:, :, None]) / width) ** 2) / (
+        width * math.sqrt(2 * math.pi)
+    )
     density = (weights[:, :, None] * kernel).sum(1)
     return SpectralDensity(grid, density, nodes, weights)
 
@@ -236,9 +295,20 @@ def spectral_density(model: Callable, x: torch.Tensor, *, starts: int = 4, steps
 # ---- parameter space (a bonus: the same estimators on the loss Hessian over weights) ----
 
 
-def parameter_hessian_trace(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, num_probes: int = 64,
-                            method: str = "hutchinson", *, probes: str = "rademacher", seed: int = 0,
-                            chunk_size: Optional[int] = None, hvp: str = "auto", train_mode: str = "eval") -> Estimate:
+def parameter_hessian_trace(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    x: torch.Tensor,
+    y,
+    num_probes: int = 64,
+    method: str = "hutchinson",
+    *,
+    probes: str = "rademacher",
+    seed: int = 0,
+    chunk_size: Optional[int] = None,
+    hvp: str = "auto",
+    train_mode: str = "eval",
+) -> Estimate:
     """tr of the Hessian of loss_fn(model(x), y) over the parameters that require
     grad, as (estimate [1], standard error [1]) (PyHessian's trace, batched over probes).
     hvp: the product (hvp.ParameterHessian: "auto", "forward-over-reverse",
@@ -251,10 +321,21 @@ def parameter_hessian_trace(model: torch.nn.Module, loss_fn: Callable, x: torch.
         return _trace(H, num_probes, method, probes, seed, None)
 
 
-def parameter_top_eigenvalues(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, k: int = 1,
-                              method: str = "lanczos", *, iters: Optional[int] = None, tol: float = 1e-4,
-                              seed: int = 0, chunk_size: Optional[int] = None, hvp: str = "auto",
-                              train_mode: str = "eval") -> torch.Tensor:
+def parameter_top_eigenvalues(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    x: torch.Tensor,
+    y,
+    k: int = 1,
+    method: str = "lanczos",
+    *,
+    iters: Optional[int] = None,
+    tol: float = 1e-4,
+    seed: int = 0,
+    chunk_size: Optional[int] = None,
+    hvp: str = "auto",
+    train_mode: str = "eval",
+) -> torch.Tensor:
     """The k eigenvalues of largest magnitude of the parameter Hessian of the loss, [1, k]
     (hvp: as for parameter_hessian_trace)."""
     check_choice("method", method, EIGEN_METHODS)

@@ -36,7 +36,8 @@ compute in float32); the others float32 / float64.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -198,19 +199,28 @@ def logsumexp_hvp(logits: torch.Tensor, tangents: torch.Tensor, *, backend: Opti
     check_tensor("logits", logits, dtypes=REAL_DTYPES)
     if logits.dim() == 0:
         raise ValueError("logits must have a class dim [..., K], got a 0-dim tensor")
-    check_tensor("tangents", tangents, ndim=logits.dim() + 1, dtypes=(logits.dtype,), device=logits.device,
-                 shape_doc=f"[S, *logits.shape] = [S, {', '.join(map(str, logits.shape))}]")
+    check_tensor(
+        "tangents",
+        tangents,
+        ndim=logits.dim() + 1,
+        dtypes=(logits.dtype,),
+        device=logits.device,
+        shape_doc=f"[S, *logits.shape] = [S, {', '.join(map(str, logits.shape))}]",
+    )
     if tangents.shape[1:] != logits.shape:
-        raise ValueError(f"tangents must be [S, *logits.shape] with logits.shape = {tuple(logits.shape)}, "
-                         f"got {tuple(tangents.shape)}")
+        raise ValueError(
+            f"tangents must be [S, *logits.shape] with logits.shape = {tuple(logits.shape)}, "
+            f"got {tuple(tangents.shape)}"
+        )
     name, kernels = _kernels("logsumexp_hvp", logits.device, backend)
     if _eager(name):
         return _LogsumexpHvp.apply(logits, tangents, kernels)
     return kernels.logsumexp_hvp(logits, tangents)
 
 
-def fill_probes_(out: torch.Tensor, seed: int, *, offset: int = 0, kind: str = "rademacher",
-                 backend: Optional[str] = None) -> torch.Tensor:
+def fill_probes_(
+    out: torch.Tensor, seed: int, *, offset: int = 0, kind: str = "rademacher", backend: Optional[str] = None
+) -> torch.Tensor:
     """Fills `out` (float32 or float64) with probes of the stream `seed`, starting at
     element `offset`; returns `out`. kind: "rademacher" (+-1) or "gaussian" (N(0, 1))."""
     check_tensor("out", out, dtypes=REAL_DTYPES)
@@ -222,8 +232,16 @@ def fill_probes_(out: torch.Tensor, seed: int, *, offset: int = 0, kind: str = "
     return out
 
 
-def probe_vectors(shape: Sequence[int], seed: int, *, kind: str = "rademacher", offset: int = 0,
-                  dtype: torch.dtype = torch.float32, device=None, backend: Optional[str] = None) -> torch.Tensor:
+def probe_vectors(
+    shape: Sequence[int],
+    seed: int,
+    *,
+    kind: str = "rademacher",
+    offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """A new tensor of `shape` filled by fill_probes_."""
     out = torch.empty(tuple(shape), dtype=dtype, device=device)
     return fill_probes_(out, seed, offset=offset, kind=kind, backend=backend)

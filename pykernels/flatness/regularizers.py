@@ -20,7 +20,8 @@ reported once): BatchNorm batch statistics would couple the examples of the batc
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -35,29 +36,44 @@ def _input_grad(log_p, x: torch.Tensor) -> torch.Tensor:
     return torch.autograd.grad(log_p(x).sum(), x, create_graph=True)[0]
 
 
-def neighborhood_drop_penalty(model: Callable, x: torch.Tensor, sigma: float, samples: int = 1, *,
-                              backend: Optional[str] = None, train_mode: str = "eval") -> torch.Tensor:
+def neighborhood_drop_penalty(
+    model: Callable,
+    x: torch.Tensor,
+    sigma: float,
+    samples: int = 1,
+    *,
+    backend: Optional[str] = None,
+    train_mode: str = "eval",
+) -> torch.Tensor:
     check_inputs(x)
     check_int("samples", samples, minimum=1)
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     with measurement_mode(model, train_mode, "neighborhood_drop_penalty"), torch.enable_grad():
         log_p = log_likelihood_fn(model, backend)
-        noisy = (x.unsqueeze(0) + sigma * torch.randn((samples, *x.shape), dtype=x.dtype, device=x.device))
+        noisy = x.unsqueeze(0) + sigma * torch.randn((samples, *x.shape), dtype=x.dtype, device=x.device)
         both = log_p(torch.cat([x, noisy.reshape(samples * x.shape[0], *x.shape[1:])]))
         base, perturbed = both[: x.shape[0]], both[x.shape[0] :].reshape(samples, x.shape[0])
         return (base - perturbed.mean(0)).square().mean()
 
 
-def grad_norm_penalty(model: Callable, x: torch.Tensor, *, backend: Optional[str] = None,
-                      train_mode: str = "eval") -> torch.Tensor:
+def grad_norm_penalty(
+    model: Callable, x: torch.Tensor, *, backend: Optional[str] = None, train_mode: str = "eval"
+) -> torch.Tensor:
     check_inputs(x)
     with measurement_mode(model, train_mode, "grad_norm_penalty"), torch.enable_grad():
         return _input_grad(log_likelihood_fn(model, backend), x).flatten(1).square().sum(1).mean()
 
 
-def curvature_penalty(model: Callable, x: torch.Tensor, h: float = 0.1, *, direction: str = "gradient",
-                      backend: Optional[str] = None, train_mode: str = "eval") -> torch.Tensor:
+def curvature_penalty(
+    model: Callable,
+    x: torch.Tensor,
+    h: float = 0.1,
+    *,
+    direction: str = "gradient",
+    backend: Optional[str] = None,
+    train_mode: str = "eval",
+) -> torch.Tensor:
     """mean_b ||grad log p(x_b + h z_b) - grad log p(x_b)||^2 / h^2; h is the step in input units
     (the L2 length of the displacement).
 

@@ -20,7 +20,8 @@ import dataclasses
 import math
 import time
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -109,9 +110,17 @@ class Cascade:
             FLOPs) for relative_compute; default: the measured seconds.
     """
 
-    def __init__(self, probe: Callable[[Sequence[Any]], Any], classifier: Callable[[Any], float],
-                 escalate_threshold: float, final_threshold: float, alpha: float = 0.55, *,
-                 probe_cost: Optional[float] = None, classifier_cost: Optional[float] = None):
+    def __init__(
+        self,
+        probe: Callable[[Sequence[Any]], Any],
+        classifier: Callable[[Any], float],
+        escalate_threshold: float,
+        final_threshold: float,
+        alpha: float = 0.55,
+        *,
+        probe_cost: Optional[float] = None,
+        classifier_cost: Optional[float] = None,
+    ):
         if not callable(probe) or not callable(classifier):
             raise TypeError("probe and classifier must be callables")
         self.probe, self.classifier = probe, classifier
@@ -130,8 +139,9 @@ class Cascade:
     # ------------------------------------------------------------------ calibration
 
     @staticmethod
-    def calibrate_thresholds(benign_probe, benign_classifier, target_escalation_rate: float,
-                             target_flag_rate: float, alpha: float = 0.55) -> tuple[float, float]:
+    def calibrate_thresholds(
+        benign_probe, benign_classifier, target_escalation_rate: float, target_flag_rate: float, alpha: float = 0.55
+    ) -> tuple[float, float]:
         """(escalate_threshold, final_threshold) so that on the benign samples about
         `target_escalation_rate` of exchanges escalate and `target_flag_rate` flag.
 
@@ -140,7 +150,8 @@ class Cascade:
         if not 0.0 <= target_flag_rate <= target_escalation_rate <= 1.0:
             raise ValueError(
                 "rates out of order: need 0 <= target_flag_rate <= target_escalation_rate <= 1 (only escalated "
-                f"exchanges can flag), got flag {target_flag_rate}, escalation {target_escalation_rate}")
+                f"exchanges can flag), got flag {target_flag_rate}, escalation {target_escalation_rate}"
+            )
         zp = torch.as_tensor(benign_probe, dtype=torch.float64).reshape(-1)
         zc = torch.as_tensor(benign_classifier, dtype=torch.float64).reshape(-1)
         if zp.shape != zc.shape:
@@ -154,17 +165,32 @@ class Cascade:
         return escalate, threshold_for_flag_rate(ensembled, rate_among_escalated)
 
     @classmethod
-    def calibrated(cls, probe, classifier, benign_probe, benign_classifier, *, target_escalation_rate: float,
-                   target_flag_rate: float, alpha: float = 0.55, harmful_probe=None, harmful_classifier=None,
-                   **kwargs) -> "Cascade":
+    def calibrated(
+        cls,
+        probe,
+        classifier,
+        benign_probe,
+        benign_classifier,
+        *,
+        target_escalation_rate: float,
+        target_flag_rate: float,
+        alpha: float = 0.55,
+        harmful_probe=None,
+        harmful_classifier=None,
+        **kwargs,
+    ) -> Cascade:
         """A Cascade with thresholds from `calibrate_thresholds`. With harmful
         samples, `cascade.calibration` also reports their detection rate."""
-        esc, final = cls.calibrate_thresholds(benign_probe, benign_classifier, target_escalation_rate,
-                                              target_flag_rate, alpha)
+        esc, final = cls.calibrate_thresholds(
+            benign_probe, benign_classifier, target_escalation_rate, target_flag_rate, alpha
+        )
         cascade = cls(probe, classifier, esc, final, alpha, **kwargs)
-        summary = {"escalate_threshold": esc, "final_threshold": final,
-                   "benign_flag_rate": cascade.decide(benign_probe, benign_classifier).float().mean().item(),
-                   "benign_escalation_rate": (torch.as_tensor(benign_probe).double() > esc).float().mean().item()}
+        summary = {
+            "escalate_threshold": esc,
+            "final_threshold": final,
+            "benign_flag_rate": cascade.decide(benign_probe, benign_classifier).float().mean().item(),
+            "benign_escalation_rate": (torch.as_tensor(benign_probe).double() > esc).float().mean().item(),
+        }
         if harmful_probe is not None:
             zp = torch.as_tensor(harmful_probe).double()
             summary["harmful_detection_rate"] = cascade.decide(zp, harmful_classifier).float().mean().item()
@@ -222,10 +248,22 @@ class Cascade:
             flagged[i] = decisions[-1] != ESCALATED_PASS
             failures += decisions[-1].startswith(FAIL_CLOSED)
         if failures:
-            warnings.warn(f"Cascade: {failures} of {n} exchanges flagged because the probe or the classifier "
-                          "failed (fail closed); see result.decisions", RuntimeWarning, stacklevel=2)
-        report = CascadeReport(n, calls, int(flagged.sum()), failures, probe_seconds, classifier_seconds,
-                               self._relative_compute(n, calls, probe_seconds, classifier_seconds), num_tokens)
+            warnings.warn(
+                f"Cascade: {failures} of {n} exchanges flagged because the probe or the classifier "
+                "failed (fail closed); see result.decisions",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        report = CascadeReport(
+            n,
+            calls,
+            int(flagged.sum()),
+            failures,
+            probe_seconds,
+            classifier_seconds,
+            self._relative_compute(n, calls, probe_seconds, classifier_seconds),
+            num_tokens,
+        )
         return CascadeResult(flagged, decisions, zp, zc, report)
 
     def _relative_compute(self, n: int, calls: int, probe_seconds: float, classifier_seconds: float) -> float:

@@ -33,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -42,17 +43,27 @@ from ..backend import resolve
 from .training import LinearProbe
 
 
-def random_llama(hidden_size: int = 512, num_layers: int = 8, vocab_size: int = 32000, seed: int = 0,
-                 device=None) -> torch.nn.Module:
+def random_llama(
+    hidden_size: int = 512, num_layers: int = 8, vocab_size: int = 32000, seed: int = 0, device=None
+) -> torch.nn.Module:
     """A small Llama-architecture causal LM with random weights, built offline from a
     config (for demos, tests and the overhead benchmark). eos 2, pad 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     heads = max(1, hidden_size // 64)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                      num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg).to(device).eval()
 
 
@@ -63,8 +74,10 @@ def find_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
     matching = [m for m in candidates if n is None or len(m) == n]
     if len(matching) != 1:
-        raise ValueError(f"could not find the decoder layers of {type(model).__name__} "
-                         f"({len(matching)} ModuleLists of length {n}); pass layers=model.<path>.layers")
+        raise ValueError(
+            f"could not find the decoder layers of {type(model).__name__} "
+            f"({len(matching)} ModuleLists of length {n}); pass layers=model.<path>.layers"
+        )
     return matching[0]
 
 
@@ -101,8 +114,15 @@ class ProbeGuard:
         backend: kernel backend (default: the fastest for the device).
     """
 
-    def __init__(self, model: torch.nn.Module, probe: LinearProbe, *, max_batch: int = 64,
-                 layers: Optional[Sequence[torch.nn.Module]] = None, backend: Optional[str] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        probe: LinearProbe,
+        *,
+        max_batch: int = 64,
+        layers: Optional[Sequence[torch.nn.Module]] = None,
+        backend: Optional[str] = None,
+    ):
         self.model, self.probe = model, probe
         self.layers = list(layers) if layers is not None else list(find_decoder_layers(model))
         device = probe.weight_t.device
@@ -127,8 +147,10 @@ class ProbeGuard:
         self._accumulators: dict[int, torch.Tensor] = {}
         self._mask: Optional[torch.Tensor] = None
         self._capture: Optional[list] = None
-        self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                         model.register_forward_hook(self._after_forward)]
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
         self._handles += [layer.register_forward_hook(self._layer_hook(l)) for l, layer in enumerate(self.layers)]
 
     # ------------------------------------------------------------------ hooks
@@ -207,8 +229,10 @@ class ProbeGuard:
         if device.type == "cpu":  # free on the CPU; on a GPU it would cost a sync
             runs = (real[:, 1:] & ~real[:, :-1]).sum(1) + real[:, 0]
             if bool((runs > 1).any()):
-                raise ValueError("ProbeGuard: each attention_mask row must hold one run of real tokens (left or "
-                                 f"right padding only), got {self._mask.tolist()}")
+                raise ValueError(
+                    "ProbeGuard: each attention_mask row must hold one run of real tokens (left or "
+                    f"right padding only), got {self._mask.tolist()}"
+                )
         first_real = real.int().argmax(1)  # first 1 (0 for a row of padding only, which has no real tokens)
         end = first_real + real.sum(1)
         return torch.clamp(first_real, min=first_new), end
@@ -223,12 +247,13 @@ class ProbeGuard:
         self.flagged = None
         self._positions_scored = 0
 
-    def stopping_criteria(self) -> "ProbeStoppingCriteria":
+    def stopping_criteria(self) -> ProbeStoppingCriteria:
         return ProbeStoppingCriteria(self)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 **generate_kwargs) -> GuardedOutput:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **generate_kwargs
+    ) -> GuardedOutput:
         """model.generate with the guard: resets the stream, stops flagged sequences.
 
         Prompts must be left-padded (as for any batched decoder-only generation).
@@ -247,8 +272,9 @@ class ProbeGuard:
         self.reset()
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
         criteria.append(self.stopping_criteria())
-        sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                        stopping_criteria=criteria, **generate_kwargs)
+        sequences = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=criteria, **generate_kwargs
+        )
         if not isinstance(sequences, torch.Tensor):  # return_dict_in_generate=True
             sequences = sequences.sequences
         B, P = input_ids.shape
@@ -267,12 +293,18 @@ class ProbeGuard:
         """The id that replaces tokens after a flag: pad_token_id (argument, then the
         generation config), else the first EOS id; generate pads finished rows with it."""
         config = self.model.generation_config
-        for candidate in (generate_kwargs.get("pad_token_id"), getattr(config, "pad_token_id", None),
-                          generate_kwargs.get("eos_token_id"), getattr(config, "eos_token_id", None)):
+        for candidate in (
+            generate_kwargs.get("pad_token_id"),
+            getattr(config, "pad_token_id", None),
+            generate_kwargs.get("eos_token_id"),
+            getattr(config, "eos_token_id", None),
+        ):
             if candidate is not None:
                 return int(torch.as_tensor(candidate).reshape(-1)[0])
-        raise ValueError("ProbeGuard.generate needs a pad_token_id (or an eos_token_id) to blank the tokens "
-                         "after a flag: pass pad_token_id=... or set model.generation_config.pad_token_id")
+        raise ValueError(
+            "ProbeGuard.generate needs a pad_token_id (or an eos_token_id) to blank the tokens "
+            "after a flag: pass pad_token_id=... or set model.generation_config.pad_token_id"
+        )
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
@@ -297,7 +329,7 @@ class ProbeGuard:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> "ProbeGuard":
+    def __enter__(self) -> ProbeGuard:
         return self
 
     def __exit__(self, *exc) -> None:

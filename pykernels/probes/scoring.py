@@ -36,7 +36,8 @@ Other tokens and sequences are untouched, on every backend.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -71,8 +72,9 @@ def as_layers(hidden_states) -> tuple[torch.Tensor, ...]:
     if isinstance(hidden_states, torch.Tensor):
         check_tensor("hidden_states", hidden_states, ndim=4, shape_doc="[L, B, T, H] (or pass a list of [B, T, H])")
         if hidden_states.shape[0] == 0:
-            raise ValueError(f"hidden_states must hold at least one layer (L >= 1), got shape "
-                             f"{tuple(hidden_states.shape)}")
+            raise ValueError(
+                f"hidden_states must hold at least one layer (L >= 1), got shape {tuple(hidden_states.shape)}"
+            )
         return tuple(hidden_states.unbind(0))
     if not isinstance(hidden_states, (list, tuple)):
         raise TypeError(
@@ -122,8 +124,7 @@ def probe_scores(
         if h.shape != h0.shape:
             raise ValueError(f"hidden_states[{i}] has shape {tuple(h.shape)} but layer 0 has {tuple(h0.shape)}")
     B, T, H = h0.shape
-    check_tensor("weight", weight, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), device=device,
-                 shape_doc="[L, H, K]")
+    check_tensor("weight", weight, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), device=device, shape_doc="[L, H, K]")
     check_dim("weight", weight, 0, len(layers), "the number of layers L")
     check_dim("weight", weight, 1, H, "the hidden size H of hidden_states")
     K = weight.shape[2]

@@ -16,7 +16,8 @@ arithmetic from csrc/core/probe_scores.h; bit-identical on the CPU kernels).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -25,8 +26,10 @@ from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, c
 from ..reference.probe_guard import SEGMENT_OUT_OF_RANGE, SLOT_DUPLICATED, SLOT_OUT_OF_RANGE
 from .scoring import DEFAULT_WINDOW, SMOOTHINGS, resolve_ema_alpha
 
-def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor, *,
-                      backend: Optional[str] = None) -> torch.Tensor:
+
+def probe_accumulate_(
+    acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.Tensor, *, backend: Optional[str] = None
+) -> torch.Tensor:
     """acc[n, k] += hidden[n, :] . weight_l[:, k], in place; returns acc.
 
     Args:
@@ -54,10 +57,18 @@ _WEIGHT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 def _accumulate_args_ok(acc, hidden, weight_l) -> bool:
     try:
-        return (acc.dtype == torch.float32 and hidden.dtype in FLOAT_DTYPES and weight_l.dtype in _WEIGHT_DTYPES
-                and acc.dim() == 2 and hidden.dim() == 2 and weight_l.dim() == 2
-                and hidden.shape[0] == acc.shape[0] and weight_l.shape[0] == hidden.shape[1]
-                and weight_l.shape[1] == acc.shape[1] and hidden.device == acc.device == weight_l.device)
+        return (
+            acc.dtype == torch.float32
+            and hidden.dtype in FLOAT_DTYPES
+            and weight_l.dtype in _WEIGHT_DTYPES
+            and acc.dim() == 2
+            and hidden.dim() == 2
+            and weight_l.dim() == 2
+            and hidden.shape[0] == acc.shape[0]
+            and weight_l.shape[0] == hidden.shape[1]
+            and weight_l.shape[1] == acc.shape[1]
+            and hidden.device == acc.device == weight_l.device
+        )
     except AttributeError:  # not tensors: the detailed checks say which
         return False
 
@@ -96,10 +107,18 @@ class ProbeStream:
     ProbeStreams are independent and safe to use from different threads.
     """
 
-    def __init__(self, max_slots: int, num_heads: int = 1, *, smoothing: str = "ema",
-                 ema_alpha: Optional[float] = None, window: int = DEFAULT_WINDOW,
-                 threshold: Union[float, Sequence[float], torch.Tensor] = 0.0,
-                 device: Optional[Union[str, torch.device]] = None, backend: Optional[str] = None):
+    def __init__(
+        self,
+        max_slots: int,
+        num_heads: int = 1,
+        *,
+        smoothing: str = "ema",
+        ema_alpha: Optional[float] = None,
+        window: int = DEFAULT_WINDOW,
+        threshold: Union[float, Sequence[float], torch.Tensor] = 0.0,
+        device: Optional[Union[str, torch.device]] = None,
+        backend: Optional[str] = None,
+    ):
         check_int("max_slots", max_slots, minimum=1)
         check_int("num_heads", num_heads, minimum=1)
         check_choice("smoothing", smoothing, SMOOTHINGS)
@@ -137,8 +156,9 @@ class ProbeStream:
         check_tensor(name, slot_ids, ndim=1, dtypes=dtypes, shape_doc="[n]")
         return slot_ids.to(self.device, non_blocking=True)
 
-    def step(self, slot_ids: SlotIds, token_logits: torch.Tensor,
-             active: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, slot_ids: SlotIds, token_logits: torch.Tensor, active: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance slots by one token.
 
         Args:
@@ -153,8 +173,7 @@ class ProbeStream:
             flagged: bool [n], latched: True from the first crossing on.
         """
         ids = self._ids("slot_ids", slot_ids)
-        check_tensor("token_logits", token_logits, ndim=2, dtypes=FLOAT_DTYPES, device=self.device,
-                     shape_doc="[n, K]")
+        check_tensor("token_logits", token_logits, ndim=2, dtypes=FLOAT_DTYPES, device=self.device, shape_doc="[n, K]")
         check_dim("token_logits", token_logits, 0, ids.shape[0], "the number of slot_ids n")
         check_dim("token_logits", token_logits, 1, self.num_heads, "num_heads K")
         if active is not None:
@@ -162,24 +181,36 @@ class ProbeStream:
             check_dim("active", active, 0, ids.shape[0], "the number of slot_ids n")
         return self._step_checked_args(ids, token_logits, active)
 
-    def _step_checked_args(self, ids: torch.Tensor, token_logits: torch.Tensor,
-                           active: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_checked_args(
+        self, ids: torch.Tensor, token_logits: torch.Tensor, active: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # step() without the argument checks; the kernels still check shapes.
         out = self._step_trusted(ids, token_logits, active)
         if self._check_now():
             self._raise_if_error("step", ids)
         return out
 
-    def _step_trusted(self, ids: torch.Tensor, token_logits: torch.Tensor,
-                      active: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_trusted(
+        self, ids: torch.Tensor, token_logits: torch.Tensor, active: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # The bare kernel call, for callers whose slot ids cannot be wrong (ProbeGuard
         # steps slots 0..B-1, once per token): any error still latches in _status
         # and surfaces at the next flags() / check().
-        return self._op(self._live_state, self._live_meta, self._status, ids, token_logits, active, self.threshold,
-                        self._kernel_window, self.ema_alpha)
+        return self._op(
+            self._live_state,
+            self._live_meta,
+            self._status,
+            ids,
+            token_logits,
+            active,
+            self.threshold,
+            self._kernel_window,
+            self.ema_alpha,
+        )
 
-    def step_varlen(self, slot_ids: SlotIds, token_starts: SlotIds, token_counts: SlotIds,
-                    token_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_varlen(
+        self, slot_ids: SlotIds, token_starts: SlotIds, token_counts: SlotIds, token_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance each slot by a segment of tokens (a prefill chunk), in one launch.
 
         Slot slot_ids[r] steps through token_logits rows [token_starts[r],
@@ -203,19 +234,29 @@ class ProbeStream:
         counts = self._ids("token_counts", token_counts, _SEGMENT_DTYPES)
         check_dim("token_starts", starts, 0, ids.shape[0], "the number of slot_ids n")
         check_dim("token_counts", counts, 0, ids.shape[0], "the number of slot_ids n")
-        check_tensor("token_logits", token_logits, ndim=2, dtypes=FLOAT_DTYPES, device=self.device,
-                     shape_doc="[N, K]")
+        check_tensor("token_logits", token_logits, ndim=2, dtypes=FLOAT_DTYPES, device=self.device, shape_doc="[N, K]")
         check_dim("token_logits", token_logits, 1, self.num_heads, "num_heads K")
         out = self._step_varlen_trusted(ids, starts, counts, token_logits)
         if self._check_now():
             self._raise_if_error("step", ids, starts, counts, token_logits.shape[0])
         return out
 
-    def _step_varlen_trusted(self, ids: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
-                             token_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_varlen_trusted(
+        self, ids: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, token_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # step_varlen's bare kernel call (see _step_trusted).
-        return self._varlen_op(self._live_state, self._live_meta, self._status, ids, starts, counts, token_logits,
-                               self.threshold, self._kernel_window, self.ema_alpha)
+        return self._varlen_op(
+            self._live_state,
+            self._live_meta,
+            self._status,
+            ids,
+            starts,
+            counts,
+            token_logits,
+            self.threshold,
+            self._kernel_window,
+            self.ema_alpha,
+        )
 
     def reset(self, slot_ids: Optional[SlotIds] = None) -> None:
         """Clear slots (all by default) for new requests: no state, no flag, no tokens."""
@@ -281,8 +322,14 @@ class ProbeStream:
         # CPU state is read for free; not while compiling (a data-dependent branch).
         return self.device.type == "cpu" and not torch.compiler.is_compiling()
 
-    def _raise_if_error(self, where: str, ids: Optional[torch.Tensor], starts: Optional[torch.Tensor] = None,
-                        counts: Optional[torch.Tensor] = None, tokens: int = 0) -> None:
+    def _raise_if_error(
+        self,
+        where: str,
+        ids: Optional[torch.Tensor],
+        starts: Optional[torch.Tensor] = None,
+        counts: Optional[torch.Tensor] = None,
+        tokens: int = 0,
+    ) -> None:
         error = int(self._status[1])
         if not error:
             return
@@ -303,11 +350,15 @@ class ProbeStream:
             bad = ""
             if starts is not None:
                 bad = f" (got starts {starts.tolist()}, counts {counts.tolist()} for N={tokens} token rows)"
-            problems.append("token segments must lie in [0, N) with counts >= 0, in increasing order without "
-                            f"overlap{bad}")
+            problems.append(
+                f"token segments must lie in [0, N) with counts >= 0, in increasing order without overlap{bad}"
+            )
         effect = {
             "step": "No state was changed; the step returned NaN scores with every row flagged (fail closed).",
             "reset": "The valid slots were reset.",
-        }.get(where, "A bad step changes no state and returns NaN scores with every row flagged; "
-                     "a bad reset clears only its valid slots.")
+        }.get(
+            where,
+            "A bad step changes no state and returns NaN scores with every row flagged; "
+            "a bad reset clears only its valid slots.",
+        )
         raise ValueError(f"ProbeStream {where}: " + "; ".join(problems) + ". " + effect)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Callable, Iterable, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -27,14 +28,20 @@ from ..backend import resolve
 from ..reference import probe_guard as _ref
 from ..reference.probe_scores import probe_logits
 from .scoring import DEFAULT_WINDOW, SMOOTHINGS, as_layers, default_ema_alpha, probe_scores, resolve_ema_alpha
+from .stream import ProbeStream
 
 REDUCTIONS = ("mean", "none")
 LOSSES = ("softmax_bce", "cumulative_max", "annealed")
 
 
 def _check_loss_inputs(token_logits, labels, lengths, window, reduction):
-    check_tensor("token_logits", token_logits, ndim=2, shape_doc="[B, T]",
-                 dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    check_tensor(
+        "token_logits",
+        token_logits,
+        ndim=2,
+        shape_doc="[B, T]",
+        dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    )
     device = token_logits.device
     B, T = token_logits.shape
     check_tensor("labels", labels, ndim=1, device=device, shape_doc="[B]")
@@ -51,16 +58,25 @@ def _check_loss_inputs(token_logits, labels, lengths, window, reduction):
     if not torch.compiler.is_compiling() and not capturing and B:  # value checks: one host sync on a GPU
         lo, hi = (int(v) for v in torch.aminmax(lengths))
         if lo < 1 or hi > T:
-            raise ValueError(f"lengths must lie in [1, T={T}] (each sequence needs a token), "
-                             f"got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"lengths must lie in [1, T={T}] (each sequence needs a token), got values in [{lo}, {hi}]"
+            )
         y_lo, y_hi = (float(v) for v in torch.aminmax(labels.detach()))
         if not (0.0 <= y_lo and y_hi <= 1.0):  # also catches NaN
             raise ValueError(f"labels must lie in [0, 1] (soft labels allowed), got values in [{y_lo}, {y_hi}]")
 
 
-def softmax_weighted_bce(token_logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor,
-                         window: int = DEFAULT_WINDOW, tau: float = 1.0, detach_weights: bool = False,
-                         reduction: str = "mean", *, backend: Optional[str] = None) -> torch.Tensor:
+def softmax_weighted_bce(
+    token_logits: torch.Tensor,
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    window: int = DEFAULT_WINDOW,
+    tau: float = 1.0,
+    detach_weights: bool = False,
+    reduction: str = "mean",
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """The paper's probe training loss (see the module docstring), fused forward + backward.
 
     Args:
@@ -139,9 +155,18 @@ class LinearProbe(torch.nn.Module):
             set it with `calibrate`.
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, num_heads: int = 1, *, smoothing: str = "ema",
-                 window: int = DEFAULT_WINDOW, ema_alpha: Optional[float] = None,
-                 threshold: Union[float, Sequence[float]] = 0.0, device=None):
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        num_heads: int = 1,
+        *,
+        smoothing: str = "ema",
+        window: int = DEFAULT_WINDOW,
+        ema_alpha: Optional[float] = None,
+        threshold: Union[float, Sequence[float]] = 0.0,
+        device=None,
+    ):
         super().__init__()
         check_int("num_layers", num_layers, minimum=1)
         check_int("hidden_size", hidden_size, minimum=1)
@@ -188,14 +213,19 @@ class LinearProbe(torch.nn.Module):
         # the ema_alpha argument of probe_scores / ProbeStream: only with EMA smoothing
         return self.ema_alpha if self.smoothing == "ema" else None
 
-    def stream(self, max_slots: int, *, backend: Optional[str] = None) -> "ProbeStream":
+    def stream(self, max_slots: int, *, backend: Optional[str] = None) -> ProbeStream:
         """A ProbeStream with this probe's heads, smoothing, window, decay and
         thresholds, on its device: the serving-side state for max_slots sequences."""
-        from .stream import ProbeStream
-
-        return ProbeStream(max_slots, self.num_heads, smoothing=self.smoothing, window=self.window,
-                           ema_alpha=self._smoothing_alpha, threshold=self.threshold, device=self.bias.device,
-                           backend=backend)
+        return ProbeStream(
+            max_slots,
+            self.num_heads,
+            smoothing=self.smoothing,
+            window=self.window,
+            ema_alpha=self._smoothing_alpha,
+            threshold=self.threshold,
+            device=self.bias.device,
+            backend=backend,
+        )
 
     # ------------------------------------------------------------------ scoring
 
@@ -206,8 +236,15 @@ class LinearProbe(torch.nn.Module):
     @torch.no_grad()
     def forward(self, hidden_states, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Smoothed scores [B, T, K] with the probe's inference smoothing (fused kernel)."""
-        return probe_scores(hidden_states, self.weight.detach(), self.bias.detach(), smoothing=self.smoothing,
-                            window=self.window, ema_alpha=self._smoothing_alpha, lengths=lengths)
+        return probe_scores(
+            hidden_states,
+            self.weight.detach(),
+            self.bias.detach(),
+            smoothing=self.smoothing,
+            window=self.window,
+            ema_alpha=self._smoothing_alpha,
+            lengths=lengths,
+        )
 
     @torch.no_grad()
     def exchange_scores(self, hidden_states, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -221,9 +258,19 @@ class LinearProbe(torch.nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, batches: Union[Iterable[Batch], Callable[[], Iterable[Batch]]], *, epochs: int = 1,
-            lr: float = 1e-3, weight_decay: float = 0.0, loss: str = "softmax_bce", window: Optional[int] = None,
-            tau: float = 1.0, detach_weights: bool = False, progress: bool = True) -> list[float]:
+    def fit(
+        self,
+        batches: Union[Iterable[Batch], Callable[[], Iterable[Batch]]],
+        *,
+        epochs: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        loss: str = "softmax_bce",
+        window: Optional[int] = None,
+        tau: float = 1.0,
+        detach_weights: bool = False,
+        progress: bool = True,
+    ) -> list[float]:
         """Train on batches of activations streamed from a model (never all in memory).
 
         Args:
@@ -256,8 +303,9 @@ class LinearProbe(torch.nn.Module):
                 value = 0.0
                 for k in range(self.num_heads):
                     if loss == "softmax_bce":
-                        value = value + softmax_weighted_bce(z[..., k], labels[:, k], lengths, window, tau,
-                                                             detach_weights)
+                        value = value + softmax_weighted_bce(
+                            z[..., k], labels[:, k], lengths, window, tau, detach_weights
+                        )
                     elif loss == "cumulative_max":
                         value = value + cumulative_max_bce(z[..., k], labels[:, k], lengths, window)
                     else:
@@ -271,8 +319,12 @@ class LinearProbe(torch.nn.Module):
                 raise ValueError("fit got no batches (a one-shot generator reused across epochs? pass a callable)")
             history.append(total / count)
             if progress:
-                print(f"LinearProbe.fit epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f} over {count} batches "
-                      f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+                print(
+                    f"LinearProbe.fit epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f} over {count} batches "
+                    f"({time.perf_counter() - start:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return history
 
     @torch.no_grad()
@@ -295,14 +347,22 @@ class LinearProbe(torch.nn.Module):
         """Weights, bias, thresholds and smoothing config in one safetensors file (versioned)."""
         from safetensors.torch import save_file
 
-        tensors = {"weight_t": self.weight_t.detach().cpu().contiguous(), "bias": self.bias.detach().cpu(),
-                   "threshold": self.threshold.cpu()}
-        meta = {"format": FORMAT, "version": str(VERSION), "smoothing": self.smoothing, "window": str(self.window),
-                "ema_alpha": "" if self.ema_alpha is None else repr(self.ema_alpha)}
+        tensors = {
+            "weight_t": self.weight_t.detach().cpu().contiguous(),
+            "bias": self.bias.detach().cpu(),
+            "threshold": self.threshold.cpu(),
+        }
+        meta = {
+            "format": FORMAT,
+            "version": str(VERSION),
+            "smoothing": self.smoothing,
+            "window": str(self.window),
+            "ema_alpha": "" if self.ema_alpha is None else repr(self.ema_alpha),
+        }
         save_file(tensors, path, metadata=meta)
 
     @classmethod
-    def load(cls, path: str, device=None) -> "LinearProbe":
+    def load(cls, path: str, device=None) -> LinearProbe:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
@@ -310,13 +370,21 @@ class LinearProbe(torch.nn.Module):
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a saved LinearProbe (format {meta.get('format')!r})")
             if meta.get("version") != str(VERSION):
-                raise ValueError(f"{path} has LinearProbe format version {meta.get('version')}; "
-                                 f"this pykernels reads version {VERSION}")
+                raise ValueError(
+                    f"{path} has LinearProbe format version {meta.get('version')}; "
+                    f"this pykernels reads version {VERSION}"
+                )
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         L, K, H = tensors["weight_t"].shape
         alpha = meta.get("ema_alpha") or None
-        probe = cls(L, H, K, smoothing=meta["smoothing"], window=int(meta["window"]),
-                    ema_alpha=None if alpha is None else float(alpha))
+        probe = cls(
+            L,
+            H,
+            K,
+            smoothing=meta["smoothing"],
+            window=int(meta["window"]),
+            ema_alpha=None if alpha is None else float(alpha),
+        )
         with torch.no_grad():
             probe.weight_t.copy_(tensors["weight_t"])
             probe.bias.copy_(tensors["bias"])

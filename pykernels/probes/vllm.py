@@ -138,7 +138,8 @@ def _check_plugin_enabled() -> None:
         raise RuntimeError(
             f"the pykernels vLLM plugin ({PLUGIN_NAME}) is not registered: install pykernels into this "
             "environment (pip install pykernels, or pip install -e . in a checkout) so that vLLM's "
-            "engine processes load it")
+            "engine processes load it"
+        )
     allowed = os.environ.get("VLLM_PLUGINS")
     if allowed is not None and PLUGIN_NAME not in allowed.split(","):
         raise RuntimeError(f"VLLM_PLUGINS={allowed!r} excludes {PLUGIN_NAME}: the guard would not run")
@@ -174,7 +175,9 @@ def _guard_config(vllm_config) -> Optional[dict]:
     if isinstance(config, str):
         config = {"path": config}
     if not isinstance(config, dict) or "path" not in config:
-        raise ValueError(f"additional_config[{CONFIG_KEY!r}] must be a probe path or a dict with 'path', got {config!r}")
+        raise ValueError(
+            f"additional_config[{CONFIG_KEY!r}] must be a probe path or a dict with 'path', got {config!r}"
+        )
     unknown = set(config) - {"path", "backend", "device", "record_scores", "noop_control"}
     if unknown:
         raise ValueError(f"additional_config[{CONFIG_KEY!r}] has unknown keys {sorted(unknown)}")
@@ -186,14 +189,20 @@ def _refuse_unsupported(vllm_config) -> None:
     import vllm
 
     if not vllm.__version__.startswith(TESTED_VLLM + ".") and os.environ.get("PYKERNELS_VLLM_UNTESTED") != "1":
-        raise RuntimeError(f"the pykernels probe guard is tested with vLLM {TESTED_VLLM}.x, not {vllm.__version__}; "
-                           "set PYKERNELS_VLLM_UNTESTED=1 to try anyway")
+        raise RuntimeError(
+            f"the pykernels probe guard is tested with vLLM {TESTED_VLLM}.x, not {vllm.__version__}; "
+            "set PYKERNELS_VLLM_UNTESTED=1 to try anyway"
+        )
     if vllm_config.cache_config.enable_prefix_caching:
-        raise ValueError("the probe guard needs prefix caching off (cached prompt tokens are never computed, so "
-                         "never scored): pass enable_prefix_caching=False (guard_kwargs does) or "
-                         "--no-enable-prefix-caching")
+        raise ValueError(
+            "the probe guard needs prefix caching off (cached prompt tokens are never computed, so "
+            "never scored): pass enable_prefix_caching=False (guard_kwargs does) or "
+            "--no-enable-prefix-caching"
+        )
     if vllm_config.speculative_config is not None:
-        raise ValueError("the probe guard does not support speculative decoding (rejected draft tokens would be scored)")
+        raise ValueError(
+            "the probe guard does not support speculative decoding (rejected draft tokens would be scored)"
+        )
     if vllm_config.parallel_config.world_size > 1 or vllm_config.parallel_config.data_parallel_size > 1:
         raise ValueError("the probe guard supports one worker process (no tensor, pipeline or data parallelism yet)")
     if vllm_config.use_v2_model_runner:
@@ -247,7 +256,7 @@ class _LayerScoring:
         self.accumulator, self.weight, self.accumulate = accumulator, weight, accumulate
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _guarded_layer_class(cls: type) -> type:
     class GuardedDecoderLayer(cls):
         def forward(self, *args, **kwargs):
@@ -281,8 +290,9 @@ class VllmProbeGuard:
         probe = LinearProbe.load(config["path"], device=device)
         layers = _decoder_layers(model, probe.num_layers)
         if probe.num_layers != len(layers):
-            raise ValueError(f"probe {config['path']} has {probe.num_layers} layers but the model has "
-                             f"{len(layers)} decoder layers")
+            raise ValueError(
+                f"probe {config['path']} has {probe.num_layers} layers but the model has {len(layers)} decoder layers"
+            )
         hidden = runner.model_config.get_hidden_size()
         if probe.hidden_size != hidden:
             raise ValueError(f"probe {config['path']} has hidden_size {probe.hidden_size} but the model's is {hidden}")
@@ -297,8 +307,11 @@ class VllmProbeGuard:
         # so an A/B against it isolates what the guard's kernels cost.
         self.noop_control = bool(config.get("noop_control", False))
         for l, layer in enumerate(layers):
-            layer._pk_scoring = None if self.noop_control else _LayerScoring(
-                self.accumulator, probe.layer_weight(l).detach(), accumulate)
+            layer._pk_scoring = (
+                None
+                if self.noop_control
+                else _LayerScoring(self.accumulator, probe.layer_weight(l).detach(), accumulate)
+            )
             layer.__class__ = _guarded_layer_class(type(layer))
         self.live: dict[str, _LiveRequest] = {}
         self.free_slots = list(range(max_slots - 1, -1, -1))
@@ -352,10 +365,10 @@ class VllmProbeGuard:
             host = scores.cpu()
             for req_id, start, k in zip(req_ids, starts.tolist(), counts.tolist()):
                 if k:
-                    self.scores[req_id].append(host[start:start + k])
+                    self.scores[req_id].append(host[start : start + k])
         self.step_flags = _StepFlags(list(req_ids), self.stream._flag_tokens_trusted(ids), unscored)
 
-    def _admit(self, state) -> "_LiveRequest":
+    def _admit(self, state) -> _LiveRequest:
         if not self.free_slots:
             raise RuntimeError(f"probe guard: more live requests than max_num_seqs={self.stream.max_slots}")
         slot = self.free_slots.pop()
@@ -393,7 +406,7 @@ def worker_guards() -> list[VllmProbeGuard]:
     return list(_WORKER_GUARDS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _guarded_runner_class(cls: type) -> type:
     from vllm.v1.outputs import AsyncModelRunnerOutput
 
@@ -425,8 +438,10 @@ def _guard_runner(runner, config: dict) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if not isinstance(runner, GPUModelRunner):
-        raise ValueError(f"the probe guard runs with vLLM's V1 model runner, not {type(runner).__name__}: "
-                         "set VLLM_USE_V2_MODEL_RUNNER=0")
+        raise ValueError(
+            f"the probe guard runs with vLLM's V1 model runner, not {type(runner).__name__}: "
+            "set VLLM_USE_V2_MODEL_RUNNER=0"
+        )
     runner._pk_guard = VllmProbeGuard(runner, config)
     runner.__class__ = _guarded_runner_class(type(runner))
     logger.info("pykernels probe guard installed: %s", config["path"])
@@ -475,7 +490,7 @@ def _attach_flags(output, step_flags: Optional[_StepFlags]):
 # -------------------------------------------------------- scheduler: stopping requests
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _guarded_scheduler_class(cls: type) -> type:
     from vllm.v1.request import RequestStatus
 
@@ -521,8 +536,10 @@ def _guarded_scheduler_class(cls: type) -> type:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = f"{FLAG_REASON}:{flag}" if flag >= 0 else f"{FLAG_REASON}:unscored"
             if flag == UNSCORED:
-                logger.error("probe guard: request %s had positions that were never scored; stopped (fail closed)",
-                             request.request_id)
+                logger.error(
+                    "probe guard: request %s had positions that were never scored; stopped (fail closed)",
+                    request.request_id,
+                )
             return kept, True
 
     GuardedScheduler.__name__ = GuardedScheduler.__qualname__ = f"Guarded{cls.__name__}"

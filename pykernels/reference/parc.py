@@ -29,7 +29,7 @@ def correlations(z: torch.Tensor, rows_per_chunk: int = 64) -> torch.Tensor:
     negatives exactly -1, instead of 1 +- a few ulps that would split ties."""
     chunks = []
     for i in range(0, z.shape[-2], rows_per_chunk):
-        zi = z[..., i:i + rows_per_chunk, None, :]
+        zi = z[..., i : i + rows_per_chunk, None, :]
         zj = z[..., None, :, :]
         r = (zi * zj).sum(-1)
         r = torch.where((r >= DUPLICATE_GATE) & (zi == zj).all(-1), torch.ones_like(r), r)
@@ -111,4 +111,3 @@ def pairwise_corr_distance_backward(features: torch.Tensor, triu: bool, grad: to
     g_z = (g_r + g_r.transpose(-1, -2)) @ z
     g_centred = (g_z - z * (z * g_z).sum(-1, keepdim=True)) / norm
     return g_centred - g_centred.mean(-1, keepdim=True)
-

@@ -19,22 +19,46 @@ def probe_accumulate_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: torch.T
     acc.add_(hidden.float() @ weight_l.float())
 
 
-def probe_stream_step(state, meta, status, slot_ids, token_logits, active, threshold, window: int,
-                      ema_alpha: float):
+def probe_stream_step(state, meta, status, slot_ids, token_logits, active, threshold, window: int, ema_alpha: float):
     """One streaming step over per-slot state; the layout and rules of
     csrc/core/probe_guard.h (window 0 = EMA). Returns (scores [n, K], flagged [n])."""
     n = slot_ids.shape[0]
-    return _steps(state, meta, status, slot_ids, torch.arange(n), torch.ones(n, dtype=torch.int64), token_logits,
-                  active, threshold, window, ema_alpha, segmented=False)
+    return _steps(
+        state,
+        meta,
+        status,
+        slot_ids,
+        torch.arange(n),
+        torch.ones(n, dtype=torch.int64),
+        token_logits,
+        active,
+        threshold,
+        window,
+        ema_alpha,
+        segmented=False,
+    )
 
 
-def probe_stream_step_varlen(state, meta, status, slot_ids, token_starts, token_counts, token_logits, threshold,
-                             window: int, ema_alpha: float):
+def probe_stream_step_varlen(
+    state, meta, status, slot_ids, token_starts, token_counts, token_logits, threshold, window: int, ema_alpha: float
+):
     """probe_stream_step over a segment per slot: slot slot_ids[r] steps through token rows
     [token_starts[r], token_starts[r] + token_counts[r]) in order. Returns (scores [N, K]
     (0 outside every segment), flagged [n])."""
-    return _steps(state, meta, status, slot_ids, token_starts, token_counts, token_logits, None, threshold, window,
-                  ema_alpha, segmented=True)
+    return _steps(
+        state,
+        meta,
+        status,
+        slot_ids,
+        token_starts,
+        token_counts,
+        token_logits,
+        None,
+        threshold,
+        window,
+        ema_alpha,
+        segmented=True,
+    )
 
 
 def _segments_ok(starts: list, counts: list, tokens: int) -> bool:
@@ -46,8 +70,9 @@ def _segments_ok(starts: list, counts: list, tokens: int) -> bool:
     return True
 
 
-def _steps(state, meta, status, slot_ids, starts, counts, token_logits, active, threshold, window, ema_alpha,
-           segmented):
+def _steps(
+    state, meta, status, slot_ids, starts, counts, token_logits, active, threshold, window, ema_alpha, segmented
+):
     S, _, K = state.shape
     n, N = slot_ids.shape[0], token_logits.shape[0]
     ids = slot_ids.long()
@@ -117,8 +142,7 @@ def _predictions(z: torch.Tensor, lengths: torch.Tensor, window: int):
     return zbar, (t >= first) & (t < n)
 
 
-def softmax_weighted_bce(token_logits, labels, lengths, window=16, tau=1.0, detach_weights=False,
-                         reduction="mean"):
+def softmax_weighted_bce(token_logits, labels, lengths, window=16, tau=1.0, detach_weights=False, reduction="mean"):
     """The paper's loss: softmax(zbar / tau)-weighted BCE over the SWiM predictions."""
     zbar, pred = _predictions(token_logits, lengths, window)
     y = labels.to(zbar.dtype)[:, None]
@@ -130,8 +154,9 @@ def softmax_weighted_bce(token_logits, labels, lengths, window=16, tau=1.0, deta
     return loss.mean() if reduction == "mean" else loss
 
 
-def softmax_weighted_bce_fwd(token_logits, labels, lengths, window: int, tau: float, detach_weights: bool,
-                             compute_grad: bool):
+def softmax_weighted_bce_fwd(
+    token_logits, labels, lengths, window: int, tau: float, detach_weights: bool, compute_grad: bool
+):
     """The fused kernels' contract: (per-sequence losses [B], and when compute_grad their
     gradient d loss_b / d token_logits [B, T], else an empty [0])."""
     if not compute_grad:

@@ -3,14 +3,19 @@ pykernels/probes/scoring.py)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-def probe_logits(layers: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def probe_logits(
+    layers: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """z[b, t, k] = sum_l layers[l][b, t, :] . weight[l, :, k] + bias[k], in `dtype`.
 
     Summed layer by layer (the concatenation over layers is never built).
@@ -62,9 +67,17 @@ def ema(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def probe_scores(hidden_states: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
-                 lengths: torch.Tensor | None, smoothing: str, window: int, ema_alpha: float,
-                 *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def probe_scores(
+    hidden_states: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    smoothing: str,
+    window: int,
+    ema_alpha: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Probe logits, smoothed along tokens; padded positions (t >= lengths[b]) hold 0.
 
     Smoothing only looks back in time, so padded tokens cannot reach valid ones.
@@ -119,9 +132,17 @@ def smoothing_adjoint(grad: torch.Tensor, smoothing: str, window: int, ema_alpha
     raise ValueError(f"smoothing must be 'none', 'swim' or 'ema', got {smoothing!r}")
 
 
-def probe_scores_backward(hidden_states: Sequence[torch.Tensor], weight: torch.Tensor, bias_dtype: torch.dtype | None,
-                          lengths: torch.Tensor | None, smoothing: str, window: int, ema_alpha: float,
-                          grad: torch.Tensor, needs_input_grad: Sequence[bool]):
+def probe_scores_backward(
+    hidden_states: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias_dtype: torch.dtype | None,
+    lengths: torch.Tensor | None,
+    smoothing: str,
+    window: int,
+    ema_alpha: float,
+    grad: torch.Tensor,
+    needs_input_grad: Sequence[bool],
+):
     """Gradients of probe_scores for (hidden_states, weight, bias) given the scores' gradient
     (None where not needed; bias_dtype None: no bias): the smoothing's adjoint maps grad to
     the raw logits, then one matmul per layer."""

@@ -4,7 +4,8 @@ grouping models of equal width into batches."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -50,8 +51,10 @@ def as_models(name: str, features, *, min_samples: int = 3) -> Models:
         tensors = [as_tensor(f"{name}[{i}]", f) for i, f in enumerate(features)]
         for i, t in enumerate(tensors):
             if t.dim() != 2:
-                raise ValueError(f"{name}[{i}] must be [N, D], got shape {tuple(t.shape)}: {name} was given as a list, "
-                                 f"which is read as a list of models; for one model pass a tensor or array [N, D]")
+                raise ValueError(
+                    f"{name}[{i}] must be [N, D], got shape {tuple(t.shape)}: {name} was given as a list, "
+                    f"which is read as a list of models; for one model pass a tensor or array [N, D]"
+                )
         single = False
     else:
         t = as_tensor(name, features)
@@ -66,11 +69,14 @@ def as_models(name: str, features, *, min_samples: int = 3) -> Models:
     n0 = tensors[0].shape[0]
     for i, t in enumerate(tensors):
         label = name if single else f"{name}[{i}]"
-        if not (t.dtype.is_floating_point or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        if not (
+            t.dtype.is_floating_point or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+        ):
             raise TypeError(f"{label} must hold numbers, got dtype {str(t.dtype).replace('torch.', '')}")
         if t.shape[0] != n0:
-            raise ValueError(f"{label} has N={t.shape[0]} samples but {name}[0] has N={n0}: every model must "
-                             f"see the same probe set")
+            raise ValueError(
+                f"{label} has N={t.shape[0]} samples but {name}[0] has N={n0}: every model must see the same probe set"
+            )
         if t.shape[1] == 0:
             raise ValueError(f"{label} has no feature dims (shape {tuple(t.shape)})")
         if t.device != tensors[0].device:
@@ -105,11 +111,14 @@ def as_labels(labels, n: int, num_classes: Optional[int] = None, *, device=None)
     if device is not None:
         y = y.to(device)
     if y.dim() not in (1, 2):
-        raise ValueError(f"labels must be class ids [N] or a multi-hot / soft matrix [N, C], got shape {tuple(y.shape)}")
+        raise ValueError(
+            f"labels must be class ids [N] or a multi-hot / soft matrix [N, C], got shape {tuple(y.shape)}"
+        )
     if y.shape[0] != n:
         raise ValueError(f"labels has {y.shape[0]} entries but the features have N={n} samples")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
-                                    or num_classes < 1):
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1
+    ):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if y.dim() == 2:
         if num_classes is not None and y.shape[1] != num_classes:
@@ -120,8 +129,9 @@ def as_labels(labels, n: int, num_classes: Optional[int] = None, *, device=None)
         return Labels(None, m, y.shape[1])
     if y.dtype.is_floating_point:
         if not torch.equal(y, y.round()):
-            raise TypeError("labels [N] must be integer class ids (got non-integral floats); pass a [N, C] matrix "
-                            "for soft labels")
+            raise TypeError(
+                "labels [N] must be integer class ids (got non-integral floats); pass a [N, C] matrix for soft labels"
+            )
     elif y.dtype == torch.bool:
         raise TypeError("labels must be integer class ids, got bool")
     classes = y.to(torch.int64)

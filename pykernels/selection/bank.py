@@ -10,8 +10,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -35,8 +36,13 @@ def _features_method(fn):
 
 
 METHODS = {
-    "parc": Method("parc", "features", lambda x, y, o: parc(x, y, num_classes=o["num_classes"], pca_dim=o["pca_dim"],
-                                                            mode=o["mode"], backend=o["backend"])),
+    "parc": Method(
+        "parc",
+        "features",
+        lambda x, y, o: parc(
+            x, y, num_classes=o["num_classes"], pca_dim=o["pca_dim"], mode=o["mode"], backend=o["backend"]
+        ),
+    ),
     "leep": Method("leep", "probs", _features_method(estimators.leep)),
     "nce": Method("nce", "probs", _features_method(estimators.nce)),
     "hscore": Method("hscore", "features", _features_method(estimators.hscore)),
@@ -102,7 +108,9 @@ class ScoreTable:
         return text
 
     def to_json(self, path: Union[str, os.PathLike, None] = None, by: Optional[str] = None) -> str:
-        rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in self.rows(by)]
+        rows = [
+            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in self.rows(by)
+        ]
         text = json.dumps({"methods": self.methods, "seconds": self.seconds, "models": rows}, indent=1)
         if path is not None:
             Path(path).write_text(text)
@@ -113,12 +121,18 @@ class ScoreTable:
         lines = [header]
         for r in self.rows():
             first = r[f"{self.methods[0]}_rank"]
-            lines.append([str(first) if first is not None else "-", r["model"]]
-                         + [_fmt_score(r[m]) + (f" ({r[m + '_rank']})" if len(self.methods) > 1 and r[m + "_rank"] else "")
-                            for m in self.methods])
+            lines.append(
+                [str(first) if first is not None else "-", r["model"]]
+                + [
+                    _fmt_score(r[m]) + (f" ({r[m + '_rank']})" if len(self.methods) > 1 and r[m + "_rank"] else "")
+                    for m in self.methods
+                ]
+            )
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-        text = ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-                for row in lines]
+        text = [
+            "  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            for row in lines
+        ]
         text.insert(1, "  ".join("-" * w for w in widths))
         note = f"ranked by {self.methods[0]} (higher = predicted to transfer better)"
         if len(self.methods) > 1:
@@ -205,10 +219,21 @@ def _distributed(flag: Optional[bool]) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def score_models(bank, labels, methods: Union[str, Sequence[str]] = ("parc",), *, source_probs=None,
-                 num_classes: Optional[int] = None, pca_dim: Optional[int] = DEFAULT_PCA_DIM, mode: str = "exact",
-                 batch_size: int = 16, device: Union[str, torch.device, None] = None, progress: Optional[bool] = None,
-                 distributed: Optional[bool] = None, backend: Optional[str] = None) -> ScoreTable:
+def score_models(
+    bank,
+    labels,
+    methods: Union[str, Sequence[str]] = ("parc",),
+    *,
+    source_probs=None,
+    num_classes: Optional[int] = None,
+    pca_dim: Optional[int] = DEFAULT_PCA_DIM,
+    mode: str = "exact",
+    batch_size: int = 16,
+    device: Union[str, torch.device, None] = None,
+    progress: Optional[bool] = None,
+    distributed: Optional[bool] = None,
+    backend: Optional[str] = None,
+) -> ScoreTable:
     """Scores every model of a bank on one probe set with one or more methods.
 
     Args:
@@ -248,7 +273,7 @@ def score_models(bank, labels, methods: Union[str, Sequence[str]] = ("parc",), *
     seconds = {m.name: 0.0 for m in chosen}
     bar = progress_bar(len(mine), "scoring models", progress, unit="model")
     for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
+        chunk = mine[start : start + batch_size]
         feats, probs = [], []
         for i in chunk:
             name, entry = entries[i]

@@ -58,8 +58,9 @@ def _feature_batch(name: str, features) -> tuple[torch.Tensor, bool]:
     return x.contiguous(), batched
 
 
-def pairwise_corr_distance(features: torch.Tensor, *, triu: bool = False,
-                           backend: Optional[str] = None) -> torch.Tensor:
+def pairwise_corr_distance(
+    features: torch.Tensor, *, triu: bool = False, backend: Optional[str] = None
+) -> torch.Tensor:
     """1 - Pearson correlation between every pair of rows (samples) of each model's features.
 
     Args:

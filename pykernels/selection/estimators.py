@@ -84,8 +84,10 @@ def _check_probs(models: Models) -> None:
         sums = t.double().sum(1)
         worst = int((sums - 1).abs().argmax())
         if abs(float(sums[worst]) - 1) > 1e-3:
-            raise ValueError(f"{label} row {worst} sums to {float(sums[worst]):.4g}, not 1: pass probabilities "
-                             f"(softmax outputs), not logits")
+            raise ValueError(
+                f"{label} row {worst} sums to {float(sums[worst]):.4g}, not 1: pass probabilities "
+                f"(softmax outputs), not logits"
+            )
 
 
 def leep(probs, labels, *, num_classes: Optional[int] = None) -> torch.Tensor:
@@ -201,8 +203,14 @@ def logme(features, labels, *, num_classes: Optional[int] = None) -> torch.Tenso
             if not bool(active.any()):
                 break
         logs = (mask * torch.log(alpha[:, None, :] + beta[:, None, :] * sigma)).sum(1)
-        evidence = (d / 2 * alpha.log() + n / 2 * beta.log() - 0.5 * logs - beta / 2 * last_res2
-                    - alpha / 2 * last_m2 - n / 2 * math.log(2 * math.pi)) / n
+        evidence = (
+            d / 2 * alpha.log()
+            + n / 2 * beta.log()
+            - 0.5 * logs
+            - beta / 2 * last_res2
+            - alpha / 2 * last_m2
+            - n / 2 * math.log(2 * math.pi)
+        ) / n
         return evidence.mean(1)
 
     return _run(models, score)
@@ -216,7 +224,7 @@ def one_nn_cv(features, labels, *, num_classes: Optional[int] = None, rows_per_c
         b, n, _ = f.shape
         hits = torch.zeros(b, dtype=torch.float64, device=f.device)
         for i0 in range(0, n, rows_per_chunk):
-            dist = torch.cdist(f[:, i0:i0 + rows_per_chunk], f)  # [b, c, N]
+            dist = torch.cdist(f[:, i0 : i0 + rows_per_chunk], f)  # [b, c, N]
             rows = torch.arange(i0, min(n, i0 + rows_per_chunk), device=f.device)
             dist[:, rows - i0, rows] = float("inf")  # leave the sample itself out
             nearest = dist.argmin(-1)  # first index among ties
@@ -246,7 +254,8 @@ def gbc(features, labels, *, num_classes: Optional[int] = None, gaussian: str = 
         diff2 = (mean[:, :, None] - mean[:, None, :]).pow(2)
         log_var = var.log()
         distance = (diff2 / avg).sum(-1) / 8 + 0.5 * (
-            avg.log().sum(-1) - 0.5 * log_var.sum(-1)[:, :, None] - 0.5 * log_var.sum(-1)[:, None, :])
+            avg.log().sum(-1) - 0.5 * log_var.sum(-1)[:, :, None] - 0.5 * log_var.sum(-1)[:, None, :]
+        )
         coefficient = torch.exp(-distance)
         off_diagonal = 1 - torch.eye(present.numel(), dtype=f.dtype, device=f.device)
         return -(coefficient * off_diagonal).sum((1, 2))

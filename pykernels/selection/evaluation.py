@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 import numpy as np
 
@@ -43,10 +44,14 @@ class EvaluationTable(dict):
 
     def __str__(self) -> str:
         header = ["method", "pearson x100", "kendall tau", "weighted tau", "groups", "skipped"]
-        rows = [header] + [[m, f"{e.pearson:.2f}", f"{e.kendall:.3f}", f"{e.weighted_kendall:.3f}", str(e.groups),
-                            str(e.skipped)] for m, e in sorted(self.items(), key=lambda kv: -_sortable(kv[1].pearson))]
+        rows = [header] + [
+            [m, f"{e.pearson:.2f}", f"{e.kendall:.3f}", f"{e.weighted_kendall:.3f}", str(e.groups), str(e.skipped)]
+            for m, e in sorted(self.items(), key=lambda kv: -_sortable(kv[1].pearson))
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
@@ -65,9 +70,15 @@ def _as_columns(scores) -> tuple[dict[str, np.ndarray], Optional[list[str]]]:
     return {"score": np.asarray(scores, dtype=np.float64).reshape(-1)}, None
 
 
-def evaluate(scores: Union[ScoreTable, Mapping[str, Sequence[float]], Sequence[float]], accuracies, *,
-             targets: Optional[Sequence] = None, runs: Optional[Sequence] = None,
-             capacity: Optional[Sequence[float]] = None, capacity_weight: float = 1.0) -> EvaluationTable:
+def evaluate(
+    scores: Union[ScoreTable, Mapping[str, Sequence[float]], Sequence[float]],
+    accuracies,
+    *,
+    targets: Optional[Sequence] = None,
+    runs: Optional[Sequence] = None,
+    capacity: Optional[Sequence[float]] = None,
+    capacity_weight: float = 1.0,
+) -> EvaluationTable:
     """Agreement of each method's scores with fine-tuned accuracies.
 
     Args:
@@ -125,14 +136,16 @@ def evaluate(scores: Union[ScoreTable, Mapping[str, Sequence[float]], Sequence[f
                 if len(x) < 2 or np.ptp(x) == 0 or np.ptp(a) == 0:  # no correlation defined
                     skipped += 1
                     continue
-                per_target.append((100 * stats.pearsonr(x, a)[0], stats.kendalltau(x, a)[0],
-                                   stats.weightedtau(x, a)[0]))
+                per_target.append(
+                    (100 * stats.pearsonr(x, a)[0], stats.kendalltau(x, a)[0], stats.weightedtau(x, a)[0])
+                )
             if per_target:
                 per_run.append((np.mean(per_target, axis=0), len(per_target)))
         if per_run:
             means = np.mean([m for m, _ in per_run], axis=0)
-            table[method] = Evaluation(float(means[0]), float(means[1]), float(means[2]), sum(g for _, g in per_run),
-                                       skipped)
+            table[method] = Evaluation(
+                float(means[0]), float(means[1]), float(means[2]), sum(g for _, g in per_run), skipped
+            )
         else:
             table[method] = Evaluation(math.nan, math.nan, math.nan, 0, skipped)
     return table

@@ -25,14 +25,14 @@ def _batches(data, batch_size: int):
         return
     if isinstance(data, torch.Tensor):
         for i in range(0, data.shape[0], batch_size):
-            yield data[i:i + batch_size]
+            yield data[i : i + batch_size]
         return
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, torch.Tensor) for d in data):
         x, y = data
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"inputs have {x.shape[0]} samples but labels have {y.shape[0]}")
         for i in range(0, x.shape[0], batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
+            yield x[i : i + batch_size], y[i : i + batch_size]
         return
     if isinstance(data, torch.utils.data.Dataset):
         yield from torch.utils.data.DataLoader(data, batch_size=batch_size)
@@ -41,8 +41,14 @@ def _batches(data, batch_size: int):
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, data, *, batch_size: int = 128,
-                     device: Union[str, torch.device, None] = None, progress: Optional[bool] = None) -> ProbeSet:
+def extract_features(
+    model: torch.nn.Module,
+    data,
+    *,
+    batch_size: int = 128,
+    device: Union[str, torch.device, None] = None,
+    progress: Optional[bool] = None,
+) -> ProbeSet:
     """Runs `model` (in eval mode) over `data` and captures the probe features.
 
     Args:
@@ -92,5 +98,8 @@ def extract_features(model: torch.nn.Module, data, *, batch_size: int = 128,
         bar.close()
     if not feats:
         raise ValueError("data yielded no batch")
-    return ProbeSet(torch.cat(feats), torch.cat(probs) if len(probs) == len(feats) else None,
-                    torch.cat(labels) if len(labels) == len(feats) else None)
+    return ProbeSet(
+        torch.cat(feats),
+        torch.cat(probs) if len(probs) == len(feats) else None,
+        torch.cat(labels) if len(labels) == len(feats) else None,
+    )

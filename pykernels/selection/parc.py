@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -70,8 +71,10 @@ def _check_pca_dim(pca_dim) -> Optional[int]:
     if pca_dim is None:
         return None
     if isinstance(pca_dim, bool) or not isinstance(pca_dim, (int, np.integer)) or pca_dim < MIN_DIMS:
-        raise ValueError(f"pca_dim must be an int >= {MIN_DIMS} or None (no PCA), got {pca_dim!r}: with 2 dims "
-                         f"every correlation is +-1 and rounding decides the ranks")
+        raise ValueError(
+            f"pca_dim must be an int >= {MIN_DIMS} or None (no PCA), got {pca_dim!r}: with 2 dims "
+            f"every correlation is +-1 and rounding decides the ranks"
+        )
     return int(pca_dim)
 
 
@@ -87,7 +90,9 @@ def exact_pca(x: torch.Tensor, dims: int) -> torch.Tensor:
     if features_side:
         loadings = vectors
     else:  # loadings = X^T u / sqrt(lambda)
-        loadings = (centred.transpose(1, 2) @ vectors) / values.clamp_min(torch.finfo(torch.float64).tiny).sqrt()[:, None, :]
+        loadings = (centred.transpose(1, 2) @ vectors) / values.clamp_min(torch.finfo(torch.float64).tiny).sqrt()[
+            :, None, :
+        ]
     kept = values > values[:, :1].clamp_min(0) * max(n, d) * torch.finfo(torch.float64).eps
     top = loadings.abs().argmax(1, keepdim=True)
     signs = torch.where(loadings.gather(1, top) < 0, -1.0, 1.0).to(loadings.dtype)
@@ -140,8 +145,9 @@ def _top_eigenpairs(centred: torch.Tensor, k: int, features_side: bool):
             if i + 2 < len(arrays):
                 ahead.append(pool.submit(gram, arrays[i + 2]))
             ok = bool(np.isfinite(np.trace(sym)))
-            w, v = scipy_eigh(sym if ok else np.zeros_like(sym), subset_by_index=[m - k, m - 1], driver="evr",
-                              check_finite=False)
+            w, v = scipy_eigh(
+                sym if ok else np.zeros_like(sym), subset_by_index=[m - k, m - 1], driver="evr", check_finite=False
+            )
             values.append(w[::-1])
             vectors.append(v[:, ::-1])
             finite.append(ok)
@@ -166,16 +172,20 @@ def _reference_reduce(x: torch.Tensor, dims: Optional[int]) -> torch.Tensor:
         raise ImportError("mode='reference' needs scikit-learn: pip install pykernels[selection]") from exc
     f = x.detach().cpu().numpy()
     if dims is not None:
-        f = PCA(n_components=dims, svd_solver="randomized", random_state=REFERENCE_SEED,
-                iterated_power=1).fit_transform(f)
+        f = PCA(
+            n_components=dims, svd_solver="randomized", random_state=REFERENCE_SEED, iterated_power=1
+        ).fit_transform(f)
     f = StandardScaler().fit_transform(f)
     return torch.from_numpy(np.asarray(f, dtype=np.float64)).to(x.device)
 
 
 def reference_label_distances(labels: Labels) -> np.ndarray:
     """Strict upper triangle of 1 - np.corrcoef(onehot(y)), computed as the reference does."""
-    onehot = np.eye(labels.num_classes)[labels.classes.cpu().numpy()] if labels.matrix is None \
+    onehot = (
+        np.eye(labels.num_classes)[labels.classes.cpu().numpy()]
+        if labels.matrix is None
         else labels.matrix.cpu().numpy()
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         rdm2 = 1 - np.corrcoef(onehot)
     return rdm2[np.triu_indices(onehot.shape[0], 1)]
@@ -183,7 +193,7 @@ def reference_label_distances(labels: Labels) -> np.ndarray:
 
 def _exact_label_distances(labels: Labels) -> torch.Tensor:
     d = pairwise_corr_distance(labels.matrix, triu=True)
-    scale = 10.0 ** _LABEL_DECIMALS
+    scale = 10.0**_LABEL_DECIMALS
     return torch.round(d * scale) / scale
 
 
@@ -196,8 +206,10 @@ def _check_label_side(labels: Labels) -> Labels:
         constant = (m == m[:, :1]).all(1)
         if bool(constant.any()):
             row = int(constant.nonzero()[0])
-            raise ValueError(f"labels row {row} is constant (no class, or every class): its correlation with other "
-                             f"rows, and so PARC's label distance, is undefined")
+            raise ValueError(
+                f"labels row {row} is constant (no class, or every class): its correlation with other "
+                f"rows, and so PARC's label distance, is undefined"
+            )
         return labels
     counts = torch.bincount(labels.classes)
     counts = counts[counts > 0]
@@ -208,8 +220,15 @@ def _check_label_side(labels: Labels) -> Labels:
     return labels
 
 
-def parc(features: FeaturesLike, labels, *, num_classes: Optional[int] = None,
-         pca_dim: Optional[int] = DEFAULT_PCA_DIM, mode: str = "exact", backend: Optional[str] = None) -> torch.Tensor:
+def parc(
+    features: FeaturesLike,
+    labels,
+    *,
+    num_classes: Optional[int] = None,
+    pca_dim: Optional[int] = DEFAULT_PCA_DIM,
+    mode: str = "exact",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """PARC score of each model: 100 x Spearman between pairwise feature and label distances.
 
     Args:
@@ -242,11 +261,15 @@ def parc(features: FeaturesLike, labels, *, num_classes: Optional[int] = None,
     for i, t in enumerate(models.tensors):
         label = "features" if models.single else f"features[{i}]"
         if k is not None and t.shape[1] < k:
-            raise ValueError(f"{label} has D={t.shape[1]} feature dims, fewer than pca_dim={k}; pass "
-                             f"pca_dim <= {t.shape[1]} or pca_dim=None")
+            raise ValueError(
+                f"{label} has D={t.shape[1]} feature dims, fewer than pca_dim={k}; pass "
+                f"pca_dim <= {t.shape[1]} or pca_dim=None"
+            )
         if t.shape[1] < MIN_DIMS:
-            raise ValueError(f"{label} has D={t.shape[1]} feature dims; PARC needs at least {MIN_DIMS} (with 2 "
-                             f"every correlation is +-1 and rounding decides the ranks)")
+            raise ValueError(
+                f"{label} has D={t.shape[1]} feature dims; PARC needs at least {MIN_DIMS} (with 2 "
+                f"every correlation is +-1 and rounding decides the ranks)"
+            )
 
     label_distances = None
     if mode == "reference":
@@ -281,7 +304,7 @@ def _spearman_chunks(reduced: torch.Tensor, label_distances: torch.Tensor, backe
     step = max(1, _PAIR_BYTES_PER_CALL // per_model)
     parts = []
     for start in range(0, reduced.shape[0], step):
-        dist = pairwise_corr_distance(reduced[start:start + step], triu=True, backend=backend)
+        dist = pairwise_corr_distance(reduced[start : start + step], triu=True, backend=backend)
         parts.append(spearman(dist, label_distances, backend=backend))
     return torch.cat(parts)
 
@@ -302,8 +325,14 @@ def _warn_nan(out: torch.Tensor, models) -> None:
 
 # The reference code's target datasets and their class counts (constants.num_classes).
 REFERENCE_NUM_CLASSES = {
-    "nabird": 555, "oxford_pets": 37, "cub200": 200, "caltech101": 101, "stanford_dogs": 120,
-    "voc2007": 21, "cifar10": 10, "imagenet": 1000,
+    "nabird": 555,
+    "oxford_pets": 37,
+    "cub200": 200,
+    "caltech101": 101,
+    "stanford_dogs": 120,
+    "voc2007": 21,
+    "cifar10": 10,
+    "imagenet": 1000,
 }
 
 
@@ -319,15 +348,24 @@ class PARC:
     the reference code; pass mode="exact" for the deterministic, faster path. Returns a float.
     """
 
-    def __init__(self, n_dims: Optional[int] = None, fmt: str = "", *, mode: str = "reference",
-                 num_classes: Optional[int] = None):
+    def __init__(
+        self, n_dims: Optional[int] = None, fmt: str = "", *, mode: str = "reference", num_classes: Optional[int] = None
+    ):
         self.n_dims = n_dims
         self.fmt = fmt  # accepted for compatibility; unused, as in the reference
         self.mode = check_choice("mode", mode, MODES)
         self.num_classes = num_classes
 
-    def __call__(self, features, probs=None, y=None, source_dataset: Optional[str] = None,
-                 target_dataset: Optional[str] = None, architecture: Optional[str] = None, cache_path_fn=None) -> float:
+    def __call__(
+        self,
+        features,
+        probs=None,
+        y=None,
+        source_dataset: Optional[str] = None,
+        target_dataset: Optional[str] = None,
+        architecture: Optional[str] = None,
+        cache_path_fn=None,
+    ) -> float:
         if y is None:
             raise TypeError("PARC needs the target labels y")
         num_classes = self.num_classes

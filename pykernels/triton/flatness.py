@@ -20,8 +20,7 @@ _KINDS = {"rademacher": 0, "gaussian": 1}
 
 
 @triton.jit
-def _row_logsumexp(z_ptr, rows, row_ok, stride_n, K, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _row_logsumexp(z_ptr, rows, row_ok, stride_n, K, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # lse_max_step / lse_term / lse_finish of csrc/core/flatness.h, BLOCK_N rows at a time.
     m = tl.full([BLOCK_N], float("-inf"), ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -55,8 +54,22 @@ def _energy_kernel(z_ptr, out_ptr, N, K, stride_n, ACC: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _logsumexp_hvp_kernel(z_ptr, u_ptr, s_ptr, e_ptr, h_ptr, N, K, S, stride_zn, stride_us, stride_un,
-                          ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _logsumexp_hvp_kernel(
+    z_ptr,
+    u_ptr,
+    s_ptr,
+    e_ptr,
+    h_ptr,
+    N,
+    K,
+    S,
+    stride_zn,
+    stride_us,
+    stride_un,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # Program (row block, tangent i); the i == 0 programs also write softmax and energy.
     rows = block_range(tl.program_id(0), BLOCK_N)
     i = tl.program_id(1)
@@ -158,9 +171,10 @@ def energy_triton(logits: torch.Tensor) -> torch.Tensor:
     return out.to(logits.dtype).reshape(logits.shape[:-1])
 
 
-
 @torch.library.custom_op("pykernels::logsumexp_hvp_triton", mutates_args=())
-def logsumexp_hvp_triton(logits: torch.Tensor, tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logsumexp_hvp_triton(
+    logits: torch.Tensor, tangents: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     K, S = logits.shape[-1], tangents.shape[0]
     z = _rows(logits)
     N = z.shape[0]
@@ -173,11 +187,22 @@ def logsumexp_hvp_triton(logits: torch.Tensor, tangents: torch.Tensor) -> tuple[
     if N:
         block_n, block_k = _blocks(K)
         _logsumexp_hvp_kernel[(triton.cdiv(N, block_n), max(S, 1))](
-            z, u, s, e, h, N, K, S, z.stride(0), u.stride(0), u.stride(1),
-            ACC=_ACC.get(logits.dtype, tl.float32), BLOCK_N=block_n, BLOCK_K=block_k,
+            z,
+            u,
+            s,
+            e,
+            h,
+            N,
+            K,
+            S,
+            z.stride(0),
+            u.stride(0),
+            u.stride(1),
+            ACC=_ACC.get(logits.dtype, tl.float32),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
         )
     return s, e, h
-
 
 
 @torch.library.custom_op("pykernels::fill_probes_triton_", mutates_args=("out",))
@@ -187,11 +212,11 @@ def fill_probes_triton_(out: torch.Tensor, seed: int, offset: int, kind: str) ->
     if n:
         k1, k2 = probe_key(seed)
         block = 1024
-        _fill_probes_kernel[(triton.cdiv(n, block),)](buf, n, offset, k1, k2, KIND=_KINDS[kind],
-                                                      ACC=_ACC.get(out.dtype, tl.float32), BLOCK=block)
+        _fill_probes_kernel[(triton.cdiv(n, block),)](
+            buf, n, offset, k1, k2, KIND=_KINDS[kind], ACC=_ACC.get(out.dtype, tl.float32), BLOCK=block
+        )
     if buf is not out:
         out.copy_(buf)
-
 
 
 @torch.library.custom_op("pykernels::probe_dots_triton", mutates_args=())
@@ -201,11 +226,20 @@ def probe_dots_triton(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     w = w.contiguous() if D > 1 and w.stride(2) != 1 else w
     out = torch.empty((S, B), dtype=v.dtype, device=v.device)
     if S * B:
-        _probe_dots_kernel[(S * B,)](v, w, out, B, D, v.stride(0), v.stride(1), w.stride(0), w.stride(1),
-                                     ACC=_ACC.get(v.dtype, tl.float32),
-                                     BLOCK_D=min(4096, triton.next_power_of_2(max(D, 1))))
+        _probe_dots_kernel[(S * B,)](
+            v,
+            w,
+            out,
+            B,
+            D,
+            v.stride(0),
+            v.stride(1),
+            w.stride(0),
+            w.stride(1),
+            ACC=_ACC.get(v.dtype, tl.float32),
+            BLOCK_D=min(4096, triton.next_power_of_2(max(D, 1))),
+        )
     return out
-
 
 
 _ops.register_triton_twins("energy", "logsumexp_hvp", "fill_probes_", "probe_dots")

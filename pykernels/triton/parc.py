@@ -54,8 +54,9 @@ def _normalize_rows_kernel(x_ptr, z_ptr, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _tile_correlation(z_ptr, b, i, j, N, D, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                      BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr):
+def _tile_correlation(
+    z_ptr, b, i, j, N, D, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr
+):
     """r[i, j] = <z_i, z_j> for a BLOCK_I x BLOCK_J tile of model b, clipped to [-1, 1]."""
     base = z_ptr + b.to(tl.int64) * N * D
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=z_ptr.dtype.element_ty)
@@ -87,8 +88,17 @@ def _tile_correlation(z_ptr, b, i, j, N, D, BLOCK_I: tl.constexpr, BLOCK_J: tl.c
 
 
 @triton.jit
-def _distance_kernel(z_ptr, out_ptr, N, D, TRIU: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                     BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr):
+def _distance_kernel(
+    z_ptr,
+    out_ptr,
+    N,
+    D,
+    TRIU: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
     b = tl.program_id(0)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
@@ -106,8 +116,9 @@ def _distance_kernel(z_ptr, out_ptr, N, D, TRIU: tl.constexpr, BLOCK_I: tl.const
 
 
 @triton.jit
-def _parc_keys_kernel(z_ptr, block_end_ptr, keys_ptr, N, D, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+def _parc_keys_kernel(
+    z_ptr, block_end_ptr, keys_ptr, N, D, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """Sort keys of every pair of model b in class order (see parc_pair_key in csrc/core/parc.h):
     the distance's bits, with the sign bit set for a same-class pair."""
     b = tl.program_id(0)
@@ -221,8 +232,10 @@ def _normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _check_feature_dims(features: torch.Tensor, op: str) -> None:
     # The same check as the C++ bindings: a row of no values has no mean.
-    torch._check(features.shape[2] > 0,
-                 lambda: f"{op}: features need at least one feature dim (D > 0), got {list(features.shape)}")
+    torch._check(
+        features.shape[2] > 0,
+        lambda: f"{op}: features need at least one feature dim (D > 0), got {list(features.shape)}",
+    )
 
 
 def _tile_grid(B: int, N: int, block: int):
@@ -242,11 +255,10 @@ def pairwise_corr_distance_triton(features: torch.Tensor, triu: bool) -> torch.T
     z = _normalized(x, x.dtype)
     use_dot = x.dtype == torch.float32
     block = 32 if use_dot else 16
-    _distance_kernel[_tile_grid(B, N, block)](z, out, N, D, TRIU=triu, BLOCK_I=block, BLOCK_J=block,
-                                              BLOCK_D=32 if use_dot else 8, USE_DOT=use_dot)
+    _distance_kernel[_tile_grid(B, N, block)](
+        z, out, N, D, TRIU=triu, BLOCK_I=block, BLOCK_J=block, BLOCK_D=32 if use_dot else 8, USE_DOT=use_dot
+    )
     return out
-
-
 
 
 def _twice_ranks(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,8 +268,9 @@ def _twice_ranks(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
     ranks = torch.empty((R, M), dtype=torch.int64, device=values.device)
     blocks = triton.cdiv(M, block)
     ties = torch.empty((R, blocks), dtype=torch.float64, device=values.device)
-    _midrank_kernel[(R * blocks,)](ordered.contiguous(), index.contiguous(), ranks, ties, M, STEPS=_steps(M),
-                                   BLOCK=block)
+    _midrank_kernel[(R * blocks,)](
+        ordered.contiguous(), index.contiguous(), ranks, ties, M, STEPS=_steps(M), BLOCK=block
+    )
     return ranks, ties.sum(1)
 
 
@@ -279,7 +292,6 @@ def spearman_triton(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     cube = float(M) ** 3 - M
     rho = 3.0 * partial.sum(1) / torch.sqrt((cube - tx) * (cube - ty))
     return torch.where(nan_row, out, rho)
-
 
 
 def _label_side(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,22 +327,20 @@ def parc_spearman_triton(features: torch.Tensor, classes: torch.Tensor) -> torch
     # Keys of `chunk` models at once; torch.sort needs about twice as much again (values, indices).
     chunk = max(1, min(B, _KEY_BYTES_PER_CHUNK // (8 * M)))
     for b0 in range(0, B, chunk):
-        x = features[b0:b0 + chunk]
+        x = features[b0 : b0 + chunk]
         z = _normalized(x.index_select(1, order).contiguous(), torch.float64)
         keys = torch.empty((x.shape[0], M), dtype=torch.int64, device=features.device)
-        _parc_keys_kernel[_tile_grid(x.shape[0], N, 16)](z, block_end, keys, N, D, BLOCK_I=16, BLOCK_J=16,
-                                                         BLOCK_D=8)
+        _parc_keys_kernel[_tile_grid(x.shape[0], N, 16)](z, block_end, keys, N, D, BLOCK_I=16, BLOCK_J=16, BLOCK_D=8)
         keys = torch.sort(keys, dim=1).values
         twice_u = torch.empty((x.shape[0], blocks), dtype=torch.int64, device=features.device)
         ties = torch.empty((x.shape[0], blocks), dtype=torch.float64, device=features.device)
-        _parc_count_kernel[(x.shape[0] * blocks,)](keys, n_same, twice_u, ties, M, STEPS=_steps(M),
-                                                   BLOCK=count_block)
+        _parc_count_kernel[(x.shape[0] * blocks,)](keys, n_same, twice_u, ties, M, STEPS=_steps(M), BLOCK=count_block)
         del keys
         spread = (float(M) ** 3 - M - ties.sum(1)) / (12.0 * M)
         numerator = (twice_u.sum(1) - n_same * n_diff).double()
         rho = numerator / (2.0 * torch.sqrt(n_same * n_diff * spread))
         undefined = torch.isnan(z[:, :, 0]).any(1) | ~(spread > 0) | (n_same == 0) | (n_diff == 0)
-        out[b0:b0 + chunk] = torch.where(undefined, out[b0:b0 + chunk], rho)
+        out[b0 : b0 + chunk] = torch.where(undefined, out[b0 : b0 + chunk], rho)
     return out
 
 

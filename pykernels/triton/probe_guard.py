@@ -17,14 +17,23 @@ from .. import _ops
 from ._index import block_range
 from .probe_scores import _TL_DTYPES
 
-
-
 # ---------------------------------------------------------------- probe_accumulate_
 
 
 @triton.jit
-def _accumulate_kernel(x_ptr, row_stride, w_ptr, acc_ptr, N, H, K,
-                       DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _accumulate_kernel(
+    x_ptr,
+    row_stride,
+    w_ptr,
+    acc_ptr,
+    N,
+    H,
+    K,
+    DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = block_range(tl.program_id(0), BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     r_ok = rows < N
@@ -55,12 +64,20 @@ def probe_accumulate_triton_(acc: torch.Tensor, hidden: torch.Tensor, weight_l: 
     block_n = 16
     block_h = max(16, min(128, 8192 // (block_n * block_k), triton.next_power_of_2(H)))
     _accumulate_kernel[(triton.cdiv(N, block_n),)](
-        x, x.stride(0) if N > 1 else H, w_t, target, N, H, K,
-        DTYPE=_TL_DTYPES[hidden.dtype], BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k,
+        x,
+        x.stride(0) if N > 1 else H,
+        w_t,
+        target,
+        N,
+        H,
+        K,
+        DTYPE=_TL_DTYPES[hidden.dtype],
+        BLOCK_N=block_n,
+        BLOCK_H=block_h,
+        BLOCK_K=block_k,
     )
     if target is not acc:
         acc.add_(target)
-
 
 
 # ---------------------------------------------------------------- probe_stream_step
@@ -72,9 +89,28 @@ def _segment_in_range(begin, count, N):
 
 
 @triton.jit
-def _stream_step_kernel(state_ptr, meta_ptr, status_ptr, ids_ptr, starts_ptr, counts_ptr, z_ptr, active_ptr, thr_ptr,
-                        scores_ptr, flagged_ptr, S, R, N, K, window, alpha,
-                        SEGMENTS: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK_R: tl.constexpr):
+def _stream_step_kernel(
+    state_ptr,
+    meta_ptr,
+    status_ptr,
+    ids_ptr,
+    starts_ptr,
+    counts_ptr,
+    z_ptr,
+    active_ptr,
+    thr_ptr,
+    scores_ptr,
+    flagged_ptr,
+    S,
+    R,
+    N,
+    K,
+    window,
+    alpha,
+    SEGMENTS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     # One program: rows are few (one per active sequence). Row r steps its slot
     # through token rows [start, start + count) (SEGMENTS), or token row r alone.
     rows = tl.arange(0, BLOCK_R)
@@ -160,8 +196,9 @@ def _stream_step_kernel(state_ptr, meta_ptr, status_ptr, ids_ptr, starts_ptr, co
         tl.store(flagged_ptr + rows, (flag_token >= 0).to(tl.int8), mask=r_ok)
 
 
-def _launch_stream_step(state, meta, status, slot_ids, token_starts, token_counts, token_logits, active, threshold,
-                        window, ema_alpha):
+def _launch_stream_step(
+    state, meta, status, slot_ids, token_starts, token_counts, token_logits, active, threshold, window, ema_alpha
+):
     n = slot_ids.shape[0]
     N, K = token_logits.shape
     segments = token_starts is not None
@@ -174,38 +211,84 @@ def _launch_stream_step(state, meta, status, slot_ids, token_starts, token_count
     counts = token_counts.to(torch.int64).contiguous() if segments else ids
     act = active.to(torch.int8).contiguous() if active is not None else ids
     _stream_step_kernel[(1,)](
-        state, meta, status, ids, starts, counts, z, act, threshold.to(torch.float32).contiguous(), scores,
-        flagged.view(torch.int8), state.shape[0], n, N, K, window, float(ema_alpha),
-        SEGMENTS=segments, HAS_ACTIVE=active is not None, BLOCK_R=max(16, triton.next_power_of_2(n)),
+        state,
+        meta,
+        status,
+        ids,
+        starts,
+        counts,
+        z,
+        act,
+        threshold.to(torch.float32).contiguous(),
+        scores,
+        flagged.view(torch.int8),
+        state.shape[0],
+        n,
+        N,
+        K,
+        window,
+        float(ema_alpha),
+        SEGMENTS=segments,
+        HAS_ACTIVE=active is not None,
+        BLOCK_R=max(16, triton.next_power_of_2(n)),
     )
     return scores, flagged
 
 
 @torch.library.custom_op("pykernels::probe_stream_step_triton", mutates_args=("state", "meta", "status"))
-def probe_stream_step_triton(state: torch.Tensor, meta: torch.Tensor, status: torch.Tensor, slot_ids: torch.Tensor,
-                             token_logits: torch.Tensor, active: Optional[torch.Tensor], threshold: torch.Tensor,
-                             window: int, ema_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_stream_step(state, meta, status, slot_ids, None, None, token_logits, active, threshold, window,
-                               ema_alpha)
-
+def probe_stream_step_triton(
+    state: torch.Tensor,
+    meta: torch.Tensor,
+    status: torch.Tensor,
+    slot_ids: torch.Tensor,
+    token_logits: torch.Tensor,
+    active: Optional[torch.Tensor],
+    threshold: torch.Tensor,
+    window: int,
+    ema_alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_stream_step(
+        state, meta, status, slot_ids, None, None, token_logits, active, threshold, window, ema_alpha
+    )
 
 
 @torch.library.custom_op("pykernels::probe_stream_step_varlen_triton", mutates_args=("state", "meta", "status"))
-def probe_stream_step_varlen_triton(state: torch.Tensor, meta: torch.Tensor, status: torch.Tensor,
-                                    slot_ids: torch.Tensor, token_starts: torch.Tensor, token_counts: torch.Tensor,
-                                    token_logits: torch.Tensor, threshold: torch.Tensor, window: int,
-                                    ema_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_stream_step(state, meta, status, slot_ids, token_starts, token_counts, token_logits, None,
-                               threshold, window, ema_alpha)
-
+def probe_stream_step_varlen_triton(
+    state: torch.Tensor,
+    meta: torch.Tensor,
+    status: torch.Tensor,
+    slot_ids: torch.Tensor,
+    token_starts: torch.Tensor,
+    token_counts: torch.Tensor,
+    token_logits: torch.Tensor,
+    threshold: torch.Tensor,
+    window: int,
+    ema_alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_stream_step(
+        state, meta, status, slot_ids, token_starts, token_counts, token_logits, None, threshold, window, ema_alpha
+    )
 
 
 # ---------------------------------------------------------------- softmax_weighted_bce
 
 
 @triton.jit
-def _swbce_kernel(z_ptr, y_ptr, len_ptr, loss_ptr, grad_ptr, work_ptr, T, window, window_loop, tau_ptr,
-                  DETACH: tl.constexpr, GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+def _swbce_kernel(
+    z_ptr,
+    y_ptr,
+    len_ptr,
+    loss_ptr,
+    grad_ptr,
+    work_ptr,
+    T,
+    window,
+    window_loop,
+    tau_ptr,
+    DETACH: tl.constexpr,
+    GRAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     # One program per sequence, looping over T in blocks like the CUDA kernel: work[b] holds
     # zbar, then d loss / d zbar_t / count_t. window_loop = min(window, T) bounds the window sums.
     tau = tl.load(tau_ptr)
@@ -267,9 +350,15 @@ def _swbce_kernel(z_ptr, y_ptr, len_ptr, loss_ptr, grad_ptr, work_ptr, T, window
 
 
 @torch.library.custom_op("pykernels::softmax_weighted_bce_fwd_triton", mutates_args=())
-def softmax_weighted_bce_fwd_triton(token_logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor,
-                                    window: int, tau: float, detach_weights: bool,
-                                    compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_weighted_bce_fwd_triton(
+    token_logits: torch.Tensor,
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    window: int,
+    tau: float,
+    detach_weights: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     z = token_logits.contiguous()
     B, T = z.shape
     loss = torch.empty((B,), dtype=z.dtype, device=z.device)
@@ -278,13 +367,23 @@ def softmax_weighted_bce_fwd_triton(token_logits: torch.Tensor, labels: torch.Te
         return loss, grad
     work = torch.empty_like(z)
     _swbce_kernel[(B,)](
-        z, labels.to(z.dtype).contiguous(), lengths.to(torch.int64).contiguous(), loss, grad if compute_grad else z,
-        work, T, window, min(window, T), torch.full((1,), tau, dtype=z.dtype, device=z.device),
-        DETACH=detach_weights, GRAD=compute_grad, BLOCK_T=min(1024, triton.next_power_of_2(T)),
+        z,
+        labels.to(z.dtype).contiguous(),
+        lengths.to(torch.int64).contiguous(),
+        loss,
+        grad if compute_grad else z,
+        work,
+        T,
+        window,
+        min(window, T),
+        torch.full((1,), tau, dtype=z.dtype, device=z.device),
+        DETACH=detach_weights,
+        GRAD=compute_grad,
+        BLOCK_T=min(1024, triton.next_power_of_2(T)),
     )
     return loss, grad
 
 
-
-_ops.register_triton_twins("probe_accumulate_", "probe_stream_step", "probe_stream_step_varlen",
-                           "softmax_weighted_bce_fwd")
+_ops.register_triton_twins(
+    "probe_accumulate_", "probe_stream_step", "probe_stream_step_varlen", "softmax_weighted_bce_fwd"
+)

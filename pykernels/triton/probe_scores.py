@@ -23,11 +23,24 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 @triton.jit
 def _probe_logits_kernel(
-    layer_ptrs, stride_b_ptr, stride_t_ptr,  # per-layer base address and strides (int64 tables)
-    w_ptr, bias_ptr, len_ptr, out_ptr,
-    T, H, K, L, n_tokens,
-    DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    layer_ptrs,
+    stride_b_ptr,
+    stride_t_ptr,  # per-layer base address and strides (int64 tables)
+    w_ptr,
+    bias_ptr,
+    len_ptr,
+    out_ptr,
+    T,
+    H,
+    K,
+    L,
+    n_tokens,
+    DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     tok = block_range(tl.program_id(0), BLOCK_T)  # flattened b * T + t
     in_range = tok < n_tokens
@@ -47,8 +60,7 @@ def _probe_logits_kernel(
             hs = h0 + tl.arange(0, BLOCK_H)
             h_ok = hs < H
             x = tl.load(base + rows[:, None] + hs[None, :], mask=valid[:, None] & h_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + (l * H + hs)[:, None] * K + ks[None, :], mask=h_ok[:, None] & k_ok[None, :],
-                        other=0.0)
+            w = tl.load(w_ptr + (l * H + hs)[:, None] * K + ks[None, :], mask=h_ok[:, None] & k_ok[None, :], other=0.0)
             acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ks, mask=k_ok, other=0.0)[None, :]
@@ -140,19 +152,42 @@ def probe_scores_triton(
     block_t = max(2, min(16, triton.next_power_of_2(triton.cdiv(B * T, 1024))))
     block_h = max(16, min(128, 8192 // (block_t * block_k), triton.next_power_of_2(H)))
     _probe_logits_kernel[(triton.cdiv(B * T, block_t), triton.cdiv(K, block_k))](
-        table[0], table[1], table[2], w, b, n_len, raw,
-        T, H, K, L, B * T,
-        DTYPE=_TL_DTYPES[h0.dtype], HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=block_k,
+        table[0],
+        table[1],
+        table[2],
+        w,
+        b,
+        n_len,
+        raw,
+        T,
+        H,
+        K,
+        L,
+        B * T,
+        DTYPE=_TL_DTYPES[h0.dtype],
+        HAS_BIAS=bias is not None,
+        HAS_LENGTHS=lengths is not None,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        BLOCK_K=block_k,
     )
     if smoothing == "swim" and smooth:
         n = B * T * K
         # A window past T sums what a window of T sums: the loop is bounded by T, not the window.
-        _swim_kernel[(triton.cdiv(n, 1024),)](raw, out, n_len, T, K, n, min(window, T),
-                                              HAS_LENGTHS=lengths is not None, BLOCK=1024)
+        _swim_kernel[(triton.cdiv(n, 1024),)](
+            raw, out, n_len, T, K, n, min(window, T), HAS_LENGTHS=lengths is not None, BLOCK=1024
+        )
     elif smoothing == "ema":
-        _ema_kernel[(B * K,)](raw, out, n_len, T, K, float(ema_alpha),
-                              HAS_LENGTHS=lengths is not None, BLOCK=min(1024, triton.next_power_of_2(T)))
+        _ema_kernel[(B * K,)](
+            raw,
+            out,
+            n_len,
+            T,
+            K,
+            float(ema_alpha),
+            HAS_LENGTHS=lengths is not None,
+            BLOCK=min(1024, triton.next_power_of_2(T)),
+        )
     return out
 
 

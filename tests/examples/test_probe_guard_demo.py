@@ -22,8 +22,14 @@ def test_demo_quick_run(tmp_path, capsys):
     out = capsys.readouterr().out
     for heading in ("== 1. task", "== 2. probes", "== 3. cascade", "== 4. streaming guard"):
         assert heading in out
-    for line in ("escalation rate", "classifier calls per 1k", "flag rate", "relative compute", "us per token",
-                 "AUROC: probe"):
+    for line in (
+        "escalation rate",
+        "classifier calls per 1k",
+        "flag rate",
+        "relative compute",
+        "us per token",
+        "AUROC: probe",
+    ):
         assert line in out
     assert set(results["ablation"]) == set(demo.VARIANTS)
     assert all(0.5 < v <= 1.0 for v in results["ablation"].values()), results["ablation"]  # better than chance

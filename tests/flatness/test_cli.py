@@ -9,7 +9,6 @@ from torch import nn
 
 from pykernels import flatness
 from pykernels.cli import main
-
 from tests.flatness.models import inputs, small_cnn
 
 
@@ -31,8 +30,28 @@ def files(tmp_path):
 
 def test_torchscript_model_on_a_dict_of_tensors(files, capsys):
     out = files / "out"
-    assert main(["flatness", "--model", str(files / "model.pt"), "--data", str(files / "data.pt"), "--batch-size",
-                 "4", "--num-probes", "8", "--samples", "8", "--steps", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "flatness",
+                "--model",
+                str(files / "model.pt"),
+                "--data",
+                str(files / "data.pt"),
+                "--batch-size",
+                "4",
+                "--num-probes",
+                "8",
+                "--samples",
+                "8",
+                "--steps",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "piecewise linear in x: yes" in text
     for measure in ("log_likelihood", "grad_norm", "trace", "exact_trace", "top_eigenvalue", "neighborhood_drop"):
@@ -50,9 +69,29 @@ def test_each_batch_draws_its_own_probes_and_noise(files, capsys):
     same = inputs(B=1, dtype=torch.float32).expand(4, -1, -1, -1).clone()
     torch.save({"images": same}, files / "same.pt")
     out = files / "out_same"
-    main(["flatness", "--model", str(files / "model.pt"), "--data", str(files / "same.pt"), "--batch-size", "2",
-          "--measures", "trace,neighborhood_drop", "--num-probes", "4", "--samples", "4", "--seed", "7",
-          "--directions", "", "--out", str(out)])
+    main(
+        [
+            "flatness",
+            "--model",
+            str(files / "model.pt"),
+            "--data",
+            str(files / "same.pt"),
+            "--batch-size",
+            "2",
+            "--measures",
+            "trace,neighborhood_drop",
+            "--num-probes",
+            "4",
+            "--samples",
+            "4",
+            "--seed",
+            "7",
+            "--directions",
+            "",
+            "--out",
+            str(out),
+        ]
+    )
     capsys.readouterr()
     rows = np.loadtxt(out / "measures.csv", delimiter=",", skiprows=1)  # example, trace, drop, trace_stderr
     for column in (1, 2):
@@ -64,9 +103,25 @@ def test_each_batch_draws_its_own_probes_and_noise(files, capsys):
 
 def test_state_dict_with_arch_on_npy(files, capsys):
     out = files / "out2"
-    main(["flatness", "--model", str(files / "state.pt"), "--arch", "tests.flatness.test_cli:tiny_factory",
-          "--data", str(files / "x.npy"), "--measures", "trace,exact_trace", "--num-probes", "8",
-          "--directions", "", "--out", str(out)])
+    main(
+        [
+            "flatness",
+            "--model",
+            str(files / "state.pt"),
+            "--arch",
+            "tests.flatness.test_cli:tiny_factory",
+            "--data",
+            str(files / "x.npy"),
+            "--measures",
+            "trace,exact_trace",
+            "--num-probes",
+            "8",
+            "--directions",
+            "",
+            "--out",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert "(no labels)" in text and "exact_trace" in text and "grad_norm" not in text
     assert not list(out.glob("*.png"))
@@ -74,8 +129,23 @@ def test_state_dict_with_arch_on_npy(files, capsys):
 
 def test_curved_model_skips_exact_trace(files, capsys):
     torch.jit.save(torch.jit.script(small_cnn(nn.GELU, dtype=torch.float32)), files / "gelu.pt")
-    main(["flatness", "--model", str(files / "gelu.pt"), "--data", str(files / "data.pt"), "--measures",
-          "trace,exact_trace", "--num-probes", "4", "--directions", "", "--out", str(files / "out3")])
+    main(
+        [
+            "flatness",
+            "--model",
+            str(files / "gelu.pt"),
+            "--data",
+            str(files / "data.pt"),
+            "--measures",
+            "trace,exact_trace",
+            "--num-probes",
+            "4",
+            "--directions",
+            "",
+            "--out",
+            str(files / "out3"),
+        ]
+    )
     text = capsys.readouterr().out
     assert "piecewise linear in x: no (curved ops: gelu)" in text and "exact_trace skipped" in text
 
@@ -92,6 +162,7 @@ def test_curved_model_skips_exact_trace(files, capsys):
 )
 def test_bad_arguments(files, extra, pattern):
     args = ["flatness", "--data", str(files / "data.pt")] + [
-        a.replace("STATE", str(files / "state.pt")).replace("MODEL", str(files / "model.pt")) for a in extra]
+        a.replace("STATE", str(files / "state.pt")).replace("MODEL", str(files / "model.pt")) for a in extra
+    ]
     with pytest.raises(SystemExit, match=pattern):
         main(args)

@@ -7,13 +7,16 @@ import torch
 from pykernels import flatness
 from pykernels.flatness._model import log_likelihood_fn
 from pykernels.flatness.hvp import forward_over_reverse, reverse_over_reverse, twice_differentiable
-
 from tests.flatness.models import SMOOTH_FAMILIES, inputs
 
 # forward-over-reverse does not trace through BatchNorm / LayerNorm (PyTorch's fake tensors fail
 # on their forward-mode rules under compile): those families use reverse_over_reverse.
-CASES = [("mlp-gelu", forward_over_reverse), ("cnn-gelu", forward_over_reverse),
-         ("resnet-silu-batchnorm", reverse_over_reverse), ("attention", reverse_over_reverse)]
+CASES = [
+    ("mlp-gelu", forward_over_reverse),
+    ("cnn-gelu", forward_over_reverse),
+    ("resnet-silu-batchnorm", reverse_over_reverse),
+    ("attention", reverse_over_reverse),
+]
 
 
 @pytest.mark.parametrize("family, product", CASES, ids=[f"{f}-{p.__name__}" for f, p in CASES])

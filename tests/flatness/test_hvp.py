@@ -11,12 +11,24 @@ from torch import nn
 from pykernels import flatness
 from pykernels.flatness._piecewise import curved_ops
 from pykernels.flatness.hvp import FEW_VECTORS, InputHessian, ParameterHessian, prepared, twice_differentiable
+from tests.flatness.models import (
+    SMOOTH_FAMILIES,
+    NoForwardModeNet,
+    ResidualBlock,
+    TanhNet,
+    _TanhBackward,
+    dense_hessians,
+    inputs,
+    small_cnn,
+)
 
-from tests.flatness.models import (SMOOTH_FAMILIES, NoForwardModeNet, ResidualBlock, TanhNet, _TanhBackward,
-                                   dense_hessians, inputs, small_cnn)
-
-METHODS = ("forward-over-reverse", "forward-over-reverse-per-example", "double-backward", "finite-difference",
-           "gauss-newton")
+METHODS = (
+    "forward-over-reverse",
+    "forward-over-reverse-per-example",
+    "double-backward",
+    "finite-difference",
+    "gauss-newton",
+)
 
 
 def probes(S, x, seed=5):
@@ -74,8 +86,12 @@ def test_every_exact_method_equals_double_backward_on_each_smooth_family(family)
     reference = flatness.hvp(model, x, V, method="double-backward")
     scale = expect.abs().max().item()
     assert (reference - expect).abs().max().item() <= 1e-10 * scale
-    for method, vectors in (("forward-over-reverse", V), ("forward-over-reverse-per-example", V), ("auto", V),
-                            ("auto", V[:2])):
+    for method, vectors in (
+        ("forward-over-reverse", V),
+        ("forward-over-reverse-per-example", V),
+        ("auto", V),
+        ("auto", V[:2]),
+    ):
         out = flatness.hvp(model, x, vectors, method=method)
         assert (out - reference[: len(vectors)]).abs().max().item() <= 1e-6 * scale, (method, len(vectors))
     trace = flatness.hessian_trace(model, x, 40, seed=3)
@@ -96,8 +112,9 @@ def tanh_knobs():
     _TanhBackward.backward_item = False
 
 
-@pytest.mark.parametrize("slow, expect", [("_forward_over_reverse", "double-backward"),
-                                          ("_double_backward", "forward-over-reverse")])
+@pytest.mark.parametrize(
+    "slow, expect", [("_forward_over_reverse", "double-backward"), ("_double_backward", "forward-over-reverse")]
+)
 def test_auto_times_the_exact_methods_and_keeps_the_fastest(monkeypatch, slow, expect):
     """With many vectors on a smooth net, "auto" times the exact methods on the first chunk and
     keeps the fastest: make the forward-over-reverse ones (both batchings) or double backward 0.3 s
@@ -150,12 +167,6 @@ def test_auto_timing_is_not_decided_by_a_one_off_cost_of_the_method_timed_first(
         H = InputHessian(model, x)
         H.matvec(V.flatten(2))
     assert H.method in ("forward-over-reverse", "forward-over-reverse-per-example"), H.timings
-
-
-@pytest.fixture
-def tanh_knobs():
-    yield _TanhBackward
-    _TanhBackward.backward_item = False
 
 
 def test_piecewise_check_runs_once_per_model_and_shape_and_again_when_a_module_is_swapped(monkeypatch):
@@ -306,11 +317,14 @@ def test_forward_mode_falls_back_only_when_the_model_is_beyond_it():
         assert model.calls == 2
 
 
-@pytest.mark.parametrize("error, falls_back", [
-    (torch.OutOfMemoryError("CUDA out of memory (simulated)"), False),
-    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
-    (RuntimeError("Batching rule not implemented for aten::foo (simulated)"), True),
-])
+@pytest.mark.parametrize(
+    "error, falls_back",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory (simulated)"), False),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (RuntimeError("Batching rule not implemented for aten::foo (simulated)"), True),
+    ],
+)
 def test_double_backward_goes_vector_by_vector_only_without_a_batching_rule(monkeypatch, error, falls_back):
     # Out of memory (or a bug) in the batched double backward reaches the caller; only a missing
     # batching rule is retried one vector at a time.
@@ -383,11 +397,15 @@ def test_every_parameter_hvp_method_equals_double_backward_on_each_family(family
     D = sum(p.numel() for p in params)
     V = torch.randn(3, 1, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     with twice_differentiable():
-        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(
-            nn.functional.cross_entropy(model(x), y), params, create_graph=True)])
-        expect = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(g, params, v[0],
-                                                                                      retain_graph=True)])
-                              for v in V]).unsqueeze(1)
+        g = torch.cat(
+            [
+                t.reshape(-1)
+                for t in torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
+            ]
+        )
+        expect = torch.stack(
+            [torch.cat([t.reshape(-1) for t in torch.autograd.grad(g, params, v[0], retain_graph=True)]) for v in V]
+        ).unsqueeze(1)
     scale = expect.abs().max().item()
     for method in PARAMETER_METHODS:
         H = ParameterHessian(model, nn.functional.cross_entropy, x, y, method=method)
@@ -429,17 +447,26 @@ def test_parameter_auto_times_the_methods_once_and_keeps_the_fastest(monkeypatch
     "call, exc, pattern",
     [
         (lambda m, x: flatness.hvp(m, x[0, 0, 0], x[0, 0, 0]), ValueError, r"x must have a batch dim \[B, ...\]"),
-        (lambda m, x: flatness.hvp(m, x[0], x[0]), RuntimeError,
-         r"the model failed on x of shape \(1, 6, 6\) \(x must be a batch \[B, ...\]"),
+        (
+            lambda m, x: flatness.hvp(m, x[0], x[0]),
+            RuntimeError,
+            r"the model failed on x of shape \(1, 6, 6\) \(x must be a batch \[B, ...\]",
+        ),
         (lambda m, x: flatness.hvp(m, x.long(), x), TypeError, "x must be a floating-point tensor"),
         (lambda m, x: flatness.hvp(m, x, x[:, :, :3]), ValueError, r"v must be \[S, \*x.shape\]"),
         (lambda m, x: flatness.hvp(m, x, x, method="magic"), ValueError, "method must be one of"),
-        (lambda m, x: flatness.hvp(lambda t: m(t).unsqueeze(-1), x, x), ValueError,
-         r"2-D logits \[B, K\] with B = 4 \(x.shape\[0\]\), got shape \(4, 5, 1\)"),
+        (
+            lambda m, x: flatness.hvp(lambda t: m(t).unsqueeze(-1), x, x),
+            ValueError,
+            r"2-D logits \[B, K\] with B = 4 \(x.shape\[0\]\), got shape \(4, 5, 1\)",
+        ),
         (lambda m, x: flatness.hvp(lambda t: m(t)[:2], x, x), ValueError, r"got shape \(2, 5\)"),
         (lambda m, x: flatness.hvp(lambda t: (m(t),), x, x), TypeError, "must return a logits tensor"),
-        (lambda m, x: flatness.hvp(lambda t: m(t) / (t.flatten(1)[:, :1] > 0.5), x, x), ValueError,
-         r"NaN or infinite logits for \d example\(s\) \(indices"),
+        (
+            lambda m, x: flatness.hvp(lambda t: m(t) / (t.flatten(1)[:, :1] > 0.5), x, x),
+            ValueError,
+            r"NaN or infinite logits for \d example\(s\) \(indices",
+        ),
         (lambda m, x: flatness.hvp(m, x, x, train_mode="train"), ValueError, "train_mode must be one of"),
     ],
 )

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from pykernels import flatness
-
 from tests.flatness.models import inputs, small_cnn
 
 landscape_module = importlib.import_module("pykernels.flatness.landscape")  # the package exports the function
@@ -75,8 +74,9 @@ def test_pgd_direction_attacks_within_the_ball_the_grid_spans(monkeypatch):
     assert (l2 <= 0.1 + 1e-12).all() and (l2 > 0.099).all()  # on the sphere of the budget
     budgets = []
     real = landscape_module.pgd_steps
-    monkeypatch.setattr(landscape_module, "pgd_steps",
-                        lambda *a, **k: budgets.append((k["norm"], a[3])) or real(*a, **k))
+    monkeypatch.setattr(
+        landscape_module, "pgd_steps", lambda *a, **k: budgets.append((k["norm"], a[3])) or real(*a, **k)
+    )
     for scale in ("l2", "none", "linf", "input"):
         flatness.landscape(model, x, "pgd", dims=1, steps=3, radius=0.1, scale=scale)
     norms = x.flatten(1).norm(dim=1).reshape(2, 1, 1, 1)
@@ -128,4 +128,6 @@ def test_plot_bad_input(tmp_path):
     with pytest.raises(ValueError, match="example 5 out of range"):
         flatness.plot_landscape(L, str(tmp_path / "x.png"), example=5)
     with pytest.raises(ValueError, match="mix of 1-D and 2-D"):
-        flatness.plot_landscape([L, flatness.landscape(small_cnn(), inputs(B=2), dims=1, steps=3)], str(tmp_path / "x.png"))
+        flatness.plot_landscape(
+            [L, flatness.landscape(small_cnn(), inputs(B=2), dims=1, steps=3)], str(tmp_path / "x.png")
+        )

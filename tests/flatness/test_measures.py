@@ -12,7 +12,6 @@ from torch import nn
 
 from pykernels import flatness
 from pykernels.reference import flatness as R
-
 from tests.flatness.models import dense_hessians, inputs, small_cnn
 from tests.helpers import backend_params
 
@@ -51,8 +50,9 @@ def test_exact_trace_refuses_curved_models_and_gives_the_gauss_newton_trace_when
         flatness.exact_trace(model, x)
     gn = flatness.exact_trace(model, x, check=False)
     # tr(J^T A J) by hand from the dense Jacobian
-    J = torch.stack([torch.autograd.functional.jacobian(lambda t: model(t.reshape(1, 1, 6, 6))[0], xb.flatten())
-                     for xb in x])  # [B, K, D]
+    J = torch.stack(
+        [torch.autograd.functional.jacobian(lambda t: model(t.reshape(1, 1, 6, 6))[0], xb.flatten()) for xb in x]
+    )  # [B, K, D]
     s = torch.softmax(model(x), -1)
     A = torch.diag_embed(s) - s[:, :, None] * s[:, None, :]
     torch.testing.assert_close(gn, torch.einsum("bkl,bld,bkd->b", A, J, J))
@@ -112,14 +112,20 @@ def test_hutch_plus_plus_agrees_across_backends_with_coinciding_probes(dtype):
         x = torch.randn(4, D, dtype=dtype)
         runs = {b: flatness.hessian_trace(model, x, num_probes=9, method="hutch++", backend=b) for b in backends}
         for b, (est, se) in runs.items():
-            torch.testing.assert_close(est, runs["reference"].value, rtol=tol, atol=tol, msg=lambda m: f"D={D} {b}: {m}")
-            torch.testing.assert_close(se, runs["reference"].stderr, rtol=tol, atol=tol, msg=lambda m: f"D={D} {b}: {m}")
+            torch.testing.assert_close(
+                est, runs["reference"].value, rtol=tol, atol=tol, msg=lambda m: f"D={D} {b}: {m}"
+            )
+            torch.testing.assert_close(
+                se, runs["reference"].stderr, rtol=tol, atol=tol, msg=lambda m: f"D={D} {b}: {m}"
+            )
 
 
 def test_same_probes_same_estimate_whatever_the_hvp_path_and_backend(relu):
     model, x, _ = relu
-    runs = [flatness.hessian_trace(model, x, num_probes=12, seed=4, hvp=h)
-            for h in ("gauss-newton", "forward-over-reverse", "double-backward")]
+    runs = [
+        flatness.hessian_trace(model, x, num_probes=12, seed=4, hvp=h)
+        for h in ("gauss-newton", "forward-over-reverse", "double-backward")
+    ]
     for backend in ["reference"] + [p.values[0] for p in backend_params() if not p.marks]:
         runs.append(flatness.hessian_trace(model, x, num_probes=12, seed=4, backend=backend))
     for other in runs[1:]:
@@ -130,8 +136,9 @@ def test_same_probes_same_estimate_whatever_the_hvp_path_and_backend(relu):
 @pytest.mark.parametrize("fixture", ["relu", "gelu"])
 def test_top_eigenvalues_match_eigvalsh(method, fixture, request):
     model, x, dense = request.getfixturevalue(fixture)
-    values, vectors = flatness.top_eigenvalues(model, x, k=3, method=method, return_eigenvectors=True,
-                                               iters=None if method == "lanczos" else 500, tol=1e-12)
+    values, vectors = flatness.top_eigenvalues(
+        model, x, k=3, method=method, return_eigenvectors=True, iters=None if method == "lanczos" else 500, tol=1e-12
+    )
     torch.testing.assert_close(values, top_by_magnitude(dense, 3), rtol=1e-6, atol=1e-10)
     assert vectors.shape == (x.shape[0], 3, *x.shape[1:])
     v = vectors.flatten(2)
@@ -192,8 +199,11 @@ def noise_draws(S, x, radius, noise="sigma", seed=0, chunk=None):
     draws = []
     for s0 in range(0, S, chunk):
         shape = (min(chunk, S - s0), *x.shape)
-        draws.append(radius * torch.randn(shape, generator=gen, dtype=x.dtype) if noise == "sigma" else
-                     radius * (2 * torch.rand(shape, generator=gen, dtype=x.dtype) - 1))
+        draws.append(
+            radius * torch.randn(shape, generator=gen, dtype=x.dtype)
+            if noise == "sigma"
+            else radius * (2 * torch.rand(shape, generator=gen, dtype=x.dtype) - 1)
+        )
     return torch.cat(draws)
 
 
@@ -227,7 +237,7 @@ def test_neighborhood_drop_second_order_link():
     torch.testing.assert_close(est, drops.mean(0), rtol=1e-12, atol=1e-15)  # the same draws
     second_order = est + first_order.mean(0)
     se = (drops + first_order).std(0) / math.sqrt(S)
-    target = -sigma**2 / 2 * flatness.exact_trace(model, x)
+    target = -(sigma**2) / 2 * flatness.exact_trace(model, x)
     assert (4 * se < 0.05 * target.abs()).all(), (se, target)  # tight enough to fail
     assert ((second_order - target).abs() < 4 * se).all(), (second_order, target, se)
 
@@ -257,12 +267,18 @@ def test_parameter_hessian_trace_and_eigenvalues():
     "call, exc, pattern",
     [
         (lambda m, x: flatness.hessian_trace(m, x, num_probes=0), ValueError, "num_probes must be >= 1, got 0"),
-        (lambda m, x: flatness.hessian_trace(m, x, num_probes=2, method="hutch++"), ValueError,
-         "hutch\\+\\+ needs num_probes >= 3"),
+        (
+            lambda m, x: flatness.hessian_trace(m, x, num_probes=2, method="hutch++"),
+            ValueError,
+            "hutch\\+\\+ needs num_probes >= 3",
+        ),
         (lambda m, x: flatness.hessian_trace(m, x, method="xtrace"), ValueError, "method must be one of"),
         (lambda m, x: flatness.hessian_trace(m, x, probes="sobol"), ValueError, "probes must be one of"),
-        (lambda m, x: flatness.top_eigenvalues(m, x, k=37), ValueError,
-         "k = 37 is larger than the input dimension D = 36"),
+        (
+            lambda m, x: flatness.top_eigenvalues(m, x, k=37),
+            ValueError,
+            "k = 37 is larger than the input dimension D = 36",
+        ),
         (lambda m, x: flatness.top_eigenvalues(m, x, k=0), ValueError, "k must be >= 1"),
         (lambda m, x: flatness.top_eigenvalues(m, x, k=5, iters=3), ValueError, "lanczos needs iters >= k = 5"),
         (lambda m, x: flatness.neighborhood_drop(m, x), ValueError, "give exactly one of sigma"),
@@ -286,7 +302,8 @@ HESSIAN_MEASURES = {
     "top_eigenvalues": flatness.top_eigenvalues,
     "spectral_density": flatness.spectral_density,
     "parameter_hessian_trace": lambda m, x: flatness.parameter_hessian_trace(
-        m, nn.functional.cross_entropy, x, torch.arange(len(x)) % 5, num_probes=4),
+        m, nn.functional.cross_entropy, x, torch.arange(len(x)) % 5, num_probes=4
+    ),
 }
 
 

@@ -11,7 +11,6 @@ from torch.func import grad, jvp, vmap
 
 from pykernels.flatness import ops
 from pykernels.reference import flatness as R
-
 from tests.helpers import backend_device, backend_params, compile_and_check_ops
 
 ALL_BACKENDS = ["reference"] + backend_params()
@@ -104,20 +103,31 @@ def _energy_tol(dtype, ref):
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
 def test_energy_matches_reference(backend, dtype):
     device = backend_device(backend)
-    for seed, (name, z) in enumerate(logits_layouts(device, dtype, seed=10)):
+    for name, z in logits_layouts(device, dtype, seed=10):
         out = ops.energy(z, backend=backend)
         ref = R.energy(z.cpu().double())
         assert out.dtype == dtype and out.shape == z.shape[:-1]
-        torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=_energy_tol(dtype, ref),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            out.cpu().double(), ref, rtol=0, atol=_energy_tol(dtype, ref), msg=lambda m: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # inf/NaN arithmetic in Triton's interpreter
 def test_energy_special_values(backend):
     inf, nan = float("inf"), float("nan")
-    z = torch.tensor([[inf, 1.0, 2.0], [-inf, -inf, -inf], [nan, 1.0, 2.0], [inf, nan, 0.0], [inf, inf, 0.0],
-                      [-inf, 0.0, -inf], [1e30, 1e30, -1e30]], device=device_of(backend))
+    z = torch.tensor(
+        [
+            [inf, 1.0, 2.0],
+            [-inf, -inf, -inf],
+            [nan, 1.0, 2.0],
+            [inf, nan, 0.0],
+            [inf, inf, 0.0],
+            [-inf, 0.0, -inf],
+            [1e30, 1e30, -1e30],
+        ],
+        device=device_of(backend),
+    )
     expect = torch.tensor([-inf, inf, nan, nan, -inf, 0.0, -(1e30 + math.log(2.0))])
     out = ops.energy(z, backend=backend).cpu()
     torch.testing.assert_close(out, expect, equal_nan=True)
@@ -141,8 +151,13 @@ def test_logsumexp_hvp_matches_reference(backend, dtype):
             ref = R.logsumexp_hvp(z.cpu().double(), U.cpu().double())
             for part, o, r in zip(("softmax", "energy", "hvp"), out, ref):
                 assert o.dtype == dtype and o.shape == r.shape
-                torch.testing.assert_close(o.cpu().double(), r, rtol=0, atol=tol * (1 + _max_abs(r)),
-                                           msg=lambda m: f"{name} S={S} {layout} {part}: {m}")
+                torch.testing.assert_close(
+                    o.cpu().double(),
+                    r,
+                    rtol=0,
+                    atol=tol * (1 + _max_abs(r)),
+                    msg=lambda m: f"{name} S={S} {layout} {part}: {m}",
+                )
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -194,10 +209,14 @@ def test_probe_dots_match_reference(backend, dtype):
     tol = 1e-13 if dtype == torch.float64 else 1e-5
     cases = [
         (randn(3, 4, 37, seed=1, dtype=dtype, device=device), randn(3, 4, 37, seed=2, dtype=dtype, device=device)),
-        (randn(4, 3, 2, 5, 5, seed=3, dtype=dtype, device=device).transpose(0, 1),  # [S, B, ...] views
-         randn(3, 4, 2, 5, 5, seed=4, dtype=dtype, device=device)),
-        (randn(2, 2, 5000, seed=5, dtype=dtype, device=device)[:, :, ::2],  # strided last dim
-         randn(2, 2, 2500, seed=6, dtype=dtype, device=device)),
+        (
+            randn(4, 3, 2, 5, 5, seed=3, dtype=dtype, device=device).transpose(0, 1),  # [S, B, ...] views
+            randn(3, 4, 2, 5, 5, seed=4, dtype=dtype, device=device),
+        ),
+        (
+            randn(2, 2, 5000, seed=5, dtype=dtype, device=device)[:, :, ::2],  # strided last dim
+            randn(2, 2, 2500, seed=6, dtype=dtype, device=device),
+        ),
     ]
     for v, w in cases:
         out = ops.probe_dots(v, w, backend=backend)
@@ -228,8 +247,9 @@ def test_energy_under_torch_func_matches_reference_autograd(backend):
     U = randn(3, 4, 6, seed=32, device=device)
     f, fr = _energy_sum(backend), lambda z: R.energy(z).sum()
     torch.testing.assert_close(grad(f)(z), grad(fr)(z))
-    torch.testing.assert_close(jvp(lambda z: ops.energy(z, backend=backend), (z,), (U[0],))[1],
-                               jvp(R.energy, (z,), (U[0],))[1])
+    torch.testing.assert_close(
+        jvp(lambda z: ops.energy(z, backend=backend), (z,), (U[0],))[1], jvp(R.energy, (z,), (U[0],))[1]
+    )
     torch.testing.assert_close(vmap(lambda z: ops.energy(z, backend=backend))(U), R.energy(U))
     # forward-over-reverse, vmapped over tangents: the Hessian-vector products
     hvp = vmap(lambda u: jvp(grad(f), (z,), (u,))[1])(U)
@@ -266,8 +286,9 @@ def test_logsumexp_hvp_autograd_and_vmap(backend):
 def test_probe_dots_gradcheck(backend):
     device = device_of(backend)
     v, w = randn(2, 3, 4, seed=50, device=device).requires_grad_(), randn(2, 3, 4, seed=51, device=device)
-    assert torch.autograd.gradcheck(lambda v, w: ops.probe_dots(v, w, backend=backend), (v, w.requires_grad_()),
-                                    check_forward_ad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, w: ops.probe_dots(v, w, backend=backend), (v, w.requires_grad_()), check_forward_ad=True
+    )
 
 
 # ---------------------------------------------------------------- torch integration
@@ -305,14 +326,26 @@ def test_torch_compile_backward_through_registered_autograd(backend):
         (lambda: ops.energy(torch.tensor(1.0)), ValueError, "logits must have a class dim"),
         (lambda: ops.energy(torch.ones(2, 3, dtype=torch.int64)), TypeError, "logits must have dtype in"),
         (lambda: ops.energy([1.0, 2.0]), TypeError, "logits must be a torch.Tensor, got list"),
-        (lambda: ops.logsumexp_hvp(torch.ones(2, 3), torch.ones(2, 3)), ValueError,
-         r"tangents must have 3 dims \[S, \*logits.shape\] = \[S, 2, 3\], got shape \(2, 3\)"),
-        (lambda: ops.logsumexp_hvp(torch.ones(2, 3), torch.ones(1, 2, 4)), ValueError,
-         r"tangents must be \[S, \*logits.shape\] with logits.shape = \(2, 3\), got \(1, 2, 4\)"),
-        (lambda: ops.logsumexp_hvp(torch.ones(2, 3), torch.ones(1, 2, 3, dtype=torch.float64)), TypeError,
-         r"tangents must have dtype in \(float32\)"),
-        (lambda: ops.logsumexp_hvp(torch.ones(2, 3).half(), torch.ones(1, 2, 3).half()), TypeError,
-         r"logits must have dtype in \(float32, float64\)"),
+        (
+            lambda: ops.logsumexp_hvp(torch.ones(2, 3), torch.ones(2, 3)),
+            ValueError,
+            r"tangents must have 3 dims \[S, \*logits.shape\] = \[S, 2, 3\], got shape \(2, 3\)",
+        ),
+        (
+            lambda: ops.logsumexp_hvp(torch.ones(2, 3), torch.ones(1, 2, 4)),
+            ValueError,
+            r"tangents must be \[S, \*logits.shape\] with logits.shape = \(2, 3\), got \(1, 2, 4\)",
+        ),
+        (
+            lambda: ops.logsumexp_hvp(torch.ones(2, 3), torch.ones(1, 2, 3, dtype=torch.float64)),
+            TypeError,
+            r"tangents must have dtype in \(float32\)",
+        ),
+        (
+            lambda: ops.logsumexp_hvp(torch.ones(2, 3).half(), torch.ones(1, 2, 3).half()),
+            TypeError,
+            r"logits must have dtype in \(float32, float64\)",
+        ),
         (lambda: ops.fill_probes_(torch.empty(3), 0, kind="uniform"), ValueError, "kind must be one of"),
         (lambda: ops.fill_probes_(torch.empty(3), 1.5), TypeError, "seed must be an int, got float"),
         (lambda: ops.fill_probes_(torch.empty(3), 2**64), ValueError, "seed must fit in a signed 64-bit"),
@@ -320,10 +353,16 @@ def test_torch_compile_backward_through_registered_autograd(backend):
         (lambda: ops.fill_probes_(torch.empty(3), 0, offset=2**63), ValueError, f"offset must be <= {2**63 - 4}"),
         (lambda: ops.fill_probes_(torch.empty(3), 0, offset=2**63 - 2), ValueError, "offset must be <= "),
         (lambda: ops.fill_probes_(torch.empty(3, dtype=torch.int32), 0), TypeError, "out must have dtype in"),
-        (lambda: ops.probe_dots(torch.ones(2, 3), torch.ones(2, 3)), ValueError,
-         r"v must be \[S, B, ...\] with at least one trailing dim, got shape \(2, 3\)"),
-        (lambda: ops.probe_dots(torch.ones(2, 3, 4), torch.ones(2, 3, 5)), ValueError,
-         r"w must have the shape of v \(2, 3, 4\), got \(2, 3, 5\)"),
+        (
+            lambda: ops.probe_dots(torch.ones(2, 3), torch.ones(2, 3)),
+            ValueError,
+            r"v must be \[S, B, ...\] with at least one trailing dim, got shape \(2, 3\)",
+        ),
+        (
+            lambda: ops.probe_dots(torch.ones(2, 3, 4), torch.ones(2, 3, 5)),
+            ValueError,
+            r"w must have the shape of v \(2, 3, 4\), got \(2, 3, 5\)",
+        ),
         (lambda: ops.energy(torch.ones(2, 3), backend="gpu"), ValueError, "backend must be one of"),
     ],
 )

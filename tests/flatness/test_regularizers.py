@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from pykernels import flatness
-
 from tests.flatness.models import inputs, small_cnn
 
 

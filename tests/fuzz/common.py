@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pykernels
-
 from tests.helpers import backend_device
 
 PROFILE = os.environ.get("PYKERNELS_FUZZ_PROFILE", "ci")

@@ -14,9 +14,12 @@ from hypothesis import HealthCheck, Phase, settings
 
 from .common import EXAMPLES, PROFILE
 
-_COMMON = dict(deadline=None, database=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.function_scoped_fixture])
+_COMMON = dict(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 # No shrinking in CI: a failure is reported as drawn (with its reproduce blob), and the
 # xfail(strict) tests of known defects do not spend minutes shrinking on every run.
 settings.register_profile("ci", derandomize=True, phases=(Phase.explicit, Phase.reuse, Phase.generate), **_COMMON)
@@ -36,5 +39,8 @@ def pytest_terminal_summary(terminalreporter):
     path = os.environ.get("PYKERNELS_FUZZ_COUNTS")
     if path:
         with open(path, "w") as f:
-            json.dump({"profile": PROFILE, "examples": {f"{op} [{b}]": n for (op, b), n in sorted(EXAMPLES.items())}},
-                      f, indent=1)
+            json.dump(
+                {"profile": PROFILE, "examples": {f"{op} [{b}]": n for (op, b), n in sorted(EXAMPLES.items())}},
+                f,
+                indent=1,
+            )

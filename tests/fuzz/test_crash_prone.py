@@ -24,14 +24,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # name -> (expectation, Python statement using torch as `torch`, ops as `P`, randn as `r`, int64 ones as `i`).
 RAW_CASES = {
-    "probe_scores: weight H != hidden H": ("raises", "P.probe_scores([r(2,5,4)]*2, r(2,5,3), None, None, 'none', 1, 1.)"),
-    "probe_scores: weight holds fewer layers": ("raises", "P.probe_scores([r(2,5,4)]*3, r(1,4,3), None, None, 'swim', 2, 1.)"),
-    "probe_scores: layers of different shapes": ("raises", "P.probe_scores([r(2,5,4), r(2,3,4)], r(2,4,3), None, None, 'ema', 1, .5)"),
-    "probe_scores: layers of different batch": ("raises", "P.probe_scores([r(2,5,4), r(1,5,4)], r(2,4,3), None, None, 'ema', 1, .5)"),
+    "probe_scores: weight H != hidden H": (
+        "raises",
+        "P.probe_scores([r(2,5,4)]*2, r(2,5,3), None, None, 'none', 1, 1.)",
+    ),
+    "probe_scores: weight holds fewer layers": (
+        "raises",
+        "P.probe_scores([r(2,5,4)]*3, r(1,4,3), None, None, 'swim', 2, 1.)",
+    ),
+    "probe_scores: layers of different shapes": (
+        "raises",
+        "P.probe_scores([r(2,5,4), r(2,3,4)], r(2,4,3), None, None, 'ema', 1, .5)",
+    ),
+    "probe_scores: layers of different batch": (
+        "raises",
+        "P.probe_scores([r(2,5,4), r(1,5,4)], r(2,4,3), None, None, 'ema', 1, .5)",
+    ),
     "probe_scores: no layers": ("raises", "P.probe_scores([], r(0,4,3), None, None, 'none', 1, 1.)"),
     "probe_scores: short bias": ("raises", "P.probe_scores([r(2,5,4)], r(1,4,3), r(2), None, 'none', 1, 1.)"),
     "probe_scores: short lengths": ("raises", "P.probe_scores([r(3,5,4)], r(1,4,3), None, i(1), 'none', 1, 1.)"),
-    "probe_scores: lengths past T and negative": ("any", "P.probe_scores([r(2,5,4)], r(1,4,3), None, torch.tensor([99, -7]), 'swim', 3, 1.)"),
+    "probe_scores: lengths past T and negative": (
+        "any",
+        "P.probe_scores([r(2,5,4)], r(1,4,3), None, torch.tensor([99, -7]), 'swim', 3, 1.)",
+    ),
     "probe_scores: window 0": ("any", "P.probe_scores([r(2,5,4)], r(1,4,3), None, None, 'swim', 0, 1.)"),
     "probe_scores: negative window": ("any", "P.probe_scores([r(2,5,4)], r(1,4,3), None, None, 'swim', -3, 1.)"),
     "probe_scores: huge window": ("any", "P.probe_scores([r(2,5,4)], r(1,4,3), None, None, 'swim', 2**62, 1.)"),
@@ -39,7 +54,10 @@ RAW_CASES = {
     "probe_scores: integer activations": ("raises", "P.probe_scores([i(2,5,4)], r(1,4,3), None, None, 'none', 1, 1.)"),
     "probe_scores: 2-D layer": ("raises", "P.probe_scores([r(5,4)], r(1,4,3), None, None, 'none', 1, 1.)"),
     "probe_scores: 2-D weight": ("raises", "P.probe_scores([r(2,5,4)], r(4,3), None, None, 'none', 1, 1.)"),
-    "probe_scores: odd strides": ("any", "P.probe_scores([r(4,9,6)[::2, ::3, ::-1].flip(2)], r(1,6,5)[:, :, ::2], None, None, 'ema', 1, 0.)"),
+    "probe_scores: odd strides": (
+        "any",
+        "P.probe_scores([r(4,9,6)[::2, ::3, ::-1].flip(2)], r(1,6,5)[:, :, ::2], None, None, 'ema', 1, 0.)",
+    ),
     "probe_scores: NaN alpha": ("any", "P.probe_scores([r(2,5,4)], r(1,4,3), None, None, 'ema', 1, float('nan'))"),
     "probe_accumulate_: acc rows != hidden rows": ("raises", "P.probe_accumulate_(r(3,2), r(4,4), r(4,2))"),
     "probe_accumulate_: weight_l rows != H": ("raises", "P.probe_accumulate_(r(3,2), r(3,4), r(5,2))"),
@@ -47,24 +65,80 @@ RAW_CASES = {
     "probe_accumulate_: float64 acc": ("raises", "P.probe_accumulate_(r(3,2).double(), r(3,4), r(4,2))"),
     "probe_accumulate_: 1-D hidden": ("raises", "P.probe_accumulate_(r(3,2), r(4), r(4,2))"),
     "probe_accumulate_: strided acc": ("any", "P.probe_accumulate_(r(6,4)[::2, ::2], r(3,4), r(4,2))"),
-    "probe_stream_step: ring too short for the window": ("raises", "P.probe_stream_step(r(5,2,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1]), r(2,3), None, r(3), 4, 1.)"),
-    "probe_stream_step: meta of wrong shape": ("raises", "P.probe_stream_step(r(5,1,3).zero_(), i(5,2), i(2).zero_(), torch.tensor([0,1]), r(2,3), None, r(3), 0, .5)"),
-    "probe_stream_step: fewer meta rows than slots": ("raises", "P.probe_stream_step(r(5,1,3).zero_(), i(2,3), i(2).zero_(), torch.tensor([3,4]), r(2,3), None, r(3), 0, .5)"),
-    "probe_stream_step: short status": ("raises", "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(1).zero_(), torch.tensor([0]), r(1,3), None, r(3), 0, .5)"),
-    "probe_stream_step: logits of another K": ("raises", "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1]), r(2,4), None, r(3), 0, .5)"),
-    "probe_stream_step: fewer logits than ids": ("raises", "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1,2]), r(2,3), None, r(3), 0, .5)"),
-    "probe_stream_step: short threshold": ("raises", "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1]), r(2,3), None, r(2), 0, .5)"),
-    "probe_stream_step: short active": ("raises", "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1]), r(2,3), torch.ones(1, dtype=torch.bool), r(3), 0, .5)"),
-    "probe_stream_step: ids out of range": ("any", "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([-1, 5, 2**40]), r(3,3), None, r(3), 0, .5)"),
-    "probe_stream_step: negative window": ("any", "P.probe_stream_step(r(5,2,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0]), r(1,3), None, r(3), -1, .5)"),
-    "softmax_weighted_bce_fwd: short labels": ("raises", "P.softmax_weighted_bce_fwd(r(3,6), r(2), torch.tensor([6,1,3]), 2, 1., False, True)"),
-    "softmax_weighted_bce_fwd: short lengths": ("raises", "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([6,1]), 2, 1., False, True)"),
-    "softmax_weighted_bce_fwd: lengths outside [1, T]": ("any", "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([0, 99, -4]), 2, 1., False, True)"),
-    "softmax_weighted_bce_fwd: window 0": ("any", "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([6,1,3]), 0, 1., False, True)"),
-    "softmax_weighted_bce_fwd: huge window": ("any", "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([6,1,3]), 2**62, 1., False, True)"),
-    "softmax_weighted_bce_fwd: tau 0": ("any", "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([6,1,3]), 2, 0., True, True)"),
-    "softmax_weighted_bce_fwd: T = 0": ("any", "P.softmax_weighted_bce_fwd(r(3,0), r(3), torch.tensor([0,0,0]), 2, 1., False, True)"),
-    "softmax_weighted_bce_fwd: 1-D logits": ("raises", "P.softmax_weighted_bce_fwd(r(6), r(1), torch.tensor([6]), 2, 1., False, True)"),
+    "probe_stream_step: ring too short for the window": (
+        "raises",
+        "P.probe_stream_step(r(5,2,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1]), r(2,3), None, r(3), 4, 1.)",
+    ),
+    "probe_stream_step: meta of wrong shape": (
+        "raises",
+        "P.probe_stream_step(r(5,1,3).zero_(), i(5,2), i(2).zero_(), torch.tensor([0,1]), r(2,3), None, r(3), 0, .5)",
+    ),
+    "probe_stream_step: fewer meta rows than slots": (
+        "raises",
+        "P.probe_stream_step(r(5,1,3).zero_(), i(2,3), i(2).zero_(), torch.tensor([3,4]), r(2,3), None, r(3), 0, .5)",
+    ),
+    "probe_stream_step: short status": (
+        "raises",
+        "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(1).zero_(), torch.tensor([0]), r(1,3), None, r(3), 0, .5)",
+    ),
+    "probe_stream_step: logits of another K": (
+        "raises",
+        "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1]), r(2,4), None, r(3), 0, .5)",
+    ),
+    "probe_stream_step: fewer logits than ids": (
+        "raises",
+        "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1,2]), r(2,3), None, r(3), 0, .5)",
+    ),
+    "probe_stream_step: short threshold": (
+        "raises",
+        "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1]), r(2,3), None, r(2), 0, .5)",
+    ),
+    "probe_stream_step: short active": (
+        "raises",
+        "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0,1]), r(2,3), "
+        "torch.ones(1, dtype=torch.bool), r(3), 0, .5)",
+    ),
+    "probe_stream_step: ids out of range": (
+        "any",
+        "P.probe_stream_step(r(5,1,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([-1, 5, 2**40]), r(3,3), None, "
+        "r(3), 0, .5)",
+    ),
+    "probe_stream_step: negative window": (
+        "any",
+        "P.probe_stream_step(r(5,2,3).zero_(), i(5,3), i(2).zero_(), torch.tensor([0]), r(1,3), None, r(3), -1, .5)",
+    ),
+    "softmax_weighted_bce_fwd: short labels": (
+        "raises",
+        "P.softmax_weighted_bce_fwd(r(3,6), r(2), torch.tensor([6,1,3]), 2, 1., False, True)",
+    ),
+    "softmax_weighted_bce_fwd: short lengths": (
+        "raises",
+        "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([6,1]), 2, 1., False, True)",
+    ),
+    "softmax_weighted_bce_fwd: lengths outside [1, T]": (
+        "any",
+        "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([0, 99, -4]), 2, 1., False, True)",
+    ),
+    "softmax_weighted_bce_fwd: window 0": (
+        "any",
+        "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([6,1,3]), 0, 1., False, True)",
+    ),
+    "softmax_weighted_bce_fwd: huge window": (
+        "any",
+        "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([6,1,3]), 2**62, 1., False, True)",
+    ),
+    "softmax_weighted_bce_fwd: tau 0": (
+        "any",
+        "P.softmax_weighted_bce_fwd(r(3,6), r(3), torch.tensor([6,1,3]), 2, 0., True, True)",
+    ),
+    "softmax_weighted_bce_fwd: T = 0": (
+        "any",
+        "P.softmax_weighted_bce_fwd(r(3,0), r(3), torch.tensor([0,0,0]), 2, 1., False, True)",
+    ),
+    "softmax_weighted_bce_fwd: 1-D logits": (
+        "raises",
+        "P.softmax_weighted_bce_fwd(r(6), r(1), torch.tensor([6]), 2, 1., False, True)",
+    ),
     "energy: 0-d logits": ("any", "P.energy(torch.tensor(1.0))"),
     "energy: integer logits": ("raises", "P.energy(i(3,4))"),
     "energy: odd strides": ("any", "P.energy(r(6,8,5)[::2, ::-1].transpose(0, 2))"),
@@ -97,7 +171,10 @@ RAW_CASES = {
     "parc_spearman: short classes": ("raises", "P.parc_spearman(r(1,6,4), i(5))"),
     "parc_spearman: 2-D features": ("raises", "P.parc_spearman(r(6,4), i(6))"),
     "parc_spearman: int32 classes": ("any", "P.parc_spearman(r(1,6,4), i(6).int())"),
-    "parc_spearman: extreme class ids": ("any", "P.parc_spearman(r(2,6,4), torch.tensor([-2**63, 2**63-1, 0, -1, 5, 2**40]))"),
+    "parc_spearman: extreme class ids": (
+        "any",
+        "P.parc_spearman(r(2,6,4), torch.tensor([-2**63, 2**63-1, 0, -1, 5, 2**40]))",
+    ),
     "parc_spearman: one sample": ("any", "P.parc_spearman(r(1,1,4), i(1))"),
     "parc_spearman: no samples": ("any", "P.parc_spearman(r(1,0,4), i(0))"),
 }
@@ -132,8 +209,14 @@ def _run_raw_cases() -> dict:
         return _results
     pending = list(RAW_CASES)
     while pending:
-        proc = subprocess.run([sys.executable, "-c", RUNNER, ROOT], cwd=ROOT, capture_output=True, text=True,
-                              input=json.dumps([(n, RAW_CASES[n][1]) for n in pending]), timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", RUNNER, ROOT],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            input=json.dumps([(n, RAW_CASES[n][1]) for n in pending]),
+            timeout=600,
+        )
         started = None
         for line in proc.stdout.splitlines():
             if line.startswith("START "):
@@ -186,8 +269,9 @@ HUGE_WINDOW = textwrap.dedent(r"""
 def test_window_past_int32_returns_promptly(backend):
     record("probe_scores window=2**40 (subprocess)", backend)
     try:
-        proc = subprocess.run([sys.executable, "-c", HUGE_WINDOW, ROOT, backend], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", HUGE_WINDOW, ROOT, backend], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("probe_scores(window=2**40) did not return within 60 s")
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -10,8 +10,19 @@ from hypothesis import strategies as st
 import pykernels
 from pykernels.reference import flatness as ref
 
-from .common import (EPS, LAYOUTS, WRITABLE_LAYOUTS, assert_close, device_of, fuzz, laid_out, random_values,
-                     record, runnable_backends, seeds)
+from .common import (
+    EPS,
+    LAYOUTS,
+    WRITABLE_LAYOUTS,
+    assert_close,
+    device_of,
+    fuzz,
+    laid_out,
+    random_values,
+    record,
+    runnable_backends,
+    seeds,
+)
 
 LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 REAL_DTYPES = (torch.float32, torch.float64)
@@ -37,9 +48,15 @@ def _logits(case, dtype, device):
 
 @st.composite
 def logit_cases(draw, dtypes):
-    return dict(lead=draw(lead_shapes), K=draw(class_dims), dtype=draw(st.sampled_from(dtypes)),
-                layout=draw(st.sampled_from(LAYOUTS)), magnitude=draw(st.sampled_from([1.0, 30.0, 1e4])),
-                specials=draw(st.lists(st.sampled_from(SPECIALS), max_size=2)), seed=draw(seeds))
+    return dict(
+        lead=draw(lead_shapes),
+        K=draw(class_dims),
+        dtype=draw(st.sampled_from(dtypes)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        magnitude=draw(st.sampled_from([1.0, 30.0, 1e4])),
+        specials=draw(st.lists(st.sampled_from(SPECIALS), max_size=2)),
+        seed=draw(seeds),
+    )
 
 
 def _tol(dtype, expect):
@@ -59,8 +76,9 @@ def test_energy_matches_reference(backend):
         out = pykernels.energy(z, backend=backend)
         expect = ref.energy(z.double().cpu())
         assert out.dtype == case["dtype"]
-        assert_close(out, expect, _tol(case["dtype"], expect) + EPS[case["dtype"]] * case["magnitude"],
-                     f"energy {case}")
+        assert_close(
+            out, expect, _tol(case["dtype"], expect) + EPS[case["dtype"]] * case["magnitude"], f"energy {case}"
+        )
 
     fuzz(backend, logit_cases(LOGIT_DTYPES), body)
 
@@ -79,8 +97,9 @@ def test_logsumexp_hvp_matches_reference(backend):
     def body(case):
         dtype = case["dtype"]
         z = _logits(case, dtype, device)
-        tangents = laid_out(random_values((case["S"],) + tuple(z.shape), dtype, case["seed"] + 2),
-                            case["tangent_layout"], device)
+        tangents = laid_out(
+            random_values((case["S"],) + tuple(z.shape), dtype, case["seed"] + 2), case["tangent_layout"], device
+        )
         record("logsumexp_hvp", backend)
         out = pykernels.logsumexp_hvp(z, tangents, backend=backend)
         expect = ref.logsumexp_hvp(z.double().cpu(), tangents.double().cpu())
@@ -96,19 +115,24 @@ def test_logsumexp_hvp_matches_reference(backend):
 
 @st.composite
 def probe_cases(draw):
-    return dict(shape=draw(st.lists(st.sampled_from([0, 1, 2, 3, 7, 16, 33]), min_size=1, max_size=3)),
-                seed=draw(st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, -1, 2**63 - 1, -(2**63)]))),
-                offset=draw(st.one_of(st.integers(0, 2**40), st.sampled_from([0, 2**32 - 5, 2**62]))),
-                kind=draw(st.sampled_from(("rademacher", "gaussian"))), dtype=draw(st.sampled_from(REAL_DTYPES)),
-                layout=draw(st.sampled_from(WRITABLE_LAYOUTS)), new=draw(st.booleans()))
+    return dict(
+        shape=draw(st.lists(st.sampled_from([0, 1, 2, 3, 7, 16, 33]), min_size=1, max_size=3)),
+        seed=draw(st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, -1, 2**63 - 1, -(2**63)]))),
+        offset=draw(st.one_of(st.integers(0, 2**40), st.sampled_from([0, 2**32 - 5, 2**62]))),
+        kind=draw(st.sampled_from(("rademacher", "gaussian"))),
+        dtype=draw(st.sampled_from(REAL_DTYPES)),
+        layout=draw(st.sampled_from(WRITABLE_LAYOUTS)),
+        new=draw(st.booleans()),
+    )
 
 
 def _probes(backend, case, device):
     shape, dtype = tuple(case["shape"]), case["dtype"]
     if case["new"]:
         record("probe_vectors", backend)
-        return pykernels.probe_vectors(shape, case["seed"], kind=case["kind"], offset=case["offset"], dtype=dtype,
-                                       device=device, backend=backend)
+        return pykernels.probe_vectors(
+            shape, case["seed"], kind=case["kind"], offset=case["offset"], dtype=dtype, device=device, backend=backend
+        )
     out = laid_out(torch.full(shape, float("nan"), dtype=dtype), case["layout"], device)  # unwritten shows as NaN
     record("fill_probes_", backend)
     assert pykernels.fill_probes_(out, case["seed"], offset=case["offset"], kind=case["kind"], backend=backend) is out
@@ -126,8 +150,11 @@ def test_probes_match_reference(backend):
         # Rademacher draws are exact; Gaussian ones close to the float64 Box-Muller (|x| < 6 for
         # 24-bit uniforms): float64 within a few ulps, float32 within 1.8e-5 (the kernels' float32
         # arithmetic, issue 11 defect 16). Exact equality is tested below.
-        atol = 0.0 if case["kind"] == "rademacher" else 6 * (8 * EPS[torch.float64] if case["dtype"] == torch.float64
-                                                             else 3e-6)
+        atol = (
+            0.0
+            if case["kind"] == "rademacher"
+            else 6 * (8 * EPS[torch.float64] if case["dtype"] == torch.float64 else 3e-6)
+        )
         assert_close(out, expect, atol, f"probes {case}")
 
     fuzz(backend, probe_cases(), body)
@@ -135,15 +162,23 @@ def test_probes_match_reference(backend):
 
 # The docs promise the same numbers on every backend (issue 11 defect 16). Still open on the CPU:
 # float64 Gaussian probes at offsets near 2**62 differ from the reference's (found after the fix).
-@pytest.mark.parametrize("backend", runnable_backends(xfail={
-    "cpu": "CPU float64 Gaussian probes at offsets near 2**62 differ from the reference's"}))
+@pytest.mark.parametrize(
+    "backend",
+    runnable_backends(xfail={"cpu": "CPU float64 Gaussian probes at offsets near 2**62 differ from the reference's"}),
+)
 def test_probes_are_bit_equal_on_every_backend(backend):
     device = device_of(backend)
 
     def body(case):
         out = _probes(backend, case, device)
-        expect = pykernels.probe_vectors(tuple(case["shape"]), case["seed"], kind=case["kind"], offset=case["offset"],
-                                         dtype=case["dtype"], backend="reference")
+        expect = pykernels.probe_vectors(
+            tuple(case["shape"]),
+            case["seed"],
+            kind=case["kind"],
+            offset=case["offset"],
+            dtype=case["dtype"],
+            backend="reference",
+        )
         assert torch.equal(out.cpu(), expect), f"probes differ from the reference's: {case}"
 
     fuzz(backend, probe_cases(), body)
@@ -151,11 +186,15 @@ def test_probes_are_bit_equal_on_every_backend(backend):
 
 @st.composite
 def dot_cases(draw):
-    return dict(S=draw(st.sampled_from([0, 1, 2, 3])), B=draw(st.sampled_from([0, 1, 2, 5])),
-                trailing=draw(st.lists(st.sampled_from([1, 2, 3, 17, 100]), min_size=1, max_size=3)),
-                dtype=draw(st.sampled_from(REAL_DTYPES)), layouts=draw(st.lists(st.sampled_from(LAYOUTS),
-                                                                                 min_size=2, max_size=2)),
-                special=draw(st.sampled_from((None,) + SPECIALS)), seed=draw(seeds))
+    return dict(
+        S=draw(st.sampled_from([0, 1, 2, 3])),
+        B=draw(st.sampled_from([0, 1, 2, 5])),
+        trailing=draw(st.lists(st.sampled_from([1, 2, 3, 17, 100]), min_size=1, max_size=3)),
+        dtype=draw(st.sampled_from(REAL_DTYPES)),
+        layouts=draw(st.lists(st.sampled_from(LAYOUTS), min_size=2, max_size=2)),
+        special=draw(st.sampled_from((None,) + SPECIALS)),
+        seed=draw(seeds),
+    )
 
 
 @pytest.mark.parametrize("backend", runnable_backends())
@@ -193,14 +232,14 @@ def test_float32_softmax_of_large_logits_is_accurate(backend):
 
     @st.composite
     def cases(draw):
-        return dict(K=draw(st.integers(2, 8)), offset=draw(st.floats(1e3, 1e5) | st.floats(-1e5, -1e3)),
-                    seed=draw(seeds))
+        return dict(
+            K=draw(st.integers(2, 8)), offset=draw(st.floats(1e3, 1e5) | st.floats(-1e5, -1e3)), seed=draw(seeds)
+        )
 
     def body(case):
         z = (random_values((3, case["K"]), torch.float64, case["seed"]) * 3 + case["offset"]).float()
         record("logsumexp_hvp (large float32 logits)", backend)
-        softmax = pykernels.logsumexp_hvp(z.to(device), torch.zeros(0, 3, case["K"], device=device),
-                                          backend=backend)[0]
+        softmax = pykernels.logsumexp_hvp(z.to(device), torch.zeros(0, 3, case["K"], device=device), backend=backend)[0]
         assert_close(softmax, torch.softmax(z.double(), -1), 16 * EPS[torch.float32], f"softmax {case}")
 
     fuzz(backend, cases(), body, scale=0.5)

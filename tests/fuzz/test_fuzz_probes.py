@@ -15,8 +15,19 @@ from pykernels.probes.training import softmax_weighted_bce
 from pykernels.reference import probe_guard as ref_guard
 from pykernels.reference.probe_scores import probe_scores as reference_probe_scores
 
-from .common import (EPS, LAYOUTS, WRITABLE_LAYOUTS, assert_close, device_of, fuzz, laid_out, random_values,
-                     record, runnable_backends, seeds)
+from .common import (
+    EPS,
+    LAYOUTS,
+    WRITABLE_LAYOUTS,
+    assert_close,
+    device_of,
+    fuzz,
+    laid_out,
+    random_values,
+    record,
+    runnable_backends,
+    seeds,
+)
 
 HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -36,15 +47,24 @@ def score_cases(draw):
     smoothing = draw(st.sampled_from(("none", "swim", "ema")))
     alpha = draw(st.one_of(st.none(), st.just(1.0), st.floats(0.01, 1.0))) if smoothing == "ema" else None
     return dict(
-        L=draw(st.integers(1, 3)), B=draw(st.integers(1, 4)), T=T, H=draw(st.sampled_from([1, 2, 3, 7, 16, 33, 65])),
-        K=draw(st.integers(1, 5)), smoothing=smoothing, window=draw(_windows(T)), ema_alpha=alpha,
-        dtype=draw(st.sampled_from(HIDDEN_DTYPES)), weight_dtype=draw(st.sampled_from(WEIGHT_DTYPES)),
-        bias=draw(st.booleans()), stacked=draw(st.booleans()),
+        L=draw(st.integers(1, 3)),
+        B=draw(st.integers(1, 4)),
+        T=T,
+        H=draw(st.sampled_from([1, 2, 3, 7, 16, 33, 65])),
+        K=draw(st.integers(1, 5)),
+        smoothing=smoothing,
+        window=draw(_windows(T)),
+        ema_alpha=alpha,
+        dtype=draw(st.sampled_from(HIDDEN_DTYPES)),
+        weight_dtype=draw(st.sampled_from(WEIGHT_DTYPES)),
+        bias=draw(st.booleans()),
+        stacked=draw(st.booleans()),
         layouts=draw(st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3)),
         weight_layout=draw(st.sampled_from(LAYOUTS)),
         lengths=draw(st.one_of(st.none(), st.lists(st.sampled_from(["0", "T", "any"]), min_size=4, max_size=4))),
         lengths_dtype=draw(st.sampled_from(INDEX_DTYPES)),
-        nonfinite=draw(st.sampled_from(NONFINITE)), seed=draw(seeds),
+        nonfinite=draw(st.sampled_from(NONFINITE)),
+        seed=draw(seeds),
     )
 
 
@@ -53,8 +73,10 @@ def _lengths(case, device):
         return None
     g = torch.Generator().manual_seed(case["seed"] + 1)
     T = case["T"]
-    values = [0 if kind == "0" else T if kind == "T" else int(torch.randint(0, T + 1, (1,), generator=g))
-              for kind in case["lengths"][: case["B"]]]
+    values = [
+        0 if kind == "0" else T if kind == "T" else int(torch.randint(0, T + 1, (1,), generator=g))
+        for kind in case["lengths"][: case["B"]]
+    ]
     return torch.tensor(values, dtype=case["lengths_dtype"], device=device)
 
 
@@ -86,13 +108,28 @@ def test_probe_scores_matches_reference(backend):
     def body(case):
         layers, weight, bias, lengths = _score_inputs(case, device)
         record("probe_scores", backend)
-        out = pykernels.probe_scores(layers, weight, bias, smoothing=case["smoothing"], window=case["window"],
-                                     ema_alpha=case["ema_alpha"], lengths=lengths, backend=backend)
+        out = pykernels.probe_scores(
+            layers,
+            weight,
+            bias,
+            smoothing=case["smoothing"],
+            window=case["window"],
+            ema_alpha=case["ema_alpha"],
+            lengths=lengths,
+            backend=backend,
+        )
         alpha = case["ema_alpha"] if case["ema_alpha"] is not None else 2.0 / (case["window"] + 1)
         layers64 = [h.double().cpu() for h in layers]
-        expect = reference_probe_scores(layers64, weight.double().cpu(), None if bias is None else bias.double().cpu(),
-                                         None if lengths is None else lengths.cpu(), case["smoothing"],
-                                         case["window"], alpha, dtype=torch.float64)
+        expect = reference_probe_scores(
+            layers64,
+            weight.double().cpu(),
+            None if bias is None else bias.double().cpu(),
+            None if lengths is None else lengths.cpu(),
+            case["smoothing"],
+            case["window"],
+            alpha,
+            dtype=torch.float64,
+        )
         assert out.dtype == torch.float32 and out.device.type == device
         # Float32 accumulation of L*H products against float64: ~sqrt(L*H) eps times the magnitudes.
         terms = sum(h.abs().nan_to_num(0, 0, 0) @ weight[l].double().cpu().abs() for l, h in enumerate(layers64))
@@ -105,12 +142,18 @@ def test_probe_scores_matches_reference(backend):
 
 @st.composite
 def accumulate_cases(draw):
-    return dict(N=draw(st.sampled_from([0, 1, 2, 5, 17, 64])), H=draw(st.sampled_from([1, 3, 8, 33, 100])),
-                K=draw(st.integers(1, 20)), dtype=draw(st.sampled_from(HIDDEN_DTYPES)),
-                weight_dtype=draw(st.sampled_from(WEIGHT_DTYPES)), layout=draw(st.sampled_from(LAYOUTS)),
-                weight_layout=draw(st.sampled_from(LAYOUTS + ("probe",))),
-                acc_layout=draw(st.sampled_from(WRITABLE_LAYOUTS)),
-                nonfinite=draw(st.sampled_from(NONFINITE)), seed=draw(seeds))
+    return dict(
+        N=draw(st.sampled_from([0, 1, 2, 5, 17, 64])),
+        H=draw(st.sampled_from([1, 3, 8, 33, 100])),
+        K=draw(st.integers(1, 20)),
+        dtype=draw(st.sampled_from(HIDDEN_DTYPES)),
+        weight_dtype=draw(st.sampled_from(WEIGHT_DTYPES)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        weight_layout=draw(st.sampled_from(LAYOUTS + ("probe",))),
+        acc_layout=draw(st.sampled_from(WRITABLE_LAYOUTS)),
+        nonfinite=draw(st.sampled_from(NONFINITE)),
+        seed=draw(seeds),
+    )
 
 
 @pytest.mark.parametrize("backend", runnable_backends())
@@ -126,8 +169,9 @@ def test_probe_accumulate_matches_reference(backend):
         if case["weight_layout"] == "probe":  # LinearProbe's layout: a contiguous [K, H] viewed transposed
             weight = random_values((K, H), torch.float32, case["seed"] + 1).to(device).T
         else:
-            weight = laid_out(random_values((H, K), case["weight_dtype"], case["seed"] + 1),
-                              case["weight_layout"], device)
+            weight = laid_out(
+                random_values((H, K), case["weight_dtype"], case["seed"] + 1), case["weight_layout"], device
+            )
         acc = laid_out(random_values((N, K), torch.float32, case["seed"] + 2), case["acc_layout"], device)
         expect = acc.double().cpu() + hidden.double().cpu() @ weight.double().cpu()
         record("probe_accumulate_", backend)
@@ -141,20 +185,32 @@ def test_probe_accumulate_matches_reference(backend):
 @st.composite
 def loss_cases(draw):
     T = draw(st.sampled_from([1, 2, 3, 6, 11, 20, 37]))
-    return dict(B=draw(st.integers(1, 5)), T=T, window=draw(_windows(T)),
-                tau=draw(st.one_of(st.just(1.0), st.floats(0.05, 20.0))), detach=draw(st.booleans()),
-                dtype=draw(st.sampled_from((torch.float32, torch.float64, torch.float16, torch.bfloat16))),
-                layout=draw(st.sampled_from(("contiguous", "transposed", "sliced"))),
-                lengths=draw(st.lists(st.sampled_from(["1", "T", "any"]), min_size=5, max_size=5)),
-                lengths_dtype=draw(st.sampled_from(INDEX_DTYPES)), soft=draw(st.booleans()),
-                magnitude=draw(st.sampled_from([1.0, 10.0, 60.0])), seed=draw(seeds))
+    return dict(
+        B=draw(st.integers(1, 5)),
+        T=T,
+        window=draw(_windows(T)),
+        tau=draw(st.one_of(st.just(1.0), st.floats(0.05, 20.0))),
+        detach=draw(st.booleans()),
+        dtype=draw(st.sampled_from((torch.float32, torch.float64, torch.float16, torch.bfloat16))),
+        layout=draw(st.sampled_from(("contiguous", "transposed", "sliced"))),
+        lengths=draw(st.lists(st.sampled_from(["1", "T", "any"]), min_size=5, max_size=5)),
+        lengths_dtype=draw(st.sampled_from(INDEX_DTYPES)),
+        soft=draw(st.booleans()),
+        magnitude=draw(st.sampled_from([1.0, 10.0, 60.0])),
+        seed=draw(seeds),
+    )
 
 
 def _loss_inputs(case, device, padding):
     B, T = case["B"], case["T"]
     g = torch.Generator().manual_seed(case["seed"])
-    lengths = torch.tensor([1 if k == "1" else T if k == "T" else int(torch.randint(1, T + 1, (1,), generator=g))
-                            for k in case["lengths"][:B]], dtype=case["lengths_dtype"])
+    lengths = torch.tensor(
+        [
+            1 if k == "1" else T if k == "T" else int(torch.randint(1, T + 1, (1,), generator=g))
+            for k in case["lengths"][:B]
+        ],
+        dtype=case["lengths_dtype"],
+    )
     values = (random_values((B, T), torch.float64, case["seed"] + 1) * case["magnitude"]).to(case["dtype"])
     values[torch.arange(T)[None, :] >= lengths.long()[:, None]] = padding
     labels = torch.rand(B, generator=g, dtype=torch.float64) if case["soft"] else torch.randint(0, 2, (B,), generator=g)
@@ -166,11 +222,20 @@ def _check_loss(backend, case, padding):
     logits, labels, lengths = _loss_inputs(case, device, padding)
     x = logits.detach().clone().requires_grad_(True) if logits.dtype in (torch.float32, torch.float64) else None
     record("softmax_weighted_bce", backend)
-    loss = softmax_weighted_bce(x if x is not None else logits, labels, lengths, case["window"], case["tau"],
-                                case["detach"], reduction="none", backend=backend)
+    loss = softmax_weighted_bce(
+        x if x is not None else logits,
+        labels,
+        lengths,
+        case["window"],
+        case["tau"],
+        case["detach"],
+        reduction="none",
+        backend=backend,
+    )
     wide = logits.detach().double().cpu().requires_grad_(True)
-    expect = ref_guard.softmax_weighted_bce(wide, labels.double().cpu(), lengths.cpu(), case["window"], case["tau"],
-                                            case["detach"], reduction="none")
+    expect = ref_guard.softmax_weighted_bce(
+        wide, labels.double().cpu(), lengths.cpu(), case["window"], case["tau"], case["detach"], reduction="none"
+    )
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     atol = 64 * EPS[compute] * (1 + case["magnitude"]) * (1 + float(expect.detach().abs().max()))
     assert loss.dtype == compute
@@ -194,15 +259,26 @@ def test_softmax_weighted_bce_matches_reference(backend):
 def test_softmax_weighted_bce_ignores_nonfinite_padding(backend):
     def body(case):
         # Gradients need float32 / float64 logits; sequence 0 is one token long, so padding exists when T > 1.
-        case = dict(case, dtype=case["dtype"] if case["dtype"] in (torch.float32, torch.float64) else torch.float32,
-                    lengths=["1"] + case["lengths"][1:])
+        case = dict(
+            case,
+            dtype=case["dtype"] if case["dtype"] in (torch.float32, torch.float64) else torch.float32,
+            lengths=["1"] + case["lengths"][1:],
+        )
         logits, labels, lengths = _loss_inputs(case, "cpu", float("nan"))
         if case["T"] == 1:
             return
         x = logits.to(device_of(backend)).requires_grad_(True)
         record("softmax_weighted_bce (NaN padding)", backend)
-        loss = softmax_weighted_bce(x, labels.to(x.device), lengths.to(x.device), case["window"], case["tau"],
-                                    case["detach"], reduction="none", backend=backend)
+        loss = softmax_weighted_bce(
+            x,
+            labels.to(x.device),
+            lengths.to(x.device),
+            case["window"],
+            case["tau"],
+            case["detach"],
+            reduction="none",
+            backend=backend,
+        )
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), f"NaN padding leaked: {case}"
 
@@ -226,10 +302,17 @@ def test_softmax_weighted_bce_float64_keeps_softplus_tail(backend):
     def body(case):
         z, y = case["z"], case["label"]
         record("softmax_weighted_bce (float64 softplus tail)", backend)
-        loss = softmax_weighted_bce(torch.tensor([[z]], dtype=torch.float64, device=device),
-                                    torch.tensor([y], dtype=torch.float64, device=device),
-                                    torch.tensor([1], device=device), window=1, reduction="none", backend=backend)
+        loss = softmax_weighted_bce(
+            torch.tensor([[z]], dtype=torch.float64, device=device),
+            torch.tensor([y], dtype=torch.float64, device=device),
+            torch.tensor([1], device=device),
+            window=1,
+            reduction="none",
+            backend=backend,
+        )
         exact = math.log1p(math.exp(-abs(z))) + max(z, 0.0) - y * z  # one token: w = 1, BCE of z
-        assert abs(float(loss[0]) - exact) <= 4 * EPS[torch.float64] * abs(exact), f"{case}: {float(loss[0])} != {exact}"
+        assert abs(float(loss[0]) - exact) <= 4 * EPS[torch.float64] * abs(exact), (
+            f"{case}: {float(loss[0])} != {exact}"
+        )
 
     fuzz(backend, cases(), body, scale=0.5)

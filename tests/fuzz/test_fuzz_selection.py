@@ -23,11 +23,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 
 @st.composite
 def feature_cases(draw, min_dim=2):
-    return dict(B=draw(st.one_of(st.none(), st.integers(1, 3))), N=draw(st.sampled_from([1, 2, 3, 5, 8, 17, 33])),
-                D=draw(st.sampled_from([d for d in (2, 3, 4, 7, 16, 31) if d >= min_dim])),
-                dtype=draw(st.sampled_from(FEATURE_DTYPES)), layout=draw(st.sampled_from(LAYOUTS)),
-                kind=draw(st.sampled_from(("random", "prototypes", "constant_feature"))),
-                nonfinite=draw(st.sampled_from((None, float("nan"), float("inf")))), seed=draw(seeds))
+    return dict(
+        B=draw(st.one_of(st.none(), st.integers(1, 3))),
+        N=draw(st.sampled_from([1, 2, 3, 5, 8, 17, 33])),
+        D=draw(st.sampled_from([d for d in (2, 3, 4, 7, 16, 31) if d >= min_dim])),
+        dtype=draw(st.sampled_from(FEATURE_DTYPES)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        kind=draw(st.sampled_from(("random", "prototypes", "constant_feature"))),
+        nonfinite=draw(st.sampled_from((None, float("nan"), float("inf")))),
+        seed=draw(seeds),
+    )
 
 
 def _features(case, device):
@@ -90,8 +95,11 @@ def test_pairwise_corr_distance_matches_reference(backend):
 @st.composite
 def parc_cases(draw):
     case = draw(feature_cases(min_dim=3))  # D = 2: every correlation is +-1 (issue 11 defect 14)
-    case.update(N=draw(st.sampled_from([2, 3, 5, 8, 17, 33])), classes=draw(st.integers(1, 5)),
-                class_dtype=draw(st.sampled_from(INT_DTYPES)))
+    case.update(
+        N=draw(st.sampled_from([2, 3, 5, 8, 17, 33])),
+        classes=draw(st.integers(1, 5)),
+        class_dtype=draw(st.sampled_from(INT_DTYPES)),
+    )
     return case
 
 
@@ -118,17 +126,24 @@ def test_parc_spearman_matches_reference(backend):
 # and a model holding one gets a NaN rho). Today the backends disagree: the reference itself gives
 # finite distances for a row of 0.1s in float64 (its mean is not exactly 0.1), and so does the CPU
 # kernel; the Triton kernel passes the bounded profile's examples.
-@pytest.mark.parametrize("backend", runnable_backends(xfail={
-    "cpu": "CPU kernel: float16 features of magnitude ~1e4 make every row 'constant' (all distances NaN)"}))
+@pytest.mark.parametrize(
+    "backend",
+    runnable_backends(
+        xfail={"cpu": "CPU kernel: float16 features of magnitude ~1e4 make every row 'constant' (all distances NaN)"}
+    ),
+)
 def test_constant_samples_follow_one_rule(backend):
     device = device_of(backend)
 
     @st.composite
     def cases(draw):
         case = draw(parc_cases())
-        case.update(value=draw(st.sampled_from([0.0, 1.0, 0.1, -3.7, 1e-30, 12345.678])),
-                    rows=draw(st.lists(st.integers(0, 32), min_size=1, max_size=2)), nonfinite=None,
-                    kind=draw(st.sampled_from(("random", "prototypes"))))
+        case.update(
+            value=draw(st.sampled_from([0.0, 1.0, 0.1, -3.7, 1e-30, 12345.678])),
+            rows=draw(st.lists(st.integers(0, 32), min_size=1, max_size=2)),
+            nonfinite=None,
+            kind=draw(st.sampled_from(("random", "prototypes"))),
+        )
         return case
 
     def body(case):
@@ -154,13 +169,18 @@ def test_constant_samples_follow_one_rule(backend):
 
 @st.composite
 def spearman_cases(draw):
-    return dict(lead=draw(st.lists(st.sampled_from([1, 2, 3, 6]), max_size=2)),
-                M=draw(st.sampled_from([1, 2, 3, 4, 9, 50, 257])),
-                x_dtype=draw(st.sampled_from(SPEARMAN_DTYPES)), y_dtype=draw(st.sampled_from(SPEARMAN_DTYPES)),
-                y_shape=draw(st.sampled_from(("same", "shared", "shared_2d"))),
-                x_kind=draw(st.sampled_from(("random", "ties", "constant", "big_int", "signed_zeros"))),
-                y_kind=draw(st.sampled_from(("random", "ties", "constant"))),
-                layout=draw(st.sampled_from(LAYOUTS)), nan=draw(st.booleans()), seed=draw(seeds))
+    return dict(
+        lead=draw(st.lists(st.sampled_from([1, 2, 3, 6]), max_size=2)),
+        M=draw(st.sampled_from([1, 2, 3, 4, 9, 50, 257])),
+        x_dtype=draw(st.sampled_from(SPEARMAN_DTYPES)),
+        y_dtype=draw(st.sampled_from(SPEARMAN_DTYPES)),
+        y_shape=draw(st.sampled_from(("same", "shared", "shared_2d"))),
+        x_kind=draw(st.sampled_from(("random", "ties", "constant", "big_int", "signed_zeros"))),
+        y_kind=draw(st.sampled_from(("random", "ties", "constant"))),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        nan=draw(st.booleans()),
+        seed=draw(seeds),
+    )
 
 
 def _spearman_values(shape, dtype, kind, seed):
@@ -174,7 +194,8 @@ def _spearman_values(shape, dtype, kind, seed):
         return 2**60 + torch.randint(0, 8, shape, generator=g)
     if kind == "signed_zeros" and dtype.is_floating_point:  # -0.0 and 0.0 tie
         return torch.randint(0, 3, shape, generator=g).to(dtype) * torch.where(
-            torch.rand(shape, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+            torch.rand(shape, generator=g) < 0.5, -1.0, 1.0
+        ).to(dtype)
     if kind in ("ties", "big_int", "signed_zeros") or not dtype.is_floating_point:
         low = 0 if dtype in (torch.uint8, torch.bool) else -4
         return torch.randint(low, low + 6, shape, generator=g).to(dtype)

@@ -32,6 +32,8 @@ def operations(backend: str) -> int:
     if "PYKERNELS_STREAM_OPS" in os.environ:
         return int(os.environ["PYKERNELS_STREAM_OPS"])
     return _OPERATIONS[PROFILE].get(backend, _DEFAULT_OPERATIONS[PROFILE])
+
+
 CONFIGS = (  # (smoothing, window, ema_alpha): one stream each, ops interleaved at random
     ("ema", 16, None),
     ("ema", 4, 1.0),
@@ -146,8 +148,12 @@ def test_stream_matches_python_model(backend):
     device = device_of(backend)
     rng = random.Random(20261130)
     tol = 2e-5
-    streams = [ProbeStream(SLOTS, HEADS, smoothing=s, window=w, ema_alpha=a, threshold=THRESHOLD, device=device,
-                           backend=backend) for s, w, a in CONFIGS]
+    streams = [
+        ProbeStream(
+            SLOTS, HEADS, smoothing=s, window=w, ema_alpha=a, threshold=THRESHOLD, device=device, backend=backend
+        )
+        for s, w, a in CONFIGS
+    ]
     models = [StreamModel(s, w, a) for s, w, a in CONFIGS]
     for op in range(operations(backend)):
         which = rng.randrange(len(streams))
@@ -158,21 +164,30 @@ def test_stream_matches_python_model(backend):
             ids = rng.sample(range(SLOTS), rng.randint(1, SLOTS))
             z = _random_logits(rng, len(ids))
             active = [rng.random() < 0.9 for _ in ids]
-            got_scores, got_flagged = stream.step(torch.tensor(ids, device=device),
-                                                  torch.tensor(z, dtype=torch.float32, device=device),
-                                                  torch.tensor(active, device=device))
+            got_scores, got_flagged = stream.step(
+                torch.tensor(ids, device=device),
+                torch.tensor(z, dtype=torch.float32, device=device),
+                torch.tensor(active, device=device),
+            )
             record("ProbeStream.step (stress)", backend)
             got_flagged = got_flagged.cpu().tolist()
             scores, flagged = model.step(ids, z, active, got_flagged, tol)
-            torch.testing.assert_close(got_scores.cpu().double(), torch.tensor(scores, dtype=torch.float64),
-                                       rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{where}: scores: {m}")
+            torch.testing.assert_close(
+                got_scores.cpu().double(),
+                torch.tensor(scores, dtype=torch.float64),
+                rtol=tol,
+                atol=tol,
+                equal_nan=True,
+                msg=lambda m: f"{where}: scores: {m}",
+            )
             assert got_flagged == flagged, f"{where}: flagged"
         elif kind < 0.85:  # a varlen step: each slot steps through its segment, token by token
             ids = rng.sample(range(SLOTS), rng.randint(1, 8))
             starts, counts, N = _random_segments(rng, ids)
             z = _random_logits(rng, N)
-            got_scores, got_flagged = stream.step_varlen(ids, starts, counts,
-                                                         torch.tensor(z, dtype=torch.float32, device=device))
+            got_scores, got_flagged = stream.step_varlen(
+                ids, starts, counts, torch.tensor(z, dtype=torch.float32, device=device)
+            )
             record("ProbeStream.step_varlen (stress)", backend)
             flag_token = dict(zip(range(SLOTS), stream.flags()[1].tolist()))
             expect = [[0.0] * HEADS for _ in range(N)]
@@ -181,8 +196,14 @@ def test_stream_matches_python_model(backend):
                     # Within rounding of the threshold, the kernel's flag token decides.
                     kernel_crossed = flag_token[slot] == model.slots[slot].count
                     (expect[row],), _ = model.step([slot], [z[row]], [True], [kernel_crossed], tol)
-            torch.testing.assert_close(got_scores.cpu().double(), torch.tensor(expect, dtype=torch.float64),
-                                       rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{where}: scores: {m}")
+            torch.testing.assert_close(
+                got_scores.cpu().double(),
+                torch.tensor(expect, dtype=torch.float64),
+                rtol=tol,
+                atol=tol,
+                equal_nan=True,
+                msg=lambda m: f"{where}: scores: {m}",
+            )
             assert got_flagged.cpu().tolist() == [model.slots[s].flag >= 0 for s in ids], f"{where}: flagged"
         elif kind < 0.86:  # bad segments: raises, and no state changes
             ids = rng.sample(range(SLOTS), rng.randint(1, 4))

@@ -24,8 +24,9 @@ def test_decisions_by_hand():
         calls.append(x)
         return table[x][1]
 
-    cascade = Cascade(lambda xs: [table[x][0] for x in xs], classifier, escalate_threshold=0.5, final_threshold=1.0,
-                      alpha=0.5)
+    cascade = Cascade(
+        lambda xs: [table[x][0] for x in xs], classifier, escalate_threshold=0.5, final_threshold=1.0, alpha=0.5
+    )
     result = cascade(["a", "b", "c"])
     # a: probe -1 <= 0.5 passes without the classifier; b: 0.5*2 + 0.5*-3 = -0.5 <= 1; c: 0.5*2 + 0.5*4 = 3 > 1.
     assert result.decisions == [PASS, ESCALATED_PASS, FLAG]
@@ -57,13 +58,16 @@ def test_measured_costs_and_probe_time_per_token():
     assert report.relative_compute > 0 and report.classifier_seconds > 0
 
 
-@pytest.mark.parametrize("classifier, reason", [
-    (lambda x: 1 / 0, "classifier raised ZeroDivisionError"),
-    (lambda x: float("nan"), "classifier returned nan"),
-    (lambda x: float("-inf"), "classifier returned -inf"),
-    (lambda x: float("inf"), "classifier returned inf"),
-    (lambda x: "not a number", "classifier raised ValueError"),
-])
+@pytest.mark.parametrize(
+    "classifier, reason",
+    [
+        (lambda x: 1 / 0, "classifier raised ZeroDivisionError"),
+        (lambda x: float("nan"), "classifier returned nan"),
+        (lambda x: float("-inf"), "classifier returned -inf"),
+        (lambda x: float("inf"), "classifier returned inf"),
+        (lambda x: "not a number", "classifier raised ValueError"),
+    ],
+)
 def test_classifier_failures_fail_closed(classifier, reason):
     cascade = Cascade(lambda xs: [3.0, -3.0], classifier, 0.0, 1e9)
     with pytest.warns(RuntimeWarning, match="1 of 2 exchanges flagged because the probe or the classifier failed"):
@@ -90,8 +94,16 @@ def test_nan_probe_logit_fails_closed():
 
 def test_calibration_hits_the_target_rates():
     benign_p, benign_c, harmful_p, harmful_c = _scores()
-    cascade = Cascade.calibrated(lambda xs: xs, lambda x: x, benign_p, benign_c, target_escalation_rate=0.055,
-                                 target_flag_rate=0.005, harmful_probe=harmful_p, harmful_classifier=harmful_c)
+    cascade = Cascade.calibrated(
+        lambda xs: xs,
+        lambda x: x,
+        benign_p,
+        benign_c,
+        target_escalation_rate=0.055,
+        target_flag_rate=0.005,
+        harmful_probe=harmful_p,
+        harmful_classifier=harmful_c,
+    )
     cal = cascade.calibration
     assert cal["benign_escalation_rate"] == pytest.approx(0.055, abs=1e-3)
     assert cal["benign_flag_rate"] == pytest.approx(0.005, abs=1e-3)

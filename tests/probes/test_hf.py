@@ -16,9 +16,18 @@ VOCAB, H, L = 97, 32, 3
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=64, num_hidden_layers=L,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=H,
+        intermediate_size=64,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -48,8 +57,16 @@ def _full_scores(guard, probe, sequences, mask, pads):
     """probe_scores of every row's unpadded tokens, from one full forward."""
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], sequences.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
     acts = guard.capture(sequences, full_mask)
-    return [probe_scores([a[b : b + 1, p:] for a in acts], probe.weight.detach(), probe.bias.detach(),
-                         smoothing=probe.smoothing, window=probe.window)[0, :, 0] for b, p in enumerate(pads)]
+    return [
+        probe_scores(
+            [a[b : b + 1, p:] for a in acts],
+            probe.weight.detach(),
+            probe.bias.detach(),
+            smoothing=probe.smoothing,
+            window=probe.window,
+        )[0, :, 0]
+        for b, p in enumerate(pads)
+    ]
 
 
 def test_find_decoder_layers(model):
@@ -136,8 +153,14 @@ def test_stopping_criteria_with_the_users_generate(model):
     ids, mask = _prompts()
     with ProbeGuard(model, _probe(-1e9), max_batch=4) as guard:  # everything flags at once
         guard.reset()
-        out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[guard.stopping_criteria()],
-                             max_new_tokens=10, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            stopping_criteria=[guard.stopping_criteria()],
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert out.shape[1] == ids.shape[1] + 1  # stopped after the first step
         flagged, token = guard.stream.flags([0, 1, 2])
         assert flagged.all() and (token == 0).all()
@@ -172,8 +195,15 @@ def _tiny_model(arch):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[arch]
-    cfg = config_class(hidden_size=H, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=128, **common)
+    cfg = config_class(
+        hidden_size=H,
+        intermediate_size=64,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **common,
+    )
     return model_class(cfg).eval()
 
 

@@ -14,12 +14,20 @@ from tests.probes.test_hf import _probe, _prompts, model  # noqa: E402,F401  (mo
 def _real_token_scores(guard, probe, ids, mask):
     """Per row, probe_scores over its real tokens (from captured activations)."""
     acts = guard.capture(ids, mask)
-    return [probe_scores([a[b : b + 1, mask[b].bool()] for a in acts], probe.weight.detach(), probe.bias.detach(),
-                         smoothing=probe.smoothing, window=probe.window)[0, :, 0] for b in range(ids.shape[0])]
+    return [
+        probe_scores(
+            [a[b : b + 1, mask[b].bool()] for a in acts],
+            probe.weight.detach(),
+            probe.bias.detach(),
+            smoothing=probe.smoothing,
+            window=probe.window,
+        )[0, :, 0]
+        for b in range(ids.shape[0])
+    ]
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_a_prompt_is_one_varlen_step_scoring_the_real_tokens(model, padding):
+def test_a_prompt_is_one_varlen_step_scoring_the_real_tokens(model, padding):  # noqa: F811 (the fixture)
     ids, mask = _prompts()  # left padding
     if padding == "right":
         ids, mask = torch.stack([r.roll(-int((m == 0).sum())) for r, m in zip(ids, mask)]), mask.flip(1)
@@ -36,6 +44,7 @@ def test_a_prompt_is_one_varlen_step_scoring_the_real_tokens(model, padding):
             def wrapped(*args):
                 calls[name] += 1
                 return fn(*args)
+
             return wrapped
 
         guard.stream._step_varlen_trusted = count("varlen", varlen)
@@ -48,9 +57,9 @@ def test_a_prompt_is_one_varlen_step_scoring_the_real_tokens(model, padding):
         assert guard.stream.flags(list(range(3)))[1].tolist() == expect
 
 
-def test_a_mask_with_a_hole_is_refused(model):
+def test_a_mask_with_a_hole_is_refused(model):  # noqa: F811 (the fixture)
     ids, mask = _prompts()
     mask[0, 2] = 0
-    with ProbeGuard(model, _probe(threshold=0.0)) as guard, torch.no_grad():
+    with ProbeGuard(model, _probe(threshold=0.0)), torch.no_grad():
         with pytest.raises(ValueError, match="each attention_mask row must hold one run of real tokens"):
             model(input_ids=ids, attention_mask=mask)

@@ -10,7 +10,6 @@ import torch
 import pykernels
 from pykernels.probes.scoring import default_ema_alpha
 from pykernels.reference.probe_scores import probe_scores as reference_probe_scores
-
 from tests.helpers import backend_device, backend_params, compile_and_check_ops
 
 SMOOTHINGS = ("none", "swim", "ema")
@@ -41,8 +40,14 @@ def make_probe(L, H, K, device="cpu", seed=1):
 def ref64(layers, weight, bias, lengths=None, smoothing="swim", window=16, alpha=None):
     alpha = default_ema_alpha(window) if alpha is None else alpha
     return reference_probe_scores(
-        [h.cpu() for h in layers], weight.cpu(), None if bias is None else bias.cpu(),
-        None if lengths is None else lengths.cpu(), smoothing, window, alpha, dtype=torch.float64,
+        [h.cpu() for h in layers],
+        weight.cpu(),
+        None if bias is None else bias.cpu(),
+        None if lengths is None else lengths.cpu(),
+        smoothing,
+        window,
+        alpha,
+        dtype=torch.float64,
     )
 
 
@@ -65,8 +70,10 @@ def test_reference_hand_worked_example():
     torch.testing.assert_close(out(smoothing="ema", ema_alpha=0.5), torch.tensor([5.5, 6.0, 4.75]))
     # Default EMA decay: 2 / (16 + 1)
     a = 2 / 17
-    torch.testing.assert_close(out(smoothing="ema"), torch.tensor([5.5, a * 6.5 + (1 - a) * 5.5,
-                                                                   a * 3.5 + (1 - a) * (a * 6.5 + (1 - a) * 5.5)]))
+    torch.testing.assert_close(
+        out(smoothing="ema"),
+        torch.tensor([5.5, a * 6.5 + (1 - a) * 5.5, a * 3.5 + (1 - a) * (a * 6.5 + (1 - a) * 5.5)]),
+    )
 
 
 def test_reference_equals_concatenated_probe():
@@ -103,22 +110,28 @@ def _tolerance(weight, ref):
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
 def test_backend_matches_reference(backend, dtype, smoothing):
     device = backend_device(backend)
-    for seed, (L, B, T, H, K, layout, window) in enumerate([
-        (3, 2, 37, 70, 1, "contiguous", 16),
-        (5, 3, 21, 129, 4, "slices", 5),
-        (2, 4, 9, 64, 6, "transposed", 16),
-        (1, 1, 50, 8, 2, "hidden_strided", 3),
-        (2, 2, 17, 33, 9, "contiguous", 1),
-    ]):
+    for seed, (L, B, T, H, K, layout, window) in enumerate(
+        [
+            (3, 2, 37, 70, 1, "contiguous", 16),
+            (5, 3, 21, 129, 4, "slices", 5),
+            (2, 4, 9, 64, 6, "transposed", 16),
+            (1, 1, 50, 8, 2, "hidden_strided", 3),
+            (2, 2, 17, 33, 9, "contiguous", 1),
+        ]
+    ):
         layers = make_layers(L, B, T, H, dtype, device, seed=seed, layout=layout)
         w, b = make_probe(L, H, K, device, seed=seed + 100)
         lengths = torch.tensor([T - (i * 5) % T for i in range(B)], device=device)
-        out = pykernels.probe_scores(layers, w, b, smoothing=smoothing, window=window, lengths=lengths,
-                                     backend=backend)
+        out = pykernels.probe_scores(layers, w, b, smoothing=smoothing, window=window, lengths=lengths, backend=backend)
         ref = ref64(layers, w, b, lengths, smoothing, window)
         assert out.dtype == torch.float32 and out.shape == (B, T, K) and out.device.type == device
-        torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=_tolerance(w, ref),
-                                   msg=lambda m: f"L{L} B{B} T{T} H{H} K{K} {layout}: {m}")
+        torch.testing.assert_close(
+            out.double().cpu(),
+            ref,
+            rtol=0,
+            atol=_tolerance(w, ref),
+            msg=lambda m: f"L{L} B{B} T{T} H{H} K{K} {layout}: {m}",
+        )
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -250,8 +263,9 @@ def test_nan_reaches_exactly_the_affected_scores(backend, smoothing):
     w, b = make_probe(L, H, K, device)
     t_bad = 1030
     layers[1][1, t_bad, 3] = float("nan")
-    out = pykernels.probe_scores(layers, w, b, smoothing=smoothing, window=window, ema_alpha=0.5 if smoothing == "ema" else None,
-                                 backend=backend).cpu()
+    out = pykernels.probe_scores(
+        layers, w, b, smoothing=smoothing, window=window, ema_alpha=0.5 if smoothing == "ema" else None, backend=backend
+    ).cpu()
     expect = torch.zeros(B, T, K, dtype=torch.bool)
     expect[1] = _expected_nonfinite(T, t_bad, smoothing, window)[:, None]
     assert torch.equal(~torch.isfinite(out), expect)
@@ -324,8 +338,9 @@ def test_gradients_match_reference_autograd(backend, smoothing):
     got = torch.autograd.grad(out, [*layers, w, b], upstream)
 
     ref_in = [t.detach().double().cpu().requires_grad_() for t in (*layers, w, b)]
-    ref = reference_probe_scores(ref_in[:L], ref_in[L], ref_in[L + 1], lengths.cpu(), smoothing, 5,
-                                 default_ema_alpha(5), dtype=torch.float64)
+    ref = reference_probe_scores(
+        ref_in[:L], ref_in[L], ref_in[L + 1], lengths.cpu(), smoothing, 5, default_ema_alpha(5), dtype=torch.float64
+    )
     expect = torch.autograd.grad(ref, ref_in, upstream.double().cpu())
     for name, g, e in zip([f"layer {l}" for l in range(L)] + ["weight", "bias"], got, expect):
         torch.testing.assert_close(g.double().cpu(), e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

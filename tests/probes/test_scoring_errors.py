@@ -18,13 +18,37 @@ W = torch.randn(2, 8, 3)
     "kwargs, exc, pattern",
     [
         (dict(hidden_states=[]), ValueError, "at least one layer"),
-        (dict(hidden_states=torch.randn(0, 2, 5, 8)), ValueError, r"at least one layer \(L >= 1\), got shape \(0, 2, 5, 8\)"),
+        (
+            dict(hidden_states=torch.randn(0, 2, 5, 8)),
+            ValueError,
+            r"at least one layer \(L >= 1\), got shape \(0, 2, 5, 8\)",
+        ),
         (dict(hidden_states="x"), TypeError, "hidden_states must be a .* got str"),
-        (dict(hidden_states=torch.randn(2, 5, 8)), ValueError, r"hidden_states must have 4 dims .* got shape \(2, 5, 8\)"),
-        (dict(hidden_states=[torch.randn(5, 8), torch.randn(5, 8)]), ValueError, r"hidden_states\[0\] must have 3 dims"),
-        (dict(hidden_states=layers(dtype=torch.float64)), TypeError, r"hidden_states\[0\] must have dtype in \(float32, float16, bfloat16\), got float64"),
-        (dict(hidden_states=[torch.randn(2, 5, 8), torch.randn(2, 5, 8).half()]), TypeError, r"hidden_states\[1\] must have dtype in \(float32\)"),
-        (dict(hidden_states=[torch.randn(2, 5, 8), torch.randn(2, 6, 8)]), ValueError, r"hidden_states\[1\] has shape \(2, 6, 8\) but layer 0 has \(2, 5, 8\)"),
+        (
+            dict(hidden_states=torch.randn(2, 5, 8)),
+            ValueError,
+            r"hidden_states must have 4 dims .* got shape \(2, 5, 8\)",
+        ),
+        (
+            dict(hidden_states=[torch.randn(5, 8), torch.randn(5, 8)]),
+            ValueError,
+            r"hidden_states\[0\] must have 3 dims",
+        ),
+        (
+            dict(hidden_states=layers(dtype=torch.float64)),
+            TypeError,
+            r"hidden_states\[0\] must have dtype in \(float32, float16, bfloat16\), got float64",
+        ),
+        (
+            dict(hidden_states=[torch.randn(2, 5, 8), torch.randn(2, 5, 8).half()]),
+            TypeError,
+            r"hidden_states\[1\] must have dtype in \(float32\)",
+        ),
+        (
+            dict(hidden_states=[torch.randn(2, 5, 8), torch.randn(2, 6, 8)]),
+            ValueError,
+            r"hidden_states\[1\] has shape \(2, 6, 8\) but layer 0 has \(2, 5, 8\)",
+        ),
         (dict(weight=torch.randn(3, 8, 3)), ValueError, "weight has 3 at dim 0 but the number of layers L is 2"),
         (dict(weight=torch.randn(2, 9, 3)), ValueError, "weight has 9 at dim 1 but the hidden size H"),
         (dict(weight=torch.randn(2, 8)), ValueError, r"weight must have 3 dims \[L, H, K\]"),
@@ -62,8 +86,18 @@ def test_bad_input(kwargs, exc, pattern):
         (lambda: (layers(), W, None, None, "mean", 4, 0.5), "smoothing must be 'none', 'swim' or 'ema'"),
         (lambda: (layers(), W, None, None, "swim", 0, 0.5), "window must be >= 1"),
         (lambda: (layers(), W, None, None, "ema", 4, 1.5), r"ema_alpha must lie in \(0, 1\]"),
-        (lambda: ([torch.randn(2, 5, 8), torch.randn(2, 5, 8).double()], torch.randn(2, 8, 3), None, None, "swim", 4,
-                  0.5), "every layer must match layer 0"),
+        (
+            lambda: (
+                [torch.randn(2, 5, 8), torch.randn(2, 5, 8).double()],
+                torch.randn(2, 8, 3),
+                None,
+                None,
+                "swim",
+                4,
+                0.5,
+            ),
+            "every layer must match layer 0",
+        ),
     ],
 )
 def test_compiled_op_checks_its_arguments(args, pattern):

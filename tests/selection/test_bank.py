@@ -20,16 +20,18 @@ def make_bank(n_models=5, N=80, D=24, C=4, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, C, N)
     y[:C] = np.arange(C)
-    feats = {f"model_{i}": (rng.standard_normal((N, D)) + np.eye(C, D)[y] * i).astype(np.float32)
-             for i in range(n_models)}
+    feats = {
+        f"model_{i}": (rng.standard_normal((N, D)) + np.eye(C, D)[y] * i).astype(np.float32) for i in range(n_models)
+    }
     probs = {name: rng.dirichlet(np.ones(6), size=N) for name in feats}
     return feats, probs, y
 
 
 def test_scores_equal_direct_calls_and_keep_bank_order():
     feats, probs, y = make_bank()
-    table = S.score_models(feats, y, methods=("parc", "logme", "leep"), source_probs=probs, pca_dim=8,
-                           batch_size=2, progress=False)
+    table = S.score_models(
+        feats, y, methods=("parc", "logme", "leep"), source_probs=probs, pca_dim=8, batch_size=2, progress=False
+    )
     assert table.names == list(feats) and table.methods == ["parc", "logme", "leep"]
     stacked = np.stack(list(feats.values()))
     np.testing.assert_allclose(table["parc"], S.parc(stacked, y, pca_dim=8).numpy(), atol=1e-12)
@@ -112,8 +114,11 @@ def test_streams_files_batch_by_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(bank_module, "load_entry", counting)
     calls = []
     original_parc = bank_module.METHODS["parc"]
-    monkeypatch.setitem(bank_module.METHODS, "parc", bank_module.Method(
-        "parc", "features", lambda x, y_, o: (calls.append(len(x)), original_parc.fn(x, y_, o))[1]))
+    monkeypatch.setitem(
+        bank_module.METHODS,
+        "parc",
+        bank_module.Method("parc", "features", lambda x, y_, o: (calls.append(len(x)), original_parc.fn(x, y_, o))[1]),
+    )
     S.score_models(tmp_path, y, pca_dim=8, batch_size=4, progress=False)
     assert calls == [4, 2] and len(loads) == 6
 
@@ -127,14 +132,17 @@ def test_all_methods():
     assert "leep" not in no_probs.methods and "parc" in no_probs.methods
 
 
-@pytest.mark.parametrize("kwargs, exc, pattern", [
-    (dict(methods=("parc", "magic")), ValueError, r"unknown method\(s\) \['magic'\]"),
-    (dict(methods=("leep",)), ValueError, "leep needs source-model probabilities"),
-    (dict(bank="/no/such/folder"), FileNotFoundError, "is not a folder"),
-    (dict(bank=42), TypeError, "bank must be a mapping"),
-    (dict(batch_size=0), ValueError, "batch_size must be an int >= 1"),
-    (dict(distributed=True), RuntimeError, "torch.distributed is not initialized"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(methods=("parc", "magic")), ValueError, r"unknown method\(s\) \['magic'\]"),
+        (dict(methods=("leep",)), ValueError, "leep needs source-model probabilities"),
+        (dict(bank="/no/such/folder"), FileNotFoundError, "is not a folder"),
+        (dict(bank=42), TypeError, "bank must be a mapping"),
+        (dict(batch_size=0), ValueError, "batch_size must be an int >= 1"),
+        (dict(distributed=True), RuntimeError, "torch.distributed is not initialized"),
+    ],
+)
 def test_bad_input(kwargs, exc, pattern):
     feats, _, y = make_bank(n_models=2)
     args = dict(bank=feats, labels=y, pca_dim=8, progress=False)
@@ -172,8 +180,22 @@ def test_cli_select_prints_the_ranked_table(tmp_path, capsys):
     for name, f in feats.items():
         np.save(bank_dir / f"{name}.npy", f)
     np.save(tmp_path / "y.npy", y)
-    code = cli.main(["select", "--bank", str(bank_dir), "--labels", str(tmp_path / "y.npy"), "--methods",
-                     "parc,logme", "--pca-dim", "8", "--csv", str(tmp_path / "out.csv"), "--no-progress"])
+    code = cli.main(
+        [
+            "select",
+            "--bank",
+            str(bank_dir),
+            "--labels",
+            str(tmp_path / "y.npy"),
+            "--methods",
+            "parc,logme",
+            "--pca-dim",
+            "8",
+            "--csv",
+            str(tmp_path / "out.csv"),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     lines = out.splitlines()

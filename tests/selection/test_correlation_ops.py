@@ -9,9 +9,7 @@ import torch
 import pykernels
 from pykernels.backend import op_callable
 from pykernels.reference import parc as ref
-
 from tests.helpers import backend_device, backend_params, compile_and_check_ops
-
 
 
 @pytest.fixture
@@ -80,9 +78,9 @@ def test_reference_parc_is_spearman_against_onehot_label_distances(scipy_stats):
     # Up to float noise the label distance is two-valued: 0 and C / (C - 1).
     assert torch.allclose(torch.unique(label.round(decimals=12)), torch.tensor([0.0, 4 / 3], dtype=torch.float64))
     for b in range(2):
-        dist = ref.pairwise_corr_distance(x[b:b + 1], triu=True)[0].numpy()
+        dist = ref.pairwise_corr_distance(x[b : b + 1], triu=True)[0].numpy()
         expect = scipy_stats.spearmanr(dist, label.round(decimals=12).numpy())[0]
-        torch.testing.assert_close(ref.parc_spearman(x[b:b + 1], classes)[0].item(), expect, atol=1e-13, rtol=0)
+        torch.testing.assert_close(ref.parc_spearman(x[b : b + 1], classes)[0].item(), expect, atol=1e-13, rtol=0)
 
 
 def test_closed_form_against_point_biserial_formula():
@@ -121,8 +119,9 @@ def test_distances_match_reference(backend, dtype, triu):
             expect = ref.pairwise_corr_distance(x.double().cpu(), triu=triu)
             got = pykernels.pairwise_corr_distance(x, triu=triu, backend=backend)
             assert got.dtype == dtype and got.device.type == device
-            torch.testing.assert_close(got.double().cpu(), expect, atol=_tol(dtype), rtol=0,
-                                       msg=lambda m: f"B{B} N{N} D{D} {kind}: {m}")
+            torch.testing.assert_close(
+                got.double().cpu(), expect, atol=_tol(dtype), rtol=0, msg=lambda m: f"B{B} N{N} D{D} {kind}: {m}"
+            )
             if kind == "quantized":  # duplicates are exactly 0 apart, negations exactly 2
                 assert (got == 0).sum() == (expect == 0).sum() and (got == 2).sum() == (expect == 2).sum()
 
@@ -219,8 +218,12 @@ def test_spearman_shared_y_nan_and_batch_shapes(backend):
     # Non-contiguous rows, integer and float32 mixes.
     xi = torch.randint(0, 9, (4, 60), generator=g).to(device)
     yf = torch.randn(60, 4, generator=g).to(device).T
-    torch.testing.assert_close(pykernels.spearman(xi, yf, backend=backend).cpu(),
-                               ref.spearman(xi.double().cpu(), yf.double().cpu()), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        pykernels.spearman(xi, yf, backend=backend).cpu(),
+        ref.spearman(xi.double().cpu(), yf.double().cpu()),
+        atol=1e-12,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference"] + backend_params())
@@ -255,8 +258,9 @@ def test_parc_spearman_matches_reference(backend):
             classes[:2] = torch.tensor([1, 2]) if C > 1 else 0  # at least two classes
             expect = ref.parc_spearman(x.cpu(), classes)
             got = pykernels.parc_spearman(x, classes.to(device), backend=backend)
-            torch.testing.assert_close(got.cpu(), expect, atol=1e-12, rtol=0, equal_nan=True,
-                                       msg=lambda m: f"B{B} N{N} D{D} C{C} {kind}: {m}")
+            torch.testing.assert_close(
+                got.cpu(), expect, atol=1e-12, rtol=0, equal_nan=True, msg=lambda m: f"B{B} N{N} D{D} C{C} {kind}: {m}"
+            )
             got32 = pykernels.parc_spearman(x.float(), classes.to(device), backend=backend)
             expect32 = ref.parc_spearman(x.float().cpu(), classes)
             torch.testing.assert_close(got32.cpu(), expect32, atol=1e-12, rtol=0, equal_nan=True)
@@ -266,7 +270,9 @@ def test_parc_spearman_matches_reference(backend):
 def test_parc_spearman_one_sided_labels_are_nan(backend):
     device = backend_device(backend) if backend != "reference" else "cpu"
     x = features(1, 10, 4, seed=11, device=device)
-    assert torch.isnan(pykernels.parc_spearman(x, torch.zeros(10, dtype=torch.long, device=device), backend=backend)).all()
+    assert torch.isnan(
+        pykernels.parc_spearman(x, torch.zeros(10, dtype=torch.long, device=device), backend=backend)
+    ).all()
     assert torch.isnan(pykernels.parc_spearman(x, torch.arange(10, device=device), backend=backend)).all()
 
 
@@ -343,21 +349,31 @@ def test_triton_ranking_grids_stay_on_axis_0_and_parc_works_model_by_model(backe
     from pykernels.triton import parc as tp
 
     device = backend_device(backend)
-    logs = {name: _LaunchLog(getattr(tp, name)) for name in
-            ("_midrank_kernel", "_rank_products_kernel", "_parc_count_kernel", "_parc_keys_kernel")}
+    logs = {
+        name: _LaunchLog(getattr(tp, name))
+        for name in ("_midrank_kernel", "_rank_products_kernel", "_parc_count_kernel", "_parc_keys_kernel")
+    }
     for name, log in logs.items():
         monkeypatch.setattr(tp, name, log)
     y = torch.randn(3, 2500, dtype=torch.float64, device=device)
-    torch.testing.assert_close(pykernels.spearman(y, y.flip(1), backend=backend).cpu(),
-                               ref.spearman(y.cpu(), y.flip(1).cpu()), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        pykernels.spearman(y, y.flip(1), backend=backend).cpu(),
+        ref.spearman(y.cpu(), y.flip(1).cpu()),
+        atol=1e-12,
+        rtol=0,
+    )
     for name in ("_midrank_kernel", "_rank_products_kernel"):
         assert logs[name].grids and all(g == (3 * triton.cdiv(2500, 1024),) for g in logs[name].grids), name
     x = features(3, 50, 4, seed=20, device=device)
     classes = torch.arange(50) % 4
     pairs = 50 * 49 // 2
     monkeypatch.setattr(tp, "_KEY_BYTES_PER_CHUNK", 8 * pairs)  # one model's keys
-    torch.testing.assert_close(pykernels.parc_spearman(x, classes.to(device), backend=backend).cpu(),
-                               ref.parc_spearman(x.cpu(), classes), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        pykernels.parc_spearman(x, classes.to(device), backend=backend).cpu(),
+        ref.parc_spearman(x.cpu(), classes),
+        atol=1e-12,
+        rtol=0,
+    )
     assert [g[0] for g in logs["_parc_keys_kernel"].grids] == [1, 1, 1]
     assert logs["_parc_count_kernel"].grids == [(triton.cdiv(pairs, 1024),)] * 3
 
@@ -389,7 +405,8 @@ def test_cpu_parc_ranks_exactly_past_float32_precision():
     N = 5800
     x = features(1, N, 3, seed=12, kind="quantized")
     x = x + 1e-3 * torch.randn(1, N, 3, generator=torch.Generator().manual_seed(13), dtype=torch.float64).round(
-        decimals=1)
+        decimals=1
+    )
     classes = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(14))
     got = pykernels.parc_spearman(x, classes, backend="cpu")
     dist = pykernels.pairwise_corr_distance(x, triu=True, backend="cpu")[0]
@@ -430,7 +447,9 @@ def test_torch_compile_fullgraph_calls_the_kernels(backend, monkeypatch):
     x = features(2, 12, 5, seed=16, device=device)
     classes = torch.arange(12, device=device) % 4
     y = torch.randn(66, device=device, dtype=torch.float64)
-    compile_and_check_ops(rank_models, (x, classes, y), backend, ("pairwise_corr_distance", "spearman", "parc_spearman"))
+    compile_and_check_ops(
+        rank_models, (x, classes, y), backend, ("pairwise_corr_distance", "spearman", "parc_spearman")
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -446,8 +465,10 @@ def test_distance_gradient_matches_autograd_of_the_reference(backend, triu):
     torch.testing.assert_close(x.grad.cpu(), xr.grad, atol=1e-12, rtol=0)
     if backend == "triton" and device == "cpu":
         return  # the backward is the same plain-PyTorch code; finite differences are slow interpreted
-    assert torch.autograd.gradcheck(lambda t: pykernels.pairwise_corr_distance(t, triu=triu, backend=backend),
-                                    (x.detach().clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(
+        lambda t: pykernels.pairwise_corr_distance(t, triu=triu, backend=backend),
+        (x.detach().clone().requires_grad_(True),),
+    )
 
 
 @pytest.mark.slow

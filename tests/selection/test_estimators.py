@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import pykernels.selection as S
-
 from tests.selection import transcriptions as T
 
 
@@ -41,8 +40,10 @@ TRANSCRIBED_WITH_SKLEARN = ("hscore_shrinkage",)  # scikit-learn's Ledoit-Wolf
 def cases(methods):
     """(method, transcription) test params, skipped where the transcription needs scikit-learn
     and it is missing."""
-    return [pytest.param(*pair, id=name, marks=T.requires_sklearn if name in TRANSCRIBED_WITH_SKLEARN else ())
-            for name, pair in methods.items()]
+    return [
+        pytest.param(*pair, id=name, marks=T.requires_sklearn if name in TRANSCRIBED_WITH_SKLEARN else ())
+        for name, pair in methods.items()
+    ]
 
 
 def _check(method, transcription, inputs, y, C, atol):
@@ -104,8 +105,9 @@ def test_batched_list_and_single_calls_agree():
 def test_float32_inputs_are_scored_in_float64():
     x, _, y = bank(seed=10)
     for method, _ in FEATURE_METHODS.values():
-        torch.testing.assert_close(method(torch.from_numpy(x).float(), y),
-                                   method(torch.from_numpy(x.astype(np.float32).astype(np.float64)), y))
+        torch.testing.assert_close(
+            method(torch.from_numpy(x).float(), y), method(torch.from_numpy(x.astype(np.float32).astype(np.float64)), y)
+        )
 
 
 def test_inputs_that_require_grad_give_plain_scores():
@@ -120,16 +122,27 @@ def test_inputs_that_require_grad_give_plain_scores():
             torch.testing.assert_close(got, expect, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("call, exc, pattern", [
-    (lambda x, p, y: S.leep(torch.from_numpy(np.log(p)), y), ValueError, "negative values: pass probabilities"),
-    (lambda x, p, y: S.leep(torch.from_numpy(p * 3), y), ValueError, "sums to 3, not 1"),
-    (lambda x, p, y: S.nce(torch.from_numpy(p)[:, :10], y), ValueError, "labels has 90 entries but the features have N=10"),
-    (lambda x, p, y: S.logme(torch.from_numpy(x), np.zeros_like(y)), ValueError, "single class"),
-    (lambda x, p, y: S.hscore(torch.from_numpy(x), np.eye(4)[y]), ValueError, r"needs class-id labels \[N\]"),
-    (lambda x, p, y: S.gbc(torch.from_numpy(x), y, gaussian="full"), ValueError, "gaussian must be one of"),
-    (lambda x, p, y: S.transrate(torch.from_numpy(x), y, num_classes=2), ValueError, "labels hold class 3 but num_classes is 2"),
-    (lambda x, p, y: S.one_nn_cv(torch.from_numpy(x)[:, :2], y[:2]), ValueError, "N=2 samples; at least 3"),
-])
+@pytest.mark.parametrize(
+    "call, exc, pattern",
+    [
+        (lambda x, p, y: S.leep(torch.from_numpy(np.log(p)), y), ValueError, "negative values: pass probabilities"),
+        (lambda x, p, y: S.leep(torch.from_numpy(p * 3), y), ValueError, "sums to 3, not 1"),
+        (
+            lambda x, p, y: S.nce(torch.from_numpy(p)[:, :10], y),
+            ValueError,
+            "labels has 90 entries but the features have N=10",
+        ),
+        (lambda x, p, y: S.logme(torch.from_numpy(x), np.zeros_like(y)), ValueError, "single class"),
+        (lambda x, p, y: S.hscore(torch.from_numpy(x), np.eye(4)[y]), ValueError, r"needs class-id labels \[N\]"),
+        (lambda x, p, y: S.gbc(torch.from_numpy(x), y, gaussian="full"), ValueError, "gaussian must be one of"),
+        (
+            lambda x, p, y: S.transrate(torch.from_numpy(x), y, num_classes=2),
+            ValueError,
+            "labels hold class 3 but num_classes is 2",
+        ),
+        (lambda x, p, y: S.one_nn_cv(torch.from_numpy(x)[:, :2], y[:2]), ValueError, "N=2 samples; at least 3"),
+    ],
+)
 def test_bad_input(call, exc, pattern):
     x, theta, y = bank(seed=11)
     with pytest.raises(exc, match=pattern):

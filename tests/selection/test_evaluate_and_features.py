@@ -61,8 +61,12 @@ def test_kendall_taus_average_per_group():
         per = []
         for t in np.unique(target):
             keep = (run == r) & (target == t) & (acc > 0)
-            per.append((stats.kendalltau(scores["good"][keep], acc[keep])[0],
-                        stats.weightedtau(scores["good"][keep], acc[keep])[0]))
+            per.append(
+                (
+                    stats.kendalltau(scores["good"][keep], acc[keep])[0],
+                    stats.weightedtau(scores["good"][keep], acc[keep])[0],
+                )
+            )
         expect.append(np.mean(per, axis=0))
     assert table["good"].kendall == pytest.approx(np.mean(expect, axis=0)[0], abs=1e-12)
     assert table["good"].weighted_kendall == pytest.approx(np.mean(expect, axis=0)[1], abs=1e-12)
@@ -88,19 +92,23 @@ def test_a_constant_group_is_skipped_and_counted_not_nan():
 
 
 def test_perfect_ranking_and_score_table_input():
-    table = S.ScoreTable(["a", "b", "c", "d"], {"parc": np.array([4.0, 3.0, np.nan, 1.0]),
-                                                 "logme": np.array([1.0, 2.0, 3.0, 4.0])})
+    table = S.ScoreTable(
+        ["a", "b", "c", "d"], {"parc": np.array([4.0, 3.0, np.nan, 1.0]), "logme": np.array([1.0, 2.0, 3.0, 4.0])}
+    )
     result = S.evaluate(table, {"a": 90, "b": 80, "c": 70, "d": 60})
     assert result["parc"].kendall == pytest.approx(1.0) and result["parc"].pearson > 95  # NaN row left out
     assert result["logme"].kendall == pytest.approx(-1.0)
     assert str(result).splitlines()[2].startswith("parc")
 
 
-@pytest.mark.parametrize("kwargs, exc, pattern", [
-    (dict(accuracies=np.ones(3)), ValueError, "accuracies have 3 rows but scores have 4"),
-    (dict(targets=["a"]), ValueError, "one entry per row"),
-    (dict(accuracies={"a": 1}), TypeError, "need scores as a ScoreTable"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(accuracies=np.ones(3)), ValueError, "accuracies have 3 rows but scores have 4"),
+        (dict(targets=["a"]), ValueError, "one entry per row"),
+        (dict(accuracies={"a": 1}), TypeError, "need scores as a ScoreTable"),
+    ],
+)
 def test_evaluate_bad_input(kwargs, exc, pattern):
     args = dict(scores={"m": np.arange(4.0)}, accuracies=np.arange(1, 5.0))
     args.update(kwargs)

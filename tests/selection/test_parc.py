@@ -10,7 +10,6 @@ import torch
 
 from pykernels.selection import PARC, parc
 from pykernels.selection.parc import exact_pca, standard_scale
-
 from tests.helpers import backend_device, backend_params
 from tests.selection import transcriptions as T
 from tests.selection.transcriptions import requires_scipy, requires_sklearn
@@ -35,12 +34,15 @@ def probe(N, D, C, seed, signal=1.0, dtype=np.float32):
 
 
 @requires_sklearn
-@pytest.mark.parametrize("N, D, C, n_dims, dtype", [
-    (300, 64, 10, 32, np.float32),
-    (250, 48, 37, 32, np.float32),
-    (200, 40, 5, None, np.float64),
-    (24, 40, 3, 32, np.float32),  # n_dims > N: capped at N, as the reference does
-])
+@pytest.mark.parametrize(
+    "N, D, C, n_dims, dtype",
+    [
+        (300, 64, 10, 32, np.float32),
+        (250, 48, 37, 32, np.float32),
+        (200, 40, 5, None, np.float64),
+        (24, 40, 3, 32, np.float32),  # n_dims > N: capped at N, as the reference does
+    ],
+)
 def test_reference_mode_reproduces_the_reference_code(N, D, C, n_dims, dtype):
     for seed in range(2):
         x, y = probe(N, D, C, seed, dtype=dtype)
@@ -75,8 +77,15 @@ def test_reference_mode_batch_and_list_match_single_calls():
 def test_drop_in_object_matches_the_reference_code():
     x, y = probe(200, 50, 37, seed=5)
     method = PARC(n_dims=32)
-    got = method(features=x, probs=None, y=y, source_dataset="imagenet", target_dataset="oxford_pets",
-                 architecture="resnet50", cache_path_fn=None)
+    got = method(
+        features=x,
+        probs=None,
+        y=y,
+        source_dataset="imagenet",
+        target_dataset="oxford_pets",
+        architecture="resnet50",
+        cache_path_fn=None,
+    )
     assert isinstance(got, float)
     assert abs(got - T.reference_parc(x, y, 37, 32)) < 1e-6  # 37 classes from the reference's table
     assert abs(PARC()(x, None, y) - T.reference_parc(x, y, 37, None)) < 1e-6  # n_dims=None: no PCA
@@ -169,8 +178,11 @@ def test_how_far_apart_the_modes_are():
     for seed in range(11, 16):
         x, y = probe(300, 40, 37, seed=seed, signal=0.8, dtype=np.float64)
         exact, reference = (parc(x, y, pca_dim=None, mode=m).item() for m in ("exact", "reference"))
-        assert 18.5 < exact < 20.5 and 5.0 < reference < 8.5 and 10.5 < exact - reference < 13.8, (seed, exact,
-                                                                                                   reference)
+        assert 18.5 < exact < 20.5 and 5.0 < reference < 8.5 and 10.5 < exact - reference < 13.8, (
+            seed,
+            exact,
+            reference,
+        )
     for seed in range(6):
         x, y = probe(300, 64, 10, seed=seed)
         assert abs(parc(x, y).item() - parc(x, y, mode="reference").item()) < 0.5, seed
@@ -252,27 +264,37 @@ def test_features_that_require_grad_give_plain_scores():
         assert torch.equal(got, torch.full_like(got, expect))
 
 
-@pytest.mark.parametrize("kwargs, exc, pattern", [
-    (dict(features=np.zeros((2, 5)), labels=[0, 1]), ValueError, "N=2 samples; at least 3"),
-    (dict(labels=np.zeros(40, int)), ValueError, "single class"),
-    (dict(labels=np.arange(40)), ValueError, "no two samples share a class"),
-    (dict(labels=np.arange(40) % 4, num_classes=3), ValueError, "labels hold class 3 but num_classes is 3"),
-    (dict(labels=np.arange(39) % 4), ValueError, "labels has 39 entries but the features have N=40"),
-    (dict(labels=np.arange(40) % 4 - 1), ValueError, "class ids >= 0"),
-    (dict(labels=np.arange(40) % 4 + 0.5), TypeError, "integer class ids"),
-    (dict(features=[np.ones((40, 5)), np.ones((39, 5))]), ValueError, r"features\[1\] has N=39 samples but"),
-    (dict(features=np.ones((40, 16))), ValueError, "D=16 feature dims, fewer than pca_dim=32"),
-    (dict(pca_dim=1), ValueError, "pca_dim must be an int >= 3"),
-    (dict(pca_dim=2), ValueError, "pca_dim must be an int >= 3 .* every correlation is \\+-1"),
-    (dict(features=np.random.default_rng(1).standard_normal((40, 2)), pca_dim=None), ValueError,
-     "features has D=2 feature dims; PARC needs at least 3"),
-    (dict(mode="fast"), ValueError, r"mode must be one of \('exact', 'reference'\)"),
-    (dict(features="x"), TypeError, "features must be a torch.Tensor or numpy array"),
-    (dict(features=np.ones((2, 40, 5, 1))), ValueError, r"must be \[N, D\], \[B, N, D\]"),
-    (dict(features=np.ones((40, 5)).tolist()), ValueError,
-     r"features\[0\] must be \[N, D\], got shape \(5,\): .* list of models; for one model pass a tensor or array"),
-    (dict(labels=np.zeros((40, 3))), ValueError, "labels row 0 is constant"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(features=np.zeros((2, 5)), labels=[0, 1]), ValueError, "N=2 samples; at least 3"),
+        (dict(labels=np.zeros(40, int)), ValueError, "single class"),
+        (dict(labels=np.arange(40)), ValueError, "no two samples share a class"),
+        (dict(labels=np.arange(40) % 4, num_classes=3), ValueError, "labels hold class 3 but num_classes is 3"),
+        (dict(labels=np.arange(39) % 4), ValueError, "labels has 39 entries but the features have N=40"),
+        (dict(labels=np.arange(40) % 4 - 1), ValueError, "class ids >= 0"),
+        (dict(labels=np.arange(40) % 4 + 0.5), TypeError, "integer class ids"),
+        (dict(features=[np.ones((40, 5)), np.ones((39, 5))]), ValueError, r"features\[1\] has N=39 samples but"),
+        (dict(features=np.ones((40, 16))), ValueError, "D=16 feature dims, fewer than pca_dim=32"),
+        (dict(pca_dim=1), ValueError, "pca_dim must be an int >= 3"),
+        (dict(pca_dim=2), ValueError, "pca_dim must be an int >= 3 .* every correlation is \\+-1"),
+        (
+            dict(features=np.random.default_rng(1).standard_normal((40, 2)), pca_dim=None),
+            ValueError,
+            "features has D=2 feature dims; PARC needs at least 3",
+        ),
+        (dict(mode="fast"), ValueError, r"mode must be one of \('exact', 'reference'\)"),
+        (dict(features="x"), TypeError, "features must be a torch.Tensor or numpy array"),
+        (dict(features=np.ones((2, 40, 5, 1))), ValueError, r"must be \[N, D\], \[B, N, D\]"),
+        (
+            dict(features=np.ones((40, 5)).tolist()),
+            ValueError,
+            r"features\[0\] must be \[N, D\], got shape \(5,\): .* list of models; "
+            r"for one model pass a tensor or array",
+        ),
+        (dict(labels=np.zeros((40, 3))), ValueError, "labels row 0 is constant"),
+    ],
+)
 def test_bad_input(kwargs, exc, pattern):
     args = dict(features=np.random.default_rng(0).standard_normal((40, 40)), labels=np.arange(40) % 4)
     args.update(kwargs)

@@ -23,8 +23,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 
 
 def _peak_bytes(models, budget):
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(models)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYKERNELS_CPU_SCRATCH_BYTES": str(budget)})
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(models)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYKERNELS_CPU_SCRATCH_BYTES": str(budget)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return int(out.stdout.split()[-1])
 

@@ -9,10 +9,12 @@ import pytest
 
 # For the tests that need scikit-learn (the reference PARC path, the Ledoit-Wolf transcription)
 # or scipy; a module-level skip would hide every other test of the file as well.
-requires_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
-                                      reason="needs scikit-learn (pip install pykernels[selection])")
-requires_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
-                                    reason="needs scipy (pip install pykernels[selection])")
+requires_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn (pip install pykernels[selection])"
+)
+requires_scipy = pytest.mark.skipif(
+    importlib.util.find_spec("scipy") is None, reason="needs scipy (pip install pykernels[selection])"
+)
 
 
 def leep(theta, y, n_y):
@@ -45,8 +47,9 @@ def hscore_shrinkage(f, y):
     from sklearn.covariance import LedoitWolf
 
     lw = LedoitWolf().fit(f)
-    return np.trace(np.linalg.pinv(lw.covariance_, rcond=1e-15) @ ((1 - lw.shrinkage_) *
-                                                                     np.cov(_class_means(f, y), rowvar=False)))
+    return np.trace(
+        np.linalg.pinv(lw.covariance_, rcond=1e-15) @ ((1 - lw.shrinkage_) * np.cov(_class_means(f, y), rowvar=False))
+    )
 
 
 def logme(f, y):
@@ -58,7 +61,7 @@ def logme(f, y):
     for c in np.unique(y):
         t_y = (y == c).astype(np.float64)
         x2 = (u.T @ t_y) ** 2
-        res_x2 = (t_y ** 2).sum() - x2.sum()
+        res_x2 = (t_y**2).sum() - x2.sum()
         alpha, beta = 1.0, 1.0
         for _ in range(11):
             t = alpha / beta
@@ -69,8 +72,14 @@ def logme(f, y):
             beta = (n - gamma) / (res2 + 1e-5)
             if abs(alpha / beta - t) / t <= 1e-3:
                 break
-        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.sum(np.log(alpha + beta * sigma))
-                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
+        evidence = (
+            d / 2 * np.log(alpha)
+            + n / 2 * np.log(beta)
+            - 0.5 * np.sum(np.log(alpha + beta * sigma))
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * np.log(2 * np.pi)
+        )
         evidences.append(evidence / n)
     return np.mean(evidences)
 
@@ -95,7 +104,8 @@ def gbc(f, y, gaussian="diagonal"):
             (m1, v1), (m2, v2) = stats[c1], stats[c2]
             avg = (v1 + v2) / 2
             distance = np.sum((m1 - m2) ** 2 / avg) / 8 + 0.5 * (
-                np.sum(np.log(avg)) - 0.5 * np.sum(np.log(v1)) - 0.5 * np.sum(np.log(v2)))
+                np.sum(np.log(avg)) - 0.5 * np.sum(np.log(v1)) - 0.5 * np.sum(np.log(v2))
+            )
             total += np.exp(-distance)
     return -total
 
@@ -120,8 +130,9 @@ def reference_parc(features, y, num_classes, n_dims=32):
     if n_dims is not None:
         if n_dims > features.shape[0]:
             n_dims = features.shape[0]
-        features = sklearn.decomposition.PCA(n_components=n_dims, svd_solver="randomized", random_state=1919,
-                                             iterated_power=1).fit_transform(features)
+        features = sklearn.decomposition.PCA(
+            n_components=n_dims, svd_solver="randomized", random_state=1919, iterated_power=1
+        ).fit_transform(features)
     labels = np.eye(num_classes)[y] if y.ndim == 1 else y
     feats = sklearn.preprocessing.StandardScaler().fit_transform(features)
     rdm1 = 1 - np.corrcoef(feats)
