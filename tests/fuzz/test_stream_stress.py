@@ -185,9 +185,8 @@ def test_stream_matches_python_model(backend):
             ids = rng.sample(range(SLOTS), rng.randint(1, 8))
             starts, counts, N = _random_segments(rng, ids)
             z = _random_logits(rng, N)
-            got_scores, got_flagged = stream.step_varlen(
-                ids, starts, counts, torch.tensor(z, dtype=torch.float32, device=device)
-            )
+            logits = torch.tensor(z, dtype=torch.float32, device=device).reshape(N, HEADS)  # N may be 0
+            got_scores, got_flagged = stream.step_varlen(ids, starts, counts, logits)
             record("ProbeStream.step_varlen (stress)", backend)
             flag_token = dict(zip(range(SLOTS), stream.flags()[1].tolist()))
             expect = [[0.0] * HEADS for _ in range(N)]
@@ -198,7 +197,7 @@ def test_stream_matches_python_model(backend):
                     (expect[row],), _ = model.step([slot], [z[row]], [True], [kernel_crossed], tol)
             torch.testing.assert_close(
                 got_scores.cpu().double(),
-                torch.tensor(expect, dtype=torch.float64),
+                torch.tensor(expect, dtype=torch.float64).reshape(N, HEADS),
                 rtol=tol,
                 atol=tol,
                 equal_nan=True,
