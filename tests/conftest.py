@@ -37,6 +37,25 @@ def pytest_sessionstart(session):
         raise pytest.UsageError("required backends unavailable: " + "; ".join(missing))
 
 
+_XDIST_WORKER = False
+
+
+def pytest_configure(config):
+    global _XDIST_WORKER
+    _XDIST_WORKER = hasattr(config, "workerinput")
+
+
+def pytest_runtest_logreport(report):
+    # benchmarks/gpu_check.sh sets PYKERNELS_FAILURE_LOG: each failure's id and last error line are
+    # appended as it happens (pytest's own summary comes only at the end, lost if a time limit or a
+    # crash ends the run first). Under pytest-xdist the controller writes (it sees every report).
+    path = os.environ.get("PYKERNELS_FAILURE_LOG")
+    if path and report.failed and not _XDIST_WORKER:
+        lines = [line for line in str(report.longrepr).splitlines() if line.startswith("E ")] or [""]
+        with open(path, "a") as f:
+            f.write(f"{report.nodeid} ({report.when}): {lines[-1][2:].strip()[:300]}\n")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     # benchmarks/gpu_check.sh sets PYKERNELS_NO_GPU_SKIPS=1 on a GPU machine: there a skipped test

@@ -230,10 +230,16 @@ def curved_ops_cached(model: Callable, x: torch.Tensor) -> dict[str, int]:
     the values of x (data-dependent branches) or whose forward is replaced in place keeps its
     first answer: call curved_ops for those."""
     key = (tuple(x.shape), x.dtype, x.device, _structure(model))
+    return dict(per_model(_checked, model, key, lambda: curved_ops(model, x)))
+
+
+def per_model(store: weakref.WeakKeyDictionary, model, key, compute: Callable):
+    """compute() once per model and key, kept in store; every time for a model that cannot be
+    weakly referenced."""
     try:
-        cache = _checked.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: checked every time
-        return curved_ops(model, x)
+        cache = store.setdefault(model, {})
+    except TypeError:
+        return compute()
     if key not in cache:
-        cache[key] = curved_ops(model, x)
-    return dict(cache[key])
+        cache[key] = compute()
+    return cache[key]

@@ -108,7 +108,7 @@ def hutch_plus_plus(op, num_probes: int, seed: int = 0, kind: str = "rademacher"
     S = draw_probes(op, sketch, seed, kind)
     Q = _range_basis(_per_example(op.matvec(S)))  # [B, D, sketch]
     Qv = _as_vectors(Q)
-    top = ops.probe_dots(Qv, op.matvec(Qv)).sum(0)  # tr(Q^T H Q), [B]
+    top = op.quad(Qv).sum(0)  # tr(Q^T H Q), [B]: quadratic forms, which forward-adjoint computes for less
     G = _per_example(draw_probes(op, residual, seed, kind, first=sketch))
     G = _as_vectors(G - Q @ (Q.transpose(1, 2) @ G))  # projected off range(Q)
     rest = _mean_and_stderr(op.quad(G))

@@ -11,6 +11,15 @@ Methods (`method=`):
   "forward-over-reverse-per-example"  the same with the gradient of one example,
                           vmapped over the examples and then the vectors
                           (torch.func's batching). Exact.
+  "forward-adjoint"       quadratic forms v . H v only (Hutchinson, the residual and
+                          tr(Q^T H Q) of Hutch++): one forward tangent pass per
+                          vector, weighted by second derivatives of each curved op
+                          and the adjoints of one shared reverse pass
+                          (_forward_adjoint.py). Exact; about half the FLOPs of
+                          forward-over-reverse. Products H v under this method use
+                          forward-over-reverse. Needs the model's graph (make_fx):
+                          a model whose graph cannot be captured (data-dependent
+                          control flow) falls back to double backward, reported once.
   "double-backward"       reverse-over-reverse: the gradient with create_graph,
                           then one batched backward per chunk of vectors. Exact;
                           the fallback for ops without forward-mode AD.
@@ -43,7 +52,10 @@ Methods (`method=`):
                           number of vectors (with 32 vectors none wins on
                           every family: forward-over-reverse was up to 1.3x
                           faster on a GELU CNN, double backward 1.4x on MLPs
-                          and attention and 2.5x on a SiLU ResNet).
+                          and attention and 2.5x on a SiLU ResNet). Quadratic
+                          forms (more than FEW_VECTORS) time "forward-adjoint"
+                          beside those three, and keep it only if its values
+                          equal double backward's on that chunk.
                           If forward mode is not supported by the model (an op or
                           autograd.Function without a forward-mode rule, a
                           torch.func limitation such as data-dependent control
@@ -76,6 +88,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._validation import check_choice, check_int
 from . import ops
+from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad
 from ._model import (
     check_hessian_dtype,
     check_inputs,
@@ -91,20 +104,22 @@ HVP_METHODS = (
     "auto",
     "forward-over-reverse",
     "forward-over-reverse-per-example",
+    "forward-adjoint",
     "double-backward",
     "finite-difference",
     "gauss-newton",
 )
 FORWARD_METHODS = ("forward-over-reverse", "forward-over-reverse-per-example")
-# What "auto" times on smooth networks with many vectors.
+# What "auto" times on smooth networks with many vectors: for products H v, and for v . H v.
 TIMED_METHODS = FORWARD_METHODS + ("double-backward",)
+TIMED_QUAD_METHODS = ("forward-adjoint",) + TIMED_METHODS
 
 # Up to this many vectors per example, "auto" takes double backward on smooth networks: 1.4-8x
 # faster than forward-over-reverse for one vector on every smooth family of
 # `pykernels bench --ops flatness_hvp`, and at least as fast up to 4-8 vectors.
 FEW_VECTORS = 8
 TIMING_ROUNDS = 2  # each method timed this many times on the first chunk, fastest kept
-# model -> {(shape, dtype, device, chunk): the method timed fastest on it}
+# model -> {(shape, dtype, device, chunk, "matvec" or "quad"): the method timed fastest on it}
 _timed_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
@@ -202,6 +217,9 @@ class InputHessian:
             elif expected_vectors is not None and expected_vectors <= FEW_VECTORS:
                 method = "double-backward"
         self.method = method
+        # v . H v: "forward-adjoint" where asked for or timed fastest, else from the products H v.
+        self.quad_method = method
+        self._forward_adjoint: Optional[ForwardAdjointQuad] = None
         # The autodiff paths differentiate log p twice; through our energy kernel that goes via
         # autograd.Function wrappers under torch.func, a fixed 8-20 ms per call on a CPU
         # (`pykernels bench --ops flatness_hvp`) for nothing: the logit-space work is K-sized.
@@ -225,8 +243,8 @@ class InputHessian:
     def _sum_log_p(self, x: torch.Tensor) -> torch.Tensor:
         return self._log_p(x).sum()
 
-    def _choice_key(self, vectors: int):
-        return (tuple(self.x.shape), self.dtype, self.device, vectors)
+    def _choice_key(self, vectors: int, kind: str = "matvec"):
+        return (tuple(self.x.shape), self.dtype, self.device, vectors, kind)
 
     # ---- H v ----
 
@@ -242,8 +260,8 @@ class InputHessian:
         if self.method == "auto":
             if Vx.shape[0] <= FEW_VECTORS:  # e.g. Lanczos steps: double backward, no timing needed
                 return self._double_backward(Vx).reshape(V.shape)
-            return self._timed(Vx).reshape(V.shape)
-        if self.method in FORWARD_METHODS:
+            return self._timed(Vx, "matvec").reshape(V.shape)
+        if self.method in FORWARD_METHODS or self.method == "forward-adjoint":
             try:
                 return self._forward_over_reverse(Vx, self.method).reshape(V.shape)
             except (RuntimeError, NotImplementedError) as exc:
@@ -257,66 +275,126 @@ class InputHessian:
         return self._gauss_newton(Vx).reshape(V.shape)
 
     def _forward_over_reverse(self, Vx, method: str = "forward-over-reverse"):
-        product = forward_over_reverse if method == "forward-over-reverse" else forward_over_reverse_per_example
+        per_example = method == "forward-over-reverse-per-example"
+        product = forward_over_reverse_per_example if per_example else forward_over_reverse
         return product(self._log_p, self.x, Vx)
 
-    def _timed(self, Vx):
-        """The exact methods of TIMED_METHODS on this chunk, timed; the fastest is kept (and cached
-        for the model) for every later chunk. All give the same products."""
-        key = self._choice_key(Vx.shape[0])
+    def _timed(self, Vx, kind: str = "matvec"):
+        """The exact methods on this chunk (TIMED_METHODS for products H v, TIMED_QUAD_METHODS for
+        v . H v), timed; the fastest is kept (and cached for the model) for every later chunk. All
+        give the same values: forward-adjoint's are checked against double backward's."""
+        key = self._choice_key(Vx.shape[0], kind)
         try:
             cached = _timed_choice.get(self.model, {}).get(key)
         except TypeError:  # not weak-referenceable: nothing cached
             cached = None
         if cached is not None:
-            self.method = cached
-            return self._matvec_chunk(Vx)
+            self._choose(cached, kind)
+            return self._run(cached, Vx, kind)
         # Two rounds, alternating, keeping each method's fastest time: the method timed first on a
         # fresh process pays one-off costs (allocator growth, first transform call), and one
         # timing on a shared machine is noisy; a single round picked the slower method on a
         # GELU CNN (`pykernels bench --ops flatness_trace`).
-        self.timings, out, candidates = {}, None, list(TIMED_METHODS)
+        self.timings, results = {}, {}
+        candidates = list(TIMED_QUAD_METHODS if kind == "quad" else TIMED_METHODS)
+        if kind == "quad" and not self._forward_adjoint_agrees():
+            candidates.remove("forward-adjoint")
         for _ in range(TIMING_ROUNDS):
             for method in list(candidates):
                 if method == "double-backward":
                     self._graph = None  # timed with the gradient it builds, as a one-chunk call runs it
                 start = time.perf_counter()
                 try:
-                    result = (
-                        self._double_backward(Vx)
-                        if method == "double-backward"
-                        else self._forward_over_reverse(Vx, method)
-                    )
+                    results[method] = self._run(method, Vx, kind, fall_back=False)
                 except (RuntimeError, NotImplementedError) as exc:
-                    if not transform_unsupported(exc):
+                    if not (transform_unsupported(exc) or isinstance(exc, CaptureFailed)):
                         raise
-                    self._report_fallback(exc)
-                    candidates = ["double-backward"]
+                    self._report_fallback(exc, method)
+                    candidates = [m for m in candidates if m in ("double-backward",) or not _fails_with(method, m)]
                     continue
                 self.timings[method] = min(self.timings.get(method, math.inf), time.perf_counter() - start)
-                out = result
         choice = min(self.timings, key=self.timings.get)
-        self.method = choice
+        self._choose(choice, kind)
         with contextlib.suppress(TypeError):
             _timed_choice.setdefault(self.model, {})[key] = choice
-        return out
+        return results[choice]
+
+    def _choose(self, method: str, kind: str) -> None:
+        if kind == "quad":
+            self.quad_method = method
+        else:
+            self.method = method
+
+    def _run(self, method: str, Vx, kind: str, fall_back: bool = True):
+        """One chunk by one exact method: H v [S, B, ...] or, for kind "quad", v . H v [S, B]."""
+        if method == "forward-adjoint" and kind == "quad":
+            return self._forward_adjoint_quad(Vx, fall_back)
+        if method == "double-backward":
+            Hv = self._double_backward(Vx)
+        else:
+            Hv = self._forward_over_reverse(Vx, method)
+        return ops.probe_dots(Vx.flatten(2), Hv.flatten(2), backend=self.backend) if kind == "quad" else Hv
+
+    def _forward_adjoint_agrees(self) -> bool:
+        """forward-adjoint must equal double backward on two random vectors before "auto" may time
+        it: a graph captured along one side of a data-dependent branch, or an op whose rules the
+        capture gets wrong, gives other values. A failure is reported once and the method dropped."""
+        g = torch.Generator().manual_seed(0)
+        R = torch.randn(2, self.batch, *self.shape, generator=g, dtype=self.dtype).to(self.device)
+        try:
+            quads = self._forward_adjoint_quad(R, fall_back=False)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (an op the graph interpreter cannot run: another method)
+            self._report_fallback(exc, "forward-adjoint")
+            return False
+        reference = ops.probe_dots(R.flatten(2), self._double_backward(R).flatten(2), backend=self.backend)
+        tol = 1e-3 if self.dtype == torch.float32 else 1e-8
+        scale = reference.abs().max().clamp(min=torch.finfo(self.dtype).tiny)
+        error = ((quads - reference).abs().max() / scale).item()
+        if error <= tol:
+            return True
+        report_once(
+            self.model,
+            "forward-adjoint-mismatch",
+            f"pykernels.flatness: forward-adjoint quadratic forms differ from double backward on this "
+            f"model (relative error {error:.1e}); they are not used",
+        )
+        return False
+
+    def _forward_adjoint_quad(self, Vx, fall_back: bool = True):
+        try:
+            if self._forward_adjoint is None:
+                self._forward_adjoint = ForwardAdjointQuad(self.model, self.x)
+            return self._forward_adjoint(Vx)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (a model error shows again in double backward, and is raised there)
+            if not fall_back:
+                raise
+            self._report_fallback(exc, "forward-adjoint")
+            self.quad_method = "double-backward"
+            return ops.probe_dots(Vx.flatten(2), self._double_backward(Vx).flatten(2), backend=self.backend)
 
     def _fall_back(self, exc: Exception, Vx):
         try:
             out = self._double_backward(Vx)
         except Exception:
             raise exc  # noqa: B904  (the first method's error, with the fallback's as its context)
-        self._report_fallback(exc)
+        self._report_fallback(exc, self.method)
         self.method = "double-backward"
         return out
 
-    def _report_fallback(self, exc: Exception) -> None:
+    def _report_fallback(self, exc: Exception, method: str) -> None:
+        if isinstance(exc, CaptureFailed):
+            what = "the model's graph could not be captured"
+        else:
+            what = "the forward-adjoint graph could not run" if method == "forward-adjoint" else "forward-mode AD failed"
         report_once(
             self.model,
-            "hvp-fallback",
-            f"pykernels.flatness: forward-mode AD failed on this model "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            f"Hessian-vector products use double backward instead",
+            f"hvp-fallback:{_failure_family(method)}",
+            f"pykernels.flatness: {what} on this model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{method} is not used, double backward instead",
         )
 
     def _gradient_graph(self):
@@ -381,7 +459,9 @@ class InputHessian:
         """[S, B, D] -> [S, B]: v . H_b v. The Gauss-Newton form needs only J v:
         v . J^T A J v = u . A u with u = J v (no backward pass)."""
         if self.method != "gauss-newton":
-            return ops.probe_dots(V, self.matvec(V), backend=self.backend)
+            with twice_differentiable():
+                out = [self._quad_chunk(V[i : i + self.chunk_size]) for i in range(0, V.shape[0], self.chunk_size)]
+            return torch.cat(out) if len(out) > 1 else out[0]
         out = []
         for i in range(0, V.shape[0], self.chunk_size):
             chunk = V[i : i + self.chunk_size]
@@ -392,6 +472,23 @@ class InputHessian:
             AU = ops.logsumexp_hvp(logits, U, backend=self.backend)[2]
             out.append(ops.probe_dots(U, AU, backend=self.backend))
         return torch.cat(out)
+
+    def _quad_chunk(self, V: torch.Tensor) -> torch.Tensor:
+        Vx = V.reshape(V.shape[0], self.batch, *self.shape)
+        if self.quad_method == "auto" and V.shape[0] > FEW_VECTORS:
+            return self._timed(Vx, "quad")
+        if self.quad_method == "forward-adjoint":
+            return self._forward_adjoint_quad(Vx)
+        return ops.probe_dots(V, self._matvec_chunk(V), backend=self.backend)
+
+
+def _failure_family(method: str) -> str:
+    """Methods that fail together: the forward-mode ones share forward-mode AD."""
+    return "forward-adjoint" if method == "forward-adjoint" else "forward-mode"
+
+
+def _fails_with(failed: str, method: str) -> bool:
+    return _failure_family(failed) == _failure_family(method)
 
 
 JACOBIAN_BUDGET = 2**25  # elements of J (K * B * D) the Gauss-Newton path may hold

@@ -135,6 +135,7 @@ class ProbeStream:
         self._meta = torch.zeros(max_slots + 1, 3, dtype=torch.int64, device=self.device)
         self._meta[:, 1] = -1
         self._status = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self.device = self._state.device  # with its index: "cuda" -> "cuda:0"
         self._live_state, self._live_meta = self._state[:max_slots], self._meta[:max_slots]  # views, made once
         self.backend = _backend.select("probe_stream_step", self.device, _backend.BACKENDS, backend)
         self._op = _backend.resolve("probe_stream_step", self.device, self.backend)

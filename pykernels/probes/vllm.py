@@ -279,13 +279,14 @@ class VllmProbeGuard:
     """Worker-side state: the probe, its accumulator, one stream slot per live request."""
 
     def __init__(self, runner, config: dict):
+        from .._validation import same_device
         from ..backend import resolve
         from .training import LinearProbe
 
         model = runner.model
         model_device = next(model.parameters()).device
         device = torch.device(config.get("device") or model_device)
-        if device != model_device:
+        if not same_device(device, model_device):
             raise ValueError(f"the probe is configured for {device} but the model is on {model_device}")
         probe = LinearProbe.load(config["path"], device=device)
         layers = _decoder_layers(model, probe.num_layers)

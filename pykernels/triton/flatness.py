@@ -21,20 +21,24 @@ _KINDS = {"rademacher": 0, "gaussian": 1}
 
 @triton.jit
 def _row_logsumexp(z_ptr, rows, row_ok, stride_n, K, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # lse_max_step / lse_term / lse_finish of csrc/core/flatness.h, BLOCK_N rows at a time.
-    m = tl.full([BLOCK_N], float("-inf"), ACC)
+    # lse_max_step / lse_term / lse_finish of csrc/core/flatness.h, BLOCK_N rows at a time. The
+    # loops keep [BLOCK_N, BLOCK_K] partials and reduce once after: a row reduction inside the
+    # loop whose result is used twice fails Triton 3.6's OptimizeThreadLocality pass on sm_90.
+    m_part = tl.full([BLOCK_N, BLOCK_K], float("-inf"), ACC)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (ks < K)[None, :]
         x = tl.load(z_ptr + rows[:, None] * stride_n + ks[None, :], mask=mask, other=float("-inf")).to(ACC)
-        m = tl.maximum(m, tl.max(x, axis=1))
-    total = tl.zeros([BLOCK_N], ACC)
+        m_part = tl.maximum(m_part, x)
+    m = tl.max(m_part, axis=1)
+    part = tl.zeros([BLOCK_N, BLOCK_K], ACC)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (ks < K)[None, :]
         x = tl.load(z_ptr + rows[:, None] * stride_n + ks[None, :], mask=mask, other=0.0).to(ACC)
         term = tl.where(x == m[:, None], 1.0, tl.exp(x - m[:, None]))
-        total += tl.sum(tl.where(mask, term, 0.0), axis=1)
+        part += tl.where(mask, term, 0.0)
+    total = tl.sum(part, axis=1)
     total = tl.where(row_ok, total, 1.0)  # rows past the end: keep their (unstored) arithmetic quiet
     return tl.where((m == float("inf")) & (total == total), m, m + tl.log(total))
 
@@ -84,13 +88,14 @@ def _logsumexp_hvp_kernel(
             tl.store(s_ptr + rows[:, None] * K + ks[None, :], _softmax_at(x, lse[:, None]), mask=mask)
     if i < S:
         u_base = u_ptr + i.to(tl.int64) * stride_us + rows[:, None] * stride_un
-        dot = tl.zeros([BLOCK_N], ACC)
+        dot_part = tl.zeros([BLOCK_N, BLOCK_K], ACC)  # reduced after the loop, as in _row_logsumexp
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             mask = row_ok[:, None] & (ks < K)[None, :]
             x = tl.load(z_ptr + rows[:, None] * stride_zn + ks[None, :], mask=mask, other=0.0).to(ACC)
             u = tl.load(u_base + ks[None, :], mask=mask, other=0.0).to(ACC)
-            dot += tl.sum(tl.where(mask, _softmax_at(x, lse[:, None]) * u, 0.0), axis=1)
+            dot_part += tl.where(mask, _softmax_at(x, lse[:, None]) * u, 0.0)
+        dot = tl.sum(dot_part, axis=1)
         h_base = h_ptr + (i.to(tl.int64) * N + rows[:, None]) * K
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)

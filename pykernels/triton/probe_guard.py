@@ -39,13 +39,17 @@ def _accumulate_kernel(
     r_ok = rows < N
     k_ok = ks < K
     x_rows = x_ptr.to(tl.pointer_type(DTYPE)) + rows * row_stride
-    total = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    # Products summed into [BLOCK_N, BLOCK_H, BLOCK_K] partials, reduced over H once after the loop.
+    # The first GPU run (H200, Triton 3.6) had a row reduction inside this loop off by about one
+    # product at H = 33, K = 9 (tests/probes/test_stream.py), where the interpreter was exact.
+    part = tl.zeros([BLOCK_N, BLOCK_H, BLOCK_K], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         h_ok = hs < H
         x = tl.load(x_rows[:, None] + hs[None, :], mask=r_ok[:, None] & h_ok[None, :], other=0.0)
         w = tl.load(w_ptr + ks[None, :] * H + hs[:, None], mask=h_ok[:, None] & k_ok[None, :], other=0.0)  # W_t [K, H]
-        total += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+        part += x.to(tl.float32)[:, :, None] * w[None, :, :]
+    total = tl.sum(part, axis=1)
     out = acc_ptr + rows[:, None] * K + ks[None, :]
     mask = r_ok[:, None] & k_ok[None, :]
     tl.store(out, tl.load(out, mask=mask, other=0.0) + total, mask=mask)

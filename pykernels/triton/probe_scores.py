@@ -89,9 +89,10 @@ def _swim_kernel(z_ptr, out_ptr, len_ptr, T, K, n, window, HAS_LENGTHS: tl.const
 @triton.jit
 def _ema_combine(d1, a1, d2, a2):
     # ema_compose of csrc/core/probe_scores.h: (d1, a1) earlier, (d2, a2) later;
-    # 1.17549435e-38 is the smallest normal float32 (the underflow floor there).
+    # 2^-126 is the smallest normal float32 (the underflow floor there), written exactly: Triton
+    # makes a float literal below 2^-126 (1.17549435e-38) a float64, which breaks the scan's types.
     add = tl.where(d2 == 0.0, a2, d2 * a1 + a2)
-    decay = tl.where((d2 == 0.0) | (d1 == 0.0), 0.0, tl.maximum(d2 * d1, 1.17549435e-38))
+    decay = tl.where((d2 == 0.0) | (d1 == 0.0), 0.0, tl.maximum(d2 * d1, 1.1754943508222875e-38))
     return decay, add
 
 
@@ -103,13 +104,15 @@ def _ema_kernel(z_ptr, out_ptr, len_ptr, T, K, alpha, HAS_LENGTHS: tl.constexpr,
     length = T
     if HAS_LENGTHS:
         length = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), T)
-    carry = 0.0
+    # The scan's two operands and the carry share z's dtype (Triton 3.6 refuses a float32 decay
+    # next to float64 scores).
+    carry = tl.zeros([], dtype=z_ptr.dtype.element_ty)
     for t0 in range(0, T, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
         valid = t < length
         z = tl.load(z_ptr + (b * T + t) * K + k, mask=valid, other=0.0)
-        decay = tl.where(t == 0, 0.0, tl.where(valid, 1.0 - alpha, 1.0))
-        add = tl.where(t == 0, z, tl.where(valid, alpha * z, 0.0))
+        decay = tl.where(t == 0, 0.0, tl.where(valid, 1.0 - alpha, 1.0)).to(z.dtype)
+        add = tl.where(t == 0, z, tl.where(valid, alpha * z, 0.0)).to(z.dtype)
         decay, add = tl.associative_scan((decay, add), 0, _ema_combine)
         e = tl.where(decay == 0.0, add, decay * carry + add)
         tl.store(out_ptr + (b * T + t) * K + k, tl.where(valid, e, 0.0), mask=t < T)

@@ -473,3 +473,141 @@ def test_parameter_auto_times_the_methods_once_and_keeps_the_fastest(monkeypatch
 def test_bad_input(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(small_cnn(), inputs())
+
+
+# ---------------------------------------------------------------- forward-adjoint (v . H v)
+
+
+def _quads_by_double_backward(model, x, V):
+    return (V * flatness.hvp(model, x, V, method="double-backward")).flatten(2).sum(-1)
+
+
+def _forward_adjoint_quads(model, x, V, method="forward-adjoint"):
+    with prepared(model, x):
+        return InputHessian(model, x, method=method).quad(V.flatten(2))
+
+
+class _Branchy(nn.Module):
+    """A data-dependent branch: make_fx cannot capture it, so forward-adjoint falls back."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = small_cnn(nn.GELU)
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > 0 else self.inner(-x)
+
+
+@pytest.mark.parametrize(
+    "family",
+    list(SMOOTH_FAMILIES) + ["cnn-relu", "residual-in-place-square", "plain-callable", "layernorm-only"],
+)
+def test_forward_adjoint_quads_equal_double_backward(family):
+    """v . H v from one tangent pass and the adjoints equals double backward in float64 on every
+    family: BatchNorm-eval, attention (LayerNorm, whose nested forward mode PyTorch gets wrong,
+    softmax, products of two x-dependent tensors), in-place ops, a plain callable."""
+    x = inputs()
+    if family == "cnn-relu":
+        model = small_cnn(nn.ReLU)
+    elif family == "residual-in-place-square":
+        model = ResidualBlock(square=True)
+    elif family == "plain-callable":
+        inner = SMOOTH_FAMILIES["mlp-tanh"]()
+        model = lambda t: inner(t) * 1.5  # noqa: E731  (a callable that is not an nn.Module)
+    elif family == "layernorm-only":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.LayerNorm(36), nn.Linear(36, 5)).double()
+    else:
+        model = SMOOTH_FAMILIES[family]()
+    V = probes(5, x)
+    expect = _quads_by_double_backward(model, x, V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback report: the method itself ran
+        got = _forward_adjoint_quads(model, x, V)
+    assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item(), family
+
+
+def test_forward_adjoint_uses_the_current_weights():
+    """The captured graph takes parameters as inputs: weights changed in place after the first
+    call give the new Hessian, not the one captured."""
+    model, x = SMOOTH_FAMILIES["mlp-gelu"](), inputs()
+    V = probes(3, x)
+    _forward_adjoint_quads(model, x, V)
+    with torch.no_grad():
+        model[1].weight.mul_(1.7)
+    torch.testing.assert_close(_forward_adjoint_quads(model, x, V), _quads_by_double_backward(model, x, V))
+
+
+def test_forward_adjoint_falls_back_when_the_graph_cannot_be_captured():
+    model, x = _Branchy().double(), inputs()
+    V = probes(3, x)
+    with pytest.warns(RuntimeWarning, match="graph could not be captured.*forward-adjoint is not used"):
+        got = _forward_adjoint_quads(model, x, V)
+    torch.testing.assert_close(got, _quads_by_double_backward(model, x, V))
+
+
+def test_auto_times_forward_adjoint_for_quadratic_forms_and_keeps_the_fastest(monkeypatch):
+    """Hutchinson's v . H v on a smooth net: "auto" times forward-adjoint beside the product
+    methods; made 0.3 s slower it must lose, made the others slower it must win."""
+    from pykernels.flatness._forward_adjoint import ForwardAdjointQuad
+
+    x = inputs()
+    V = probes(FEW_VECTORS + 1, x)
+    original = ForwardAdjointQuad.__call__
+    for slow_forward_adjoint in (True, False):
+        model = small_cnn(nn.Tanh, seed=3 if slow_forward_adjoint else 4)
+        expect = _quads_by_double_backward(model, x, V)
+
+        def delayed(self, V, slow=slow_forward_adjoint):
+            if slow:
+                time.sleep(0.3)
+            return original(self, V)
+
+        monkeypatch.setattr(ForwardAdjointQuad, "__call__", delayed)
+        if not slow_forward_adjoint:
+            for name in ("_forward_over_reverse", "_double_backward"):
+                method = getattr(InputHessian, name)
+                monkeypatch.setattr(InputHessian, name, lambda self, *a, m=method: time.sleep(0.3) or m(self, *a))
+        with prepared(model, x):
+            H = InputHessian(model, x)
+            got = H.quad(V.flatten(2))
+        assert "forward-adjoint" in H.timings, H.timings
+        assert (H.quad_method == "forward-adjoint") != slow_forward_adjoint, H.timings
+        torch.testing.assert_close(got, expect)
+        monkeypatch.undo()
+
+
+def test_auto_drops_forward_adjoint_when_it_disagrees_with_double_backward(monkeypatch):
+    """A capture that gives wrong values (a branch taken at trace time, an op rule PyTorch gets
+    wrong) must not be used: the check on two random vectors drops it, with a warning."""
+    from pykernels.flatness._forward_adjoint import ForwardAdjointQuad
+
+    original = ForwardAdjointQuad.__call__
+    monkeypatch.setattr(ForwardAdjointQuad, "__call__", lambda self, V: original(self, V) * 1.01)
+    model, x = small_cnn(nn.Tanh, seed=5), inputs()
+    V = probes(FEW_VECTORS + 1, x)
+    with prepared(model, x), pytest.warns(RuntimeWarning, match="forward-adjoint quadratic forms differ"):
+        H = InputHessian(model, x)
+        got = H.quad(V.flatten(2))
+    assert "forward-adjoint" not in H.timings and H.quad_method != "forward-adjoint", H.timings
+    torch.testing.assert_close(got, _quads_by_double_backward(model, x, V))
+
+
+def test_forward_adjoint_handles_comparisons_and_masks():
+    """Booleans from a comparison (a mask, torch.where) carry no tangent; the quadratic forms
+    still equal double backward's."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = small_cnn(nn.GELU)
+
+        def forward(self, x):
+            return self.inner(torch.where(x > 0.5, torch.tanh(x), x * x))
+
+    model, x = Masked().double(), inputs()
+    V = probes(3, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _forward_adjoint_quads(model, x, V)
+    torch.testing.assert_close(got, _quads_by_double_backward(model, x, V))

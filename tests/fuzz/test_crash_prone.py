@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import pykernels
 
@@ -247,14 +248,15 @@ HUGE_WINDOW = textwrap.dedent(r"""
     import sys
     sys.path.insert(0, sys.argv[1])
     import os
-    if sys.argv[2] == "triton":
+    device = sys.argv[3]
+    if sys.argv[2] == "triton" and device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from tests import sanitized_ops
     sanitized_ops.load()
     import torch, pykernels
     g = torch.Generator().manual_seed(0)
-    layers = [torch.randn(2, 7, 4, generator=g)]
-    w = torch.randn(1, 4, 3, generator=g)
+    layers = [torch.randn(2, 7, 4, generator=g).to(device)]
+    w = torch.randn(1, 4, 3, generator=g).to(device)
     for smoothing in ("swim", "ema"):
         huge = pykernels.probe_scores(layers, w, smoothing=smoothing, window=2**40, backend=sys.argv[2])
         alpha = 2.0 / (2**40 + 1)
@@ -268,9 +270,15 @@ HUGE_WINDOW = textwrap.dedent(r"""
 @pytest.mark.parametrize("backend", runnable_backends())
 def test_window_past_int32_returns_promptly(backend):
     record("probe_scores window=2**40 (subprocess)", backend)
+    gpu = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+    device = "cuda" if gpu else "cpu"
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", HUGE_WINDOW, ROOT, backend], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", HUGE_WINDOW, ROOT, backend, device],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except subprocess.TimeoutExpired:
         pytest.fail("probe_scores(window=2**40) did not return within 60 s")

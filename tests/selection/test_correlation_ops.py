@@ -148,7 +148,7 @@ def test_undefined_rows_are_nan_and_nothing_else(backend):
     bad[0, 3, :] = bad[0, :, 3] = True
     bad[1, 7, :] = bad[1, :, 7] = True
     assert torch.equal(torch.isnan(d), bad)
-    r = pykernels.parc_spearman(x, torch.arange(12) % 3, backend=backend).cpu()
+    r = pykernels.parc_spearman(x, torch.arange(12, device=device) % 3, backend=backend).cpu()
     assert torch.isnan(r).all()
 
 
