@@ -388,8 +388,10 @@ class InputHessian:
     def _report_fallback(self, exc: Exception, method: str) -> None:
         if isinstance(exc, CaptureFailed):
             what = "the model's graph could not be captured"
+        elif method == "forward-adjoint":
+            what = "the forward-adjoint graph could not run"
         else:
-            what = "the forward-adjoint graph could not run" if method == "forward-adjoint" else "forward-mode AD failed"
+            what = "forward-mode AD failed"
         report_once(
             self.model,
             f"hvp-fallback:{_failure_family(method)}",
