@@ -46,8 +46,8 @@ class CompileOnlyDriver:
         return True
 
 
-def install(arch: int, failures: list, compiled: set):
-    """Routes every Triton launch to compile-only, recording failures."""
+def install(arch: int, failures: list, compiled: set, launches: list):
+    """Routes every Triton launch to compile-only, recording failures (launches[0] counts them)."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -55,6 +55,7 @@ def install(arch: int, failures: list, compiled: set):
     run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
+        launches[0] += 1
         try:
             kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
             compiled.add((arch, self.__name__, kernel.hash if kernel is not None else None))
@@ -141,14 +142,16 @@ def main() -> int:
 
     failures: list = []
     compiled: set = set()
+    launches = [0]
     start = time.perf_counter()
     from triton.runtime.jit import JITFunction
 
     for arch in (int(a) for a in args.arch.split(",")):
-        original = install(arch, failures, compiled)
+        original = install(arch, failures, compiled, launches)
         import pykernels.triton  # noqa: F401  (imports every Triton family)
 
         for op in sorted(OP_FAMILY):
+            before = launches[0]
             twin = getattr(torch.ops.pykernels, _ops.triton_name(op))
             # The inputs the op takes are those its CPU kernel (else its reference) accepts.
             oracle = resolve(op, torch.device("cpu"), "cpu" if _ops.LOADED else "reference")
@@ -167,6 +170,8 @@ def main() -> int:
                         # read back that was never computed: not a compile failure
                         if os.environ.get("PYKERNELS_TRITON_COMPILE_VERBOSE"):
                             traceback.print_exc()
+            if launches[0] == before:  # the check itself must not pass vacuously
+                failures.append((arch, op, "no kernel launched: the samples never reached a Triton kernel"))
         JITFunction.run = original
     kernels = sorted({name for _, name, _ in compiled})
     print(

@@ -243,12 +243,12 @@ class ForwardAdjointQuad:
                 f = lambda b: _call(n, constants, {a_node: b})
                 return jvp(f, (a,), (torch.ones_like(a),))[1]
 
-            d1[n.name] = vmap(first)(values[a_node.name])
-            adjoint = adjoints.pop(_key(n, 0), None)
-            if adjoint is not None:
-                c2[n.name] = adjoint * vmap(lambda a, first=first: jvp(first, (a,), (torch.ones_like(a),))[1])(
-                    values[a_node.name]
-                )
+            a, adjoint = values[a_node.name], adjoints.pop(_key(n, 0), None)
+            if adjoint is None:  # its output does not reach log p
+                d1[n.name] = vmap(first)(a)
+            else:  # sigma' and sigma'' in one pass: the jvp of sigma' returns both
+                d1[n.name], second = vmap(lambda b, first=first: jvp(first, (b,), (torch.ones_like(b),)))(a)
+                c2[n.name] = adjoint * second
         self._state = constants, (values, adjoints, d1, c2)
 
     def _quad_one(self, constants: dict, vb: torch.Tensor, values: dict, adjoints: dict, d1: dict, c2: dict):

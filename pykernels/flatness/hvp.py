@@ -54,8 +54,8 @@ Methods (`method=`):
                           faster on a GELU CNN, double backward 1.4x on MLPs
                           and attention and 2.5x on a SiLU ResNet). Quadratic
                           forms (more than FEW_VECTORS) time "forward-adjoint"
-                          beside those three, and keep it only if its values
-                          equal double backward's on that chunk.
+                          beside those three, once its values have equalled
+                          double backward's on two random vectors.
                           If forward mode is not supported by the model (an op or
                           autograd.Function without a forward-mode rule, a
                           torch.func limitation such as data-dependent control
@@ -392,10 +392,11 @@ class InputHessian:
             what = "the forward-adjoint graph could not run"
         else:
             what = "forward-mode AD failed"
+        first_line = (str(exc).splitlines() or [""])[0][:200]
         report_once(
             self.model,
             f"hvp-fallback:{_failure_family(method)}",
-            f"pykernels.flatness: {what} on this model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"pykernels.flatness: {what} on this model ({type(exc).__name__}: {first_line}); "
             f"{method} is not used, double backward instead",
         )
 
