@@ -13,7 +13,8 @@ forward-over-reverse also runs the tangent backward (about as many FLOPs again).
 Elementwise ops with one x-dependent input (GELU, SiLU, tanh, softplus, ...) get
 sigma'(a) and lambda * sigma''(a) computed once, so each probe costs them three
 multiplies; any other curved op (softmax, LayerNorm, the logsumexp of log p, a product
-of two x-dependent tensors) gets its term by nested jvp of that op alone.
+of two x-dependent tensors) gets its term by forward-over-reverse on that op alone (not
+nested jvp: PyTorch 2.13's forward-over-forward through native_layer_norm is wrong).
 
 The graph is the model's ATen graph for one example, captured with make_fx on fake
 tensors (functionalized: no in-place ops), parameters and buffers as inputs (their
@@ -267,6 +268,8 @@ class ForwardAdjointQuad:
             if not _floating(n):  # booleans and indices: constants for what follows
                 continue
             live = [a for a in _tensor_nodes((n.args, n.kwargs)) if a in tan]
+            if not live:  # x reaches it only through booleans (a mask cast to float): a constant
+                continue
             if n.name in d1:
                 t = tan[live[0]]
                 tan[n] = d1[n.name] * t
