@@ -174,7 +174,7 @@ def test_constant_samples_are_nan_whatever_their_mean_rounds_to(backend, dtype):
         triu = pykernels.pairwise_corr_distance(x, triu=True, backend=backend)[0].cpu()
         i, j = torch.triu_indices(10, 10, 1)
         assert torch.equal(torch.isnan(triu), bad[i, j])
-        assert torch.isnan(pykernels.parc_spearman(x, torch.arange(10) % 2, backend=backend)).all()
+        assert torch.isnan(pykernels.parc_spearman(x, torch.arange(10, device=device) % 2, backend=backend)).all()
         # The same values one ulp apart are a sample like any other.
         x[0, 1, 0] = torch.nextafter(x[0, 1, 0], x.new_tensor(1.0))
         d = pykernels.pairwise_corr_distance(x, backend=backend)[0].cpu()
