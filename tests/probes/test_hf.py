@@ -13,22 +13,32 @@ from pykernels.probes.hf import ProbeGuard, find_decoder_layers  # noqa: E402
 VOCAB, H, L = 97, 32, 3
 
 
-@pytest.fixture(scope="module")
-def model():
+def _tiny_model(arch):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=H, n_layer=L, n_head=4, n_positions=128, **common)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    cfg = config_class(
         hidden_size=H,
         intermediate_size=64,
         num_hidden_layers=L,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **common,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return model_class(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_model("llama")
 
 
 def _probe(threshold, smoothing="swim", seed=0):
@@ -182,29 +192,6 @@ def test_remove_detaches_the_hooks(model):
     guard.remove()
     model(input_ids=torch.tensor([[5, 6, 7]]))
     assert guard.timer.forwards == 0
-
-
-def _tiny_model(arch):
-    torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=H, n_layer=L, n_head=4, n_positions=128, **common)
-        return transformers.GPT2LMHeadModel(cfg).eval()
-    config_class, model_class = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[arch]
-    cfg = config_class(
-        hidden_size=H,
-        intermediate_size=64,
-        num_hidden_layers=L,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **common,
-    )
-    return model_class(cfg).eval()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
