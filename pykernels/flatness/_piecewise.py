@@ -167,13 +167,17 @@ def _base_name(func) -> str:
 
 
 def _is_piecewise_linear(name: str, func, args, kwargs, depends: list[bool]) -> bool:
-    if name in _PIECEWISE_LINEAR or name in _BATCH_NORM_EVAL:
+    if name in _PIECEWISE_LINEAR:
         return True
+    if name in _BATCH_NORM_EVAL:  # (input, weight, ...): (input - mean) * rstd * weight + bias
+        return not (depends[0] and len(depends) > 1 and depends[1])
     if name in ("div", "floor_divide", "remainder"):
         return not (len(depends) > 1 and depends[1])  # x / const is linear, anything / x is not
     if name == "native_batch_norm":  # (input, weight, bias, running_mean, running_var, training, ...)
         training = args[5] if len(args) > 5 else kwargs.get("training", True)
         return not training and not any(depends[1:])
+    if name in ("nll_loss_forward", "nll_loss2d_forward"):  # (input, target, weight, ...): a weighted selection
+        return not any(depends[1:])
     if name in ("addmm", "addmv", "baddbmm", "addbmm"):  # bias + product: the bias is additive
         return sum(depends[1:3]) <= 1
     if name in _MULTILINEAR:

@@ -88,7 +88,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._validation import check_choice, check_int
 from . import ops
-from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad
+from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad, ParameterForwardAdjointQuad
 from ._model import (
     check_hessian_dtype,
     check_inputs,
@@ -349,18 +349,7 @@ class InputHessian:
             self._report_fallback(exc, "forward-adjoint")
             return False
         reference = ops.probe_dots(R.flatten(2), self._double_backward(R).flatten(2), backend=self.backend)
-        tol = 1e-3 if self.dtype == torch.float32 else 1e-8
-        scale = reference.abs().max().clamp(min=torch.finfo(self.dtype).tiny)
-        error = ((quads - reference).abs().max() / scale).item()
-        if error <= tol:
-            return True
-        report_once(
-            self.model,
-            "forward-adjoint-mismatch",
-            f"pykernels.flatness: forward-adjoint quadratic forms differ from double backward on this "
-            f"model (relative error {error:.1e}); they are not used",
-        )
-        return False
+        return forward_adjoint_matches(self.model, quads, reference)
 
     def _forward_adjoint_quad(self, Vx, fall_back: bool = True):
         try:
@@ -485,6 +474,35 @@ class InputHessian:
         return ops.probe_dots(V, self._matvec_chunk(V), backend=self.backend)
 
 
+def forward_adjoint_matches(model, quads: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether forward-adjoint's quadratic forms equal double backward's (relative to the largest,
+    1e-3 in float32, 1e-8 in float64); a mismatch is reported once per model."""
+    tol = 1e-3 if reference.dtype == torch.float32 else 1e-8
+    scale = reference.abs().max().clamp(min=torch.finfo(reference.dtype).tiny)
+    error = ((quads - reference).abs().max() / scale).item()
+    if error <= tol:
+        return True
+    report_once(
+        model,
+        "forward-adjoint-mismatch",
+        f"pykernels.flatness: forward-adjoint quadratic forms differ from double backward on this "
+        f"model (relative error {error:.1e}); they are not used",
+    )
+    return False
+
+
+def report_forward_adjoint_failure(model, exc: Exception) -> None:
+    """Once per model: forward-adjoint could not run on it, and the products are used instead."""
+    what = "could not be captured" if isinstance(exc, CaptureFailed) else "could not run"
+    first_line = (str(exc).splitlines() or [""])[0][:200]
+    report_once(
+        model,
+        "parameter-forward-adjoint",
+        f"pykernels.flatness: the loss's forward-adjoint graph {what} on this model "
+        f"({type(exc).__name__}: {first_line}); parameter quadratic forms use Hessian-vector products instead",
+    )
+
+
 def _failure_family(method: str) -> str:
     """Methods that fail together: the forward-mode ones share forward-mode AD."""
     return "forward-adjoint" if method == "forward-adjoint" else "forward-mode"
@@ -563,8 +581,10 @@ def hvp(
         return out[0] if single else out
 
 
-PARAMETER_HVP_METHODS = ("auto", "forward-over-reverse", "double-backward", "double-backward-loop")
-# model -> {(parameter count, input shape, dtype, device, chunk): the parameter-HVP method timed fastest}
+PARAMETER_HVP_METHODS = ("auto", "forward-over-reverse", "forward-adjoint", "double-backward", "double-backward-loop")
+# What "auto" times for parameter products H v (forward-adjoint gives quadratic forms only).
+PARAMETER_PRODUCT_METHODS = ("forward-over-reverse", "double-backward", "double-backward-loop")
+# model -> {(parameter count, input shape, dtype, device, chunk[, "quad"]): the method timed fastest}
 _parameter_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
@@ -576,14 +596,18 @@ class ParameterHessian:
     method: "forward-over-reverse" (jvp of the gradient, vmap over the vectors),
     "double-backward" (the gradient once with create_graph, then one backward batched
     over the vectors, is_grads_batched), "double-backward-loop" (the same graph, one
-    backward per vector: PyHessian's loop) or "auto" (default): the three timed once
-    on the first chunk of vectors, the fastest kept and cached per model, parameter
-    count, input shape, dtype and chunk (`timings` shows them). None wins everywhere:
-    on a SiLU ResNet with BatchNorm the loop was 2.4-3x faster than both batched
-    methods (convolutions with a batch of weight tangents are slow on a CPU), on MLPs
-    and a ReLU CNN the batched double backward was fastest
-    (`pykernels bench --ops flatness_parameter_trace`). The gradient graph is built
-    once per operator and kept for every later product (Lanczos: one per step)."""
+    backward per vector: PyHessian's loop), "forward-adjoint" (quadratic forms v . H v
+    only, from one tangent pass per vector through the loss's captured graph, weighted by
+    one shared reverse pass: _forward_adjoint.py; its products H v use forward-over-reverse)
+    or "auto" (default). "auto" times the three product methods once on the first chunk of
+    vectors and keeps the fastest; for quadratic forms of more than FEW_VECTORS vectors
+    (Hutchinson, Hutch++) it also times forward-adjoint, once its values have equalled
+    double backward's on two random vectors, and keeps the faster. Choices are cached per
+    model, parameter count, input shape, dtype and chunk (`timings` shows the times). None
+    wins everywhere (`pykernels bench --ops flatness_parameter_trace`): forward-adjoint on
+    MLPs and CNNs, the loop on a SiLU ResNet with BatchNorm for products (convolutions with
+    a batch of weight tangents are slow on a CPU). The gradient graph is built once per
+    operator and kept for every later product (Lanczos: one per step)."""
 
     def __init__(
         self,
@@ -596,7 +620,9 @@ class ParameterHessian:
         method: str = "auto",
     ):
         check_choice("method", method, PARAMETER_HVP_METHODS)
-        self.model = model
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, minimum=1)
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
         self.params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("the model has no parameters that require grad")
@@ -607,6 +633,7 @@ class ParameterHessian:
         first = next(iter(self.params.values()))
         check_hessian_dtype(first.dtype, "the model's parameters")
         self._dtype, self._device = first.dtype, first.device
+        self._chunk_given = chunk_size
         self.chunk_size = chunk_size or default_chunk_size(self.dim, self._device)
         self._loss = lambda: loss_fn(model(x), y)
 
@@ -615,7 +642,9 @@ class ParameterHessian:
 
         self._grad = grad(loss)
         self._graph: Optional[torch.Tensor] = None  # the flat gradient with its graph (double backward)
-        self.method = method
+        self.method = "forward-over-reverse" if method == "forward-adjoint" else method
+        self.quad_method = method  # v . H v: "forward-adjoint", from the products, or "auto"
+        self._forward_adjoint: Optional[ParameterForwardAdjointQuad] = None
         self.timings: Optional[dict[str, float]] = None
         self._key = (self.dim, tuple(x.shape), self._dtype, self._device)
 
@@ -630,14 +659,16 @@ class ParameterHessian:
     def _unflatten(self, flat: torch.Tensor) -> dict:
         return {n: t.view_as(self.params[n]) for n, t in zip(self.names, flat.split(self.sizes))}
 
-    def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        flat = V.reshape(V.shape[0], self.dim)
+    def _chunks(self, flat: torch.Tensor, run: Callable, size: Optional[int] = None) -> torch.Tensor:
+        size = size or self.chunk_size
         with twice_differentiable():
-            out = [self._products(flat[i : i + self.chunk_size]) for i in range(0, flat.shape[0], self.chunk_size)]
-        return torch.cat(out).reshape(V.shape)
+            out = [run(flat[i : i + size]) for i in range(0, flat.shape[0], size)]
+        return torch.cat(out) if len(out) > 1 else out[0]
 
-    def quad(self, V: torch.Tensor) -> torch.Tensor:
-        return ops.probe_dots(V, self.matvec(V))
+    # ---- H v ----
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        return self._chunks(V.reshape(V.shape[0], self.dim), self._products).reshape(V.shape)
 
     def _products(self, flat: torch.Tensor) -> torch.Tensor:
         if self.method == "auto":
@@ -647,9 +678,10 @@ class ParameterHessian:
         return self._double_backward(flat, batched=self.method == "double-backward")
 
     def _timed(self, flat: torch.Tensor) -> torch.Tensor:
-        """Every method on this chunk, timed once (one round: forward-over-reverse costs seconds per
-        chunk on a ResNet); the fastest is kept (and cached for the model). The double-backward
-        methods are timed with the gradient graph they build, as a one-chunk call runs them."""
+        """Every product method on this chunk, timed once (one round: forward-over-reverse costs
+        seconds per chunk on a ResNet); the fastest is kept (and cached for the model). The
+        double-backward methods are timed with the gradient graph they build, as a one-chunk call
+        runs them."""
         key = self._key + (flat.shape[0],)
         with contextlib.suppress(TypeError):  # a model that is not weak-referenceable: nothing cached
             cached = _parameter_choice.get(self.model, {}).get(key)
@@ -657,7 +689,7 @@ class ParameterHessian:
                 self.method = cached
                 return self._products(flat)
         self.timings, out = {}, None
-        for method in PARAMETER_HVP_METHODS[1:]:
+        for method in PARAMETER_PRODUCT_METHODS:
             self._graph = None
             start = time.perf_counter()
             try:
@@ -706,3 +738,85 @@ class ParameterHessian:
                 return torch.cat([h.reshape(flat.shape[0], -1) for h in hv], 1)
             rows = [backward(v) for v in flat]
         return torch.stack([torch.cat([h.reshape(-1) for h in hv]) for hv in rows])
+
+    # ---- v . H v ----
+
+    def quad(self, V: torch.Tensor) -> torch.Tensor:
+        """[S, 1, D] -> [S, 1]: v . H v."""
+        with twice_differentiable():  # also while the loss's graph is captured
+            return self._quad(V.reshape(V.shape[0], self.dim)).reshape(V.shape[0], 1)
+
+    def _quad(self, flat: torch.Tensor) -> torch.Tensor:
+        out = []
+        if self.quad_method == "auto" and flat.shape[0] > FEW_VECTORS:
+            out.append(self._timed_quad(flat[: self.chunk_size]))
+            flat = flat[self.chunk_size :]
+        if flat.shape[0]:
+            # forward-adjoint sizes its own chunks by the tangents, not by D
+            forward_adjoint = self.quad_method == "forward-adjoint"
+            out.append(self._forward_adjoint_quad(flat) if forward_adjoint else self._chunks(flat, self._product_quads))
+        return torch.cat(out)
+
+    def _product_quads(self, flat: torch.Tensor) -> torch.Tensor:
+        return ops.probe_dots(flat.unsqueeze(1), self._products(flat).unsqueeze(1))[:, 0]
+
+    def _timed_quad(self, flat: torch.Tensor) -> torch.Tensor:
+        """forward-adjoint against the fastest product method on this chunk (forward-adjoint timed
+        twice, its faster time kept: its first call in a process pays one-off costs), once and
+        cached for the model; forward-adjoint only where its values equal double backward's."""
+        key = self._key + (flat.shape[0], "quad")
+        with contextlib.suppress(TypeError):
+            cached = _parameter_choice.get(self.model, {}).get(key)
+            if cached is not None:
+                self.quad_method = cached
+                return self._quad(flat)
+        out, fa_time = None, math.inf
+        if self._forward_adjoint_agrees():
+            for _ in range(TIMING_ROUNDS):
+                start = time.perf_counter()
+                out = self._forward_adjoint_quad(flat, fall_back=False)
+                fa_time = min(fa_time, time.perf_counter() - start)
+        timing_products = self.method == "auto"
+        start = time.perf_counter()
+        products = self._chunks(flat, self._product_quads)
+        product_time = min(self.timings.values()) if timing_products else time.perf_counter() - start
+        self.timings = {**(self.timings or {}), "forward-adjoint": fa_time}
+        if out is None or product_time < fa_time:
+            self.quad_method, out = self.method, products
+        else:
+            self.quad_method = "forward-adjoint"
+        with contextlib.suppress(TypeError):
+            _parameter_choice.setdefault(self.model, {})[key] = self.quad_method
+        return out
+
+    def _forward_adjoint_operator(self) -> ParameterForwardAdjointQuad:
+        if self._forward_adjoint is None:
+            self._forward_adjoint = ParameterForwardAdjointQuad(self.model, self.loss_fn, self.x, self.y)
+        return self._forward_adjoint
+
+    def _forward_adjoint_quad(self, flat: torch.Tensor, fall_back: bool = True) -> torch.Tensor:
+        try:
+            op = self._forward_adjoint_operator()
+            return self._chunks(flat, op, self._chunk_given or op.default_chunk_size())
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (a model error shows again in the products, and is raised there)
+            if not fall_back:
+                raise
+            report_forward_adjoint_failure(self.model, exc)
+            self.quad_method = self.method
+            return self._product_quads(flat)
+
+    def _forward_adjoint_agrees(self) -> bool:
+        """forward-adjoint's v . H v against double backward's on two random vectors (see
+        InputHessian._forward_adjoint_agrees)."""
+        R = torch.randn(2, self.dim, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(self.device)
+        try:
+            quads = self._forward_adjoint_quad(R, fall_back=False)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (an op the graph interpreter cannot run: another method)
+            report_forward_adjoint_failure(self.model, exc)
+            return False
+        reference = (R * self._double_backward(R, batched=False)).sum(1)
+        return forward_adjoint_matches(self.model, quads, reference)

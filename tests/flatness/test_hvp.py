@@ -612,3 +612,129 @@ def test_forward_adjoint_handles_comparisons_and_masks():
         warnings.simplefilter("error", RuntimeWarning)
         got = _forward_adjoint_quads(model, x, V)
     torch.testing.assert_close(got, _quads_by_double_backward(model, x, V))
+
+
+# ---------------------------------------------------------------- forward-adjoint, parameter space
+
+
+def _parameter_quads_by_double_backward(model, loss_fn, x, y, V):
+    params = [p for p in model.parameters() if p.requires_grad]
+    with twice_differentiable():
+        g = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        g = torch.cat([t.reshape(-1) for t in g])
+        hv = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(g, params, v, retain_graph=True)]) for v in V]
+    return (V * torch.stack(hv)).sum(1, keepdim=True)
+
+
+def _label_smoothed_sum(out, y):
+    return nn.functional.cross_entropy(out, y, reduction="sum", label_smoothing=0.1)
+
+
+def _squared_error_of_softmax(out, y):
+    """A loss without log_softmax: products and a softmax of the logits."""
+    return ((out.softmax(-1) - nn.functional.one_hot(y, out.shape[-1]).to(out.dtype)) ** 2).sum(-1).mean()
+
+
+PARAMETER_LOSSES = {
+    "cross-entropy": nn.functional.cross_entropy,
+    "label-smoothed-sum": _label_smoothed_sum,
+    "squared-error-of-softmax": _squared_error_of_softmax,
+}
+
+
+@pytest.mark.parametrize("loss_name", list(PARAMETER_LOSSES))
+@pytest.mark.parametrize(
+    "family", list(SMOOTH_FAMILIES) + ["cnn-relu", "cnn-gelu-batchnorm", "residual-in-place-square", "partly-frozen"]
+)
+def test_parameter_forward_adjoint_quads_equal_double_backward(family, loss_name):
+    """v . H v over the parameters from one tangent pass through the loss's graph equals double
+    backward in float64 on every family (weights times activations are the products that curve
+    it here; BatchNorm-eval with a live weight, attention, in-place ops), for several losses and
+    with some parameters frozen (those get no direction)."""
+    if family == "cnn-relu":
+        model = small_cnn(nn.ReLU)
+    elif family == "cnn-gelu-batchnorm":
+        model = small_cnn(nn.GELU, batchnorm=True).eval()
+    elif family == "residual-in-place-square":
+        model = ResidualBlock(square=True)
+    elif family == "partly-frozen":
+        model = SMOOTH_FAMILIES["mlp-gelu"]()
+        model[1].weight.requires_grad_(False)
+    else:
+        model = SMOOTH_FAMILIES[family]()
+    if family != "partly-frozen":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    x, loss_fn = inputs(), PARAMETER_LOSSES[loss_name]
+    y = torch.arange(x.shape[0]) % 5
+    H = ParameterHessian(model, loss_fn, x, y, method="forward-adjoint")
+    V = torch.randn(4, H.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expect = _parameter_quads_by_double_backward(model, loss_fn, x, y, V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback report: the method itself ran
+        got = H.quad(V.unsqueeze(1))
+    assert got.shape == (4, 1)
+    assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item(), (family, loss_name)
+
+
+def test_parameter_forward_adjoint_uses_the_current_weights():
+    """The loss's graph is captured once per model and loss; weights changed in place after
+    that give the new Hessian."""
+    model, x = SMOOTH_FAMILIES["mlp-tanh"](), inputs()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    y = torch.arange(x.shape[0]) % 5
+    loss_fn = nn.functional.cross_entropy
+    V = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    ParameterHessian(model, loss_fn, x, y, method="forward-adjoint").quad(V.unsqueeze(1))
+    with torch.no_grad():
+        model[1].weight.mul_(1.7)
+    got = ParameterHessian(model, loss_fn, x, y, method="forward-adjoint").quad(V.unsqueeze(1))
+    torch.testing.assert_close(got, _parameter_quads_by_double_backward(model, loss_fn, x, y, V))
+
+
+def test_parameter_forward_adjoint_falls_back_when_the_graph_cannot_be_captured():
+    model, x = _Branchy().double(), inputs()
+    y = torch.arange(x.shape[0]) % 5
+    loss_fn = nn.functional.cross_entropy
+    V = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    H = ParameterHessian(model, loss_fn, x, y, method="forward-adjoint")
+    with pytest.warns(RuntimeWarning, match="forward-adjoint graph could not be captured.*Hessian-vector products"):
+        got = H.quad(V.unsqueeze(1))
+    torch.testing.assert_close(got, _parameter_quads_by_double_backward(model, loss_fn, x, y, V))
+
+
+@pytest.mark.parametrize("case", ["forward-adjoint slower", "products slower", "forward-adjoint wrong"])
+def test_parameter_auto_quads_keep_the_faster_correct_method(monkeypatch, case):
+    """Hutchinson over the parameters: "auto" times forward-adjoint beside the product methods and
+    keeps the faster (each side made 0.3 s slower in turn), and drops forward-adjoint, with a
+    warning, when its values are off by 1 %."""
+    from pykernels.flatness._forward_adjoint import ParameterForwardAdjointQuad
+
+    model, x = small_cnn(nn.Tanh, seed=6), inputs()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    y = torch.arange(x.shape[0]) % 5
+    loss_fn = nn.functional.cross_entropy
+    D = sum(p.numel() for p in model.parameters())
+    V = torch.randn(FEW_VECTORS + 2, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    expect = _parameter_quads_by_double_backward(model, loss_fn, x, y, V)
+    original = ParameterForwardAdjointQuad.__call__
+    if case == "forward-adjoint slower":
+        monkeypatch.setattr(ParameterForwardAdjointQuad, "__call__", lambda s, f: time.sleep(0.3) or original(s, f))
+    elif case == "products slower":
+        for name in ("_forward_over_reverse", "_double_backward"):
+            method = getattr(ParameterHessian, name)
+            delayed = lambda self, *a, m=method, **k: time.sleep(0.3) or m(self, *a, **k)  # noqa: E731
+            monkeypatch.setattr(ParameterHessian, name, delayed)
+    else:
+        monkeypatch.setattr(ParameterForwardAdjointQuad, "__call__", lambda s, f: original(s, f) * 1.01)
+    H = ParameterHessian(model, loss_fn, x, y)
+    if case == "forward-adjoint wrong":
+        with pytest.warns(RuntimeWarning, match="forward-adjoint quadratic forms differ"):
+            got = H.quad(V.unsqueeze(1))
+        assert H.quad_method != "forward-adjoint" and H.timings["forward-adjoint"] == float("inf"), H.timings
+    else:
+        got = H.quad(V.unsqueeze(1))
+        assert (H.quad_method == "forward-adjoint") == (case == "products slower"), H.timings
+    torch.testing.assert_close(got, expect)
