@@ -68,6 +68,8 @@ _HOMOGENEOUS = {
     aten.sum.dim_IntList,
     aten.mean.dim,
     aten.neg.default,
+    aten.mul.Scalar,
+    aten.div.Scalar,
     aten.avg_pool2d.default,
     aten._adaptive_avg_pool2d.default,
     aten.flatten.using_ints,
@@ -114,6 +116,12 @@ class _Graph:
                 needed.add(n)
                 stack.extend(n.all_input_nodes)
         self.steps = [n for n in self.nodes if n in self.live and n in needed and n.op == "call_function"]
+        # Multi-output ops of which only the first output is used (LayerNorm's mean and rstd unused).
+        self.first_output_only = {
+            n
+            for n in self.steps
+            if all(u.target is operator.getitem and u.args[1] == 0 for u in n.users if u in needed)
+        }
         self.curved = [n for n in self.steps if n.target is not operator.getitem and not self._piecewise_linear(n)]
         # Elementwise ops with one live input: derivatives precomputed once.
         self.elementwise = [
@@ -341,7 +349,9 @@ class _Evaluator:
             if direct is not None:
                 tan[n] = direct
                 continue
-            rule = _log_softmax_tangent(n, env, tan, adjoints)
+            rule = _log_softmax_tangent(n, env, tan, adjoints) or _softmax_tangent(n, env, tan, adjoints)
+            if rule is None and n in g.first_output_only:
+                rule = _layer_norm_tangent(n, env, tan, adjoints)
             if rule is not None:
                 tan[n], term = rule
                 q = q + term
@@ -512,6 +522,65 @@ def _log_softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict)
         return tangent, 0
     variance = (s * t * t).sum(dims, keepdim=True) - mean_t * mean_t
     return tangent, (row_weight * variance).sum()
+
+
+def _softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
+    """softmax s of one live input along dim: tangent s u with u = t - <s, t>, and
+    <lambda, D^2 s[t, t]> = sum lambda s (u^2 - <s, u^2>) (per row)."""
+    if n.kwargs or n.args[0] not in tan:
+        return None
+    if not (
+        (n.target is aten._softmax.default and n.args[2] is False)
+        or (n.target is aten._safe_softmax.default and (len(n.args) < 3 or n.args[2] is None))
+    ):
+        return None
+    s, t, dim = env[n], tan[n.args[0]], n.args[1]
+    u = t - (s * t).sum(dim, keepdim=True)
+    tangent = s * u
+    adjoint = adjoints.get(_key(n, 0))
+    if adjoint is None:
+        return tangent, 0
+    weighted = adjoint * s
+    spread = (s * u * u).sum(dim, keepdim=True)
+    return tangent, (weighted * u * u).sum() - (weighted.sum(dim, keepdim=True) * spread).sum()
+
+
+def _layer_norm_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
+    """native_layer_norm, out = x_hat * w + b with x_hat = (x - mean) * r over the normalised dims,
+    r = 1 / sqrt(var + eps). With t_c = t - mean(t) and a = mean(x_hat t_c) per row:
+    t_x_hat = r (t_c - x_hat a) and D^2 x_hat[t, t] = r^2 (x_hat (3 a^2 - mean(t_c^2)) - 2 a t_c);
+    x_hat * w is a product (2 <lambda, t_x_hat t_w>). The caller checks that the mean and rstd
+    outputs are unused."""
+    if n.target is not aten.native_layer_norm.default or n.kwargs:
+        return None
+    x, shape, weight, bias, _ = n.args
+    if any(m in tan for m in _tensor_nodes(shape)):
+        return None
+    dims = list(range(env[x].dim() - len(shape), env[x].dim()))
+    _, mean, rstd = env[n]
+    x_hat = (env[x] - mean) * rstd
+    live_weight = weight is not None and weight in tan
+    out, term = None, 0
+    if x in tan:
+        t_c = tan[x] - tan[x].mean(dims, keepdim=True)
+        a = (x_hat * t_c).mean(dims, keepdim=True)
+        t_x_hat = rstd * (t_c - x_hat * a)
+        out = t_x_hat if weight is None else t_x_hat * env[weight]
+        adjoint = adjoints.get(_key(n, 0))
+        if adjoint is not None:
+            scaled = adjoint if weight is None else adjoint * env[weight]
+            curvature = (scaled * x_hat).sum(dims, keepdim=True) * (3 * a * a - (t_c * t_c).mean(dims, keepdim=True))
+            curvature = curvature - 2 * a * (scaled * t_c).sum(dims, keepdim=True)
+            term = (rstd * rstd * curvature).sum()
+            if live_weight:
+                term = term + 2 * (adjoint * t_x_hat * tan[weight]).sum()
+    if live_weight:
+        out = x_hat * tan[weight] if out is None else out + x_hat * tan[weight]
+    if bias is not None and bias in tan:
+        out = tan[bias].expand(env[n][0].shape) if out is None else out + tan[bias]
+    if out is None:
+        return None
+    return (out, torch.zeros_like(mean), torch.zeros_like(rstd)), term
 
 
 def _dims(dims, rank: int) -> list[int]:
