@@ -12,16 +12,19 @@ and one reverse pass per example, shared by every probe, gives the adjoints:
 forward-over-reverse also runs the tangent backward (about as many FLOPs again).
 Elementwise ops with one x-dependent input (GELU, SiLU, tanh, softplus, ...) get
 sigma'(a) and lambda * sigma''(a) computed once, so each probe costs them three
-multiplies; any other curved op (softmax, LayerNorm, the logsumexp of log p, a product
-of two x-dependent tensors) gets its term by forward-over-reverse on that op alone (not
-nested jvp: PyTorch 2.13's forward-over-forward through native_layer_norm is wrong).
+multiplies. Products of two x-dependent factors (matmul, convolution, mul, BatchNorm in
+eval mode: B(t_a, t_b) once more), softmax, log_softmax, logsumexp and LayerNorm have
+direct rules; any other curved op gets its term by forward-over-reverse on that op alone
+(not nested jvp: PyTorch 2.13's forward-over-forward through native_layer_norm is wrong).
 
-The graph is the model's ATen graph for one example, captured with make_fx on fake
-tensors (functionalized: no in-place ops), parameters and buffers as inputs (their
-current values are used at every call), and cached per model, input shape, dtype,
-device and module structure. Data-dependent control flow makes the capture fail
-(CaptureFailed), so the caller uses another exact method. It runs per example under
-vmap, then per probe under vmap.
+Input Hessians (ForwardAdjointQuad): the graph is log p of one example, run per example
+under vmap, then per probe under vmap. Parameter Hessians (ParameterForwardAdjointQuad):
+the graph is the loss of the whole batch, with the trainable parameters as the seeds, run
+per probe under vmap; there every layer's weight times its input is a product of two live
+factors. Both are ATen graphs captured with make_fx on fake tensors (functionalized: no
+in-place ops), with parameters and buffers as inputs (their current values are used at
+every call), cached per model and shapes. Data-dependent control flow makes the capture
+fail (CaptureFailed), so the caller uses another exact method.
 """
 
 from __future__ import annotations

@@ -104,6 +104,7 @@ _PIECEWISE_LINEAR = {
     "slice",
     "select",
     "index_select",
+    "embedding",
     "index",
     "gather",
     "cat",
