@@ -193,9 +193,8 @@ def _trainable_first(model: torch.nn.Module) -> tuple[list[str], int]:
     """The model's tensor names, parameters that require grad first, and how many those are."""
     params = list(model.named_parameters())
     trainable = [n for n, p in params if p.requires_grad]
-    return trainable + [n for n, p in params if not p.requires_grad] + [n for n, _ in model.named_buffers()], len(
-        trainable
-    )
+    frozen = [n for n, p in params if not p.requires_grad]
+    return trainable + frozen + [n for n, _ in model.named_buffers()], len(trainable)
 
 
 def _capture_loss(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y) -> _Graph:
@@ -226,15 +225,8 @@ def captured_loss(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y)
     so that graph is not kept."""
     if not isinstance(y, torch.Tensor):
         return _capture_loss(model, loss_fn, x, y)
-    key = (
-        tuple(x.shape),
-        x.dtype,
-        x.device,
-        tuple(y.shape),
-        y.dtype,
-        tuple(_trainable_first(model)[0][: _trainable_first(model)[1]]),
-        _structure(model),
-    )
+    names, trainable = _trainable_first(model)
+    key = (tuple(x.shape), x.dtype, x.device, tuple(y.shape), y.dtype, tuple(names[:trainable]), _structure(model))
     by_loss = per_model(_loss_graphs, model, key, weakref.WeakKeyDictionary)
     return per_model(by_loss, loss_fn, (), lambda: _capture_loss(model, loss_fn, x, y))
 
@@ -270,6 +262,8 @@ class _Evaluator:
     of seed tangents (`quad`), under whatever vmap the caller applies."""
 
     def __init__(self, graph: _Graph, constant_inputs: list):
+        if len(constant_inputs) != len(graph.constant_inputs):  # a stale cached graph: never zip short
+            raise CaptureFailed(f"the graph takes {len(graph.constant_inputs)} constants, got {len(constant_inputs)}")
         self.graph = graph
         g, env = graph, {}
         for node, tensor in zip(g.constant_inputs, constant_inputs):
@@ -285,6 +279,8 @@ class _Evaluator:
         """(values, adjoints, sigma', lambda * sigma'') at these seed values; per_example: the one
         seed is a batch of examples [B, ...] and the graph is one example's (vmapped)."""
         g, constants = self.graph, self.constants
+        if len(seeds) != len(g.seeds):
+            raise CaptureFailed(f"the graph takes {len(g.seeds)} seeds, got {len(seeds)}")
         batched = vmap if per_example else lambda f: f
 
         def primal(*seed_values):

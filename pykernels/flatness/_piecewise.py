@@ -222,15 +222,20 @@ _checked: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
 def _structure(model) -> tuple:
+    """Each submodule's name, type and mode, and each tensor's name, shape and dtype: what a
+    captured graph or a check depends on besides the values."""
     if not isinstance(model, torch.nn.Module):
         return ()
-    return tuple((name, type(m), m.training) for name, m in model.named_modules())
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return tuple((name, type(m), m.training) for name, m in model.named_modules()) + tuple(
+        (name, tuple(t.shape), t.dtype) for name, t in tensors
+    )
 
 
 def curved_ops_cached(model: Callable, x: torch.Tensor) -> dict[str, int]:
-    """curved_ops, run once per model, input shape, dtype, device and module structure (each
-    submodule's name, type and mode) and then taken from a cache: the check is a forward under
-    a Python dispatch mode, a third of a plain gradient on small networks
+    """curved_ops, run once per model, input shape, dtype, device and structure (_structure: each
+    submodule's name, type and mode, each tensor's shape and dtype) and then taken from a cache:
+    the check is a forward under a Python dispatch mode, a third of a plain gradient on small networks
     (`pykernels bench --ops flatness_hvp`, one-shot hvp()). A model whose ops at x depend on
     the values of x (data-dependent branches) or whose forward is replaced in place keeps its
     first answer: call curved_ops for those."""

@@ -693,6 +693,24 @@ def test_parameter_forward_adjoint_uses_the_current_weights():
     torch.testing.assert_close(got, _parameter_quads_by_double_backward(model, loss_fn, x, y, V))
 
 
+def test_parameter_forward_adjoint_recaptures_when_the_trainable_parameters_change():
+    """The cached loss graph has the trainable parameters as its inputs: freezing one after a
+    first call must give the smaller operator, not reuse the graph."""
+    model, x = SMOOTH_FAMILIES["mlp-gelu"](), inputs()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    y = torch.arange(x.shape[0]) % 5
+    loss_fn = nn.functional.cross_entropy
+    for freeze in (False, True):
+        model[1].weight.requires_grad_(not freeze)
+        H = ParameterHessian(model, loss_fn, x, y, method="forward-adjoint")
+        V = torch.randn(3, H.dim, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback: the method itself ran
+            got = H.quad(V.unsqueeze(1))
+        torch.testing.assert_close(got, _parameter_quads_by_double_backward(model, loss_fn, x, y, V))
+
+
 def test_parameter_forward_adjoint_falls_back_when_the_graph_cannot_be_captured():
     model, x = _Branchy().double(), inputs()
     y = torch.arange(x.shape[0]) % 5
