@@ -144,11 +144,27 @@ class _Graph:
 
 
 def _traced(f: Callable, *inputs) -> torch.fx.GraphModule:
-    """make_fx of f on fake tensors, functionalized (no in-place ops); CaptureFailed if it cannot be."""
+    """make_fx of f on fake tensors, functionalized (no in-place ops); CaptureFailed if it cannot be.
+    Ops that decompose below the functionalization (nn.LSTM's cell: sigmoid_, add_) leave in-place
+    ops in the graph, which would overwrite the values the tangents are taken at: such a graph is
+    traced once more, through functionalize, and refused if that leaves any."""
     try:
-        return make_fx(functionalize(f, remove="mutations"), tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+        trace = lambda g: make_fx(
+            functionalize(g, remove="mutations"), tracing_mode="fake", _allow_non_fake_inputs=True
+        )
+        gm = trace(f)(*inputs)
+        if _mutating(gm):
+            gm = trace(gm)(*inputs)
     except Exception as exc:  # noqa: BLE001  (any failure means: not capturable, another method is used)
         raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+    if _mutating(gm):
+        raise CaptureFailed(f"in-place ops left in the graph: {sorted({str(n.target) for n in _mutating(gm)})}")
+    return gm
+
+
+def _mutating(gm: torch.fx.GraphModule) -> list:
+    schema = lambda n: getattr(n.target, "_schema", None)
+    return [n for n in gm.graph.nodes if n.op == "call_function" and schema(n) is not None and schema(n).is_mutable]
 
 
 def _capture(model: Callable, x: torch.Tensor) -> _Graph:
@@ -348,7 +364,11 @@ class _Evaluator:
             if direct is not None:
                 tan[n] = direct
                 continue
-            rule = _log_softmax_tangent(n, env, tan, adjoints) or _softmax_tangent(n, env, tan, adjoints)
+            rule = (
+                _log_softmax_tangent(n, env, tan, adjoints)
+                or _softmax_tangent(n, env, tan, adjoints)
+                or _mse_tangent(n, env, tan, adjoints)
+            )
             if rule is None and n in g.first_output_only:
                 rule = _layer_norm_tangent(n, env, tan, adjoints)
             if rule is not None:
@@ -580,6 +600,23 @@ def _layer_norm_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     if out is None:
         return None
     return (out, torch.zeros_like(mean), torch.zeros_like(rstd)), term
+
+
+def _mse_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
+    """mse_loss(a, b) = reduce((a - b)^2): tangent reduce(2 d t) and <lambda, reduce(2 t^2)>, with
+    d = a - b and t its tangent. Direct, and also needed: PyTorch 2.13's forward-over-reverse
+    through mse_loss fails ("ZeroTensors are immutable")."""
+    if n.target is not aten.mse_loss.default or n.kwargs:
+        return None
+    a, b = n.args[0], n.args[1]
+    reduction = n.args[2] if len(n.args) > 2 else 1  # 0 none, 1 mean, 2 sum
+    t = tan[a] if a in tan else -tan[b]
+    if a in tan and b in tan:
+        t = t - tan[b]
+    reduce = {0: lambda z: z, 1: torch.mean, 2: torch.sum}[reduction]
+    tangent = reduce(2 * (env[a] - env[b]) * t)
+    adjoint = adjoints.get(_key(n, 0))
+    return tangent, 0 if adjoint is None else (adjoint * reduce(2 * t * t)).sum()
 
 
 def _dims(dims, rank: int) -> list[int]:

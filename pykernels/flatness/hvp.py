@@ -598,7 +598,7 @@ class ParameterHessian:
     over the vectors, is_grads_batched), "double-backward-loop" (the same graph, one
     backward per vector: PyHessian's loop), "forward-adjoint" (quadratic forms v . H v
     only, from one tangent pass per vector through the loss's captured graph, weighted by
-    one shared reverse pass: _forward_adjoint.py; its products H v use forward-over-reverse)
+    one shared reverse pass: _forward_adjoint.py; its products H v use double backward)
     or "auto" (default). "auto" times the three product methods once on the first chunk of
     vectors and keeps the fastest; for quadratic forms of more than FEW_VECTORS vectors
     (Hutchinson, Hutch++) it also times forward-adjoint, once its values have equalled
@@ -642,7 +642,8 @@ class ParameterHessian:
 
         self._grad = grad(loss)
         self._graph: Optional[torch.Tensor] = None  # the flat gradient with its graph (double backward)
-        self.method = "forward-over-reverse" if method == "forward-adjoint" else method
+        # forward-adjoint's products H v (Lanczos) by double backward: it runs wherever backward does
+        self.method = "double-backward" if method == "forward-adjoint" else method
         self.quad_method = method  # v . H v: "forward-adjoint", from the products, or "auto"
         self._forward_adjoint: Optional[ParameterForwardAdjointQuad] = None
         self.timings: Optional[dict[str, float]] = None
@@ -699,9 +700,12 @@ class ParameterHessian:
                     else self._double_backward(flat, batched=method == "double-backward")
                 )
             except (RuntimeError, NotImplementedError) as exc:
-                if not transform_unsupported(exc):
+                # beyond forward mode or batching, or a PyTorch rule that fails (forward-over-reverse
+                # through mse_loss in 2.13: "ZeroTensors are immutable"): the loop runs wherever
+                # backward does, and its error (a bug in the model) is the one raised
+                if method == "double-backward-loop" or isinstance(exc, torch.OutOfMemoryError):
                     raise
-                continue  # beyond forward mode or batching: the loop always runs
+                continue
             self.timings[method] = time.perf_counter() - start
             out = result
         self.method = min(self.timings, key=self.timings.get)

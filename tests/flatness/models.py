@@ -127,6 +127,20 @@ class AttentionBlock(nn.Module):
         return self.head(h.mean(1))
 
 
+class LSTMClassifier(nn.Module):
+    """An LSTM over the 6 rows of a 6 x 6 input, its last hidden state to 5 logits: the LSTM cell
+    decomposes into in-place ops (sigmoid_, add_) below functionalization."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.lstm(x.reshape(x.shape[0], 6, 6))[0][:, -1])
+
+
 def smooth_mlp(act=nn.GELU, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), act(), nn.Linear(16, 16), act(), nn.Linear(16, 5))

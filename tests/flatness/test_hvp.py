@@ -13,6 +13,7 @@ from pykernels.flatness._piecewise import curved_ops
 from pykernels.flatness.hvp import FEW_VECTORS, InputHessian, ParameterHessian, prepared, twice_differentiable
 from tests.flatness.models import (
     SMOOTH_FAMILIES,
+    LSTMClassifier,
     NoForwardModeNet,
     ResidualBlock,
     TanhNet,
@@ -500,7 +501,7 @@ class _Branchy(nn.Module):
 
 @pytest.mark.parametrize(
     "family",
-    list(SMOOTH_FAMILIES) + ["cnn-relu", "residual-in-place-square", "plain-callable", "layernorm-only"],
+    list(SMOOTH_FAMILIES) + ["cnn-relu", "residual-in-place-square", "plain-callable", "layernorm-only", "lstm"],
 )
 def test_forward_adjoint_quads_equal_double_backward(family):
     """v . H v from one tangent pass and the adjoints equals double backward in float64 on every
@@ -517,6 +518,8 @@ def test_forward_adjoint_quads_equal_double_backward(family):
     elif family == "layernorm-only":
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.LayerNorm(36), nn.Linear(36, 5)).double()
+    elif family == "lstm":
+        model = LSTMClassifier().double().eval()
     else:
         model = SMOOTH_FAMILIES[family]()
     V = probes(5, x)
@@ -635,16 +638,23 @@ def _squared_error_of_softmax(out, y):
     return ((out.softmax(-1) - nn.functional.one_hot(y, out.shape[-1]).to(out.dtype)) ** 2).sum(-1).mean()
 
 
+def _mse_to_one_hot(out, y):
+    """mse_loss, whose forward-over-reverse fails in PyTorch 2.13 ("ZeroTensors are immutable")."""
+    return nn.functional.mse_loss(out, nn.functional.one_hot(y, out.shape[-1]).to(out.dtype))
+
+
 PARAMETER_LOSSES = {
     "cross-entropy": nn.functional.cross_entropy,
     "label-smoothed-sum": _label_smoothed_sum,
     "squared-error-of-softmax": _squared_error_of_softmax,
+    "mse": _mse_to_one_hot,
 }
 
 
 @pytest.mark.parametrize("loss_name", list(PARAMETER_LOSSES))
 @pytest.mark.parametrize(
-    "family", list(SMOOTH_FAMILIES) + ["cnn-relu", "cnn-gelu-batchnorm", "residual-in-place-square", "partly-frozen"]
+    "family",
+    list(SMOOTH_FAMILIES) + ["cnn-relu", "cnn-gelu-batchnorm", "residual-in-place-square", "partly-frozen", "lstm"],
 )
 def test_parameter_forward_adjoint_quads_equal_double_backward(family, loss_name):
     """v . H v over the parameters from one tangent pass through the loss's graph equals double
@@ -660,6 +670,8 @@ def test_parameter_forward_adjoint_quads_equal_double_backward(family, loss_name
     elif family == "partly-frozen":
         model = SMOOTH_FAMILIES["mlp-gelu"]()
         model[1].weight.requires_grad_(False)
+    elif family == "lstm":
+        model = LSTMClassifier().double()
     else:
         model = SMOOTH_FAMILIES[family]()
     if family != "partly-frozen":
@@ -720,6 +732,22 @@ def test_parameter_forward_adjoint_falls_back_when_the_graph_cannot_be_captured(
     with pytest.warns(RuntimeWarning, match="forward-adjoint graph could not be captured.*Hessian-vector products"):
         got = H.quad(V.unsqueeze(1))
     torch.testing.assert_close(got, _parameter_quads_by_double_backward(model, loss_fn, x, y, V))
+
+
+def test_parameter_auto_runs_where_forward_over_reverse_fails():
+    """PyTorch 2.13's forward-over-reverse through mse_loss raises ("ZeroTensors are immutable"):
+    "auto" must drop that product method, not fail the trace, and still give double backward's
+    values (products, and the quadratic forms from forward-adjoint)."""
+    model, x = SMOOTH_FAMILIES["mlp-tanh"](), inputs()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    y = torch.arange(x.shape[0]) % 5
+    V = torch.randn(FEW_VECTORS + 2, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    expect = _parameter_quads_by_double_backward(model, _mse_to_one_hot, x, y, V)
+    H = ParameterHessian(model, _mse_to_one_hot, x, y)
+    torch.testing.assert_close((V.unsqueeze(1) * H.matvec(V.unsqueeze(1))).sum(-1), expect)
+    assert "forward-over-reverse" not in H.timings, H.timings
+    torch.testing.assert_close(ParameterHessian(model, _mse_to_one_hot, x, y).quad(V.unsqueeze(1)), expect)
 
 
 @pytest.mark.parametrize("case", ["forward-adjoint slower", "products slower", "forward-adjoint wrong"])
