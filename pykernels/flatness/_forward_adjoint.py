@@ -79,6 +79,8 @@ _HOMOGENEOUS = {
 }
 
 
+_VIEWS = {aten.view.default, aten._unsafe_view.default}
+
 # Elementwise ops whose tangent _linear_tangent forms directly.
 _LINEAR_ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default}
 
@@ -467,6 +469,9 @@ def _linear_tangent(n: torch.fx.Node, env: dict, tan: dict, live: list):
     """The tangent of a linear op computed from the tangents alone (no primal recomputed), or
     None where another rule is needed."""
     target, args = n.target, n.args
+    if target in _VIEWS and live == [args[0]] and not n.kwargs:
+        # a tangent need not have its primal's strides (expand, transposes): reshape, not view
+        return aten.reshape.default(tan[args[0]], args[1])
     if target in _HOMOGENEOUS and live == [args[0]]:
         return _call(n, env, {args[0]: tan[args[0]]})
     if target in (aten.add.Tensor, aten.sub.Tensor) and set(n.kwargs) <= {"alpha"}:
@@ -524,7 +529,8 @@ def _log_softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict)
         dims, s = n.args[1], env[n].exp()
     elif n.target is aten.logsumexp.default:
         dims, keepdim = n.args[1], n.args[2] if len(n.args) > 2 else False
-        out = env[n] if keepdim else env[n].view([1 if d in _dims(dims, z.dim()) else k for d, k in enumerate(z.shape)])
+        kept = [1 if d in _dims(dims, z.dim()) else k for d, k in enumerate(z.shape)]
+        out = env[n] if keepdim else env[n].reshape(kept)
         s = (z - out).exp()
     else:
         return None
@@ -536,7 +542,7 @@ def _log_softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict)
         row_weight = None if adjoint is None else -adjoint.sum(dims, keepdim=True)
     else:
         tangent = mean_t if keepdim else mean_t.squeeze(dims)
-        row_weight = None if adjoint is None else adjoint.view(mean_t.shape)
+        row_weight = None if adjoint is None else adjoint.reshape(mean_t.shape)
     if row_weight is None:
         return tangent, 0
     variance = (s * t * t).sum(dims, keepdim=True) - mean_t * mean_t
@@ -639,16 +645,16 @@ def _batch_norm_eval_tangent(n: torch.fx.Node, env: dict, tan: dict):
     if mean in tan or var in tan or x not in tan:
         return None  # a live input is what makes the op curved; without it the generic rule is cheap
     shape = [1, -1] + [1] * (env[x].dim() - 2)
-    rstd = torch.rsqrt(env[var] + eps).view(shape)
+    rstd = torch.rsqrt(env[var] + eps).reshape(shape)
     t_normalised = tan[x] * rstd
-    out = t_normalised if weight is None else t_normalised * env[weight].view(shape)
+    out = t_normalised if weight is None else t_normalised * env[weight].reshape(shape)
     both = None
     if weight is not None and weight in tan:
-        t_weight = tan[weight].view(shape)
-        out = out + (env[x] - env[mean].view(shape)) * rstd * t_weight
+        t_weight = tan[weight].reshape(shape)
+        out = out + (env[x] - env[mean].reshape(shape)) * rstd * t_weight
         both = t_normalised * t_weight
     if bias is not None and bias in tan:
-        out = out + tan[bias].view(shape)
+        out = out + tan[bias].reshape(shape)
     empty = [torch.zeros_like(v) for v in env[n][1:]]
     return (out, *empty), both
 
