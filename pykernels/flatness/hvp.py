@@ -161,6 +161,34 @@ def reverse_over_reverse(log_p: Callable, x: torch.Tensor, V: torch.Tensor) -> t
     return vmap(lambda v: grad(lambda t: (g(t) * v).sum())(x))(V)
 
 
+class TracedInputHessian:
+    """The input Hessians as a pure operator for code traced by torch.compile (what the measures
+    use under torch.compiler.is_compiling()): products by reverse_over_reverse, which
+    Dynamo traces without a graph break through BatchNorm (eval) and attention too; no
+    validation, timing, caches or mode switches, which would break the graph. The model must
+    already be in eval mode."""
+
+    def __init__(self, model: Callable, x: torch.Tensor, chunk_size: Optional[int] = None):
+        if isinstance(model, torch.nn.Module) and any(m.training for m in model.modules()):
+            raise ValueError(
+                "under torch.compile the flatness measures cannot switch the model to eval mode "
+                "(a graph break): call model.eval() before compiling"
+            )
+        check_hessian_dtype(x.dtype, "x")
+        self.x, self.batch, self.shape = x.detach(), x.shape[0], tuple(x.shape[1:])
+        self.dim, self.dtype, self.device = math.prod(self.shape), x.dtype, x.device
+        self.chunk_size = chunk_size or default_chunk_size(self.batch * self.dim, x.device)
+        self._log_p = log_likelihood_fn(model, "reference")
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        with twice_differentiable():
+            HV = reverse_over_reverse(self._log_p, self.x, V.reshape(V.shape[0], self.batch, *self.shape))
+        return HV.reshape(V.shape)
+
+    def quad(self, V: torch.Tensor) -> torch.Tensor:
+        return (V * self.matvec(V)).flatten(2).sum(-1)
+
+
 def transform_unsupported(exc: BaseException) -> bool:
     """Whether a product failed because the model is beyond forward-mode AD or batching (vmap,
     is_grads_batched), which the fallback does not need; not for running out of memory or a bug

@@ -40,10 +40,10 @@ from .._progress import progress_callback
 from .._validation import check_choice, check_int
 from . import estimators as est
 from . import ops
-from ._model import check_hessian_dtype, log_likelihood_fn, validated_logits
+from ._model import check_hessian_dtype, check_inputs, log_likelihood_fn, validated_logits
 from ._piecewise import curved_ops_cached
 from .estimators import Estimate
-from .hvp import InputHessian, ParameterHessian, default_chunk_size, input_jacobian, prepared
+from .hvp import InputHessian, ParameterHessian, TracedInputHessian, default_chunk_size, input_jacobian, prepared
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 EIGEN_METHODS = ("power", "lanczos")
@@ -139,10 +139,18 @@ def hessian_trace(
     residual Hutchinson part given the sketch). probes: "rademacher" (minimum
     variance for Hutchinson) or "gaussian", drawn from `seed` (pykernels.probes).
     hvp: the HVP method (pykernels.flatness.hvp). progress: a bar of probes done on stderr.
+
+    Under torch.compile (fullgraph=True works on the smooth families of the tests: BatchNorm
+    in eval mode and attention included), the products are reverse-over-reverse
+    (hvp.TracedInputHessian) whatever `hvp` says, the model must already be in eval mode,
+    and the checks that read values (NaN logits) and the progress bar are skipped.
     """
     check_choice("method", method, TRACE_METHODS)
     check_choice("probes", probes, ops.PROBE_KINDS)
     _check_num_probes(num_probes, method)
+    if torch.compiler.is_compiling():
+        check_inputs(x)
+        return _trace(TracedInputHessian(model, x, chunk_size), num_probes, method, probes, seed, None)
     with prepared(model, x, train_mode, "hessian_trace"):
         H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=num_probes)
         return _trace(

@@ -38,3 +38,45 @@ def test_hvp_compiles_with_zero_graph_breaks(family, product):
     compiled = torch.compile(hvp, fullgraph=True, backend="aot_eager")(x, V)
     expect = flatness.hvp(model, x, V, method="double-backward")
     torch.testing.assert_close(compiled, expect, rtol=1e-6, atol=1e-9)
+
+
+MEASURE_CASES = [
+    ("mlp-gelu", "hutchinson"),
+    ("cnn-gelu", "hutchinson"),
+    ("resnet-silu-batchnorm", "hutchinson"),
+    ("attention", "hutchinson"),
+    ("mlp-gelu", "hutch++"),
+    ("resnet-silu-batchnorm", "hutch++"),
+]
+
+
+@pytest.mark.parametrize("family, method", MEASURE_CASES)
+def test_hessian_trace_compiles_as_one_graph(family, method):
+    """flatness.hessian_trace itself under torch.compile(fullgraph=True): one graph (a backend that
+    counts them), and the eager estimate and standard error for the same seed (float64)."""
+    model, x = SMOOTH_FAMILIES[family](), inputs()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def trace(x):
+        return flatness.hessian_trace(model, x, 9, method, seed=3)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(trace, fullgraph=True, backend=counting_backend)(x)
+    assert len(graphs) == 1
+    eager = trace(x)
+    torch.testing.assert_close(compiled.value, eager.value, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(compiled.stderr, eager.stderr, rtol=1e-9, atol=1e-12)
+
+
+def test_hessian_trace_under_compile_refuses_a_train_mode_model():
+    """Eager measures switch a train-mode model to eval; under compile that would break the graph,
+    so the user is told to call model.eval() first."""
+    model, x = SMOOTH_FAMILIES["mlp-gelu"](), inputs()
+    model.train()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"call model\.eval\(\) before compiling"):
+        torch.compile(lambda x: flatness.hessian_trace(model, x, 4), fullgraph=True, backend="aot_eager")(x)
