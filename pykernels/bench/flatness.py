@@ -44,7 +44,7 @@ import pykernels
 from pykernels import flatness
 from pykernels.bench._core import BenchContext, Case
 from pykernels.flatness import estimators as est
-from pykernels.flatness.hvp import InputHessian, _parameter_choice, prepared, twice_differentiable
+from pykernels.flatness.hvp import InputHessian, parameter_quad_choice, prepared, twice_differentiable
 
 
 def digits_cnn(act=nn.ReLU) -> nn.Module:
@@ -277,7 +277,7 @@ def _parameter_trace_case(ctx: BenchContext, name: str, B: int, S: int) -> Case:
     ours = flatness.parameter_hessian_trace(model, loss, x, y, S, seed=0)
     stderr = ours.stderr.item()
     run_ours = lambda: flatness.parameter_hessian_trace(model, loss, x, y, S)  # noqa: E731
-    chosen = _parameter_quad_choice(model)
+    chosen = parameter_quad_choice(model) or "products, too few probes to time"
     if importlib.util.find_spec("pyhessian") is not None:
         from pyhessian import hessian as pyhessian_hessian
 
@@ -340,13 +340,6 @@ def _parameter_trace_case(ctx: BenchContext, name: str, B: int, S: int) -> Case:
         baselines=baselines,
         notes="; ".join(notes),
     )
-
-
-def _parameter_quad_choice(model) -> str:
-    """The method "auto" timed fastest for the model's parameter quadratic forms (cached by the
-    first call)."""
-    choices = [m for key, m in _parameter_choice.get(model, {}).items() if key[-1] == "quad"]
-    return choices[0] if choices else "products, too few probes to time"
 
 
 def _parameter_loop(model, loss, x, y, params, S):

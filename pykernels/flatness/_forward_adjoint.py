@@ -45,6 +45,11 @@ from ._piecewise import _base_name, _is_piecewise_linear, _structure, per_model
 aten = torch.ops.aten
 
 
+def describe(exc: BaseException) -> str:
+    """ "Type: the first line of the message" (up to 200 characters), for one-line reports."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
 class CaptureFailed(RuntimeError):
     """The model's graph could not be captured for one example (data-dependent control flow,
     an op fake tensors cannot run, a forward that needs the batch)."""
@@ -158,7 +163,7 @@ def _traced(f: Callable, *inputs) -> torch.fx.GraphModule:
         if _mutating(gm):
             gm = trace(gm)(*inputs)
     except Exception as exc:  # noqa: BLE001  (any failure means: not capturable, another method is used)
-        raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+        raise CaptureFailed(describe(exc)) from exc
     if _mutating(gm):
         raise CaptureFailed(f"in-place ops left in the graph: {sorted({str(n.target) for n in _mutating(gm)})}")
     return gm
@@ -307,7 +312,7 @@ class _Evaluator:
                 env[n] = _call(n, env, {})
             return env[g.output], {n.name: env[n] for n in g.steps}
 
-        leaves = [s.detach().clone().requires_grad_() for s in seeds]
+        leaves = [s.detach().requires_grad_() for s in seeds]  # new leaves sharing the storage
         with torch.enable_grad():
             out, values = batched(primal)(*leaves)
             wrt = {}  # the float outputs of the curved ops: their adjoints are needed
@@ -366,24 +371,13 @@ class _Evaluator:
             if direct is not None:
                 tan[n] = direct
                 continue
-            rule = (
-                _log_softmax_tangent(n, env, tan, adjoints)
-                or _softmax_tangent(n, env, tan, adjoints)
-                or _mse_tangent(n, env, tan, adjoints)
-            )
-            if rule is None and n in g.first_output_only:
-                rule = _layer_norm_tangent(n, env, tan, adjoints)
-            if rule is not None:
-                tan[n], term = rule
+            # A direct rule; for a multi-output op only where its other outputs go unused (the
+            # rules give them zero tangents: LayerNorm's mean and rstd, eval BatchNorm's empties).
+            rule = _RULES.get(n.target)
+            result = rule(n, env, tan, adjoints) if rule and (_outputs(n) == 1 or n in g.first_output_only) else None
+            if result is not None:
+                tan[n], term = result
                 q = q + term
-                continue
-            product = _product_tangent(n, env, tan) or _batch_norm_eval_tangent(n, env, tan)
-            if product is not None:
-                # a product of two live factors B(a, b): D^2 B[t, t] = 2 B(t_a, t_b)
-                tan[n], both = product
-                weight = adjoints.get(_key(n, 0))
-                if both is not None and weight is not None:
-                    q = q + 2 * (weight * both).sum()
                 continue
             f = lambda *ts, n=n, live=live: _call(n, env, dict(zip(live, ts)))
             primals, tangents_in = tuple(env[a] for a in live), tuple(tan[a] for a in live)
@@ -485,11 +479,17 @@ def _linear_tangent(n: torch.fx.Node, env: dict, tan: dict, live: list):
     return None
 
 
-def _product_tangent(n: torch.fx.Node, env: dict, tan: dict):
-    """For a product B(a, b) (mm, bmm, addmm, convolution, mul: bilinear in a and b, plus an
-    additive bias): (its tangent B(t_a, b) + B(a, t_b) [+ t_bias], and B(t_a, t_b) when both
-    factors are live, else None). None for any other op, or when neither factor is live."""
-    if n.kwargs or n.target not in _PRODUCTS:
+def _pair_term(n: torch.fx.Node, adjoints: dict, both):
+    """<lambda, D^2 B[t, t]> = 2 <lambda, B(t_a, t_b)> of a product B of two live factors."""
+    weight = adjoints.get(_key(n, 0))
+    return 0 if both is None or weight is None else 2 * (weight * both).sum()
+
+
+def _product_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
+    """A product B(a, b) (mm, bmm, addmm, convolution, mul: bilinear in a and b, plus an
+    additive bias): its tangent B(t_a, b) + B(a, t_b) [+ t_bias], and the term of B(t_a, t_b)
+    when both factors are live. None when neither factor is live."""
+    if n.kwargs:
         return None
     first, second, bias_at = _PRODUCTS[n.target]
     a, b = n.args[first], n.args[second]
@@ -514,7 +514,7 @@ def _product_tangent(n: torch.fx.Node, env: dict, tan: dict):
     out = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     shape = n.meta["val"].shape
     out = out if out.shape == shape else out.expand(shape)
-    return out, (apply(tan[a], tan[b]) if is_live(a) and is_live(b) else None)
+    return out, _pair_term(n, adjoints, apply(tan[a], tan[b]) if is_live(a) and is_live(b) else None)
 
 
 def _log_softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
@@ -525,15 +525,15 @@ def _log_softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict)
     if n.kwargs or n.args[0] not in tan:
         return None
     z, t = env[n.args[0]], tan[n.args[0]]
-    if n.target is aten._log_softmax.default and n.args[2] is False:
+    if n.target is aten._log_softmax.default:
+        if n.args[2] is not False:
+            return None
         dims, s = n.args[1], env[n].exp()
-    elif n.target is aten.logsumexp.default:
+    else:  # logsumexp
         dims, keepdim = n.args[1], n.args[2] if len(n.args) > 2 else False
         kept = [1 if d in _dims(dims, z.dim()) else k for d, k in enumerate(z.shape)]
         out = env[n] if keepdim else env[n].reshape(kept)
         s = (z - out).exp()
-    else:
-        return None
     dims = _dims(dims, z.dim())
     mean_t = (s * t).sum(dims, keepdim=True)
     adjoint = adjoints.get(_key(n, 0))
@@ -554,10 +554,8 @@ def _softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     <lambda, D^2 s[t, t]> = sum lambda s (u^2 - <s, u^2>) (per row)."""
     if n.kwargs or n.args[0] not in tan:
         return None
-    if not (
-        (n.target is aten._softmax.default and n.args[2] is False)
-        or (n.target is aten._safe_softmax.default and (len(n.args) < 3 or n.args[2] is None))
-    ):
+    extra = n.args[2] if len(n.args) > 2 else None  # _softmax's half_to_float, _safe_softmax's dtype
+    if extra not in (None, False):
         return None
     s, t, dim = env[n], tan[n.args[0]], n.args[1]
     u = t - (s * t).sum(dim, keepdim=True)
@@ -576,7 +574,7 @@ def _layer_norm_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     t_x_hat = r (t_c - x_hat a) and D^2 x_hat[t, t] = r^2 (x_hat (3 a^2 - mean(t_c^2)) - 2 a t_c);
     x_hat * w is a product (2 <lambda, t_x_hat t_w>). The caller checks that the mean and rstd
     outputs are unused."""
-    if n.target is not aten.native_layer_norm.default or n.kwargs:
+    if n.kwargs:
         return None
     x, shape, weight, bias, _ = n.args
     if any(m in tan for m in _tensor_nodes(shape)):
@@ -612,7 +610,7 @@ def _mse_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     """mse_loss(a, b) = reduce((a - b)^2): tangent reduce(2 d t) and <lambda, reduce(2 t^2)>, with
     d = a - b and t its tangent. Direct, and also needed: PyTorch 2.13's forward-over-reverse
     through mse_loss fails ("ZeroTensors are immutable")."""
-    if n.target is not aten.mse_loss.default or n.kwargs:
+    if n.kwargs:
         return None
     a, b = n.args[0], n.args[1]
     reduction = n.args[2] if len(n.args) > 2 else 1  # 0 none, 1 mean, 2 sum
@@ -630,7 +628,7 @@ def _dims(dims, rank: int) -> list[int]:
     return sorted(d % rank for d in dims) if dims else list(range(rank))
 
 
-def _batch_norm_eval_tangent(n: torch.fx.Node, env: dict, tan: dict):
+def _batch_norm_eval_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     """BatchNorm in eval mode, (x - mean) * rstd * weight + bias with constant running statistics:
     a product of the normalised input and the weight, as _product_tangent returns it (the op's
     other two outputs are empty in eval mode: zero tangents)."""
@@ -656,7 +654,7 @@ def _batch_norm_eval_tangent(n: torch.fx.Node, env: dict, tan: dict):
     if bias is not None and bias in tan:
         out = out + tan[bias].reshape(shape)
     empty = [torch.zeros_like(v) for v in env[n][1:]]
-    return (out, *empty), both
+    return (out, *empty), _pair_term(n, adjoints, both)
 
 
 # product op -> (position of the first factor, of the second, of an additive bias or None)
@@ -667,3 +665,15 @@ _PRODUCTS = {
     aten.addmm.default: (1, 2, 0),
     aten.convolution.default: (0, 1, 2),
 }
+
+# op -> its direct rule: (n, env, tangents, adjoints) -> (tangent, <lambda, D^2 op[t, t]>) or None
+_RULES = {
+    aten._log_softmax.default: _log_softmax_tangent,
+    aten.logsumexp.default: _log_softmax_tangent,
+    aten._softmax.default: _softmax_tangent,
+    aten._safe_softmax.default: _softmax_tangent,
+    aten.mse_loss.default: _mse_tangent,
+    aten.native_layer_norm.default: _layer_norm_tangent,
+    aten._native_batch_norm_legit_no_training.default: _batch_norm_eval_tangent,
+    aten.native_batch_norm.default: _batch_norm_eval_tangent,
+} | dict.fromkeys(_PRODUCTS, _product_tangent)

@@ -88,7 +88,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._validation import check_choice, check_int
 from . import ops
-from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad, ParameterForwardAdjointQuad
+from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad, ParameterForwardAdjointQuad, describe
 from ._model import (
     check_hessian_dtype,
     check_inputs,
@@ -409,11 +409,10 @@ class InputHessian:
             what = "the forward-adjoint graph could not run"
         else:
             what = "forward-mode AD failed"
-        first_line = (str(exc).splitlines() or [""])[0][:200]
         report_once(
             self.model,
             f"hvp-fallback:{_failure_family(method)}",
-            f"pykernels.flatness: {what} on this model ({type(exc).__name__}: {first_line}); "
+            f"pykernels.flatness: {what} on this model ({describe(exc)}); "
             f"{method} is not used, double backward instead",
         )
 
@@ -522,12 +521,11 @@ def forward_adjoint_matches(model, quads: torch.Tensor, reference: torch.Tensor)
 def report_forward_adjoint_failure(model, exc: Exception) -> None:
     """Once per model: forward-adjoint could not run on it, and the products are used instead."""
     what = "could not be captured" if isinstance(exc, CaptureFailed) else "could not run"
-    first_line = (str(exc).splitlines() or [""])[0][:200]
     report_once(
         model,
         "parameter-forward-adjoint",
         f"pykernels.flatness: the loss's forward-adjoint graph {what} on this model "
-        f"({type(exc).__name__}: {first_line}); parameter quadratic forms use Hessian-vector products instead",
+        f"({describe(exc)}); parameter quadratic forms use Hessian-vector products instead",
     )
 
 
@@ -614,6 +612,15 @@ PARAMETER_HVP_METHODS = ("auto", "forward-over-reverse", "forward-adjoint", "dou
 PARAMETER_PRODUCT_METHODS = ("forward-over-reverse", "double-backward", "double-backward-loop")
 # model -> {(parameter count, input shape, dtype, device, chunk[, "quad"]): the method timed fastest}
 _parameter_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
+
+
+def parameter_quad_choice(model) -> Optional[str]:
+    """The method "auto" kept for the model's parameter quadratic forms (timed and cached by
+    ParameterHessian on its first chunk of more than FEW_VECTORS vectors), or None."""
+    with contextlib.suppress(TypeError):  # not weak-referenceable: nothing cached
+        choices = [m for key, m in _parameter_choice.get(model, {}).items() if key[-1] == "quad"]
+        return choices[0] if choices else None
+    return None
 
 
 class ParameterHessian:
