@@ -37,8 +37,22 @@ case $VENV in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bi
 step() { printf '\n==> %s (%ss)\n' "$*" "$SECONDS"; }
 # pip, minus the local package index's "Location ... is ignored" warnings.
 pip_install() { "$1" -m pip install -q "${@:2}" 2> >(grep -v "is ignored: it is neither" >&2); }
-# Run a noisy build step with its output in a log, shown only if it fails.
-quiet() { local log=$1; shift; "$@" > "$log" 2>&1 || { tail -50 "$log"; echo "FAILED: $* (log: $log)"; exit 1; }; }
+# Run a noisy build step with its output in a log, shown only if it fails: the compiler's
+# own error lines (a Python traceback's tail hides them), the tail, and the disk and memory
+# left, since a full disk or an OOM-killed compiler fails a build with no source error.
+quiet() {
+  local log=$1; shift
+  "$@" > "$log" 2>&1 && return
+  echo "--- error lines in $log:"
+  grep -n -i -E "error|killed|no space left|cannot allocate" "$log" | grep -v -E "^[0-9]+: *(File|raise|Traceback)" | head -40 || true
+  echo "--- tail of $log:"
+  tail -30 "$log"
+  echo "--- disk and memory:"
+  df -h . || true
+  free -m || true
+  echo "FAILED: $* (log: $log)"
+  exit 1
+}
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
