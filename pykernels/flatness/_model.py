@@ -167,6 +167,16 @@ def measurement_mode(model, train_mode: str = "eval", what: str = "measure") -> 
             m.training = flag
 
 
+def check_eval_for_compile(model) -> None:
+    """Under torch.compile the measures cannot switch a model to eval mode and back (a graph
+    break), so a model with any module in train mode is refused with what to do."""
+    if _train_mode_modules(model):
+        raise ValueError(
+            "under torch.compile the flatness measures cannot switch the model to eval mode "
+            "(a graph break): call model.eval() before compiling"
+        )
+
+
 @contextlib.contextmanager
 def frozen_parameters(model) -> Iterator[None]:
     """Parameters stop requiring grad for the body: input-space derivatives then
@@ -185,13 +195,20 @@ def frozen_parameters(model) -> Iterator[None]:
 
 
 def log_likelihood_fn(model: Callable, backend: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [B, ...] -> log p(x) + log Z = logsumexp of the logits, [B]."""
-    return lambda x: -ops.energy(model(x), backend=backend)
+    """x [B, ...] -> log p(x) + log Z = logsumexp of the logits, [B]. Under torch.compile the
+    reference logsumexp: fake tensors cannot run the energy op inside torch.func transforms,
+    and the compiler fuses the reference anyway."""
+
+    def log_p(x: torch.Tensor) -> torch.Tensor:
+        return -ops.energy(model(x), backend="reference" if torch.compiler.is_compiling() else backend)
+
+    return log_p
 
 
 def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
     """One plain forward at x: the model's output must be finite [B, K] logits (a warning
-    when they look like probabilities or log-probabilities)."""
+    when they look like probabilities or log-probabilities). Under torch.compile only the
+    shape is checked: the checks that read values would break the graph."""
     with torch.no_grad():
         try:
             out = model(x)
@@ -201,6 +218,8 @@ def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
                 f"of the inputs the model takes): {type(exc).__name__}: {exc}"
             ) from exc
         logits = check_logits(out, x.shape[0])
+    if torch.compiler.is_compiling():
+        return logits
     check_finite_logits(logits)
     warn_if_normalized(model, logits)
     return logits

@@ -135,7 +135,8 @@ def _rayleigh_ritz(V: torch.Tensor, HV: torch.Tensor):
 def power_iteration(op, k: int, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> Eigen:
     """Subspace iteration on k + 2 vectors per example (the two extra speed up
     convergence of the k-th value), with Rayleigh-Ritz every step; stops when
-    every example's top k values moved by <= tol (relative)."""
+    every example's top k values moved by <= tol (relative). Under torch.compile it runs
+    all `iters` iterations: the stopping test reads values, which would break the graph."""
     p = min(op.dim, k + 2)
     V = torch.linalg.qr(_per_example(draw_probes(op, p, seed, "gaussian"))).Q  # [B, D, p]
     theta = None
@@ -143,8 +144,10 @@ def power_iteration(op, k: int, iters: int = 100, tol: float = 1e-4, seed: int =
         HV = _per_example(op.matvec(_as_vectors(V)))
         new_theta, ritz = _rayleigh_ritz(V, HV)
         new_theta, ritz = new_theta[:, :k], ritz[:, :, :k]
-        done = theta is not None and bool(
-            ((new_theta - theta).abs() <= tol * new_theta.abs().clamp(min=torch.finfo(V.dtype).tiny)).all()
+        done = (
+            theta is not None
+            and not torch.compiler.is_compiling()
+            and bool(((new_theta - theta).abs() <= tol * new_theta.abs().clamp(min=torch.finfo(V.dtype).tiny)).all())
         )
         theta = new_theta
         if done:
@@ -160,36 +163,37 @@ def lanczos(op, steps: int, starts: int = 1, seed: int = 0):
     Returns (T [starts, B, m, m] tridiagonal, Q [starts, B, m, D]). A breakdown
     (an invariant subspace found, e.g. the rank <= K - 1 Hessian of a
     piecewise-linear net) restarts with a random vector orthogonal to Q and a
-    zero coupling, so T stays exact.
+    zero coupling, so T stays exact. The restart vectors come from the probe stream
+    seed + 1 and replace w only where a run broke down, without a branch on the values
+    (torch.compile traces the loop as one graph).
     """
     B, D = op.batch, op.dim
     m = min(steps, D)
     dtype, device = op.dtype, op.device
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     q = draw_probes(op, starts, seed, "gaussian")
     q = q / q.norm(dim=2, keepdim=True)
     Q = torch.zeros(starts, B, m, D, dtype=dtype, device=device)
     alpha = torch.zeros(starts, B, m, dtype=dtype, device=device)
     beta = torch.zeros(starts, B, m, dtype=dtype, device=device)  # beta[j] couples q_j and q_{j+1}
+
+    def orthogonalised(w: torch.Tensor, j: int) -> torch.Tensor:
+        for _ in range(2):  # full reorthogonalisation against q_0 .. q_j, twice is enough
+            w = w - torch.einsum("sbjd,sbj->sbd", Q[:, :, : j + 1], torch.einsum("sbjd,sbd->sbj", Q[:, :, : j + 1], w))
+        return w
+
     for j in range(m):
         Q[:, :, j] = q
         w = op.matvec(q)
         alpha[:, :, j] = (w * q).sum(-1)
-        for _ in range(2):  # full reorthogonalisation, twice is enough
-            w = w - torch.einsum("sbjd,sbj->sbd", Q[:, :, : j + 1], torch.einsum("sbjd,sbd->sbj", Q[:, :, : j + 1], w))
+        w = orthogonalised(w, j)
         if j + 1 == m:
             break
         b = w.norm(dim=-1)
         scale = alpha[:, :, : j + 1].abs().amax(-1).clamp(min=torch.finfo(dtype).tiny)
         broke = b <= 1e3 * torch.finfo(dtype).eps * scale
-        if broke.any():  # restart those runs with a fresh direction orthogonal to Q
-            fresh = torch.randn(starts, B, D, generator=gen, dtype=dtype).to(device)
-            for _ in range(2):
-                fresh = fresh - torch.einsum(
-                    "sbjd,sbj->sbd", Q[:, :, : j + 1], torch.einsum("sbjd,sbd->sbj", Q[:, :, : j + 1], fresh)
-                )
-            w = torch.where(broke.unsqueeze(-1), fresh, w)
-            b = torch.where(broke, torch.zeros_like(b), b)
+        fresh = orthogonalised(draw_probes(op, starts, seed + 1, "gaussian", first=j * starts), j)
+        w = torch.where(broke.unsqueeze(-1), fresh, w)  # those runs restart, orthogonal to Q
+        b = torch.where(broke, torch.zeros_like(b), b)
         beta[:, :, j] = b
         q = w / w.norm(dim=-1, keepdim=True)
     T = torch.diag_embed(alpha) + torch.diag_embed(beta[..., : m - 1], 1) + torch.diag_embed(beta[..., : m - 1], -1)

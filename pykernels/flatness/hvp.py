@@ -90,6 +90,8 @@ from .._validation import check_choice, check_int
 from . import ops
 from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad, ParameterForwardAdjointQuad, describe
 from ._model import (
+    TRAIN_MODES,
+    check_eval_for_compile,
     check_hessian_dtype,
     check_inputs,
     frozen_parameters,
@@ -169,11 +171,7 @@ class TracedInputHessian:
     already be in eval mode."""
 
     def __init__(self, model: Callable, x: torch.Tensor, chunk_size: Optional[int] = None):
-        if isinstance(model, torch.nn.Module) and any(m.training for m in model.modules()):
-            raise ValueError(
-                "under torch.compile the flatness measures cannot switch the model to eval mode "
-                "(a graph break): call model.eval() before compiling"
-            )
+        check_eval_for_compile(model)
         check_hessian_dtype(x.dtype, "x")
         self.x, self.batch, self.shape = x.detach(), x.shape[0], tuple(x.shape[1:])
         self.dim, self.dtype, self.device = math.prod(self.shape), x.dtype, x.device
@@ -181,7 +179,10 @@ class TracedInputHessian:
         self._log_p = log_likelihood_fn(model, "reference")
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        with twice_differentiable():
+        # no_grad: the parameters keep requires_grad under compile (see prepared), and products
+        # differentiable in them would make AOTAutograd trace a backward through the estimators'
+        # in-place writes (Lanczos). torch.func.grad ignores an outer no_grad.
+        with twice_differentiable(), torch.no_grad():
             HV = reverse_over_reverse(self._log_p, self.x, V.reshape(V.shape[0], self.batch, *self.shape))
         return HV.reshape(V.shape)
 
@@ -541,6 +542,33 @@ def _fails_with(failed: str, method: str) -> bool:
 JACOBIAN_BUDGET = 2**25  # elements of J (K * B * D) the Gauss-Newton path may hold
 
 
+def input_hessian(
+    model: Callable,
+    x: torch.Tensor,
+    *,
+    method: str = "auto",
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    fd_step: Optional[float] = None,
+    expected_vectors: Optional[int] = None,
+):
+    """The operator the measures use: InputHessian, or under torch.compile the pure
+    TracedInputHessian (reverse-over-reverse whatever `method` says: choosing, timing and
+    validating would break the graph)."""
+    if torch.compiler.is_compiling():
+        check_choice("method", method, HVP_METHODS)
+        return TracedInputHessian(model, x, chunk_size)
+    return InputHessian(
+        model,
+        x,
+        method=method,
+        backend=backend,
+        chunk_size=chunk_size,
+        fd_step=fd_step,
+        expected_vectors=expected_vectors,
+    )
+
+
 def input_jacobian(model: Callable, x: torch.Tensor) -> torch.Tensor:
     """d logits / d x for each example, [K, B, D]: K vector-Jacobian products, batched."""
     logits, pullback = vjp(model, x)
@@ -552,8 +580,18 @@ def input_jacobian(model: Callable, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def prepared(model, x, train_mode: str = "eval", what: str = "measure", freeze: bool = True):
     """Validates x, puts the model in eval mode (see _model.measurement_mode) and,
-    with freeze, stops its parameters requiring grad for the body."""
+    with freeze, stops its parameters requiring grad for the body.
+
+    Under torch.compile it only validates: switching modes or requires_grad would break the
+    graph, so the model must come in eval mode, and its parameters stay as they are (the
+    input-space derivatives are taken with respect to x alone, so that costs graph size, not
+    correctness)."""
     check_inputs(x)
+    if torch.compiler.is_compiling():
+        check_choice("train_mode", train_mode, TRAIN_MODES)
+        check_eval_for_compile(model)
+        yield
+        return
     with measurement_mode(model, train_mode, what), frozen_parameters(model) if freeze else contextlib.nullcontext():
         yield
 
@@ -594,7 +632,7 @@ def hvp(
             raise ValueError(
                 f"v must be [S, *x.shape] = [S, {', '.join(map(str, x.shape))}] or x's shape, got {tuple(v.shape)}"
             )
-        H = InputHessian(
+        H = input_hessian(
             model,
             x,
             method=method,
@@ -707,6 +745,8 @@ class ParameterHessian:
         return self._chunks(V.reshape(V.shape[0], self.dim), self._products).reshape(V.shape)
 
     def _products(self, flat: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._reverse_over_reverse(flat)
         if self.method == "auto":
             return self._timed(flat)
         if self.method == "forward-over-reverse":
@@ -755,6 +795,21 @@ class ParameterHessian:
 
         return vmap(one)(flat)
 
+    def _reverse_over_reverse(self, flat: torch.Tensor) -> torch.Tensor:
+        """The products under torch.compile, whatever the method: the gradient of v . grad loss,
+        vmapped over the vectors, which Dynamo traces as one graph (BatchNorm in eval and
+        attention included); the methods above time, cache or hold a graph across calls.
+        no_grad: the products need no graph towards the live parameters (torch.func.grad
+        ignores an outer no_grad)."""
+
+        def one(v):
+            tangent = self._unflatten(v)
+            hv = grad(lambda p: sum((g * tangent[n]).sum() for n, g in self._grad(p).items()))(self.params)
+            return torch.cat([hv[n].reshape(-1) for n in self.names])
+
+        with torch.no_grad():
+            return vmap(one)(flat)
+
     def _gradient_graph(self) -> torch.Tensor:
         if self._graph is None:
             with torch.enable_grad():
@@ -786,6 +841,8 @@ class ParameterHessian:
             return self._quad(V.reshape(V.shape[0], self.dim)).reshape(V.shape[0], 1)
 
     def _quad(self, flat: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # no timing, no captured graph: see _reverse_over_reverse
+            return self._chunks(flat, lambda f: (f * self._reverse_over_reverse(f)).sum(-1))
         out = []
         if self.quad_method == "auto" and flat.shape[0] > FEW_VECTORS:
             out.append(self._timed_quad(flat[: self.chunk_size]))

@@ -22,6 +22,13 @@ not available here; each is documented for what it computes.
 
 Models in train mode are measured in eval mode (train_mode="eval", reported once)
 or refused (train_mode="raise"); see pykernels.flatness.hvp for the HVP methods.
+
+Under torch.compile(fullgraph=True) the input-space measures trace as one graph (tested on
+the smooth families: MLP, CNN, BatchNorm-eval ResNet, attention), with these differences:
+the model must already be in eval mode (switching modes would break the graph); Hessian
+products are reverse-over-reverse (hvp.TracedInputHessian) whatever `hvp` says; the checks
+that read values (NaN logits, normalised outputs) are skipped; power iteration runs all
+`iters` iterations (its stopping test reads values); exact_trace needs check=False.
 The Hessian measures (hessian_trace, exact_trace, top_eigenvalues, spectral_density,
 parameter_*) need float32 / float64 inputs and models: 16-bit ones raise a TypeError
 (their second derivatives would be mostly rounding error).
@@ -40,10 +47,10 @@ from .._progress import progress_callback
 from .._validation import check_choice, check_int
 from . import estimators as est
 from . import ops
-from ._model import check_hessian_dtype, check_inputs, log_likelihood_fn, validated_logits
+from ._model import check_hessian_dtype, log_likelihood_fn, validated_logits
 from ._piecewise import curved_ops_cached
 from .estimators import Estimate
-from .hvp import InputHessian, ParameterHessian, TracedInputHessian, default_chunk_size, input_jacobian, prepared
+from .hvp import ParameterHessian, default_chunk_size, input_hessian, input_jacobian, prepared
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 EIGEN_METHODS = ("power", "lanczos")
@@ -61,7 +68,9 @@ def grad_norm(
     model: Callable, x: torch.Tensor, *, backend: Optional[str] = None, train_mode: str = "eval"
 ) -> torch.Tensor:
     """||grad_x log p(x)||_2 per example, [B]."""
-    with prepared(model, x, train_mode, "grad_norm"):
+    # no_grad: nothing to track outside grad (the weights keep requires_grad under compile);
+    # torch.func.grad ignores an outer no_grad.
+    with prepared(model, x, train_mode, "grad_norm"), torch.no_grad():
         validated_logits(model, x)
         g = grad(lambda x: log_likelihood_fn(model, backend)(x).sum())(x.detach())
         return g.flatten(1).norm(dim=1)
@@ -81,9 +90,11 @@ def neighborhood_drop(
 ) -> Estimate:
     """E_d[log p(x) - log p(x + d)] per example (module docstring), with its standard
     error over the `samples` draws. Give exactly one of sigma (Gaussian noise) and
-    eps (uniform in the Linf ball). The noise is drawn from a torch.Generator
-    seeded with `seed`; all draws go through the model in batches of whole
-    examples (chunk_size draws at a time; default about 2^20 input elements)."""
+    eps (uniform in the Linf ball). The noise comes from the counter-based probe stream
+    `seed` (pykernels.probes: the same draws on every device and backend, and under
+    torch.compile): Gaussian probes z, times sigma, or eps * erf(z / sqrt 2), which is
+    uniform on (-eps, eps). All draws go through the model in batches of whole examples
+    (chunk_size draws at a time; default about 2^20 input elements)."""
     if (sigma is None) == (eps is None):
         raise ValueError("give exactly one of sigma (Gaussian noise) and eps (uniform in the Linf ball)")
     radius = sigma if sigma is not None else eps
@@ -95,15 +106,13 @@ def neighborhood_drop(
         base = -ops.energy(validated_logits(model, x), backend=backend)
         B = x.shape[0]
         chunk = chunk_size or default_chunk_size(x[0].numel() * B, x.device)
-        gen = torch.Generator(device=x.device).manual_seed(seed)
         drops = []
         for s0 in range(0, samples, chunk):
             c = min(chunk, samples - s0)
-            shape = (c, *x.shape)
-            if sigma is not None:
-                noise = sigma * torch.randn(shape, generator=gen, dtype=x.dtype, device=x.device)
-            else:
-                noise = eps * (2 * torch.rand(shape, generator=gen, dtype=x.dtype, device=x.device) - 1)
+            z = ops.probe_vectors(
+                (c, *x.shape), seed, kind="gaussian", offset=s0 * x.numel(), dtype=x.dtype, device=x.device
+            )
+            noise = sigma * z if sigma is not None else eps * torch.erf(z / math.sqrt(2))
             perturbed = (x.unsqueeze(0) + noise).reshape(c * B, *x.shape[1:])
             drops.append(base - log_p(perturbed).reshape(c, B))
         return est._mean_and_stderr(torch.cat(drops))
@@ -140,21 +149,16 @@ def hessian_trace(
     variance for Hutchinson) or "gaussian", drawn from `seed` (pykernels.probes).
     hvp: the HVP method (pykernels.flatness.hvp). progress: a bar of probes done on stderr.
 
-    Under torch.compile (fullgraph=True works on the smooth families of the tests: BatchNorm
-    in eval mode and attention included), the products are reverse-over-reverse
-    (hvp.TracedInputHessian) whatever `hvp` says, the model must already be in eval mode,
-    and the checks that read values (NaN logits) and the progress bar are skipped.
+    Under torch.compile: see the module docstring; the progress bar is skipped.
     """
     check_choice("method", method, TRACE_METHODS)
     check_choice("probes", probes, ops.PROBE_KINDS)
     _check_num_probes(num_probes, method)
-    if torch.compiler.is_compiling():
-        check_inputs(x)
-        return _trace(TracedInputHessian(model, x, chunk_size), num_probes, method, probes, seed, None)
     with prepared(model, x, train_mode, "hessian_trace"):
-        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=num_probes)
+        H = input_hessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=num_probes)
+        bar = progress and not torch.compiler.is_compiling()
         return _trace(
-            H, num_probes, method, probes, seed, progress_callback("hessian_trace", unit="probe") if progress else None
+            H, num_probes, method, probes, seed, progress_callback("hessian_trace", unit="probe") if bar else None
         )
 
 
@@ -194,7 +198,7 @@ def top_eigenvalues(
     """
     check_choice("method", method, EIGEN_METHODS)
     with prepared(model, x, train_mode, "top_eigenvalues"):
-        H = InputHessian(
+        H = input_hessian(
             model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=(k + 2) * (iters or 30)
         )
         result = _eigen(H, k, method, iters, tol, seed, return_eigenvectors)
@@ -240,6 +244,11 @@ def exact_trace(
         x = x.detach()
         logits = validated_logits(model, x)
         check_hessian_dtype(logits.dtype, "the model's output")
+        if check and torch.compiler.is_compiling():
+            raise ValueError(
+                "exact_trace(check=True) records the model's ops in a dispatch mode, which torch.compile "
+                "cannot trace: run the check once eagerly, then compile exact_trace(..., check=False)"
+            )
         if check:
             curved = curved_ops_cached(model, x)
             if curved:
@@ -288,11 +297,14 @@ def spectral_density(
     check_int("steps", steps, minimum=1)
     check_int("points", points, minimum=2)
     with prepared(model, x, train_mode, "spectral_density"):
-        H = InputHessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=starts * steps)
+        H = input_hessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=starts * steps)
         nodes, weights = est.slq(H, steps, starts, seed)
-    lo, hi = nodes.min().item(), nodes.max().item()
-    width = sigma if sigma is not None else max(0.01 * (hi - lo), 1e-12)
-    grid = torch.linspace(lo - 3 * width, hi + 3 * width, points, dtype=nodes.dtype, device=nodes.device)
+    # The grid stays on the device, in tensors: reading the range as Python numbers would
+    # synchronise a GPU and break a torch.compile graph.
+    lo, hi = nodes.min(), nodes.max()
+    width = sigma if sigma is not None else (0.01 * (hi - lo)).clamp(min=1e-12)
+    start, stop = lo - 3 * width, hi + 3 * width
+    grid = start + (stop - start) * torch.linspace(0, 1, points, dtype=nodes.dtype, device=nodes.device)
     kernel = torch.exp(-0.5 * ((grid[None, None, :] - nodes[:, :, None]) / width) ** 2) / (
         width * math.sqrt(2 * math.pi)
     )

@@ -3,6 +3,7 @@ smooth network families, and the same products as eager double backward (float64
 
 import pytest
 import torch
+from torch import nn
 
 from pykernels import flatness
 from pykernels.flatness._model import log_likelihood_fn
@@ -40,43 +41,82 @@ def test_hvp_compiles_with_zero_graph_breaks(family, product):
     torch.testing.assert_close(compiled, expect, rtol=1e-6, atol=1e-9)
 
 
-MEASURE_CASES = [
-    ("mlp-gelu", "hutchinson"),
-    ("cnn-gelu", "hutchinson"),
-    ("resnet-silu-batchnorm", "hutchinson"),
-    ("attention", "hutchinson"),
-    ("mlp-gelu", "hutch++"),
-    ("resnet-silu-batchnorm", "hutch++"),
+def labels(y: torch.Tensor) -> torch.Tensor:
+    return torch.arange(y.shape[0]) % 2
+
+
+# Each measure as a function of x (the model bound), the way a user compiles it. Power iteration
+# runs all its iterations under compile; tol=0 makes eager do the same.
+MEASURES = {
+    "log_likelihood": lambda m, x: flatness.log_likelihood(m, x),
+    "grad_norm": lambda m, x: flatness.grad_norm(m, x),
+    "neighborhood_drop-sigma": lambda m, x: flatness.neighborhood_drop(m, x, sigma=0.1, samples=6, chunk_size=4),
+    "neighborhood_drop-eps": lambda m, x: flatness.neighborhood_drop(m, x, eps=0.1, samples=6),
+    "hvp": lambda m, x: flatness.hvp(m, x, torch.ones_like(x)),
+    "hessian_trace-hutchinson": lambda m, x: flatness.hessian_trace(m, x, 9, seed=3),
+    "hessian_trace-hutch++": lambda m, x: flatness.hessian_trace(m, x, 9, "hutch++", seed=3),
+    "top_eigenvalues-lanczos": lambda m, x: flatness.top_eigenvalues(m, x, 2, iters=8),
+    "top_eigenvalues-power": lambda m, x: flatness.top_eigenvalues(m, x, 2, "power", iters=4, tol=0.0),
+    "spectral_density": lambda m, x: flatness.spectral_density(m, x, starts=2, steps=6, points=16),
+    "exact_trace-gauss-newton": lambda m, x: flatness.exact_trace(m, x, check=False),
+    "parameter_hessian_trace": lambda m, x: flatness.parameter_hessian_trace(
+        m, nn.functional.cross_entropy, x, labels(x), 5
+    ),
+    "parameter_hessian_trace-hutch++": lambda m, x: flatness.parameter_hessian_trace(
+        m, nn.functional.cross_entropy, x, labels(x), 6, "hutch++"
+    ),
+    "parameter_top_eigenvalues": lambda m, x: flatness.parameter_top_eigenvalues(
+        m, nn.functional.cross_entropy, x, labels(x), 2, iters=6
+    ),
+}
+# Every measure on the GELU MLP; on the other smooth families the ones whose products differ
+# (Hessian-vector products through BatchNorm, attention and convolutions).
+MEASURE_CASES = [("mlp-gelu", name) for name in MEASURES] + [
+    (family, name)
+    for family in ("cnn-gelu", "resnet-silu-batchnorm", "attention")
+    for name in ("hessian_trace-hutchinson", "top_eigenvalues-lanczos", "parameter_hessian_trace")
 ]
 
 
-@pytest.mark.parametrize("family, method", MEASURE_CASES)
-def test_hessian_trace_compiles_as_one_graph(family, method):
-    """flatness.hessian_trace itself under torch.compile(fullgraph=True): one graph (a backend that
-    counts them), and the eager estimate and standard error for the same seed (float64)."""
-    model, x = SMOOTH_FAMILIES[family](), inputs()
+def compiled_graphs(fn, *args):
+    """fn(*args) under torch.compile(fullgraph=True) with a backend that records each graph it is
+    given, then runs it as traced: (result, number of graphs)."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    def trace(x):
-        return flatness.hessian_trace(model, x, 9, method, seed=3)
-
     torch._dynamo.reset()
-    compiled = torch.compile(trace, fullgraph=True, backend=counting_backend)(x)
-    assert len(graphs) == 1
-    eager = trace(x)
-    torch.testing.assert_close(compiled.value, eager.value, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(compiled.stderr, eager.stderr, rtol=1e-9, atol=1e-12)
+    return torch.compile(fn, fullgraph=True, backend=counting_backend)(*args), len(graphs)
 
 
-def test_hessian_trace_under_compile_refuses_a_train_mode_model():
+@pytest.mark.parametrize("family, measure", MEASURE_CASES)
+def test_measure_compiles_as_one_graph(family, measure):
+    """Each measure under torch.compile(fullgraph=True): one graph, and the eager result for the
+    same seed (float64; eager may choose another exact HVP method, so equal to rounding)."""
+    model, x = SMOOTH_FAMILIES[family](), inputs()
+    run = MEASURES[measure]
+    compiled, graph_count = compiled_graphs(lambda x: run(model, x), x)
+    assert graph_count == 1
+    eager = run(model, x)
+    for got, want in zip(torch.utils._pytree.tree_leaves(compiled), torch.utils._pytree.tree_leaves(eager)):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_exact_trace_check_under_compile_says_what_to_do():
+    model, x = SMOOTH_FAMILIES["mlp-gelu"](), inputs()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"compile exact_trace\(\.\.\., check=False\)"):
+        torch.compile(lambda x: flatness.exact_trace(model, x), fullgraph=True, backend="aot_eager")(x)
+
+
+@pytest.mark.parametrize("measure", ["log_likelihood", "hessian_trace-hutchinson", "parameter_hessian_trace"])
+def test_measures_under_compile_refuse_a_train_mode_model(measure):
     """Eager measures switch a train-mode model to eval; under compile that would break the graph,
     so the user is told to call model.eval() first."""
     model, x = SMOOTH_FAMILIES["mlp-gelu"](), inputs()
     model.train()
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"call model\.eval\(\) before compiling"):
-        torch.compile(lambda x: flatness.hessian_trace(model, x, 4), fullgraph=True, backend="aot_eager")(x)
+        torch.compile(lambda x: MEASURES[measure](model, x), fullgraph=True, backend="aot_eager")(x)

@@ -191,20 +191,12 @@ def test_normalized_outputs_are_reported_once_per_model():
         flatness.log_likelihood(lambda t: model(t) - 1.0, x)  # negative logits, rows of any sum
 
 
-def noise_draws(S, x, radius, noise="sigma", seed=0, chunk=None):
-    """The S perturbations neighborhood_drop draws, [S, *x.shape]: a torch.Generator seeded
-    with `seed`, one call per chunk of draws."""
-    gen = torch.Generator().manual_seed(seed)
-    chunk = chunk or S
-    draws = []
-    for s0 in range(0, S, chunk):
-        shape = (min(chunk, S - s0), *x.shape)
-        draws.append(
-            radius * torch.randn(shape, generator=gen, dtype=x.dtype)
-            if noise == "sigma"
-            else radius * (2 * torch.rand(shape, generator=gen, dtype=x.dtype) - 1)
-        )
-    return torch.cat(draws)
+def noise_draws(S, x, radius, noise="sigma", seed=0):
+    """The S perturbations neighborhood_drop draws, [S, *x.shape]: Gaussian probes z of the
+    stream `seed`, times sigma, or eps * erf(z / sqrt 2) (uniform on (-eps, eps)). One call for
+    all S: the implementation's chunks must continue the same stream."""
+    z = flatness.probe_vectors((S, *x.shape), seed, kind="gaussian", dtype=x.dtype)
+    return radius * z if noise == "sigma" else radius * torch.erf(z / math.sqrt(2))
 
 
 @pytest.mark.parametrize("noise", ["sigma", "eps"])
@@ -212,24 +204,28 @@ def test_neighborhood_drop_is_the_monte_carlo_mean(gelu, noise):
     model, x, _ = gelu
     S = 50
     est, se = flatness.neighborhood_drop(model, x, samples=S, seed=3, chunk_size=7, **{noise: 0.2})
-    d = noise_draws(S, x, 0.2, noise, seed=3, chunk=7)
+    d = noise_draws(S, x, 0.2, noise, seed=3)
     drops = torch.logsumexp(model(x), -1) - torch.logsumexp(model((x + d).flatten(0, 1)), -1).reshape(S, -1)
     torch.testing.assert_close(est, drops.mean(0))
     torch.testing.assert_close(se, drops.std(0) / math.sqrt(S))
 
 
-def test_neighborhood_drop_second_order_link():
-    """log p(x) = logsumexp(W x + b): E[log p(x) - log p(x + d)] = -(sigma^2 / 2) tr H + O(sigma^4).
-    The first-order term g . d averages to 0 but its noise (~sigma |g| / sqrt(S)) is far larger
-    than sigma^2 tr H, so it is subtracted draw by draw (a control variate with the very draws
+@pytest.mark.parametrize("noise, variance", [("sigma", 1.0), ("eps", 1 / 3)])
+def test_neighborhood_drop_second_order_link(noise, variance):
+    """log p(x) = logsumexp(W x + b): E[log p(x) - log p(x + d)] = -(var / 2) tr H + O(r^4), with
+    var = sigma^2 (Gaussian) or eps^2 / 3 (uniform in the box, so the docstring's eps^2 / 6).
+    The first-order term g . d averages to 0 but its noise (~r |g| / sqrt(S)) is far larger
+    than r^2 tr H, so it is subtracted draw by draw (a control variate with the very draws
     neighborhood_drop used): what remains has a standard error of ~1% of the target or less,
-    so a wrong sign, a missing factor 1/2 or a zero fails."""
+    so a wrong sign, a missing factor 1/2, a box noise of the wrong spread or a zero fails."""
     torch.manual_seed(0)
     model = nn.Linear(4, 3).double()
     x = torch.randn(2, 4, dtype=torch.float64)
-    sigma, S = 1e-2, 20_000
-    est, _ = flatness.neighborhood_drop(model, x, sigma=sigma, samples=S, chunk_size=5_000)
-    d = noise_draws(S, x, sigma, chunk=5_000)
+    radius, S = 1e-2, 20_000
+    est, _ = flatness.neighborhood_drop(model, x, samples=S, chunk_size=5_000, **{noise: radius})
+    d = noise_draws(S, x, radius, noise)
+    if noise == "eps":
+        assert d.abs().max() < radius
     xx = x.clone().requires_grad_()
     (g,) = torch.autograd.grad(torch.logsumexp(model(xx), -1).sum(), xx)
     first_order = (d * g).sum(-1)  # [S, B]
@@ -237,7 +233,7 @@ def test_neighborhood_drop_second_order_link():
     torch.testing.assert_close(est, drops.mean(0), rtol=1e-12, atol=1e-15)  # the same draws
     second_order = est + first_order.mean(0)
     se = (drops + first_order).std(0) / math.sqrt(S)
-    target = -(sigma**2) / 2 * flatness.exact_trace(model, x)
+    target = -(radius**2) * variance / 2 * flatness.exact_trace(model, x)
     assert (4 * se < 0.05 * target.abs()).all(), (se, target)  # tight enough to fail
     assert ((second_order - target).abs() < 4 * se).all(), (second_order, target, se)
 
