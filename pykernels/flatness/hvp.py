@@ -53,9 +53,11 @@ Methods (`method=`):
                           every family: forward-over-reverse was up to 1.3x
                           faster on a GELU CNN, double backward 1.4x on MLPs
                           and attention and 2.5x on a SiLU ResNet). Quadratic
-                          forms (more than FEW_VECTORS) time "forward-adjoint"
-                          beside those three, once its values have equalled
-                          double backward's on two random vectors.
+                          forms (more than FEW_VECTORS) take "forward-adjoint",
+                          untimed, once its values have equalled double
+                          backward's on two random vectors (1.7-3.5x faster than
+                          the fastest product method on every smooth family of
+                          `pykernels bench --ops flatness_trace`).
                           If forward mode is not supported by the model (an op or
                           autograd.Function without a forward-mode rule, a
                           torch.func limitation such as data-dependent control
@@ -114,7 +116,6 @@ HVP_METHODS = (
 FORWARD_METHODS = ("forward-over-reverse", "forward-over-reverse-per-example")
 # What "auto" times on smooth networks with many vectors: for products H v, and for v . H v.
 TIMED_METHODS = FORWARD_METHODS + ("double-backward",)
-TIMED_QUAD_METHODS = ("forward-adjoint",) + TIMED_METHODS
 
 # Up to this many vectors per example, "auto" takes double backward on smooth networks: 1.4-8x
 # faster than forward-over-reverse for one vector on every smooth family of
@@ -309,9 +310,12 @@ class InputHessian:
         return product(self._log_p, self.x, Vx)
 
     def _timed(self, Vx, kind: str = "matvec"):
-        """The exact methods on this chunk (TIMED_METHODS for products H v, TIMED_QUAD_METHODS for
-        v . H v), timed; the fastest is kept (and cached for the model) for every later chunk. All
-        give the same values: forward-adjoint's are checked against double backward's."""
+        """The product methods (TIMED_METHODS) on this chunk, timed; the fastest is kept (and
+        cached for the model) for every later chunk. Quadratic forms v . H v take forward-adjoint
+        untimed once its values have equalled double backward's on two random vectors: it beat
+        the fastest product method 1.7-3.5x on every smooth family of `pykernels bench --ops
+        flatness_trace`, and timing the products made a one-shot hessian_trace 6-25x slower
+        than the trace itself. The products are timed only when it is dropped."""
         key = self._choice_key(Vx.shape[0], kind)
         try:
             cached = _timed_choice.get(self.model, {}).get(key)
@@ -320,14 +324,17 @@ class InputHessian:
         if cached is not None:
             self._choose(cached, kind)
             return self._run(cached, Vx, kind)
+        if kind == "quad" and self._forward_adjoint_agrees():
+            self._choose("forward-adjoint", kind)
+            with contextlib.suppress(TypeError):
+                _timed_choice.setdefault(self.model, {})[key] = "forward-adjoint"
+            return self._forward_adjoint_quad(Vx)
         # Two rounds, alternating, keeping each method's fastest time: the method timed first on a
         # fresh process pays one-off costs (allocator growth, first transform call), and one
         # timing on a shared machine is noisy; a single round picked the slower method on a
         # GELU CNN (`pykernels bench --ops flatness_trace`).
         self.timings, results = {}, {}
-        candidates = list(TIMED_QUAD_METHODS if kind == "quad" else TIMED_METHODS)
-        if kind == "quad" and not self._forward_adjoint_agrees():
-            candidates.remove("forward-adjoint")
+        candidates = list(TIMED_METHODS)
         for _ in range(TIMING_ROUNDS):
             for method in list(candidates):
                 if method == "double-backward":
@@ -365,7 +372,7 @@ class InputHessian:
         return ops.probe_dots(Vx.flatten(2), Hv.flatten(2), backend=self.backend) if kind == "quad" else Hv
 
     def _forward_adjoint_agrees(self) -> bool:
-        """forward-adjoint must equal double backward on two random vectors before "auto" may time
+        """forward-adjoint must equal double backward on two random vectors before "auto" may use
         it: a graph captured along one side of a data-dependent branch, or an op whose rules the
         capture gets wrong, gives other values. A failure is reported once and the method dropped."""
         g = torch.Generator().manual_seed(0)
@@ -673,13 +680,13 @@ class ParameterHessian:
     only, from one tangent pass per vector through the loss's captured graph, weighted by
     one shared reverse pass: _forward_adjoint.py; its products H v use double backward)
     or "auto" (default). "auto" times the three product methods once on the first chunk of
-    vectors and keeps the fastest; for quadratic forms of more than FEW_VECTORS vectors
-    (Hutchinson, Hutch++) it also times forward-adjoint, once its values have equalled
-    double backward's on two random vectors, and keeps the faster. Choices are cached per
-    model, parameter count, input shape, dtype and chunk (`timings` shows the times). None
-    wins everywhere (`pykernels bench --ops flatness_parameter_trace`): forward-adjoint on
-    MLPs and CNNs, the loop on a SiLU ResNet with BatchNorm for products (convolutions with
-    a batch of weight tangents are slow on a CPU). The gradient graph is built once per
+    vectors and keeps the fastest (none wins everywhere: the loop on a SiLU ResNet with
+    BatchNorm, where convolutions with a batch of weight tangents are slow on a CPU); for
+    quadratic forms of more than FEW_VECTORS vectors (Hutchinson, Hutch++) it takes
+    forward-adjoint, untimed, once its values have equalled double backward's on two random
+    vectors (the fastest on all seven families of `pykernels bench --ops
+    flatness_parameter_trace`). Choices are cached per model, parameter count, input shape,
+    dtype and chunk (`timings` shows the times of the products). The gradient graph is built once per
     operator and kept for every later product (Lanczos: one per step)."""
 
     def __init__(
@@ -845,7 +852,7 @@ class ParameterHessian:
             return self._chunks(flat, lambda f: (f * self._reverse_over_reverse(f)).sum(-1))
         out = []
         if self.quad_method == "auto" and flat.shape[0] > FEW_VECTORS:
-            out.append(self._timed_quad(flat[: self.chunk_size]))
+            out.append(self._chosen_quad(flat[: self.chunk_size]))
             flat = flat[self.chunk_size :]
         if flat.shape[0]:
             # forward-adjoint sizes its own chunks by the tangents, not by D
@@ -856,38 +863,23 @@ class ParameterHessian:
     def _product_quads(self, flat: torch.Tensor) -> torch.Tensor:
         return ops.probe_dots(flat.unsqueeze(1), self._products(flat).unsqueeze(1))[:, 0]
 
-    def _timed_quad(self, flat: torch.Tensor) -> torch.Tensor:
-        """forward-adjoint on this chunk against the product methods on its first FEW_VECTORS
-        vectors, per vector, once (cached for the model); forward-adjoint only where its values
-        equal double backward's. With the products timed on the whole chunk, the first call on a
-        SiLU ResNet took 16.8 s (forward-over-reverse alone 4.9 s for 32 vectors), 6.4 s this
-        way, for a trace that then takes 0.8 s. forward-adjoint is timed twice, its faster time
-        kept (its first call in a process pays one-off costs). `timings`: seconds for
-        FEW_VECTORS vectors."""
+    def _chosen_quad(self, flat: torch.Tensor) -> torch.Tensor:
+        """The quadratic forms of "auto" for this chunk: forward-adjoint, untimed, once its values have
+        equalled double backward's on two random vectors (it beat every product method on all
+        seven families of `pykernels bench --ops flatness_parameter_trace`, and timing the
+        products made the first trace of a model 1.2-25x slower than PyHessian's); else the
+        products (timed if the method is "auto"). The choice is cached for the model."""
         key = self._key + (flat.shape[0], "quad")
         with contextlib.suppress(TypeError):
             cached = _parameter_choice.get(self.model, {}).get(key)
             if cached is not None:
                 self.quad_method = cached
                 return self._quad(flat)
-        out, fa_time = None, math.inf
         if self._forward_adjoint_agrees():
-            for _ in range(TIMING_ROUNDS):
-                start = time.perf_counter()
-                out = self._forward_adjoint_quad(flat, fall_back=False)
-                fa_time = min(fa_time, time.perf_counter() - start)
-        sample = flat[:FEW_VECTORS]
-        if self.method == "auto":
-            self._timed(sample)
-        else:
-            start = time.perf_counter()
-            self._products(sample)
-            self.timings = {self.method: time.perf_counter() - start}
-        self.timings["forward-adjoint"] = fa_time * sample.shape[0] / flat.shape[0]
-        if out is None or self.timings[self.method] < self.timings["forward-adjoint"]:
-            self.quad_method, out = self.method, self._chunks(flat, self._product_quads)
-        else:
             self.quad_method = "forward-adjoint"
+            out = self._forward_adjoint_quad(flat)
+        else:
+            self.quad_method, out = self.method, self._chunks(flat, self._product_quads)
         with contextlib.suppress(TypeError):
             _parameter_choice.setdefault(self.model, {})[key] = self.quad_method
         return out

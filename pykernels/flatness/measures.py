@@ -332,8 +332,8 @@ def parameter_hessian_trace(
     """tr of the Hessian of loss_fn(model(x), y) over the parameters that require
     grad, as (estimate [1], standard error [1]) (PyHessian's trace, batched over probes).
     hvp: the method (hvp.ParameterHessian: "auto", "forward-over-reverse", "forward-adjoint",
-    "double-backward", "double-backward-loop"); "auto" times forward-adjoint for the
-    quadratic forms against the products and keeps the faster."""
+    "double-backward", "double-backward-loop"); "auto" takes forward-adjoint for the
+    quadratic forms once it has equalled double backward on two random vectors."""
     check_choice("method", method, TRACE_METHODS)
     check_choice("probes", probes, ops.PROBE_KINDS)
     _check_num_probes(num_probes, method)
