@@ -26,6 +26,10 @@ flatness_parameter_trace  tr of the parameter Hessian of the cross-entropy (S = 
     and curvlinops is also checked on our probes exactly. PyHessian runs with tol=-inf so that
     it does all S probes (its stopping rule ends early once the running mean is negative).
     The implementation's name shows the method "auto" kept for the quadratic forms.
+flatness_first_call  the same traces on a model seen for the first time (a deep copy per call,
+    so nothing is cached: the piecewise check, the graph capture and the checks of "auto"
+    are paid every call), against the torch.func version and PyHessian on a copy too; the
+    process is warm (torch._dynamo imported: its first import costs about 1.5 s, once).
 flatness_hvp_compiled  one HVP and one gradient, each under torch.compile (the energy in
     its reference form, which Inductor fuses; our ops have no forward-mode rule there).
 energy / logsumexp_hvp / fill_probes / probe_dots  the kernels against plain PyTorch.
@@ -33,6 +37,7 @@ energy / logsumexp_hvp / fill_probes / probe_dots  the kernels against plain PyT
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 
@@ -279,17 +284,9 @@ def _parameter_trace_case(ctx: BenchContext, name: str, B: int, S: int) -> Case:
     run_ours = lambda: flatness.parameter_hessian_trace(model, loss, x, y, S)  # noqa: E731
     chosen = parameter_quad_choice(model) or "products, too few probes to time"
     if importlib.util.find_spec("pyhessian") is not None:
-        from pyhessian import hessian as pyhessian_hessian
 
         def run_pyhessian():
-            # tol=-inf: exactly S probes. PyHessian 0.1 stops when |mean change| / (mean + 1e-6) < tol,
-            # without abs() in the divisor: any tol >= 0 ends it after 2-4 probes once the running mean
-            # is negative (the GELU MLP here), which would time a fraction of the work.
-            with twice_differentiable():
-                quads = pyhessian_hessian(model, loss, data=(x, y), cuda=False).trace(maxIter=S, tol=-math.inf)
-            if len(quads) != S:
-                raise AssertionError(f"PyHessian ran {len(quads)} probes, not {S}")
-            return sum(quads) / S
+            return pyhessian_trace(model, loss, x, y, S)
 
         try:
             theirs = run_pyhessian()
@@ -340,6 +337,63 @@ def _parameter_trace_case(ctx: BenchContext, name: str, B: int, S: int) -> Case:
         baselines=baselines,
         notes="; ".join(notes),
     )
+
+
+def pyhessian_trace(model, loss, x, y, S: int) -> float:
+    """PyHessian's hessian(...).trace() with exactly S probes. tol=-inf: PyHessian 0.1 stops when
+    |mean change| / (mean + 1e-6) < tol, without abs() in the divisor, so any tol >= 0 ends it
+    after 2-4 probes once the running mean is negative (the GELU MLP here), which would time a
+    fraction of the work."""
+    from pyhessian import hessian as pyhessian_hessian
+
+    with twice_differentiable():
+        quads = pyhessian_hessian(model, loss, data=(x, y), cuda=False).trace(maxIter=S, tol=-math.inf)
+    if len(quads) != S:
+        raise AssertionError(f"PyHessian ran {len(quads)} probes, not {S}")
+    return sum(quads) / S
+
+
+def _first_call_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case]:
+    """One trace on a model never seen before (a deep copy per call), ours against the baselines on
+    a copy too: what a user who measures a model once waits for."""
+    model, x = family(name, B, ctx.device)
+    V = pykernels.probe_vectors((S, *x.shape), seed=0, device=ctx.device)
+    out = [
+        Case(
+            op="flatness_first_call",
+            shape=f"{name} input space B={B} S={S}",
+            dtype="float32",
+            implementations={
+                "hessian_trace auto, new model": lambda: flatness.hessian_trace(copy.deepcopy(model), x, S)
+            },
+            baselines={
+                "torch.func vmap(jvp(grad)), new model": lambda: torch_func_hutchinson(copy.deepcopy(model), x, V)
+            },
+            notes="a deep copy per call: nothing cached (x = baseline time / our time)",
+        )
+    ]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    y = torch.arange(B, device=ctx.device) % 10
+    loss = nn.CrossEntropyLoss()
+    if importlib.util.find_spec("pyhessian") is not None:
+        out.append(
+            Case(
+                op="flatness_first_call",
+                shape=f"{name} parameter space B={B} S={S}",
+                dtype="float32",
+                implementations={
+                    "parameter_hessian_trace auto, new model": lambda: flatness.parameter_hessian_trace(
+                        copy.deepcopy(model), loss, x, y, S
+                    )
+                },
+                baselines={
+                    "PyHessian hessian.trace(), new model": lambda: pyhessian_trace(copy.deepcopy(model), loss, x, y, S)
+                },
+                notes="a deep copy per call: nothing cached",
+            )
+        )
+    return out
 
 
 def _parameter_loop(model, loss, x, y, params, S):
@@ -449,6 +503,7 @@ OPS = (
     "flatness_top_eig",
     "flatness_hvp",
     "flatness_parameter_trace",
+    "flatness_first_call",
     "flatness_hvp_compiled",
     "energy",
     "logsumexp_hvp",
@@ -467,6 +522,8 @@ def cases(ctx: BenchContext) -> list[Case]:
         out += _trace_cases(ctx, name, B, S)
         out.append(_hvp_case(ctx, name, B))
     out += [_parameter_trace_case(ctx, name, B, S) for name in names]
+    for name in names:
+        out += _first_call_cases(ctx, name, B, S)
     if not ctx.quick or ctx.is_cuda:
         out += [_hvp_compiled_case(ctx, B) for B in (16, 64)]
     return out + _kernel_cases(ctx, ours)
