@@ -41,8 +41,9 @@ def test_hvp_compiles_with_zero_graph_breaks(family, product):
     torch.testing.assert_close(compiled, expect, rtol=1e-6, atol=1e-9)
 
 
-def labels(y: torch.Tensor) -> torch.Tensor:
-    return torch.arange(y.shape[0]) % 2
+def labels(x: torch.Tensor) -> torch.Tensor:
+    """Class labels for the parameter measures' cross-entropy, on x's device."""
+    return torch.arange(x.shape[0], device=x.device) % 2
 
 
 # Each measure as a function of x (the model bound), the way a user compiles it. Power iteration
@@ -102,6 +103,40 @@ def test_measure_compiles_as_one_graph(family, measure):
     eager = run(model, x)
     for got, want in zip(torch.utils._pytree.tree_leaves(compiled), torch.utils._pytree.tree_leaves(eager)):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+CUDA_CASES = [
+    ("mlp-gelu", name)
+    for name in (
+        "grad_norm",
+        "neighborhood_drop-eps",
+        "hessian_trace-hutchinson",
+        "hessian_trace-hutch++",
+        "top_eigenvalues-lanczos",
+        "parameter_hessian_trace",
+    )
+] + [("resnet-silu-batchnorm", "hessian_trace-hutchinson"), ("attention", "parameter_hessian_trace")]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("family, measure", CUDA_CASES)
+def test_measures_on_cuda_equal_cpu(family, measure, compiled):
+    """The measures on a GPU, eager (auto's choices, forward-adjoint's capture, the CUDA kernels)
+    and compiled as one graph, give the CPU's float64 results: the probes and the noise come from
+    the counter-based stream, the same on every device."""
+    model, x = SMOOTH_FAMILIES[family](), inputs()
+    expect = MEASURES[measure](model, x)
+    model, x = model.cuda(), x.cuda()
+    if compiled:
+        got, graph_count = compiled_graphs(lambda x: MEASURES[measure](model, x), x)
+        assert graph_count == 1
+    else:
+        got = MEASURES[measure](model, x)
+    for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expect)):
+        assert g.device.type == "cuda"
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-7, atol=1e-9)
 
 
 def test_exact_trace_check_under_compile_says_what_to_do():
