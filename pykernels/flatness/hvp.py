@@ -550,30 +550,15 @@ JACOBIAN_BUDGET = 2**25  # elements of J (K * B * D) the Gauss-Newton path may h
 
 
 def input_hessian(
-    model: Callable,
-    x: torch.Tensor,
-    *,
-    method: str = "auto",
-    backend: Optional[str] = None,
-    chunk_size: Optional[int] = None,
-    fd_step: Optional[float] = None,
-    expected_vectors: Optional[int] = None,
+    model: Callable, x: torch.Tensor, *, method: str = "auto", chunk_size: Optional[int] = None, **options
 ):
-    """The operator the measures use: InputHessian, or under torch.compile the pure
-    TracedInputHessian (reverse-over-reverse whatever `method` says: choosing, timing and
-    validating would break the graph)."""
+    """The operator the measures use: InputHessian (options: its backend, fd_step and
+    expected_vectors), or under torch.compile the pure TracedInputHessian (reverse-over-reverse
+    whatever `method` says: choosing, timing and validating would break the graph)."""
     if torch.compiler.is_compiling():
         check_choice("method", method, HVP_METHODS)
         return TracedInputHessian(model, x, chunk_size)
-    return InputHessian(
-        model,
-        x,
-        method=method,
-        backend=backend,
-        chunk_size=chunk_size,
-        fd_step=fd_step,
-        expected_vectors=expected_vectors,
-    )
+    return InputHessian(model, x, method=method, chunk_size=chunk_size, **options)
 
 
 def input_jacobian(model: Callable, x: torch.Tensor) -> torch.Tensor:
