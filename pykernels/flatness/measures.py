@@ -296,6 +296,8 @@ def spectral_density(
     check_int("starts", starts, minimum=1)
     check_int("steps", steps, minimum=1)
     check_int("points", points, minimum=2)
+    if sigma is not None and not sigma > 0:  # also refuses NaN
+        raise ValueError(f"sigma (the width of each Ritz value's Gaussian) must be > 0, got {sigma}")
     with prepared(model, x, train_mode, "spectral_density"):
         H = input_hessian(model, x, method=hvp, backend=backend, chunk_size=chunk_size, expected_vectors=starts * steps)
         nodes, weights = est.slq(H, steps, starts, seed)

@@ -280,6 +280,8 @@ def test_parameter_hessian_trace_and_eigenvalues():
         (lambda m, x: flatness.neighborhood_drop(m, x), ValueError, "give exactly one of sigma"),
         (lambda m, x: flatness.neighborhood_drop(m, x, sigma=0.1, eps=0.1), ValueError, "give exactly one of sigma"),
         (lambda m, x: flatness.neighborhood_drop(m, x, sigma=-1.0), ValueError, "sigma must be > 0"),
+        (lambda m, x: flatness.spectral_density(m, x, sigma=0.0), ValueError, "sigma .* must be > 0, got 0.0"),
+        (lambda m, x: flatness.spectral_density(m, x, sigma=float("nan")), ValueError, "must be > 0, got nan"),
         (lambda m, x: flatness.grad_norm(m, x[0, 0, 0]), ValueError, "x must have a batch dim"),
         (lambda m, x: flatness.log_likelihood(lambda t: m(t).flatten(), x), ValueError, "2-D logits"),
         (lambda m, x: flatness.hessian_trace(lambda t: m(t) * float("nan"), x), ValueError, "NaN or infinite"),
