@@ -57,7 +57,7 @@ Methods (`method=`):
                           untimed, once its values have equalled double
                           backward's on two random vectors (1.7-3.5x faster than
                           the fastest product method on every smooth family of
-                          `pykernels bench --ops flatness_trace`).
+                          the benchmark: benchmarks/RESULTS.md, CPU flatness).
                           If forward mode is not supported by the model (an op or
                           autograd.Function without a forward-mode rule, a
                           torch.func limitation such as data-dependent control
@@ -313,9 +313,10 @@ class InputHessian:
         """The product methods (TIMED_METHODS) on this chunk, timed; the fastest is kept (and
         cached for the model) for every later chunk. Quadratic forms v . H v take forward-adjoint
         untimed once its values have equalled double backward's on two random vectors: it beat
-        the fastest product method 1.7-3.5x on every smooth family of `pykernels bench --ops
-        flatness_trace`, and timing the products made a one-shot hessian_trace 6-25x slower
-        than the trace itself. The products are timed only when it is dropped."""
+        the fastest product method 1.7-3.5x on every smooth family of the benchmark
+        (benchmarks/RESULTS.md, CPU flatness), and timing the products made a one-shot
+        hessian_trace 6-25x slower than the trace itself. The products are timed only when it
+        is dropped."""
         key = self._choice_key(Vx.shape[0], kind)
         try:
             cached = _timed_choice.get(self.model, {}).get(key)
