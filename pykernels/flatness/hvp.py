@@ -315,7 +315,7 @@ class InputHessian:
         untimed once its values have equalled double backward's on two random vectors: it beat
         the fastest product method 1.7-3.5x on every smooth family of the benchmark
         (benchmarks/RESULTS.md, CPU flatness), and timing the products made a one-shot
-        hessian_trace 6-25x slower than the trace itself. The products are timed only when it
+        hessian_trace 4-25x slower than the trace itself. The products are timed only when it
         is dropped."""
         key = self._choice_key(Vx.shape[0], kind)
         try:
