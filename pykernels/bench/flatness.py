@@ -370,7 +370,23 @@ def _first_call_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case
                 "torch.func vmap(jvp(grad)), new model": lambda: torch_func_hutchinson(copy.deepcopy(model), x, V)
             },
             notes="a deep copy per call: nothing cached (x = baseline time / our time)",
-        )
+        ),
+        Case(
+            op="flatness_first_call",
+            shape=f"{name} input space hutch++ B={B} S={S}",
+            dtype="float32",
+            implementations={
+                "hessian_trace hutch++ auto, new model": lambda: flatness.hessian_trace(
+                    copy.deepcopy(model), x, S, "hutch++"
+                )
+            },
+            baselines={
+                "torch.func vmap(jvp(grad)), new model": lambda: est.hutch_plus_plus(
+                    TorchFuncHessian(copy.deepcopy(model), x), S, 0
+                )
+            },
+            notes="the same Hutch++ code on both operators; auto times the product methods for the sketch",
+        ),
     ]
     for p in model.parameters():
         p.requires_grad_(True)

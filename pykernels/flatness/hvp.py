@@ -45,9 +45,11 @@ Methods (`method=`):
                           most FEW_VECTORS vectors are expected (1.4-8x faster
                           than forward-over-reverse for one vector on every
                           smooth family of `pykernels bench --ops flatness_hvp`),
-                          else the fastest of "double-backward" and the two
-                          forward-over-reverse batchings on the first chunk of vectors,
-                          timed in two alternating rounds (each method's fastest
+                          else "double-backward" on the model's first operator
+                          (untimed: timing costs about six products) and, from
+                          its second, the fastest of "double-backward" and the
+                          two forward-over-reverse batchings, timed once on a
+                          chunk in two alternating rounds (each method's fastest
                           kept) and cached per model, input shape, dtype and
                           number of vectors (with 32 vectors none wins on
                           every family: forward-over-reverse was up to 1.3x
@@ -121,9 +123,10 @@ TIMED_METHODS = FORWARD_METHODS + ("double-backward",)
 # faster than forward-over-reverse for one vector on every smooth family of
 # `pykernels bench --ops flatness_hvp`, and at least as fast up to 4-8 vectors.
 FEW_VECTORS = 8
-TIMING_ROUNDS = 2  # each method timed this many times on the first chunk, fastest kept
-# model -> {(shape, dtype, device, chunk, "matvec" or "quad"): the method timed fastest on it}
+TIMING_ROUNDS = 2  # each method timed this many times on the chunk, fastest kept
+# model -> {(shape, dtype, device, chunk, "matvec" or "quad"): the method chosen for it, or UNTIMED}
 _timed_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
+UNTIMED = "double-backward, untimed"  # in _timed_choice: one operator ran double backward, the next times
 
 
 def twice_differentiable():
@@ -310,26 +313,35 @@ class InputHessian:
         return product(self._log_p, self.x, Vx)
 
     def _timed(self, Vx, kind: str = "matvec"):
-        """The product methods (TIMED_METHODS) on this chunk, timed; the fastest is kept (and
-        cached for the model) for every later chunk. Quadratic forms v . H v take forward-adjoint
-        untimed once its values have equalled double backward's on two random vectors: it beat
-        the fastest product method 1.7-3.5x on every smooth family of the benchmark
-        (benchmarks/RESULTS.md, CPU flatness), and timing the products made a one-shot
-        hessian_trace 4-25x slower than the trace itself. The products are timed only when it
-        is dropped."""
+        """The method "auto" runs on this chunk, chosen once per model, shape and chunk size and
+        cached. Products H v: double backward on the model's first operator, untimed; the next
+        one times the product methods (TIMED_METHODS) on its chunk and keeps the fastest.
+        Quadratic forms v . H v take forward-adjoint untimed once its values have equalled double
+        backward's on two random vectors: it beat the fastest product method 1.7-3.5x on every
+        smooth family of the benchmark (benchmarks/RESULTS.md, CPU flatness), and timing the
+        products made a one-shot hessian_trace 4-25x slower than the trace itself; when it is
+        dropped, the products go as above."""
         key = self._choice_key(Vx.shape[0], kind)
         try:
-            cached = _timed_choice.get(self.model, {}).get(key)
-        except TypeError:  # not weak-referenceable: nothing cached
-            cached = None
-        if cached is not None:
+            choices = _timed_choice.setdefault(self.model, {})
+        except TypeError:  # not weak-referenceable: nothing cached, nothing timed
+            choices = {}
+        cached = choices.get(key)
+        if cached is not None and cached != UNTIMED:
             self._choose(cached, kind)
             return self._run(cached, Vx, kind)
-        if kind == "quad" and self._forward_adjoint_agrees():
+        if cached is None and kind == "quad" and self._forward_adjoint_agrees():
             self._choose("forward-adjoint", kind)
-            with contextlib.suppress(TypeError):
-                _timed_choice.setdefault(self.model, {})[key] = "forward-adjoint"
+            choices[key] = "forward-adjoint"
             return self._forward_adjoint_quad(Vx)
+        if cached is None:
+            # The model's first chunk of this size: double backward, untimed, and the next operator
+            # times the three. Timing them costs about six products, which made a first Hutch++
+            # (its sketch) 0.3-0.9x torch.func's time; double backward was the fastest product
+            # method on five of the six smooth families of the benchmark (GELU CNN: 1.1-1.3x slower).
+            choices[key] = UNTIMED
+            self._choose("double-backward", kind)
+            return self._run("double-backward", Vx, kind)
         # Two rounds, alternating, keeping each method's fastest time: the method timed first on a
         # fresh process pays one-off costs (allocator growth, first transform call), and one
         # timing on a shared machine is noisy; a single round picked the slower method on a
