@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -358,34 +359,31 @@ def _first_call_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case
     a copy too: what a user who measures a model once waits for."""
     model, x = family(name, B, ctx.device)
     V = pykernels.probe_vectors((S, *x.shape), seed=0, device=ctx.device)
-    out = [
-        Case(
+    new = lambda: copy.deepcopy(model)  # noqa: E731
+
+    def case(space: str, ours: Callable, baseline_name: str, baseline: Callable) -> Case:
+        return Case(
             op="flatness_first_call",
-            shape=f"{name} input space B={B} S={S}",
+            shape=f"{name} {space} B={B} S={S}",
             dtype="float32",
-            implementations={
-                "hessian_trace auto, new model": lambda: flatness.hessian_trace(copy.deepcopy(model), x, S)
-            },
-            baselines={
-                "torch.func vmap(jvp(grad)), new model": lambda: torch_func_hutchinson(copy.deepcopy(model), x, V)
-            },
+            implementations={f"{space}, auto, new model": ours},
+            baselines={f"{baseline_name}, new model": baseline},
             notes="a deep copy per call: nothing cached (x = baseline time / our time)",
+        )
+
+    func = "torch.func vmap(jvp(grad))"
+    out = [
+        case(
+            "hessian_trace",
+            lambda: flatness.hessian_trace(new(), x, S),
+            func,
+            lambda: torch_func_hutchinson(new(), x, V),
         ),
-        Case(
-            op="flatness_first_call",
-            shape=f"{name} input space hutch++ B={B} S={S}",
-            dtype="float32",
-            implementations={
-                "hessian_trace hutch++ auto, new model": lambda: flatness.hessian_trace(
-                    copy.deepcopy(model), x, S, "hutch++"
-                )
-            },
-            baselines={
-                "torch.func vmap(jvp(grad)), new model": lambda: est.hutch_plus_plus(
-                    TorchFuncHessian(copy.deepcopy(model), x), S, 0
-                )
-            },
-            notes="the same Hutch++ code on both operators; auto times the product methods for the sketch",
+        case(
+            "hessian_trace hutch++",
+            lambda: flatness.hessian_trace(new(), x, S, "hutch++"),
+            func,
+            lambda: est.hutch_plus_plus(TorchFuncHessian(new(), x), S, 0),
         ),
     ]
     for p in model.parameters():
@@ -394,19 +392,11 @@ def _first_call_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case
     loss = nn.CrossEntropyLoss()
     if importlib.util.find_spec("pyhessian") is not None:
         out.append(
-            Case(
-                op="flatness_first_call",
-                shape=f"{name} parameter space B={B} S={S}",
-                dtype="float32",
-                implementations={
-                    "parameter_hessian_trace auto, new model": lambda: flatness.parameter_hessian_trace(
-                        copy.deepcopy(model), loss, x, y, S
-                    )
-                },
-                baselines={
-                    "PyHessian hessian.trace(), new model": lambda: pyhessian_trace(copy.deepcopy(model), loss, x, y, S)
-                },
-                notes="a deep copy per call: nothing cached",
+            case(
+                "parameter_hessian_trace",
+                lambda: flatness.parameter_hessian_trace(new(), loss, x, y, S),
+                "PyHessian hessian.trace()",
+                lambda: pyhessian_trace(new(), loss, x, y, S),
             )
         )
     return out
