@@ -337,7 +337,7 @@ class InputHessian:
         if cached is None:
             # The model's first chunk of this size: double backward, untimed, and the next operator
             # times the three. Timing them costs about six products, which made a first Hutch++
-            # (its sketch) 0.3-0.9x torch.func's time; double backward was the fastest product
+            # (its sketch) run at 0.3-0.9x torch.func's speed; double backward was the fastest product
             # method on five of the six smooth families of the benchmark (GELU CNN: 1.1-1.3x slower).
             choices[key] = UNTIMED
             self._choose("double-backward", kind)
