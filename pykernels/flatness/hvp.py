@@ -653,12 +653,12 @@ def hvp(
 PARAMETER_HVP_METHODS = ("auto", "forward-over-reverse", "forward-adjoint", "double-backward", "double-backward-loop")
 # What "auto" times for parameter products H v (forward-adjoint gives quadratic forms only).
 PARAMETER_PRODUCT_METHODS = ("forward-over-reverse", "double-backward", "double-backward-loop")
-# model -> {(parameter count, input shape, dtype, device, chunk[, "quad"]): the method timed fastest}
+# model -> {(parameter count, input shape, dtype, device, chunk[, "quad"]): the method chosen}
 _parameter_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
 def parameter_quad_choice(model) -> Optional[str]:
-    """The method "auto" kept for the model's parameter quadratic forms (timed and cached by
+    """The method "auto" kept for the model's parameter quadratic forms (chosen and cached by
     ParameterHessian on its first chunk of more than FEW_VECTORS vectors), or None."""
     with contextlib.suppress(TypeError):  # not weak-referenceable: nothing cached
         choices = [m for key, m in _parameter_choice.get(model, {}).items() if key[-1] == "quad"]

@@ -23,10 +23,11 @@ not available here; each is documented for what it computes.
 Models in train mode are measured in eval mode (train_mode="eval", reported once)
 or refused (train_mode="raise"); see pykernels.flatness.hvp for the HVP methods.
 
-Under torch.compile(fullgraph=True) the input-space measures trace as one graph (tested on
-the smooth families: MLP, CNN, BatchNorm-eval ResNet, attention), with these differences:
-the model must already be in eval mode (switching modes would break the graph); Hessian
-products are reverse-over-reverse (hvp.TracedInputHessian) whatever `hvp` says; the checks
+Under torch.compile(fullgraph=True) every measure here traces as one graph (tested on the
+smooth families: MLP, CNN, BatchNorm-eval ResNet, attention), with these differences: the
+model must already be in eval mode (switching modes would break the graph); Hessian
+products are reverse-over-reverse whatever `hvp` says (hvp.TracedInputHessian in input
+space, ParameterHessian._reverse_over_reverse for the parameter measures); the checks
 that read values (NaN logits, normalised outputs) are skipped; power iteration runs all
 `iters` iterations (its stopping test reads values); exact_trace needs check=False.
 The Hessian measures (hessian_trace, exact_trace, top_eigenvalues, spectral_density,
