@@ -384,7 +384,7 @@ class _Evaluator:
                 t = tan[live[0]]
                 tan[n] = d1[n.name] * t
                 if n.name in c2:
-                    q = q + (c2[n.name] * t * t).sum()
+                    q = q + (c2[n.name] * t).mul_(t).sum()  # in place: see _pair_term
                 continue
             direct = _linear_tangent(n, env, tan, live)
             if direct is not None:
@@ -566,7 +566,10 @@ def _linear_tangent(n: torch.fx.Node, env: dict, tan: dict, live: list):
 def _pair_term(n: torch.fx.Node, adjoints: dict, both):
     """<lambda, D^2 B[t, t]> = 2 <lambda, B(t_a, t_b)> of a product B of two live factors."""
     weight = adjoints.get(_key(n, 0))
-    return 0 if both is None or weight is None else 2 * (weight * both).sum()
+    # In place on a temporary: a fresh multi-MB result often costs more in page faults than in
+    # arithmetic on a CPU (the allocator returns freed memory to the OS). The temporary carries
+    # the tangents' vmap levels, which include every level the values and adjoints have.
+    return 0 if both is None or weight is None else 2 * both.mul_(weight).sum()
 
 
 def _product_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
@@ -595,7 +598,7 @@ def _product_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
         t_bias = None
     if is_live(b):
         parts.append(apply(value(a), tan[b], t_bias))
-    out = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    out = parts[0] if len(parts) == 1 else parts[0].add_(parts[1])  # in place: see _pair_term
     shape = n.meta["val"].shape
     out = out if out.shape == shape else out.expand(shape)
     return out, _pair_term(n, adjoints, apply(tan[a], tan[b]) if is_live(a) and is_live(b) else None)
