@@ -118,6 +118,9 @@ def environment(ctx: BenchContext, bandwidth: float) -> dict:
         "read_bandwidth_GBps": bandwidth / 1e9,
         "quick": ctx.quick,
         "backends": {n: s.available for n, s in pykernels.backends().items()},
+        # glibc's malloc settings move CPU figures: by default it hands freed multi-MB blocks back
+        # to the OS, and re-touching them costs page faults (docs/flatness.md, "Benchmarks").
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     return info
 
