@@ -203,6 +203,28 @@ def transform_unsupported(exc: BaseException) -> bool:
     return isinstance(exc, NotImplementedError) or bool(_TRANSFORM_LIMIT.search(str(exc)))
 
 
+def grads_per_vector(backward: Callable, vectors: torch.Tensor, model) -> tuple:
+    """backward(v) (a tuple of gradients) for every v in vectors [S, ...], each output stacked
+    over S: one batched call (is_grads_batched) where PyTorch's batching rules allow it, else one
+    call per vector. A batched call that fails where the first vector alone succeeds failed in
+    the batching, not in the model: GroupNorm's double backward in PyTorch 2.13 raises a shape
+    error there. That is reported once per model; the single vector's error is raised as is."""
+    try:
+        return backward(vectors, is_grads_batched=True)
+    except (RuntimeError, NotImplementedError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        rows = [backward(vectors[0])]  # the model's own error, if it has one, is raised here
+        report_once(
+            model,
+            "hvp-fallback:batched-double-backward",
+            f"pykernels.flatness: batched double backward failed on this model ({describe(exc)}); "
+            f"one vector at a time instead (slower)",
+        )
+        rows += [backward(v) for v in vectors[1:]]
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
+
 def default_chunk_size(rows_per_probe: int, device: torch.device) -> int:
     """Probe vectors per batched call: about 2^20 input elements on a CPU (keeps
     the tangent activations cache-sized), 2^24 on a GPU."""
@@ -452,14 +474,9 @@ class InputHessian:
         with torch.enable_grad():
             if Vx.shape[0] == 1:  # one vector: no batching needed
                 return torch.autograd.grad(g, x, Vx[0], retain_graph=True)[0].unsqueeze(0)
-            try:
-                # retain_graph: the graph serves later calls and the loop below after a failed batched attempt
-                return torch.autograd.grad(g, x, Vx, is_grads_batched=True, retain_graph=True)[0]
-            except (RuntimeError, NotImplementedError) as exc:
-                if not transform_unsupported(exc):  # out of memory, a bug in the model: the caller's to see
-                    raise
-                # an op without a batching rule: one vector at a time
-                return torch.stack([torch.autograd.grad(g, x, v, retain_graph=True)[0] for v in Vx])
+            # retain_graph: the graph serves later calls, and the loop after a failed batched attempt
+            backward = functools.partial(torch.autograd.grad, g, x, retain_graph=True)
+            return grads_per_vector(backward, Vx, self.model)[0]
 
     def _finite_difference(self, Vx):
         S = Vx.shape[0]
@@ -833,7 +850,7 @@ class ParameterHessian:
         )
         with torch.enable_grad():
             if batched and flat.shape[0] > 1:
-                hv = backward(flat, is_grads_batched=True)
+                hv = grads_per_vector(backward, flat, self.model)
                 return torch.cat([h.reshape(flat.shape[0], -1) for h in hv], 1)
             rows = [backward(v) for v in flat]
         return torch.stack([torch.cat([h.reshape(-1) for h in hv]) for hv in rows])

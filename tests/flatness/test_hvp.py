@@ -324,29 +324,36 @@ def test_forward_mode_falls_back_only_when_the_model_is_beyond_it():
 
 
 @pytest.mark.parametrize(
-    "error, falls_back",
+    "error, in_every_product, falls_back",
     [
-        (torch.OutOfMemoryError("CUDA out of memory (simulated)"), False),
-        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
-        (RuntimeError("Batching rule not implemented for aten::foo (simulated)"), True),
+        (torch.OutOfMemoryError("CUDA out of memory (simulated)"), False, False),
+        (RuntimeError("Batching rule not implemented for aten::foo (simulated)"), False, True),
+        # a shape error only when batched: PyTorch's GroupNorm double backward raises one
+        (RuntimeError("The size of tensor a (3) must match the size of tensor b (2)"), False, True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), True, False),  # the model's own bug
     ],
 )
-def test_double_backward_goes_vector_by_vector_only_without_a_batching_rule(monkeypatch, error, falls_back):
-    # Out of memory (or a bug) in the batched double backward reaches the caller; only a missing
-    # batching rule is retried one vector at a time.
+def test_double_backward_goes_vector_by_vector_only_when_the_batching_failed(
+    monkeypatch, error, in_every_product, falls_back
+):
+    """Out of memory in the batched double backward, or an error one vector alone raises too (a
+    bug in the model), reaches the caller; an error only the batched call raises is retried one
+    vector at a time, reported once."""
     model, x = small_cnn(nn.ReLU), inputs()
     V = probes(2, x)
     expect = flatness.hvp(model, x, V, method="double-backward")
     real_grad = torch.autograd.grad
 
     def grad(*args, is_grads_batched=False, **kwargs):
-        if is_grads_batched:
+        is_product = len(args) > 2  # (g, x, v): a product; building the gradient passes (log p, x)
+        if is_grads_batched or (in_every_product and is_product):
             raise error
         return real_grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", grad)
     if falls_back:
-        torch.testing.assert_close(flatness.hvp(model, x, V, method="double-backward"), expect)
+        with pytest.warns(RuntimeWarning, match="batched double backward failed.*one vector at a time"):
+            torch.testing.assert_close(flatness.hvp(model, x, V, method="double-backward"), expect)
     else:
         with pytest.raises(type(error), match=str(error)[:10]):
             flatness.hvp(model, x, V, method="double-backward")
@@ -657,6 +664,42 @@ def test_forward_adjoint_handles_comparisons_and_masks():
         warnings.simplefilter("error", RuntimeWarning)
         got = _forward_adjoint_quads(model, x, V)
     torch.testing.assert_close(got, _quads_by_double_backward(model, x, V))
+
+
+def test_forward_adjoint_runs_on_a_channels_last_input():
+    """vmap's convolution of a channels-last input gives strides the fake-tensor capture did not
+    see, so the graph's views must not require them: no fallback, and the double-backward values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(64, 5)).double().eval()
+    x = inputs().repeat(1, 3, 1, 1).contiguous(memory_format=torch.channels_last)
+    V = probes(3, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _forward_adjoint_quads(model, x, V)
+    torch.testing.assert_close(got, _quads_by_double_backward(model, x.contiguous(), V))
+
+
+def _group_norm_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.SiLU(), nn.Flatten(), nn.Linear(64, 5)).double()
+
+
+@pytest.mark.filterwarnings("ignore:pykernels.flatness. batched double backward failed:RuntimeWarning")
+def test_group_norm_models_get_double_backward_one_vector_at_a_time():
+    """PyTorch 2.13's batched double backward through GroupNorm raises a shape error: the products
+    fall back to one vector at a time, in input and parameter space, with the same values as
+    forward-over-reverse."""
+    model, x = _group_norm_cnn().eval(), inputs()
+    V = probes(4, x)
+    expect = flatness.hvp(model, x, V, method="forward-over-reverse")
+    torch.testing.assert_close(flatness.hvp(model, x, V, method="double-backward"), expect)
+    torch.testing.assert_close(flatness.hvp(model, x, V), expect)  # auto: double backward for few vectors
+    trace = flatness.hessian_trace(model, x, 12).value
+    torch.testing.assert_close(trace, flatness.hessian_trace(model, x, 12, hvp="forward-over-reverse").value)
+    y, loss_fn = torch.arange(x.shape[0]) % 5, nn.CrossEntropyLoss()
+    by_products = flatness.parameter_hessian_trace(model, loss_fn, x, y, 12, hvp="double-backward").value
+    expect = flatness.parameter_hessian_trace(model, loss_fn, x, y, 12, hvp="forward-over-reverse").value
+    torch.testing.assert_close(by_products, expect)
 
 
 # ---------------------------------------------------------------- forward-adjoint, parameter space
