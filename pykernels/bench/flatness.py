@@ -200,6 +200,15 @@ def _check_close(what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         raise AssertionError(f"{what}: estimates differ: {ours[:4].tolist()} vs {theirs[:4].tolist()}")
 
 
+def _rounds(ctx: BenchContext, name: str) -> int:
+    """Interleaved rounds for a flatness case: ours and the baselines alternate, so that the
+    shared machine's slow phases (which moved ratios by 20-30 % between callables timed one
+    after the other) hit all of them alike. Fewer on the ResNet, whose baselines take 1-3 s."""
+    if ctx.quick:
+        return 3
+    return 5 if name.startswith("silu-resnet") else 11
+
+
 def _trace_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case]:
     model, x = family(name, B, ctx.device)
     V = pykernels.probe_vectors((S, *x.shape), seed=0, device=ctx.device)
@@ -218,6 +227,7 @@ def _trace_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case]:
             "pyhessian loop": lambda: pyhessian_loop(model, x, V),
         },
         notes="same probes, estimates checked equal before timing; x = baseline time / our time",
+        interleaved_rounds=_rounds(ctx, name),
     )
     _check_close(
         f"hutch++ {name}",
@@ -231,6 +241,7 @@ def _trace_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case]:
         implementations={"hessian_trace hutch++ auto": lambda: flatness.hessian_trace(model, x, S, "hutch++", seed=0)},
         baselines={"hutch++ on torch.func HVPs": lambda: est.hutch_plus_plus(base, S, 0)},
         notes="the same Hutch++ code on both operators, same probes, estimates checked equal",
+        interleaved_rounds=_rounds(ctx, name),
     )
     top = Case(
         op="flatness_top_eig",
@@ -239,6 +250,7 @@ def _trace_cases(ctx: BenchContext, name: str, B: int, S: int) -> list[Case]:
         implementations={"top_eigenvalues auto": lambda: flatness.top_eigenvalues(model, x, 1)},
         baselines={"Lanczos on torch.func HVPs": lambda: est.lanczos_eigen(base, 1, 30)},
         notes="the same Lanczos code (same start vector) on both operators",
+        interleaved_rounds=_rounds(ctx, name),
     )
     return [trace, hutchpp, top]
 
@@ -337,6 +349,7 @@ def _parameter_trace_case(ctx: BenchContext, name: str, B: int, S: int) -> Case:
         implementations={f"parameter_hessian_trace (auto: {chosen})": run_ours},
         baselines=baselines,
         notes="; ".join(notes),
+        interleaved_rounds=_rounds(ctx, name),
     )
 
 
