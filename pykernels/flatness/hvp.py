@@ -39,12 +39,14 @@ Methods (`method=`):
                           vector-Jacobian products and every product is then two
                           small matrix products around the fused step: the
                           rank <= K - 1 structure makes S probes cost K passes.
-  "auto" (default)        "gauss-newton" when every op the model runs at x is
-                          piecewise linear in x (checked, see _piecewise.py).
-                          Otherwise (a smooth network) "double-backward" when at
-                          most FEW_VECTORS vectors are expected (1.4-8x faster
-                          than forward-over-reverse for one vector on every
-                          smooth family of `pykernels bench --ops flatness_hvp`),
+  "auto" (default)        "double-backward" when at most FEW_VECTORS vectors are
+                          expected (1.4-8x faster than forward-over-reverse for
+                          one vector on every smooth family of `pykernels bench
+                          --ops flatness_hvp`, 2.3-2.7x faster than Gauss-Newton
+                          on the piecewise-linear CNN). Otherwise "gauss-newton"
+                          when every op the model runs at x is piecewise linear
+                          in x (checked, see _piecewise.py); on a smooth network
+                          "double-backward" for chunks of at most FEW_VECTORS,
                           else "double-backward" on the model's first operator
                           (untimed: timing costs about six products) and, from
                           its second, the fastest of "double-backward" and the
@@ -267,10 +269,13 @@ class InputHessian:
         self.timings: Optional[dict[str, float]] = None
         if method == "auto":
             self.curved = curved_ops_cached(model, self.x)
-            if not self.curved:
-                method = "gauss-newton"
-            elif expected_vectors is not None and expected_vectors <= FEW_VECTORS:
+            if expected_vectors is not None and expected_vectors <= FEW_VECTORS:
+                # One HVP or a few: double backward, the fastest on every family of the benchmark,
+                # piecewise-linear ones included (a ReLU CNN's product: 1.3 plain gradients against
+                # Gauss-Newton's 2.9-4.0, whose Jacobian pays for itself only over K or more vectors).
                 method = "double-backward"
+            elif not self.curved:
+                method = "gauss-newton"
         self.method = method
         # v . H v: "forward-adjoint" where asked for or timed fastest, else from the products H v.
         self.quad_method = method

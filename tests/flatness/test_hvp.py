@@ -64,13 +64,16 @@ def test_hvp_blocks_are_per_example():
     torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-14)
 
 
-def test_auto_method_picks_gauss_newton_only_for_piecewise_linear_models():
+def test_auto_method_picks_gauss_newton_only_for_piecewise_linear_models_and_many_vectors():
+    """Many vectors: Gauss-Newton (the exact Hessian a.e.) on a piecewise-linear model, else the
+    smooth-network choice; a few vectors: double backward on both."""
     x = inputs()
-    for act, expect in ((nn.ReLU, "gauss-newton"), (nn.GELU, "double-backward")):
+    for act, many in ((nn.ReLU, "gauss-newton"), (nn.GELU, "auto")):
         model = small_cnn(act)
         with prepared(model, x):
-            H = InputHessian(model, x, expected_vectors=1)
-        assert H.method == expect, act
+            assert InputHessian(model, x, expected_vectors=100).method == many, act
+            assert InputHessian(model, x, expected_vectors=FEW_VECTORS).method == "double-backward", act
+            assert InputHessian(model, x, expected_vectors=FEW_VECTORS + 1).method == many, act
     with prepared(small_cnn(nn.GELU), x):
         assert InputHessian(small_cnn(nn.GELU), x).curved == {"gelu": 2}
 
