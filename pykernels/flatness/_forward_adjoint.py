@@ -344,22 +344,9 @@ class _Evaluator:
         for n in g.elementwise:
             (a_node,) = [a for a in _tensor_nodes(n.args) if a in g.live]
             a, adjoint = values[a_node.name], adjoints.pop(_key(n, 0), None)
-            closed = closed_form_derivatives(n, a)
-            if closed is not None:
-                d1[n.name], second = closed
-            else:
-
-                def first(b, n=n, a_node=a_node):
-                    f = lambda u: _call(n, constants, {a_node: u})
-                    return jvp(f, (b,), (torch.ones_like(b),))[1]
-
-                # An elementwise op whose output has its input's shape broadcasts its constants into
-                # that shape, so it runs on all examples at once, without vmap's per-op cost.
-                same_shape = n.meta["val"].shape == a_node.meta["val"].shape
-                over = batched if not same_shape else lambda f: f
-                # sigma' and sigma'' in one pass: the jvp of sigma' returns both
-                d1[n.name], second = over(lambda b: jvp(first, (b,), (torch.ones_like(b),)))(a)
-            d1[n.name] = d1[n.name].contiguous()  # read once per probe: a strided layout slows every read
+            derivatives = closed_form_derivatives(n, a)
+            first, second = derivatives or _nested_forward_derivatives(n, a_node, a, constants, batched)
+            d1[n.name] = first.contiguous()  # read once per probe: a strided layout slows every read
             if adjoint is not None:  # else its output does not reach the output
                 c2[n.name] = (adjoint * second).contiguous()
         return values, adjoints, d1, c2
@@ -473,6 +460,18 @@ _CLOSED_FORMS = {
     aten.softplus.default: _softplus,
     aten.exp.default: _exp,
 }
+
+
+def _nested_forward_derivatives(n: torch.fx.Node, a_node: torch.fx.Node, a: torch.Tensor, constants: dict, batched):
+    """(sigma'(a), sigma''(a)) of the elementwise op n by nested forward mode: the jvp of sigma'
+    returns both. An op whose output has its input's shape broadcasts its constants into that
+    shape, so it runs on all examples at once, without vmap's per-op cost; else per example."""
+
+    def first(b):
+        return jvp(lambda u: _call(n, constants, {a_node: u}), (b,), (torch.ones_like(b),))[1]
+
+    over = batched if n.meta["val"].shape != a_node.meta["val"].shape else lambda f: f
+    return over(lambda b: jvp(first, (b,), (torch.ones_like(b),)))(a)
 
 
 def closed_form_derivatives(n: torch.fx.Node, a: torch.Tensor):
