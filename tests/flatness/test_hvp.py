@@ -545,6 +545,57 @@ def test_forward_adjoint_quads_equal_double_backward(family):
     assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item(), family
 
 
+class _SharedTangents(nn.Module):
+    """Tangents with one reader and with several: tanh straight on the (flattened) input, a
+    linear layer read by two activations, a view between a linear layer and its activation."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second, self.head = nn.Linear(36, 16), nn.Linear(16, 16), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.first(torch.tanh(x.flatten(1)))
+        h = torch.sigmoid(h) * torch.nn.functional.softplus(h) + h  # three readers of h's tangent
+        g = torch.nn.functional.gelu(self.second(h).view(-1, 2, 8)).sum(1)
+        return self.head(torch.tanh(g) + g)
+
+
+def test_forward_adjoint_writes_in_place_only_into_tangents_it_alone_holds(monkeypatch):
+    """The activations' tangents are written into their input's tangent only where the pass
+    allocated it and the activation is its one reader: never into the caller's probes, never
+    into a tangent another op still reads. Input and parameter space, against double backward."""
+    from pykernels.flatness import _forward_adjoint
+
+    flags, scaled = [], _forward_adjoint._scaled
+
+    def recorded(t, d, in_place):
+        flags.append(in_place)
+        return scaled(t, d, in_place)
+
+    monkeypatch.setattr(_forward_adjoint, "_scaled", recorded)
+    model, x = _SharedTangents().double().eval(), inputs()
+    V = probes(3, x)
+    kept = V.clone()
+    expect = _quads_by_double_backward(model, x, V)
+    first, again = _forward_adjoint_quads(model, x, V), _forward_adjoint_quads(model, x, V)
+    assert torch.equal(V, kept)  # the probes are the caller's
+    assert torch.equal(first, again)  # nothing kept between calls was overwritten
+    assert (first - expect).abs().max().item() <= 1e-10 * expect.abs().max().item()
+    assert True in flags and False in flags  # both kinds of tangent occur here
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    y, loss_fn = torch.arange(x.shape[0]) % 5, nn.CrossEntropyLoss()
+    H = ParameterHessian(model, loss_fn, x, y, method="forward-adjoint")
+    W = torch.randn(3, H.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kept = W.clone()
+    got = H.quad(W.unsqueeze(1))
+    assert torch.equal(W, kept)
+    expect = _parameter_quads_by_double_backward(model, loss_fn, x, y, W)
+    assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item()
+
+
 @pytest.mark.parametrize(
     "activation",
     [
