@@ -205,11 +205,13 @@ def log_likelihood_fn(model: Callable, backend: Optional[str] = None) -> Callabl
     return log_p
 
 
-def validated_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
+def validated_logits(model: Callable, x: torch.Tensor, keep_graph: bool = False) -> torch.Tensor:
     """One plain forward at x: the model's output must be finite [B, K] logits (a warning
     when they look like probabilities or log-probabilities). Under torch.compile only the
-    shape is checked: the checks that read values would break the graph."""
-    with torch.no_grad():
+    shape is checked: the checks that read values would break the graph. keep_graph: the
+    forward runs with autograd on and the logits keep their graph, for a caller that
+    differentiates them (it saves that caller a second forward)."""
+    with torch.enable_grad() if keep_graph else torch.no_grad():
         try:
             out = model(x)
         except Exception as exc:  # most often x lacks its batch dim: say what x was

@@ -260,7 +260,20 @@ class InputHessian:
         self.model, self.x, self.backend = model, x.detach(), backend
         self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
         self.dim = math.prod(self.shape)
-        self.logits = validated_logits(model, self.x)
+        # The autodiff paths differentiate log p twice; through our energy kernel that goes via
+        # autograd.Function wrappers under torch.func, a fixed 8-20 ms per call on a CPU
+        # (`pykernels bench --ops flatness_hvp`) for nothing: the logit-space work is K-sized.
+        # They use torch.logsumexp unless a backend is asked for.
+        self._energy_backend = backend or "reference"
+        self._log_p = log_likelihood_fn(model, self._energy_backend)
+        self._graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x, its gradient with graph)
+        few = expected_vectors is not None and expected_vectors <= FEW_VECTORS
+        if method == "double-backward" or method == "auto" and few:
+            # The validating forward builds the gradient graph too: a one-shot hvp() runs one
+            # forward, not two (on an MLP a forward is a third of the plain gradient it is timed by).
+            self.logits = self._build_gradient_graph()
+        else:
+            self.logits = validated_logits(model, self.x)
         check_hessian_dtype(self.logits.dtype, "the model's output")
         self.chunk_size = chunk_size or default_chunk_size(self.batch * self.dim, x.device)
         self.fd_step = fd_step
@@ -269,7 +282,7 @@ class InputHessian:
         self.timings: Optional[dict[str, float]] = None
         if method == "auto":
             self.curved = curved_ops_cached(model, self.x)
-            if expected_vectors is not None and expected_vectors <= FEW_VECTORS:
+            if few:
                 # One HVP or a few: double backward, the fastest on every family of the benchmark,
                 # piecewise-linear ones included (a ReLU CNN's product: 1.3 plain gradients against
                 # Gauss-Newton's 2.9-4.0, whose Jacobian pays for itself only over K or more vectors).
@@ -280,17 +293,11 @@ class InputHessian:
         # v . H v: "forward-adjoint" where asked for or timed fastest, else from the products H v.
         self.quad_method = method
         self._forward_adjoint: Optional[ForwardAdjointQuad] = None
-        # The autodiff paths differentiate log p twice; through our energy kernel that goes via
-        # autograd.Function wrappers under torch.func, a fixed 8-20 ms per call on a CPU
-        # (`pykernels bench --ops flatness_hvp`) for nothing: the logit-space work is K-sized.
-        # They use torch.logsumexp unless a backend is asked for.
-        self._log_p = log_likelihood_fn(model, backend or "reference")
         K = self.logits.shape[1]
         self._use_jacobian = (
             method == "gauss-newton" and (expected_vectors or 0) >= K and K * self.batch * self.dim <= JACOBIAN_BUDGET
         )
         self._jacobian: Optional[torch.Tensor] = None
-        self._graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x, its gradient with graph)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -464,14 +471,21 @@ class InputHessian:
             f"{method} is not used, double backward instead",
         )
 
-    def _gradient_graph(self):
-        """The input gradient with its graph, built once per operator and kept for every later
-        product (Lanczos: one per step, each of which rebuilt it before)."""
-        if self._graph is None:
-            x = self.x.clone().requires_grad_()
+    def _build_gradient_graph(self) -> torch.Tensor:
+        """The input gradient with its graph, kept for every later product (Lanczos: one per
+        step, each of which rebuilt it before), from a validating forward; the logits, detached."""
+        x = self.x.clone().requires_grad_()
+        with twice_differentiable():
+            logits = validated_logits(self.model, x, keep_graph=True)
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(self._sum_log_p(x), x, create_graph=True)
-            self._graph = (x, g)
+                log_p = -ops.energy(logits, backend=self._energy_backend)
+                (g,) = torch.autograd.grad(log_p.sum(), x, create_graph=True)
+        self._graph = (x, g)
+        return logits.detach()
+
+    def _gradient_graph(self):
+        if self._graph is None:
+            self._build_gradient_graph()
         return self._graph
 
     def _double_backward(self, Vx):

@@ -229,6 +229,23 @@ def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
         torch.testing.assert_close(with_jacobian.quad(V), per_vector.quad(V))
 
 
+@pytest.mark.parametrize("method", ["auto", "double-backward"])
+def test_one_shot_hvp_runs_the_model_forward_once(method):
+    """hvp() validates the logits of the forward that builds the gradient graph: one forward
+    per call once the model's structure is cached, and the same products."""
+    model, x = SMOOTH_FAMILIES["mlp-gelu"](), inputs()
+    v = probes(2, x)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    first = flatness.hvp(model, x, v, method=method)  # caches the piecewise-linear check
+    calls.clear()
+    again = flatness.hvp(model, x, v, method=method)
+    assert len(calls) == 1
+    assert torch.equal(first, again)
+    expect = torch.einsum("bij,sbj->sbi", dense_hessians(model, x), v.flatten(2)).reshape(v.shape)
+    assert torch.allclose(again, expect, rtol=1e-10, atol=1e-12)
+
+
 def test_single_vector_shape_and_chunking():
     model, x = small_cnn(nn.GELU), inputs()
     V = probes(5, x)
