@@ -225,8 +225,19 @@ _graphs: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 def captured(model: Callable, x: torch.Tensor) -> _Graph:
     """The graph for examples shaped like x[0], captured once per model, input shape, dtype,
     device and module structure (CaptureFailed is raised again each time)."""
-    key = (tuple(x.shape[1:]), x.dtype, x.device, _structure(model))
-    return per_model(_graphs, model, key, lambda: _capture(model, x))
+    return per_model(_graphs, model, _graph_key(model, x), lambda: _capture(model, x))
+
+
+def _graph_key(model: Callable, x: torch.Tensor) -> tuple:
+    return (tuple(x.shape[1:]), x.dtype, x.device, _structure(model))
+
+
+def is_captured(model: Callable, x: torch.Tensor) -> bool:
+    """captured(model, x) would come from the cache."""
+    try:
+        return _graph_key(model, x) in _graphs.get(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: nothing is cached
+        return False
 
 
 def _trainable_first(model: torch.nn.Module) -> tuple[list[str], int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -211,9 +212,18 @@ def validated_logits(model: Callable, x: torch.Tensor, keep_graph: bool = False)
     shape is checked: the checks that read values would break the graph. keep_graph: the
     forward runs with autograd on and the logits keep their graph, for a caller that
     differentiates them (it saves that caller a second forward)."""
+    return timed_validated_logits(model, x, keep_graph)[0]
+
+
+def timed_validated_logits(model: Callable, x: torch.Tensor, keep_graph: bool = False) -> tuple[torch.Tensor, float]:
+    """validated_logits, and the seconds the model's forward took (the checks not counted; on
+    a GPU the kernels' launch, not their run; 0 under torch.compile)."""
+    clock = (lambda: 0.0) if torch.compiler.is_compiling() else time.perf_counter  # a clock breaks a graph
     with torch.enable_grad() if keep_graph else torch.no_grad():
         try:
+            start = clock()
             out = model(x)
+            seconds = clock() - start
         except Exception as exc:  # most often x lacks its batch dim: say what x was
             raise RuntimeError(
                 f"the model failed on x of shape {tuple(x.shape)} (x must be a batch [B, ...] "
@@ -221,7 +231,7 @@ def validated_logits(model: Callable, x: torch.Tensor, keep_graph: bool = False)
             ) from exc
         logits = check_logits(out, x.shape[0])
     if torch.compiler.is_compiling():
-        return logits
+        return logits, seconds
     check_finite_logits(logits)
     warn_if_normalized(model, logits)
-    return logits
+    return logits, seconds

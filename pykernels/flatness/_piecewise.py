@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -191,9 +192,11 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.depends_on_x = WeakIdKeyDictionary({x: True})
         self.curved: dict[str, int] = {}
+        self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.count += 1
         tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         depends = [t in self.depends_on_x for t in tensors]
         out = func(*args, **kwargs)
@@ -207,17 +210,27 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def curved_ops(model: Callable, x: torch.Tensor) -> dict[str, int]:
-    """ATen ops (with call counts) through which the model is not piecewise linear
-    in x; empty when it is. Runs the model once on x."""
+class ForwardOps(NamedTuple):
+    curved: dict[str, int]  # the ATen ops through which the model is not piecewise linear in x, with call counts
+    count: int  # every ATen op the forward ran (what capturing its graph costs grows with)
+
+
+def forward_ops(model: Callable, x: torch.Tensor) -> ForwardOps:
+    """The model's ATen ops at x. Runs the model once on x."""
     x = x.detach()
     recorder = _Recorder(x)
     with torch.no_grad(), recorder:
         model(x)
-    return recorder.curved
+    return ForwardOps(recorder.curved, recorder.count)
 
 
-# model -> {(input shape, dtype, device, the model's modules and modes): curved_ops at such an x}
+def curved_ops(model: Callable, x: torch.Tensor) -> dict[str, int]:
+    """ATen ops (with call counts) through which the model is not piecewise linear
+    in x; empty when it is. Runs the model once on x."""
+    return forward_ops(model, x).curved
+
+
+# model -> {(input shape, dtype, device, the model's modules and modes): forward_ops at such an x}
 _checked: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
@@ -232,6 +245,12 @@ def _structure(model) -> tuple:
     )
 
 
+def forward_ops_cached(model: Callable, x: torch.Tensor) -> ForwardOps:
+    """forward_ops, run once per model, input shape, dtype, device and structure (see curved_ops_cached)."""
+    key = (tuple(x.shape), x.dtype, x.device, _structure(model))
+    return per_model(_checked, model, key, lambda: forward_ops(model, x))
+
+
 def curved_ops_cached(model: Callable, x: torch.Tensor) -> dict[str, int]:
     """curved_ops, run once per model, input shape, dtype, device and structure (_structure: each
     submodule's name, type and mode, each tensor's shape and dtype) and then taken from a cache:
@@ -239,8 +258,7 @@ def curved_ops_cached(model: Callable, x: torch.Tensor) -> dict[str, int]:
     (`pykernels bench --ops flatness_hvp`, one-shot hvp()). A model whose ops at x depend on
     the values of x (data-dependent branches) or whose forward is replaced in place keeps its
     first answer: call curved_ops for those."""
-    key = (tuple(x.shape), x.dtype, x.device, _structure(model))
-    return dict(per_model(_checked, model, key, lambda: curved_ops(model, x)))
+    return dict(forward_ops_cached(model, x).curved)
 
 
 def per_model(store: weakref.WeakKeyDictionary, model, key, compute: Callable):

@@ -94,7 +94,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._validation import check_choice, check_int
 from . import ops
-from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad, ParameterForwardAdjointQuad, describe
+from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad, ParameterForwardAdjointQuad, describe, is_captured
 from ._model import (
     TRAIN_MODES,
     check_eval_for_compile,
@@ -104,9 +104,10 @@ from ._model import (
     log_likelihood_fn,
     measurement_mode,
     report_once,
+    timed_validated_logits,
     validated_logits,
 )
-from ._piecewise import curved_ops_cached
+from ._piecewise import curved_ops_cached, forward_ops_cached
 
 HVP_METHODS = (
     "auto",
@@ -129,6 +130,15 @@ TIMING_ROUNDS = 2  # each method timed this many times on the chunk, fastest kep
 # model -> {(shape, dtype, device, chunk, "matvec" or "quad"): the method chosen for it, or UNTIMED}
 _timed_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 UNTIMED = "double-backward, untimed"  # in _timed_choice: one operator ran double backward, the next times
+# In _timed_choice: a first quadratic-form call on a small model ran double backward, the next captures.
+DEFERRED = "double-backward, forward-adjoint deferred"
+# What a first forward-adjoint call costs beyond its quadratic forms, on this machine's CPU (the
+# bench families, 9-26 ATen ops): capturing the graph, 1.25-1.33 ms per ATen op of the forward
+# (make_fx on fake tensors, whatever the tensors' sizes), and the check against double backward,
+# about 8 forwards of the batch. Against that it saves about one forward per vector: double
+# backward's products cost 1.7-2.7 forwards a vector (16 on the ResNet), forward-adjoint 0.8-1.0.
+CAPTURE_SECONDS_PER_OP = 1.3e-3
+CHECK_FORWARDS = 8
 
 
 def twice_differentiable():
@@ -272,8 +282,9 @@ class InputHessian:
             # The validating forward builds the gradient graph too: a one-shot hvp() runs one
             # forward, not two (on an MLP a forward is a third of the plain gradient it is timed by).
             self.logits = self._build_gradient_graph()
-        else:
-            self.logits = validated_logits(model, self.x)
+            self._forward_seconds = None
+        else:  # the forward's time: the scale of the model's work (see _capture_pays)
+            self.logits, self._forward_seconds = timed_validated_logits(model, self.x)
         check_hessian_dtype(self.logits.dtype, "the model's output")
         self.chunk_size = chunk_size or default_chunk_size(self.batch * self.dim, x.device)
         self.fd_step = fd_step
@@ -354,21 +365,29 @@ class InputHessian:
         backward's on two random vectors: it beat the fastest product method 1.7-3.5x on every
         smooth family of the benchmark (benchmarks/RESULTS.md, CPU flatness), and timing the
         products made a one-shot hessian_trace 4-25x slower than the trace itself; when it is
-        dropped, the products go as above."""
+        dropped, the products go as above. Except on a model too small for capturing its graph
+        to pay on the call's vectors (_capture_pays): double backward, and the next call captures."""
         key = self._choice_key(Vx.shape[0], kind)
         try:
             choices = _timed_choice.setdefault(self.model, {})
         except TypeError:  # not weak-referenceable: nothing cached, nothing timed
             choices = {}
         cached = choices.get(key)
-        if cached is not None and cached != UNTIMED:
+        if cached not in (None, UNTIMED, DEFERRED):
             self._choose(cached, kind)
             return self._run(cached, Vx, kind)
-        if cached is None and kind == "quad" and self._forward_adjoint_agrees():
+        if kind == "quad" and cached is None and not self._capture_pays(Vx.shape[0]):
+            # A small model's first quadratic forms: capturing its graph would cost more than
+            # forward-adjoint saves on them (on an MLP a first hessian_trace took 0.65-0.78x
+            # torch.func's time), so double backward now, and the next call captures.
+            choices[key] = DEFERRED
+            self._choose("double-backward", kind)
+            return self._run("double-backward", Vx, kind)
+        if kind == "quad" and cached in (None, DEFERRED) and self._forward_adjoint_agrees():
             self._choose("forward-adjoint", kind)
             choices[key] = "forward-adjoint"
             return self._forward_adjoint_quad(Vx)
-        if cached is None:
+        if cached in (None, DEFERRED):
             # The model's first chunk of this size: double backward, untimed, and the next operator
             # times the three. Timing them costs about six products, which made a first Hutch++
             # (its sketch) run at 0.3-0.9x torch.func's speed; double backward was the fastest product
@@ -417,6 +436,14 @@ class InputHessian:
         else:
             Hv = self._forward_over_reverse(Vx, method)
         return ops.probe_dots(Vx.flatten(2), Hv.flatten(2), backend=self.backend) if kind == "quad" else Hv
+
+    def _capture_pays(self, vectors: int) -> bool:
+        """Forward-adjoint's one-off costs (CAPTURE_SECONDS_PER_OP) are paid back within this
+        call of `vectors` quadratic forms, or already paid (the graph is cached)."""
+        if self._forward_seconds is None or self.device.type != "cpu" or is_captured(self.model, self.x):
+            return True  # (the costs above were measured on a CPU)
+        ops = forward_ops_cached(self.model, self.x).count
+        return (vectors - CHECK_FORWARDS) * self._forward_seconds >= CAPTURE_SECONDS_PER_OP * ops
 
     def _forward_adjoint_agrees(self) -> bool:
         """forward-adjoint must equal double backward on two random vectors before "auto" may use

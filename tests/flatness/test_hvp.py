@@ -1,6 +1,7 @@
 """Input-space Hessian-vector products of log p: every method against double
 backward and the dense Hessian, per-example independence, fallbacks, train mode."""
 
+import sys
 import time
 import warnings
 
@@ -185,8 +186,8 @@ def test_piecewise_check_runs_once_per_model_and_shape_and_again_when_a_module_i
     from pykernels.flatness import _piecewise
 
     runs = []
-    original = _piecewise.curved_ops
-    monkeypatch.setattr(_piecewise, "curved_ops", lambda model, x: runs.append(1) or original(model, x))
+    original = _piecewise.forward_ops
+    monkeypatch.setattr(_piecewise, "forward_ops", lambda model, x: runs.append(1) or original(model, x))
     model, x = small_cnn(nn.ReLU), inputs()
     V = probes(2, x)
     flatness.hvp(model, x, V)
@@ -682,7 +683,9 @@ def test_auto_takes_forward_adjoint_for_quadratic_forms_without_timing(monkeypat
     """Hutchinson's v . H v on a smooth net: "auto" checks forward-adjoint against double backward
     on two random vectors and then uses it, without timing the product methods (which made a
     model's first trace several times slower than the trace); a second operator on the same model
-    takes the choice from the cache, without checking again."""
+    takes the choice from the cache, without checking again. (Here capturing is free, so that
+    the first call takes it: see the next test.)"""
+    monkeypatch.setattr(sys.modules["pykernels.flatness.hvp"], "CAPTURE_SECONDS_PER_OP", 0.0)
     model, x = small_cnn(nn.Tanh, seed=3), inputs()
     V = probes(FEW_VECTORS + 1, x)
     expect = _quads_by_double_backward(model, x, V)
@@ -700,6 +703,35 @@ def test_auto_takes_forward_adjoint_for_quadratic_forms_without_timing(monkeypat
     assert again.quad_method == "forward-adjoint" and backward == [2], backward
 
 
+def test_auto_defers_forward_adjoint_on_a_small_models_first_call(monkeypatch):
+    """Where capturing the graph costs more than forward-adjoint saves on a call's quadratic
+    forms (a small model, few vectors), the first call takes double backward without capturing,
+    the next captures and takes forward-adjoint, and a call with another vector count on the
+    captured model takes it at once. Where it pays (a large forward), the first call captures."""
+    from pykernels.flatness._forward_adjoint import is_captured
+
+    model, x = SMOOTH_FAMILIES["mlp-tanh"](), inputs()
+    V = probes(FEW_VECTORS + 2, x)
+    expect = _quads_by_double_backward(model, x, V)
+    with prepared(model, x):
+        first = InputHessian(model, x)
+        torch.testing.assert_close(first.quad(V.flatten(2)), expect)
+        assert first.quad_method == "double-backward" and not is_captured(model, x)
+        second = InputHessian(model, x)
+        torch.testing.assert_close(second.quad(V.flatten(2)), expect)
+        assert second.quad_method == "forward-adjoint" and is_captured(model, x)
+        third = InputHessian(model, x)
+        torch.testing.assert_close(third.quad(V[:-1].flatten(2)), expect[:-1])
+        assert third.quad_method == "forward-adjoint"
+
+    slow = SMOOTH_FAMILIES["mlp-softplus"]()
+    with prepared(slow, x):
+        H = InputHessian(slow, x)
+        H._forward_seconds = 1.0  # as if one forward took a second
+        H.quad(V.flatten(2))
+    assert H.quad_method == "forward-adjoint"
+
+
 def test_auto_drops_forward_adjoint_when_it_disagrees_with_double_backward(monkeypatch):
     """A capture that gives wrong values (a branch taken at trace time, an op rule PyTorch gets
     wrong) must not be used: the check on two random vectors drops it, with a warning."""
@@ -707,6 +739,7 @@ def test_auto_drops_forward_adjoint_when_it_disagrees_with_double_backward(monke
 
     original = ForwardAdjointQuad.__call__
     monkeypatch.setattr(ForwardAdjointQuad, "__call__", lambda self, V: original(self, V) * 1.01)
+    monkeypatch.setattr(sys.modules["pykernels.flatness.hvp"], "CAPTURE_SECONDS_PER_OP", 0.0)  # checked at once
     model, x = small_cnn(nn.Tanh, seed=5), inputs()
     V = probes(FEW_VECTORS + 1, x)
     with prepared(model, x), pytest.warns(RuntimeWarning, match="forward-adjoint quadratic forms differ"):
