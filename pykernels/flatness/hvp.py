@@ -132,13 +132,16 @@ _timed_choice: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictiona
 UNTIMED = "double-backward, untimed"  # in _timed_choice: one operator ran double backward, the next times
 # In _timed_choice: a first quadratic-form call on a small model ran double backward, the next captures.
 DEFERRED = "double-backward, forward-adjoint deferred"
-# What a first forward-adjoint call costs beyond its quadratic forms, on this machine's CPU (the
-# bench families, 9-26 ATen ops): capturing the graph, 1.25-1.33 ms per ATen op of the forward
-# (make_fx on fake tensors, whatever the tensors' sizes), and the check against double backward,
-# about 8 forwards of the batch. Against that it saves about one forward per vector: double
-# backward's products cost 1.7-2.7 forwards a vector (16 on the ResNet), forward-adjoint 0.8-1.0.
+# What a first forward-adjoint call costs beyond its quadratic forms, on the development CPU
+# (the bench families, 9-26 ATen ops): capturing the graph, 1.25-1.33 ms per ATen op of the
+# forward (make_fx on fake tensors, whatever the tensors' sizes), and the check against double
+# backward, about 8 forwards of the batch. Against that it saves about one forward per vector
+# (double backward's products cost 1.7-2.7 forwards a vector, 16 on the ResNet; forward-adjoint
+# 0.8-1.0). Both counted in the forward InputHessian times, a new model's first, which ran
+# 1.5-3x a warm one: so as half, 0.5 per vector and 4 for the check.
 CAPTURE_SECONDS_PER_OP = 1.3e-3
-CHECK_FORWARDS = 8
+CHECK_FORWARDS = 4
+SAVED_FORWARDS_PER_VECTOR = 0.5
 
 
 def twice_differentiable():
@@ -277,6 +280,7 @@ class InputHessian:
         self._energy_backend = backend or "reference"
         self._log_p = log_likelihood_fn(model, self._energy_backend)
         self._graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x, its gradient with graph)
+        self.expected_vectors = expected_vectors  # in all, over every call (None: not said)
         few = expected_vectors is not None and expected_vectors <= FEW_VECTORS
         if method == "double-backward" or method == "auto" and few:
             # The validating forward builds the gradient graph too: a one-shot hvp() runs one
@@ -376,7 +380,7 @@ class InputHessian:
         if cached not in (None, UNTIMED, DEFERRED):
             self._choose(cached, kind)
             return self._run(cached, Vx, kind)
-        if kind == "quad" and cached is None and not self._capture_pays(Vx.shape[0]):
+        if kind == "quad" and cached is None and not self._capture_pays(max(Vx.shape[0], self.expected_vectors or 0)):
             # A small model's first quadratic forms: capturing its graph would cost more than
             # forward-adjoint saves on them (on an MLP a first hessian_trace took 0.65-0.78x
             # torch.func's time), so double backward now, and the next call captures.
@@ -438,12 +442,14 @@ class InputHessian:
         return ops.probe_dots(Vx.flatten(2), Hv.flatten(2), backend=self.backend) if kind == "quad" else Hv
 
     def _capture_pays(self, vectors: int) -> bool:
-        """Forward-adjoint's one-off costs (CAPTURE_SECONDS_PER_OP) are paid back within this
-        call of `vectors` quadratic forms, or already paid (the graph is cached)."""
+        """Forward-adjoint's one-off costs (CAPTURE_SECONDS_PER_OP) are paid back over the
+        operator's `vectors` in all (Hutch++ asks for its quadratic forms in two calls), or
+        already paid (the graph is cached)."""
         if self._forward_seconds is None or self.device.type != "cpu" or is_captured(self.model, self.x):
             return True  # (the costs above were measured on a CPU)
         ops = forward_ops_cached(self.model, self.x).count
-        return (vectors - CHECK_FORWARDS) * self._forward_seconds >= CAPTURE_SECONDS_PER_OP * ops
+        saved = (vectors * SAVED_FORWARDS_PER_VECTOR - CHECK_FORWARDS) * self._forward_seconds
+        return saved >= CAPTURE_SECONDS_PER_OP * ops
 
     def _forward_adjoint_agrees(self) -> bool:
         """forward-adjoint must equal double backward on two random vectors before "auto" may use
