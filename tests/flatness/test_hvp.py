@@ -534,7 +534,8 @@ class _Branchy(nn.Module):
 
 @pytest.mark.parametrize(
     "family",
-    list(SMOOTH_FAMILIES) + ["cnn-relu", "residual-in-place-square", "plain-callable", "layernorm-only", "lstm"],
+    list(SMOOTH_FAMILIES)
+    + ["cnn-relu", "residual-in-place-square", "plain-callable", "layernorm-only", "lstm", "max-pools"],
 )
 def test_forward_adjoint_quads_equal_double_backward(family):
     """v . H v from one tangent pass and the adjoints equals double backward in float64 on every
@@ -553,6 +554,8 @@ def test_forward_adjoint_quads_equal_double_backward(family):
         model = nn.Sequential(nn.Flatten(), nn.LayerNorm(36), nn.Linear(36, 5)).double()
     elif family == "lstm":
         model = LSTMClassifier().double().eval()
+    elif family == "max-pools":
+        model = _MaxPools().double().eval()
     else:
         model = SMOOTH_FAMILIES[family]()
     V = probes(5, x)
@@ -561,6 +564,53 @@ def test_forward_adjoint_quads_equal_double_backward(family):
         warnings.simplefilter("error", RuntimeWarning)  # no fallback report: the method itself ran
         got = _forward_adjoint_quads(model, x, V)
     assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item(), family
+
+
+class _MaxPools(nn.Module):
+    """Every max pooling forward-adjoint has a rule for (1d, 2d with padding and ceil_mode, 3d,
+    adaptive 2d and 3d) behind a smooth convolution."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64 + 16 + 18 + 36 + 8, 5)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.conv(x))  # [B, 4, 6, 6]
+        F = torch.nn.functional
+        pools = [
+            F.max_pool2d(h, 3, stride=2, padding=1, ceil_mode=True),  # [B, 4, 4, 4]
+            F.adaptive_max_pool2d(h, 2),  # [B, 4, 2, 2]
+            F.max_pool3d(h.unsqueeze(1), 2),  # [B, 1, 2, 3, 3]
+            F.max_pool1d(h.flatten(2), 4),  # [B, 4, 9]
+            F.adaptive_max_pool3d(h.unsqueeze(1), (2, 2, 2)),  # [B, 1, 2, 2, 2]
+        ]
+        return self.head(torch.tanh(torch.cat([p.flatten(1) for p in pools], 1)))
+
+
+def test_forward_adjoint_takes_max_pool_tangents_from_the_primal_indices():
+    """Once prepared, a quadratic form runs no pooling: the tangent is gathered at the primal's
+    argmax (the generic rule ran each max pooling again per probe chunk)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pykernels.flatness._forward_adjoint import ForwardAdjointQuad
+
+    class Pools(TorchDispatchMode):
+        runs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Pools.runs += "max_pool" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    model, x = _MaxPools().double().eval(), inputs()
+    V = probes(3, x)
+    with prepared(model, x):
+        quad = ForwardAdjointQuad(model, x)
+        first = quad(V)  # prepares: the primal pools run here
+        with Pools():
+            again = quad(V)
+    assert Pools.runs == 0
+    assert torch.equal(first, again)
 
 
 class _SharedTangents(nn.Module):
@@ -844,7 +894,15 @@ PARAMETER_LOSSES = {
 @pytest.mark.parametrize(
     "family",
     list(SMOOTH_FAMILIES)
-    + ["cnn-relu", "cnn-gelu-batchnorm", "cnn-instancenorm", "residual-in-place-square", "partly-frozen", "lstm"],
+    + [
+        "cnn-relu",
+        "cnn-gelu-batchnorm",
+        "cnn-instancenorm",
+        "residual-in-place-square",
+        "partly-frozen",
+        "lstm",
+        "max-pools",
+    ],
 )
 def test_parameter_forward_adjoint_quads_equal_double_backward(family, loss_name):
     """v . H v over the parameters from one tangent pass through the loss's graph equals double
@@ -862,6 +920,8 @@ def test_parameter_forward_adjoint_quads_equal_double_backward(family, loss_name
         model[1].weight.requires_grad_(False)
     elif family == "lstm":
         model = LSTMClassifier().double()
+    elif family == "max-pools":
+        model = _MaxPools().double()
     elif family == "cnn-instancenorm":  # batch norm on a reshaped input: its tangents need a reshape, not a view
         torch.manual_seed(0)
         model = nn.Sequential(
