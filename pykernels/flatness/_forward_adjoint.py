@@ -12,11 +12,13 @@ and one reverse pass per example, shared by every probe, gives the adjoints:
 forward-over-reverse also runs the tangent backward (about as many FLOPs again).
 Elementwise ops with one x-dependent input (GELU, SiLU, tanh, softplus, ...) get
 sigma'(a) and lambda * sigma''(a) computed once (closed forms for the common activations,
-nested forward mode for the rest), so each probe costs them three multiplies. Products
-of two x-dependent factors (matmul, convolution, mul, BatchNorm in eval mode: B(t_a, t_b)
-once more), softmax, log_softmax, logsumexp and LayerNorm have direct rules; any other
-curved op gets its term by forward-over-reverse on that op alone (not nested jvp: PyTorch
-2.13's forward-over-forward through native_layer_norm is wrong).
+nested forward mode for the rest), so each probe costs them three multiplies (in place
+where the pass owns the input's tangent). Products of two x-dependent factors (matmul,
+convolution, mul, BatchNorm in eval mode: B(t_a, t_b) once more), softmax, log_softmax,
+logsumexp and LayerNorm have direct rules, and so has max pooling (the tangent gathered at
+the primal's indices); any other op runs through jvp, and a curved one gets its term by
+forward-over-reverse on that op alone (not nested jvp: PyTorch 2.13's forward-over-forward
+through native_layer_norm is wrong).
 
 Input Hessians (ForwardAdjointQuad): the graph is log p of one example, run per example
 under vmap, then per probe under vmap. Parameter Hessians (ParameterForwardAdjointQuad):
