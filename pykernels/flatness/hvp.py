@@ -61,8 +61,11 @@ Methods (`method=`):
                           untimed, once its values have equalled double
                           backward's on two random vectors (1.7-3.5x faster than
                           the fastest product method on every smooth family of
-                          the benchmark: benchmarks/RESULTS.md, CPU flatness).
-                          If forward mode is not supported by the model (an op or
+                          the benchmark: benchmarks/RESULTS.md, CPU flatness);
+                          on a CPU, a model's first call takes "double-backward"
+                          where capturing its graph would cost more than that
+                          saves (a small model, few vectors: _capture_pays), and
+                          the next call captures. If forward mode is not supported by the model (an op or
                           autograd.Function without a forward-mode rule, a
                           torch.func limitation such as data-dependent control
                           flow under vmap), "double-backward", reported once per
