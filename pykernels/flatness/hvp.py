@@ -311,6 +311,7 @@ class InputHessian:
         # v . H v: "forward-adjoint" where asked for or timed fastest, else from the products H v.
         self.quad_method = method
         self._forward_adjoint: Optional[ForwardAdjointQuad] = None
+        self._deferred: Optional[bool] = None  # see _defers_capture
         K = self.logits.shape[1]
         self._use_jacobian = (
             method == "gauss-newton" and (expected_vectors or 0) >= K and K * self.batch * self.dim <= JACOBIAN_BUDGET
@@ -372,8 +373,8 @@ class InputHessian:
         backward's on two random vectors: it beat the fastest product method 1.7-3.5x on every
         smooth family of the benchmark (benchmarks/RESULTS.md, CPU flatness), and timing the
         products made a one-shot hessian_trace 4-25x slower than the trace itself; when it is
-        dropped, the products go as above. Except on a model too small for capturing its graph
-        to pay on the call's vectors (_capture_pays): double backward, and the next call captures."""
+        dropped, the products go as above. Except on a model's first operator where capturing its
+        graph would not pay (_defers_capture): double backward, and the next operator captures."""
         key = self._choice_key(Vx.shape[0], kind)
         try:
             choices = _timed_choice.setdefault(self.model, {})
@@ -383,10 +384,10 @@ class InputHessian:
         if cached not in (None, UNTIMED, DEFERRED):
             self._choose(cached, kind)
             return self._run(cached, Vx, kind)
-        if kind == "quad" and cached is None and not self._capture_pays(max(Vx.shape[0], self.expected_vectors or 0)):
+        if kind == "quad" and cached is None and self._defers_capture(choices, Vx.shape[0]):
             # A small model's first quadratic forms: capturing its graph would cost more than
             # forward-adjoint saves on them (on an MLP a first hessian_trace took 0.65-0.78x
-            # torch.func's time), so double backward now, and the next call captures.
+            # torch.func's time), so double backward now, and the next operator captures.
             choices[key] = DEFERRED
             self._choose("double-backward", kind)
             return self._run("double-backward", Vx, kind)
@@ -443,6 +444,15 @@ class InputHessian:
         else:
             Hv = self._forward_over_reverse(Vx, method)
         return ops.probe_dots(Vx.flatten(2), Hv.flatten(2), backend=self.backend) if kind == "quad" else Hv
+
+    def _defers_capture(self, choices: dict, vectors: int) -> bool:
+        """This operator's quadratic forms take double backward without capturing the graph: it
+        decided so on its first call, or it is the model's first operator and the capture does
+        not pay (any later operator of the model captures, whatever its number of vectors)."""
+        if self._deferred is None:
+            first = DEFERRED not in choices.values()
+            self._deferred = first and not self._capture_pays(max(vectors, self.expected_vectors or 0))
+        return self._deferred
 
     def _capture_pays(self, vectors: int) -> bool:
         """Forward-adjoint's one-off costs (CAPTURE_SECONDS_PER_OP) are paid back over the

@@ -757,7 +757,8 @@ def test_auto_defers_forward_adjoint_on_a_small_models_first_call(monkeypatch):
     """Where capturing the graph costs more than forward-adjoint saves on a call's quadratic
     forms (a small model, few vectors), the first call takes double backward without capturing,
     the next captures and takes forward-adjoint, and a call with another vector count on the
-    captured model takes it at once. Where it pays (a large forward), the first call captures."""
+    captured model takes it at once, as does a second call with another vector count. Where it
+    pays (a large forward), the first call captures."""
     from pykernels.flatness._forward_adjoint import is_captured
 
     model, x = SMOOTH_FAMILIES["mlp-tanh"](), inputs()
@@ -773,6 +774,13 @@ def test_auto_defers_forward_adjoint_on_a_small_models_first_call(monkeypatch):
         third = InputHessian(model, x)
         torch.testing.assert_close(third.quad(V[:-1].flatten(2)), expect[:-1])
         assert third.quad_method == "forward-adjoint"
+
+    model = SMOOTH_FAMILIES["mlp-gelu"]()  # a second call with another number of vectors captures too
+    with prepared(model, x):
+        InputHessian(model, x).quad(V.flatten(2))
+        again = InputHessian(model, x)
+        torch.testing.assert_close(again.quad(V[:-1].flatten(2)), _quads_by_double_backward(model, x, V[:-1]))
+        assert again.quad_method == "forward-adjoint" and is_captured(model, x)
 
     slow = SMOOTH_FAMILIES["mlp-softplus"]()
     with prepared(slow, x):
