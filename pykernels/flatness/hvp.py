@@ -64,8 +64,9 @@ Methods (`method=`):
                           the benchmark: benchmarks/RESULTS.md, CPU flatness);
                           on a CPU, a model's first call takes "double-backward"
                           where capturing its graph would cost more than that
-                          saves (a small model, few vectors: _capture_pays), and
-                          the next call captures. If forward mode is not supported by the model (an op or
+                          saves (a small model, few vectors: _defers_capture),
+                          and the next call captures. If forward mode is not
+                          supported by the model (an op or
                           autograd.Function without a forward-mode rule, a
                           torch.func limitation such as data-dependent control
                           flow under vmap), "double-backward", reported once per
@@ -517,21 +518,21 @@ class InputHessian:
             f"{method} is not used, double backward instead",
         )
 
-    def _build_gradient_graph(self) -> torch.Tensor:
+    def _build_gradient_graph(self, validate: bool = True) -> torch.Tensor:
         """The input gradient with its graph, kept for every later product (Lanczos: one per
-        step, each of which rebuilt it before), from a validating forward; the logits, detached."""
+        step, each of which rebuilt it before); the logits, detached. validate: the forward is
+        the operator's validating one (at construction, not when "auto" times double backward)."""
         x = self.x.clone().requires_grad_()
-        with twice_differentiable():
-            logits = validated_logits(self.model, x, keep_graph=True)
-            with torch.enable_grad():
-                log_p = -ops.energy(logits, backend=self._energy_backend)
-                (g,) = torch.autograd.grad(log_p.sum(), x, create_graph=True)
+        with twice_differentiable(), torch.enable_grad():
+            logits = validated_logits(self.model, x, keep_graph=True) if validate else self.model(x)
+            log_p = -ops.energy(logits, backend=self._energy_backend)
+            (g,) = torch.autograd.grad(log_p.sum(), x, create_graph=True)
         self._graph = (x, g)
         return logits.detach()
 
     def _gradient_graph(self):
         if self._graph is None:
-            self._build_gradient_graph()
+            self._build_gradient_graph(validate=False)
         return self._graph
 
     def _double_backward(self, Vx):

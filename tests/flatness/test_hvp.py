@@ -753,7 +753,7 @@ def test_auto_takes_forward_adjoint_for_quadratic_forms_without_timing(monkeypat
     assert again.quad_method == "forward-adjoint" and backward == [2], backward
 
 
-def test_auto_defers_forward_adjoint_on_a_small_models_first_call(monkeypatch):
+def test_auto_defers_forward_adjoint_on_a_small_models_first_call():
     """Where capturing the graph costs more than forward-adjoint saves on a call's quadratic
     forms (a small model, few vectors), the first call takes double backward without capturing,
     the next captures and takes forward-adjoint, and a call with another vector count on the
