@@ -364,7 +364,7 @@ class _Evaluator:
         for n in g.elementwise:
             (a_node,) = [a for a in _tensor_nodes(n.args) if a in g.live]
             a, adjoint = values[a_node.name], adjoints.pop(_key(n, 0), None)
-            derivatives = closed_form_derivatives(n, a)
+            derivatives = closed_form_derivatives(n, a, values[n.name])
             first, second = derivatives or _nested_forward_derivatives(n, a_node, a, constants, batched)
             d1[n.name] = first.contiguous()  # read once per probe: a strided layout slows every read
             if adjoint is not None:  # else its output does not reach the output
@@ -454,14 +454,12 @@ def _gelu(a: torch.Tensor, approximate: str = "none"):
     return 0.5 * (1 + torch.erf(a * _SQRT_HALF)) + a * pdf, pdf * (2 - a * a)
 
 
-def _tanh(a: torch.Tensor):
-    y = torch.tanh(a)
+def _tanh_from_output(y: torch.Tensor):
     d1 = 1 - y * y
     return d1, -2 * y * d1
 
 
-def _sigmoid(a: torch.Tensor):
-    s = torch.sigmoid(a)
+def _sigmoid_from_output(s: torch.Tensor):
     d1 = s * (1 - s)
     return d1, d1 * (1 - 2 * s)
 
@@ -478,8 +476,7 @@ def _softplus(a: torch.Tensor, beta=1, threshold=20):
     return torch.where(beta * a > threshold, 1.0, s), torch.where(beta * a < threshold, beta * s * (1 - s), 0.0)
 
 
-def _exp(a: torch.Tensor):
-    y = torch.exp(a)
+def _exp_from_output(y: torch.Tensor):
     return y, y
 
 
@@ -487,11 +484,15 @@ def _exp(a: torch.Tensor):
 # forward mode costs about 0.5 ms per op whatever its size. Each takes the op's arguments after a.
 _CLOSED_FORMS = {
     aten.gelu.default: _gelu,
-    aten.tanh.default: _tanh,
-    aten.sigmoid.default: _sigmoid,
     aten.silu.default: _silu,
     aten.softplus.default: _softplus,
-    aten.exp.default: _exp,
+}
+# Those whose derivatives are functions of the op's output y = sigma(a): no second tanh, sigmoid
+# or exp per activation (the primal pass has y already).
+_CLOSED_FORMS_OF_OUTPUT = {
+    aten.tanh.default: _tanh_from_output,
+    aten.sigmoid.default: _sigmoid_from_output,
+    aten.exp.default: _exp_from_output,
 }
 
 
@@ -507,9 +508,11 @@ def _nested_forward_derivatives(n: torch.fx.Node, a_node: torch.fx.Node, a: torc
     return over(lambda b: jvp(first, (b,), (torch.ones_like(b),)))(a)
 
 
-def closed_form_derivatives(n: torch.fx.Node, a: torch.Tensor):
-    """(sigma'(a), sigma''(a)) of the elementwise op n at a, or None where no closed form is known
-    (the op, or an argument that is not a plain number or string)."""
+def closed_form_derivatives(n: torch.fx.Node, a: torch.Tensor, y: torch.Tensor):
+    """(sigma'(a), sigma''(a)) of the elementwise op n at a, whose output is y = sigma(a), or None
+    where no closed form is known (the op, or an argument that is not a plain number or string)."""
+    if n.target in _CLOSED_FORMS_OF_OUTPUT and len(n.args) == 1 and not n.kwargs:
+        return _CLOSED_FORMS_OF_OUTPUT[n.target](y)
     rule = _CLOSED_FORMS.get(n.target)
     rest = n.args[1:]
     if rule is None or not all(isinstance(v, (int, float, str)) for v in (*rest, *n.kwargs.values())):

@@ -469,17 +469,14 @@ class InputHessian:
         """forward-adjoint must equal double backward on two random vectors before "auto" may use
         it: a graph captured along one side of a data-dependent branch, or an op whose rules the
         capture gets wrong, gives other values. A failure is reported once and the method dropped."""
-        g = torch.Generator().manual_seed(0)
-        R = torch.randn(2, self.batch, *self.shape, generator=g, dtype=self.dtype).to(self.device)
-        try:
-            quads = self._forward_adjoint_quad(R, fall_back=False)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001  (an op the graph interpreter cannot run: another method)
-            self._report_fallback(exc, "forward-adjoint")
-            return False
-        reference = ops.probe_dots(R.flatten(2), self._double_backward(R).flatten(2), backend=self.backend)
-        return forward_adjoint_matches(self.model, quads, reference)
+        return forward_adjoint_agrees(
+            self.model,
+            (2, self.batch, *self.shape),
+            self,
+            lambda R: self._forward_adjoint_quad(R, fall_back=False),
+            lambda R: ops.probe_dots(R.flatten(2), self._double_backward(R).flatten(2), backend=self.backend),
+            lambda exc: self._report_fallback(exc, "forward-adjoint"),
+        )
 
     def _forward_adjoint_quad(self, Vx, fall_back: bool = True):
         try:
@@ -603,6 +600,20 @@ class InputHessian:
         if self.quad_method == "forward-adjoint":
             return self._forward_adjoint_quad(Vx)
         return ops.probe_dots(V, self._matvec_chunk(V), backend=self.backend)
+
+
+def forward_adjoint_agrees(model, shape: tuple, like, forward_adjoint, double_backward, report) -> bool:
+    """Whether forward_adjoint(R) equals double_backward(R) on random vectors R of `shape` (like's
+    dtype and device). A forward-adjoint that cannot run is reported (`report(exc)`) and disagrees."""
+    R = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=like.dtype).to(like.device)
+    try:
+        quads = forward_adjoint(R)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (an op the graph interpreter cannot run: another method)
+        report(exc)
+        return False
+    return forward_adjoint_matches(model, quads, double_backward(R))
 
 
 def forward_adjoint_matches(model, quads: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -986,13 +997,11 @@ class ParameterHessian:
     def _forward_adjoint_agrees(self) -> bool:
         """forward-adjoint's v . H v against double backward's on two random vectors (see
         InputHessian._forward_adjoint_agrees)."""
-        R = torch.randn(2, self.dim, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(self.device)
-        try:
-            quads = self._forward_adjoint_quad(R, fall_back=False)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001  (an op the graph interpreter cannot run: another method)
-            report_forward_adjoint_failure(self.model, exc)
-            return False
-        reference = (R * self._double_backward(R, batched=False)).sum(1)
-        return forward_adjoint_matches(self.model, quads, reference)
+        return forward_adjoint_agrees(
+            self.model,
+            (2, self.dim),
+            self,
+            lambda R: self._forward_adjoint_quad(R, fall_back=False),
+            lambda R: (R * self._double_backward(R, batched=False)).sum(1),
+            lambda exc: report_forward_adjoint_failure(self.model, exc),
+        )
