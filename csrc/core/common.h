@@ -14,6 +14,14 @@
 #define PK_HD inline
 #endif
 
+// A CPU function compiled for AVX-512, AVX2 and baseline x86-64, the build picked at load
+// time (GCC's function multiversioning); the wheel itself targets baseline x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define PK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define PK_CPU_CLONES
+#endif
+
 namespace pykernels::core {
 
 // Element types of the cores, the one vocabulary of core/. Values match nothing outside

@@ -1,7 +1,8 @@
 // CPU flatness kernels: one row (or probe row) at a time; the torch binding
 // splits rows across threads. Arithmetic lives in flatness.h; the loops keep
 // kLanes independent partial results so the compiler can vectorise them (a
-// single running sum would serialise on the add latency).
+// single running sum would serialise on the add latency). The row loops are
+// compiled for AVX-512, AVX2 and baseline x86-64 (PK_CPU_CLONES).
 #include "flatness.h"
 
 namespace pykernels::core {
@@ -10,10 +11,73 @@ namespace {
 
 constexpr int kLanes = 8;
 
+// Inlined into each multiversioned entry point below, so that they are compiled for its
+// instruction set (a call would run the baseline x86-64 build).
+#define PK_INLINE [[gnu::always_inline]] inline
+
+// exp(x) for x <= 0 or NaN (a logit minus its row's maximum), in arithmetic the compiler
+// vectorises: libm's exp is a scalar call, which made this kernel 2-3x slower than
+// torch.logsumexp. x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two, so n ln2_hi is
+// exact), e^r by its Taylor polynomial (truncation below 0.1 ulp), times 2^n built in the
+// exponent bits. Below `lowest` (2^n would be subnormal) it returns 0: such a term joins a
+// sum of at least 1, the row maximum's own term, and vanishes there as it would anyway.
+template <typename A>
+struct ExpNonPositive;
+template <>
+struct ExpNonPositive<float> {
+  using Bits = int32_t;
+  static constexpr float lowest = -87.0f, log2e = 1.44269504088896341f, shifter = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr int degree = 7, bias = 127, mantissa = 23;
+};
+template <>
+struct ExpNonPositive<double> {
+  using Bits = int64_t;
+  static constexpr double lowest = -708.0, log2e = 1.4426950408889634074, shifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int degree = 13, bias = 1023, mantissa = 52;
+};
+
+// 1 / k! for k = 0 .. degree, computed at compile time.
+template <typename A, int degree>
+struct InverseFactorials {
+  A value[degree + 1];
+  constexpr InverseFactorials() : value() {
+    A f = A(1);
+    for (int k = 0; k <= degree; ++k) {
+      if (k > 1) f *= A(k);
+      value[k] = A(1) / f;
+    }
+  }
+};
+
+template <typename A>
+PK_INLINE A exp_nonpositive(A x) {
+  using C = ExpNonPositive<A>;
+  const A xs = x >= C::lowest ? x : C::lowest;  // never NaN: n below is converted to an integer
+  const A n = (xs * C::log2e + C::shifter) - C::shifter;  // round to nearest
+  const A r = (xs - n * C::ln2_hi) - n * C::ln2_lo;
+  static constexpr InverseFactorials<A, C::degree> c{};
+  A p = c.value[C::degree];  // Horner
+  for (int k = C::degree - 1; k >= 0; --k) p = p * r + c.value[k];
+  const typename C::Bits bits = (typename C::Bits(n) + C::bias) << C::mantissa;
+  A scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const A e = p * scale;
+  const A in_range = x >= C::lowest ? e : A(0);  // selects, not branches: the loops vectorise
+  return x == x ? in_range : x;
+}
+
+template <typename A>
+PK_INLINE A lse_term_cpu(A x, A m) {
+  const A e = exp_nonpositive(x - m);  // lse_term with the vectorisable exp
+  return x == m ? A(1) : e;
+}
+
 // Row maximum and logsumexp of z[0, cols), widened to A.
 template <typename T, typename A = typename Elem<T>::Acc>
-A row_logsumexp(const T* z, int64_t cols) {
-  A lane_max[kLanes], lane_sum[kLanes] = {};
+PK_INLINE A row_logsumexp(const T* z, int64_t cols) {
+  A lane_max[kLanes];
   for (int j = 0; j < kLanes; ++j) lane_max[j] = A(-INFINITY);
   int64_t k = 0;
   for (; k + kLanes <= cols; k += kLanes)
@@ -22,15 +86,13 @@ A row_logsumexp(const T* z, int64_t cols) {
   for (; k < cols; ++k) m = lse_max_step(m, Elem<T>::load(z + k));
   for (int j = 0; j < kLanes; ++j) m = lse_max_step(m, lane_max[j]);
   A sum = A(0);
-  for (k = 0; k + kLanes <= cols; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane_sum[j] += lse_term(Elem<T>::load(z + k + j), m);
-  for (; k < cols; ++k) sum += lse_term(Elem<T>::load(z + k), m);
-  for (int j = 0; j < kLanes; ++j) sum += lane_sum[j];
+#pragma omp simd reduction(+ : sum)
+  for (k = 0; k < cols; ++k) sum += lse_term_cpu(Elem<T>::load(z + k), m);
   return lse_finish(m, sum);
 }
 
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+PK_INLINE T dot(const T* a, const T* b, int64_t n) {
   T part[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes)
@@ -44,18 +106,22 @@ T dot(const T* a, const T* b, int64_t n) {
 }  // namespace
 
 template <typename T>
-void energy_rows_cpu(const EnergyProblem<T>& p, int64_t row_begin, int64_t row_end) {
+PK_INLINE void energy_rows(const EnergyProblem<T>& p, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) p.out[r] = -row_logsumexp(p.logits + r * p.row_stride, p.cols);
 }
 
 template <typename T>
-void logsumexp_hvp_rows_cpu(const LseHvpProblem<T>& p, int64_t row_begin, int64_t row_end) {
+PK_INLINE void logsumexp_hvp_rows(const LseHvpProblem<T>& p, int64_t row_begin, int64_t row_end) {
   const int64_t K = p.cols;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* z = p.logits + r * p.logits_row_stride;
     const T lse = row_logsumexp(z, K);
     T* s = p.softmax + r * K;
-    for (int64_t k = 0; k < K; ++k) s[k] = softmax_at(z[k], lse);
+    // softmax_at, with the vectorisable exp (z - lse <= 0 or NaN when lse is finite)
+    if (lse == T(INFINITY))
+      for (int64_t k = 0; k < K; ++k) s[k] = T(NAN);
+    else
+      for (int64_t k = 0; k < K; ++k) s[k] = exp_nonpositive(z[k] - lse);
     p.energy[r] = -lse;
     for (int64_t i = 0; i < p.samples; ++i) {
       const T* u = p.tangents + i * p.tangent_sample_stride + r * p.tangent_row_stride;
@@ -95,7 +161,7 @@ void fill_probes_cpu(T* out, int64_t begin, int64_t end, uint64_t seed, uint64_t
 }
 
 template <typename T>
-void probe_dots_rows_cpu(const ProbeDotsProblem<T>& p, int64_t row_begin, int64_t row_end) {
+PK_INLINE void probe_dots_rows(const ProbeDotsProblem<T>& p, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t s = r / p.batch, b = r % p.batch;
     p.out[r] = dot(p.v + s * p.v_sample_stride + b * p.v_batch_stride,
@@ -103,15 +169,30 @@ void probe_dots_rows_cpu(const ProbeDotsProblem<T>& p, int64_t row_begin, int64_
   }
 }
 
-template void energy_rows_cpu(const EnergyProblem<float>&, int64_t, int64_t);
-template void energy_rows_cpu(const EnergyProblem<double>&, int64_t, int64_t);
-template void energy_rows_cpu(const EnergyProblem<Float16Bits>&, int64_t, int64_t);
-template void energy_rows_cpu(const EnergyProblem<BFloat16Bits>&, int64_t, int64_t);
-template void logsumexp_hvp_rows_cpu(const LseHvpProblem<float>&, int64_t, int64_t);
-template void logsumexp_hvp_rows_cpu(const LseHvpProblem<double>&, int64_t, int64_t);
+// The entry points: one multiversioned (PK_CPU_CLONES) function per op and element type.
+#define PK_ROWS_ENTRY(entry, body, Problem, T)                                           \
+  namespace {                                                                            \
+  PK_CPU_CLONES void body##_simd(const Problem<T>& p, int64_t row_begin, int64_t row_end) { \
+    body(p, row_begin, row_end);                                                         \
+  }                                                                                      \
+  }                                                                                      \
+  template <>                                                                            \
+  void entry(const Problem<T>& p, int64_t row_begin, int64_t row_end) {                  \
+    body##_simd(p, row_begin, row_end);                                                  \
+  }
+
+PK_ROWS_ENTRY(energy_rows_cpu, energy_rows, EnergyProblem, float)
+PK_ROWS_ENTRY(energy_rows_cpu, energy_rows, EnergyProblem, double)
+PK_ROWS_ENTRY(energy_rows_cpu, energy_rows, EnergyProblem, Float16Bits)
+PK_ROWS_ENTRY(energy_rows_cpu, energy_rows, EnergyProblem, BFloat16Bits)
+PK_ROWS_ENTRY(logsumexp_hvp_rows_cpu, logsumexp_hvp_rows, LseHvpProblem, float)
+PK_ROWS_ENTRY(logsumexp_hvp_rows_cpu, logsumexp_hvp_rows, LseHvpProblem, double)
+PK_ROWS_ENTRY(probe_dots_rows_cpu, probe_dots_rows, ProbeDotsProblem, float)
+PK_ROWS_ENTRY(probe_dots_rows_cpu, probe_dots_rows, ProbeDotsProblem, double)
+#undef PK_ROWS_ENTRY
+#undef PK_INLINE
+
 template void fill_probes_cpu(float*, int64_t, int64_t, uint64_t, uint64_t, ProbeKind);
 template void fill_probes_cpu(double*, int64_t, int64_t, uint64_t, uint64_t, ProbeKind);
-template void probe_dots_rows_cpu(const ProbeDotsProblem<float>&, int64_t, int64_t);
-template void probe_dots_rows_cpu(const ProbeDotsProblem<double>&, int64_t, int64_t);
 
 }  // namespace pykernels::core

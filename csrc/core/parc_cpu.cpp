@@ -168,12 +168,7 @@ const T* model_row(const FeatureBatch& f, int64_t b, int64_t row) {
 
 // acc[jj] = <row i, row j0 + jj> for jj < len, from transposed normalised rows zt [d, n], each
 // summed in k order (so a pair's value does not depend on where it sits; the loop vectorises
-// across jj). Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define PK_CPU_CLONES
-#endif
+// across jj). Compiled for AVX-512, AVX2 and baseline x86-64 (PK_CPU_CLONES).
 
 template <typename Z>
 inline void dot_row_tile_body(const Z* __restrict zt, int64_t n, int64_t d, int64_t i, int64_t j0, int64_t len,
