@@ -32,10 +32,12 @@ fail (CaptureFailed), so the caller uses another exact method.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import weakref
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch.func import functional_call, functionalize, grad, jvp, vmap
@@ -278,10 +280,50 @@ def captured_loss(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y)
     so that graph is not kept."""
     if not isinstance(y, torch.Tensor):
         return _capture_loss(model, loss_fn, x, y)
-    names, trainable = _trainable_first(model)
-    key = (tuple(x.shape), x.dtype, x.device, tuple(y.shape), y.dtype, tuple(names[:trainable]), _structure(model))
-    by_loss = per_model(_loss_graphs, model, key, weakref.WeakKeyDictionary)
+    by_loss = per_model(_loss_graphs, model, _loss_graph_key(model, x, y), weakref.WeakKeyDictionary)
     return per_model(by_loss, loss_fn, (), lambda: _capture_loss(model, loss_fn, x, y))
+
+
+def _loss_graph_key(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    names, trainable = _trainable_first(model)
+    return (tuple(x.shape), x.dtype, x.device, tuple(y.shape), y.dtype, tuple(names[:trainable]), _structure(model))
+
+
+def forget(store: weakref.WeakKeyDictionary, model, key) -> None:
+    """Drops a cached graph."""
+    with contextlib.suppress(TypeError):
+        store.get(model, {}).pop(key, None)
+
+
+def forget_loss_graph(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y) -> None:
+    if isinstance(y, torch.Tensor):  # (else nothing was cached)
+        with contextlib.suppress(TypeError):
+            _loss_graphs.get(model, {}).get(_loss_graph_key(model, x, y), {}).pop(loss_fn, None)
+
+
+def checked_against(expected: Optional[torch.Tensor], prepare: Callable, forget_graph: Callable) -> tuple:
+    """prepare()'s state, once the graph's output equals `expected` (the model's own value at the
+    same inputs). A graph is cached by shapes and module structure, while make_fx bakes into it
+    whatever else the forward read: a Python attribute (logits / self.T), a plain callable's
+    tensors. When those changed since, the outputs differ: the graph is captured once more,
+    and if it still differs CaptureFailed is raised (the caller falls back to double backward)."""
+    for _ in range(2):
+        output, state = prepare()
+        if expected is None or _close(output, expected):
+            return state
+        forget_graph()
+    raise CaptureFailed(
+        "the captured graph's value differs from the model's at these inputs "
+        f"(largest difference {(output - expected).abs().max().item():.3g})"
+    )
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    tol = 1e-8 if b.dtype == torch.float64 else 1e-3
+    a, b = a.reshape(b.shape), b
+    finite = torch.isfinite(b)
+    scale = 1.0 + b[finite].abs().max().item() if finite.any() else 1.0
+    return bool(((a - b).abs() <= tol * scale)[finite].all()) and bool((a[~finite] == b[~finite]).all())
 
 
 def _substituted(n: torch.fx.Node, env: dict, replace: dict):
@@ -325,15 +367,16 @@ class _Evaluator:
         for node, tensor in zip(g.constant_inputs, constant_inputs):
             env[node] = tensor.detach()
         for n in g.nodes:  # every node that does not depend on a seed (weights' transposes, ...), once
-            if n.op == "get_attr":
-                env[n] = getattr(g.gm, n.target)
+            if n.op == "get_attr":  # a plain callable's tensors: detached, as prepared() freezes a module's
+                env[n] = _detached(getattr(g.gm, n.target))
             elif n.op == "call_function" and n not in g.live:
                 env[n] = _call(n, env, {})
         self.constants = env
 
-    def prepare(self, seeds: tuple, per_example: bool) -> tuple:
-        """(values, adjoints, sigma', lambda * sigma'') at these seed values; per_example: the one
-        seed is a batch of examples [B, ...] and the graph is one example's (vmapped)."""
+    def prepare(self, seeds: tuple, per_example: bool) -> tuple[torch.Tensor, tuple]:
+        """The graph's output, and the state `quad` takes (values, adjoints, sigma', lambda *
+        sigma'') at these seed values; per_example: the one seed is a batch of examples [B, ...]
+        and the graph is one example's (vmapped)."""
         g, constants = self.graph, self.constants
         if len(seeds) != len(g.seeds):
             raise CaptureFailed(f"the graph takes {len(g.seeds)} seeds, got {len(seeds)}")
@@ -365,11 +408,13 @@ class _Evaluator:
             (a_node,) = [a for a in _tensor_nodes(n.args) if a in g.live]
             a, adjoint = values[a_node.name], adjoints.pop(_key(n, 0), None)
             derivatives = closed_form_derivatives(n, a, values[n.name])
-            first, second = derivatives or _nested_forward_derivatives(n, a_node, a, constants, batched)
+            if derivatives is None:  # sigma'' only where it is used: hardsigmoid has no rule for it
+                derivatives = _nested_forward_derivatives(n, a_node, a, constants, batched, second=adjoint is not None)
+            first, second = derivatives
             d1[n.name] = first.contiguous()  # read once per probe: a strided layout slows every read
-            if adjoint is not None:  # else its output does not reach the output
+            if adjoint is not None:  # else it is piecewise linear, or its output does not reach the output
                 c2[n.name] = (adjoint * second).contiguous()
-        return values, adjoints, d1, c2
+        return out.detach(), (values, adjoints, d1, c2)
 
     def quad(self, tangents: tuple, values: dict, adjoints: dict, d1: dict, c2: dict) -> torch.Tensor:
         """v . H v for the seed tangents v (under vmap over probes, and examples if per example)."""
@@ -496,15 +541,20 @@ _CLOSED_FORMS_OF_OUTPUT = {
 }
 
 
-def _nested_forward_derivatives(n: torch.fx.Node, a_node: torch.fx.Node, a: torch.Tensor, constants: dict, batched):
+def _nested_forward_derivatives(
+    n: torch.fx.Node, a_node: torch.fx.Node, a: torch.Tensor, constants: dict, batched, second: bool = True
+):
     """(sigma'(a), sigma''(a)) of the elementwise op n by nested forward mode: the jvp of sigma'
-    returns both. An op whose output has its input's shape broadcasts its constants into that
-    shape, so it runs on all examples at once, without vmap's per-op cost; else per example."""
+    returns both (second=False: sigma' alone, and None). An op whose output has its input's shape
+    broadcasts its constants into that shape, so it runs on all examples at once, without vmap's
+    per-op cost; else per example."""
 
     def first(b):
         return jvp(lambda u: _call(n, constants, {a_node: u}), (b,), (torch.ones_like(b),))[1]
 
     over = batched if n.meta["val"].shape != a_node.meta["val"].shape else lambda f: f
+    if not second:
+        return over(first)(a), None
     return over(lambda b: jvp(first, (b,), (torch.ones_like(b),)))(a)
 
 
@@ -526,15 +576,26 @@ class ForwardAdjointQuad:
     Build inside `prepared(model, x)` (eval mode, frozen parameters). The primal values,
     adjoints and elementwise derivatives are computed on the first call and kept."""
 
-    def __init__(self, model: Callable, x: torch.Tensor):
+    def __init__(self, model: Callable, x: torch.Tensor, log_p: Optional[torch.Tensor] = None):
+        """log_p [B]: the model's log p at x, from a forward of its own; the cached graph must give
+        the same, else it is captured again (see checked_against)."""
         self.model, self.x = model, x.detach()
-        self._evaluator = _Evaluator(captured(model, self.x), [t.detach() for t in _tensors(model)])
+        self._log_p = None if log_p is None else log_p.detach()
+        self._evaluator: Optional[_Evaluator] = None
         self._state = None
+
+    def _prepared(self) -> tuple:
+        def prepare():
+            self._evaluator = _Evaluator(captured(self.model, self.x), [t.detach() for t in _tensors(self.model)])
+            return self._evaluator.prepare((self.x,), per_example=True)
+
+        key = _graph_key(self.model, self.x)
+        return checked_against(self._log_p, prepare, lambda: forget(_graphs, self.model, key))
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         """V [S, B, ...] (x's shape after S) -> [S, B]."""
         if self._state is None:
-            self._state = self._evaluator.prepare((self.x,), per_example=True)
+            self._state = self._prepared()
         one = lambda vb, *state: self._evaluator.quad((vb,), *state)
         per_probe = vmap(one, in_dims=(0, 0, 0, 0, 0))
         return vmap(per_probe, in_dims=(0, None, None, None, None))(V, *self._state)
@@ -547,13 +608,18 @@ class ParameterForwardAdjointQuad:
     factors (a layer's weight and its input, both depending on the parameters) are the usual
     curved ops here, and cost one product of the two tangents each."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y):
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, loss: Callable):
+        """loss(): the loss evaluated by the model itself; the cached graph must give the same,
+        else it is captured again (see checked_against)."""
         names, trainable = _trainable_first(model)
         state = dict(model.named_parameters()) | dict(model.named_buffers())
         self._params = [state[n].detach() for n in names[:trainable]]
         constants = [state[n].detach() for n in names[trainable:]] + [x.detach()]
         constants += [y.detach()] if isinstance(y, torch.Tensor) else []
-        self._evaluator = _Evaluator(captured_loss(model, loss_fn, x, y), constants)
+        self._capture = lambda: _Evaluator(captured_loss(model, loss_fn, x, y), constants)
+        self._forget = lambda: forget_loss_graph(model, loss_fn, x, y)
+        self._loss = loss
+        self._evaluator = self._capture()
         self._state = None
 
     def default_chunk_size(self) -> int:
@@ -568,7 +634,19 @@ class ParameterForwardAdjointQuad:
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """flat [S, D] -> [S]."""
         if self._state is None:
-            self._state = self._evaluator.prepare(tuple(self._params), per_example=False)
+
+            def prepare():
+                if self._evaluator is None:
+                    self._evaluator = self._capture()
+                return self._evaluator.prepare(tuple(self._params), per_example=False)
+
+            def forget():
+                self._forget()
+                self._evaluator = None
+
+            with torch.no_grad():
+                expected = self._loss().detach()
+            self._state = checked_against(expected, prepare, forget)
         sizes = [p.numel() for p in self._params]
 
         def one(v):

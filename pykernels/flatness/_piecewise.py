@@ -63,6 +63,9 @@ _PIECEWISE_LINEAR = {
     "relu",
     "leaky_relu",
     "hardtanh",
+    "hardsigmoid",
+    "hardshrink",
+    "softshrink",
     "clamp",
     "clamp_min",
     "clamp_max",
@@ -187,18 +190,36 @@ def _is_piecewise_linear(name: str, func, args, kwargs, depends: list[bool]) -> 
     return False
 
 
+def _written(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op writes into (in-place ops' self, out= arguments)."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if isinstance(value, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write:
+            written.append(value)
+    return written
+
+
 class _Recorder(TorchDispatchMode):
+    """Follows x's dependents by tensor, and by storage for those written in place: after
+    `buf[:, :k] = h` (a copy into a view of buf), buf itself depends on x."""
+
     def __init__(self, x: torch.Tensor):
         super().__init__()
         self.depends_on_x = WeakIdKeyDictionary({x: True})
+        self.written_storages: set[int] = set()
+        self._alive: list[torch.Tensor] = []  # keeps those storages' addresses from being reused during the forward
         self.curved: dict[str, int] = {}
         self.count = 0
+
+    def _depends(self, t: torch.Tensor) -> bool:
+        return t in self.depends_on_x or bool(self.written_storages) and _storage(t) in self.written_storages
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.count += 1
         tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        depends = [t in self.depends_on_x for t in tensors]
+        depends = [self._depends(t) for t in tensors]
         out = func(*args, **kwargs)
         if any(depends):
             name = _base_name(func)
@@ -207,7 +228,18 @@ class _Recorder(TorchDispatchMode):
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.depends_on_x[t] = True
+            for t in _written(func, args, kwargs):
+                if (key := _storage(t)) is not None:
+                    self.written_storages.add(key)
+                    self._alive.append(t)
         return out
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage
+        return None
 
 
 class ForwardOps(NamedTuple):

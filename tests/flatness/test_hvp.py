@@ -219,6 +219,57 @@ def test_in_place_ops_are_judged_as_their_out_of_place_form():
     assert curved_ops(ResidualBlock(square=True), x) == {"mul": 1}
 
 
+class _SliceWrites(nn.Module):
+    """A smooth network that writes x-dependent values into slices of a buffer it creates."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(36, 8), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x.flatten(1))
+        buf = torch.zeros(x.shape[0], 16, dtype=x.dtype)
+        buf[:, :8] = h
+        buf[:, 8:] = 2 * h
+        return self.fc2(torch.tanh(buf))
+
+
+def test_values_written_into_a_slice_of_a_fresh_buffer_carry_their_dependence_on_x():
+    """`buf[:, :k] = h` writes into a view of buf: buf then depends on x, so tanh(buf) is curved,
+    "auto" does not take Gauss-Newton and exact_trace refuses the model."""
+    model, x = _SliceWrites().double().eval(), inputs()
+    assert curved_ops(model, x) == {"tanh": 1}
+    expect = dense_hessians(model, x).diagonal(dim1=1, dim2=2).sum(-1)
+    V = probes(2, x)
+    with prepared(model, x):
+        H = InputHessian(model, x)
+        assert H.method != "gauss-newton"
+        expect_quads = InputHessian(model, x, method="double-backward").quad(V.flatten(2))
+        torch.testing.assert_close(H.quad(V.flatten(2)), expect_quads)
+    with pytest.raises(ValueError, match="piecewise linear"):
+        flatness.exact_trace(model, x)
+    assert expect.abs().max() > 1e-3  # the curvature the Gauss-Newton part would miss is there
+
+
+def test_hardsigmoid_networks_are_piecewise_linear():
+    """Hardsigmoid (relu6(x + 3) / 6) is piecewise linear; PyTorch has no double backward through
+    it, so "auto" must take Gauss-Newton (exact here), which forward-adjoint (sigma' alone, no
+    sigma'' rule needed) equals."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Hardsigmoid(), nn.Linear(16, 3)).double().eval()
+    x = inputs() * 8 - 4  # across the three pieces
+    assert curved_ops(model, x) == {}
+    V = probes(FEW_VECTORS + 4, x)
+    with prepared(model, x):
+        H = InputHessian(model, x)
+        assert H.method == "gauss-newton"
+        expect = InputHessian(model, x, method="gauss-newton").quad(V.flatten(2))
+        torch.testing.assert_close(InputHessian(model, x, method="forward-adjoint").quad(V.flatten(2)), expect)
+    assert expect.abs().max() > 1e-4
+    torch.testing.assert_close(flatness.exact_trace(model, x), flatness.exact_trace(model, x, check=False))
+
+
 def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
     model, x = small_cnn(nn.ReLU), inputs()
     V = probes(7, x).flatten(2)
@@ -303,15 +354,16 @@ class OldStyleTanhNet(nn.Module):
 
 
 class FailsOnce(nn.Module):
-    """Raises `error` on its second call (the first after the validating forward), then works."""
+    """Raises `error` on its second call (the first after the validating forward), then works;
+    persistent: on every call after the first."""
 
-    def __init__(self, error):
+    def __init__(self, error, persistent: bool = False):
         super().__init__()
-        self.inner, self.error, self.calls = small_cnn(nn.Tanh), error, 0
+        self.inner, self.error, self.calls, self.persistent = small_cnn(nn.Tanh), error, 0, persistent
 
     def forward(self, x):
         self.calls += 1
-        if self.calls == 2:
+        if self.calls == 2 or self.persistent and self.calls > 1:
             raise self.error
         return self.inner(x)
 
@@ -334,14 +386,18 @@ def test_forward_mode_falls_back_only_when_the_model_is_beyond_it():
     with pytest.warns(RuntimeWarning, match="forward-mode AD failed.*setup_context.*double backward"):
         out = flatness.hvp(model, x, V, method="forward-over-reverse")
     torch.testing.assert_close(out, flatness.hvp(model, x, V, method="double-backward"))
-    # Running out of memory, or a bug in the model, is the user's to see: no fallback, no switch.
-    for error in (torch.OutOfMemoryError("CUDA out of memory (simulated)"), RuntimeError("mat1 and mat2 shapes")):
-        model = FailsOnce(error)
+    # Running out of memory is the user's to see: no fallback, no switch. A bug in the model is
+    # too: double backward, tried once, fails as well, and the first error is raised.
+    for error, calls in (
+        (torch.OutOfMemoryError("CUDA out of memory (simulated)"), 2),
+        (RuntimeError("mat1 and mat2"), 3),
+    ):
+        model = FailsOnce(error, persistent=True)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with pytest.raises(type(error), match=str(error)[:10]):
                 flatness.hvp(model, x, V, method="forward-over-reverse")
-        assert model.calls == 2
+        assert model.calls == calls
 
 
 @pytest.mark.parametrize(
@@ -984,6 +1040,75 @@ def test_parameter_forward_adjoint_recaptures_when_the_trainable_parameters_chan
             warnings.simplefilter("error", RuntimeWarning)  # no fallback: the method itself ran
             got = H.quad(V.unsqueeze(1))
         torch.testing.assert_close(got, _parameter_quads_by_double_backward(model, loss_fn, x, y, V))
+
+
+class _GRUClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = nn.GRU(6, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):  # x [B, 1, 6, 6]: 6 steps of 6 features
+        out, _ = self.rnn(x.flatten(1, 2))
+        return self.head(out[:, -1])
+
+
+def test_a_product_method_that_torch_breaks_on_falls_back_to_double_backward():
+    """GRU under vmap per example raises a shape error that names no transform: "auto" drops that
+    method when it times it (the model's second operator), an explicit request falls back with a
+    warning; both give double backward's products."""
+    model, x = _GRUClassifier().double().eval(), inputs()
+    V = probes(FEW_VECTORS + 4, x)
+    expect = flatness.hvp(model, x, V, method="double-backward")
+    for _ in range(2):
+        torch.testing.assert_close(flatness.hvp(model, x, V), expect)
+    with pytest.warns(RuntimeWarning, match="forward-over-reverse-per-example is not used"):
+        got = flatness.hvp(_GRUClassifier().double().eval(), x, V, method="forward-over-reverse-per-example")
+    torch.testing.assert_close(got, expect)
+
+
+class _Tempered(nn.Module):
+    """logits / T with T a plain Python float: make_fx bakes T into the captured graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.T = SMOOTH_FAMILIES["mlp-tanh"](), 1.0
+
+    def forward(self, x):
+        return self.net(x) / self.T
+
+
+def test_forward_adjoint_captures_again_when_python_state_the_forward_reads_changed():
+    """A cached graph whose value at x differs from the model's (here T changed from 1 to 4
+    after the capture) is captured again: input and parameter quadratic forms follow T, without
+    a fallback warning."""
+    model, x = _Tempered().double().eval(), inputs()
+    V = probes(3, x)
+    y = torch.arange(x.shape[0]) % 5
+    loss_fn = nn.functional.cross_entropy
+    W = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for T in (1.0, 4.0, 4.0):
+        model.T = T
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got = _forward_adjoint_quads(model, x, V)
+            got_parameters = ParameterHessian(model, loss_fn, x, y, method="forward-adjoint").quad(W.unsqueeze(1))
+        torch.testing.assert_close(got, _quads_by_double_backward(model, x, V))
+        torch.testing.assert_close(got_parameters, _parameter_quads_by_double_backward(model, loss_fn, x, y, W))
+
+
+def test_forward_adjoint_of_a_plain_callable_follows_a_reassigned_parameter_and_keeps_no_graph():
+    """A plain callable's tensors are constants of its graph: a parameter reassigned (not changed
+    in place) after the capture shows as another value at x, and the graph is captured again.
+    The quadratic forms carry no autograd graph (its parameters require grad)."""
+    net, x = SMOOTH_FAMILIES["mlp-gelu"](), inputs()
+    model = lambda z: net(z)  # noqa: E731
+    V = probes(3, x)
+    for scale in (1.0, 1.5):
+        net[1].weight = nn.Parameter(net[1].weight.detach() * scale)
+        got = _forward_adjoint_quads(model, x, V)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, _quads_by_double_backward(model, x, V).detach())
 
 
 def test_parameter_forward_adjoint_falls_back_when_the_graph_cannot_be_captured():
