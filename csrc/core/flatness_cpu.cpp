@@ -54,7 +54,7 @@ struct InverseFactorials {
 template <typename A>
 PK_INLINE A exp_nonpositive(A x) {
   using C = ExpNonPositive<A>;
-  const A xs = x >= C::lowest ? x : C::lowest;  // never NaN: n below is converted to an integer
+  const A xs = x >= C::lowest ? x : C::lowest;            // never NaN: n below is converted to an integer
   const A n = (xs * C::log2e + C::shifter) - C::shifter;  // round to nearest
   const A r = (xs - n * C::ln2_hi) - n * C::ln2_lo;
   static constexpr InverseFactorials<A, C::degree> c{};
@@ -170,15 +170,15 @@ PK_INLINE void probe_dots_rows(const ProbeDotsProblem<T>& p, int64_t row_begin, 
 }
 
 // The entry points: one multiversioned (PK_CPU_CLONES) function per op and element type.
-#define PK_ROWS_ENTRY(entry, body, Problem, T)                                           \
-  namespace {                                                                            \
+#define PK_ROWS_ENTRY(entry, body, Problem, T)                                              \
+  namespace {                                                                               \
   PK_CPU_CLONES void body##_simd(const Problem<T>& p, int64_t row_begin, int64_t row_end) { \
-    body(p, row_begin, row_end);                                                         \
-  }                                                                                      \
-  }                                                                                      \
-  template <>                                                                            \
-  void entry(const Problem<T>& p, int64_t row_begin, int64_t row_end) {                  \
-    body##_simd(p, row_begin, row_end);                                                  \
+    body(p, row_begin, row_end);                                                            \
+  }                                                                                         \
+  }                                                                                         \
+  template <>                                                                               \
+  void entry(const Problem<T>& p, int64_t row_begin, int64_t row_end) {                     \
+    body##_simd(p, row_begin, row_end);                                                     \
   }
 
 PK_ROWS_ENTRY(energy_rows_cpu, energy_rows, EnergyProblem, float)
