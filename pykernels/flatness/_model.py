@@ -135,6 +135,11 @@ def measurement_mode(model, train_mode: str = "eval", what: str = "measure") -> 
     (train_mode="eval"), or refused with an error (train_mode="raise").
     """
     check_choice("train_mode", train_mode, TRAIN_MODES)
+    with _second_order_forms(model):
+        yield from _in_eval_mode(model, train_mode, what)
+
+
+def _in_eval_mode(model, train_mode: str, what: str) -> Iterator[None]:
     training = _train_mode_modules(model)
     if not training:
         yield
@@ -166,6 +171,30 @@ def measurement_mode(model, train_mode: str = "eval", what: str = "measure") -> 
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """F.hardsigmoid from ops that have double backward and forward-mode rules (PyTorch 2.13's
+    hardsigmoid_backward has neither): the same values, 1/6 as the derivative on (-3, 3)."""
+    out = torch.where((input > -3) & (input < 3), input / 6 + 0.5, (input >= 3).to(input.dtype))
+    return input.copy_(out) if inplace else out
+
+
+class _SecondOrderForms(torch.overrides.TorchFunctionMode):
+    """Runs the functions whose PyTorch kernels have no second derivative in a form that has one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.hardsigmoid:
+            return _hardsigmoid(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _second_order_forms(model):
+    """_SecondOrderForms while measuring a model that has a Hardsigmoid module (MobileNetV3's
+    squeeze-excitation blocks): only then, since a function mode costs every op a Python call."""
+    if isinstance(model, torch.nn.Module) and any(isinstance(m, torch.nn.Hardsigmoid) for m in model.modules()):
+        return _SecondOrderForms()
+    return contextlib.nullcontext()
 
 
 def check_eval_for_compile(model) -> None:

@@ -92,6 +92,23 @@ _PIECEWISE_LINEAR = {
     "round",
     "floor",
     "ceil",
+    # comparisons and logic: piecewise constant (a mask that multiplies an x-dependent tensor
+    # is a second x-dependent factor, so such a product is still judged curved)
+    "gt",
+    "lt",
+    "ge",
+    "le",
+    "eq",
+    "ne",
+    "logical_and",
+    "logical_or",
+    "logical_not",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_not",
+    "isnan",
+    "isinf",
+    "isfinite",
     # layout, copies and constants
     "view",
     "_unsafe_view",

@@ -863,7 +863,25 @@ class ParameterHessian:
         if self.method == "auto":
             return self._timed(flat)
         if self.method == "forward-over-reverse":
-            return self._forward_over_reverse(flat)
+            try:
+                return self._forward_over_reverse(flat)
+            except (RuntimeError, NotImplementedError) as exc:
+                # forward mode through a PyTorch rule that fails (mse_loss in 2.13: "ZeroTensors
+                # are immutable"): double backward, whose own failure (a bug in the model) raises exc
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                try:
+                    out = self._double_backward(flat, batched=True)
+                except Exception:
+                    raise exc  # noqa: B904
+                report_once(
+                    self.model,
+                    "parameter-forward-over-reverse",
+                    f"pykernels.flatness: forward-over-reverse failed on this model and loss ({describe(exc)}); "
+                    f"double backward is used instead",
+                )
+                self.method = "double-backward"
+                return out
         return self._double_backward(flat, batched=self.method == "double-backward")
 
     def _timed(self, flat: torch.Tensor) -> torch.Tensor:

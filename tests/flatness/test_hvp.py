@@ -270,6 +270,49 @@ def test_hardsigmoid_networks_are_piecewise_linear():
     torch.testing.assert_close(flatness.exact_trace(model, x), flatness.exact_trace(model, x, check=False))
 
 
+class _Relu6Sigmoid(nn.Module):
+    def forward(self, a):
+        return nn.functional.relu6(a + 3) / 6
+
+
+class _SqueezeExcitation(nn.Module):
+    """MobileNetV3's block: Hardswish, then channels scaled by a Hardsigmoid gate."""
+
+    def __init__(self, gate: nn.Module):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.act = nn.Conv2d(1, 6, 3, padding=1), nn.Hardswish()
+        self.fc1, self.fc2, self.gate = nn.Conv2d(6, 4, 1), nn.Conv2d(4, 6, 1), gate
+        self.head = nn.Linear(6 * 36, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        w = self.gate(self.fc2(torch.relu(self.fc1(h.mean((2, 3), keepdim=True)))))
+        return self.head((h * w).flatten(1))
+
+
+def test_models_with_hardsigmoid_get_second_derivatives():
+    """PyTorch 2.13 has no double backward or forward-mode rule through hardsigmoid; while a
+    measure runs, a model with a Hardsigmoid module has it computed in a form that has both. The
+    traces (every method) and parameter quadratic forms equal those of the same model with
+    relu6(a + 3) / 6 as its gate, and the module is untouched after."""
+    model, x = _SqueezeExcitation(nn.Hardsigmoid()).double().eval(), inputs() * 4 - 2
+    twin = _SqueezeExcitation(_Relu6Sigmoid()).double().eval()
+    twin.load_state_dict(model.state_dict())
+    expect = flatness.hessian_trace(twin, x, 12, hvp="double-backward").value
+    assert expect.abs().max() > 1e-4
+    for method in ("auto", "auto", "double-backward", "forward-over-reverse", "forward-adjoint"):
+        torch.testing.assert_close(flatness.hessian_trace(model, x, 12, hvp=method).value, expect)
+    y = torch.arange(x.shape[0]) % 3
+    loss_fn = nn.functional.cross_entropy
+    torch.testing.assert_close(
+        flatness.parameter_hessian_trace(model, loss_fn, x, y, 6).value,
+        flatness.parameter_hessian_trace(twin, loss_fn, x, y, 6).value,
+    )
+    a = torch.linspace(-5, 5, 101, dtype=torch.float64)
+    torch.testing.assert_close(model.gate(a), nn.functional.hardsigmoid(a), rtol=0, atol=0)
+
+
 def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
     model, x = small_cnn(nn.ReLU), inputs()
     V = probes(7, x).flatten(2)
@@ -1136,6 +1179,10 @@ def test_parameter_auto_runs_where_forward_over_reverse_fails():
     torch.testing.assert_close((V.unsqueeze(1) * H.matvec(V.unsqueeze(1))).sum(-1), expect)
     assert "forward-over-reverse" not in H.timings, H.timings
     torch.testing.assert_close(ParameterHessian(model, _mse_to_one_hot, x, y).quad(V.unsqueeze(1)), expect)
+    # asked for by name, it falls back to double backward with a warning
+    H = ParameterHessian(model, _mse_to_one_hot, x, y, method="forward-over-reverse")
+    with pytest.warns(RuntimeWarning, match="forward-over-reverse failed.*ZeroTensors.*double backward"):
+        torch.testing.assert_close((V.unsqueeze(1) * H.matvec(V.unsqueeze(1))).sum(-1), expect)
 
 
 @pytest.mark.parametrize("case", ["forward-adjoint right", "forward-adjoint wrong"])
