@@ -15,9 +15,10 @@
 #endif
 
 // A CPU function compiled for AVX-512, AVX2 and baseline x86-64, the build picked at load
-// time (GCC's function multiversioning); the wheel itself targets baseline x86-64.
+// time (GCC's function multiversioning); the wheel itself targets baseline x86-64. (Each
+// string is one clone: "avx2,fma" would be two, an AVX2 one and an FMA one.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define PK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define PK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PK_CPU_CLONES
 #endif

@@ -3,6 +3,9 @@
 // kLanes independent partial results so the compiler can vectorise them (a
 // single running sum would serialise on the add latency). The row loops are
 // compiled for AVX-512, AVX2 and baseline x86-64 (PK_CPU_CLONES).
+#include <algorithm>
+#include <type_traits>
+
 #include "flatness.h"
 
 namespace pykernels::core {
@@ -51,15 +54,22 @@ struct InverseFactorials {
   }
 };
 
+// sum_{k >= K}^{D} r^(k - K) / k!, by Horner, unrolled at compile time (a loop over the
+// coefficients' array kept GCC from vectorising the bfloat16 rows).
+template <typename A, int K, int D>
+PK_INLINE A taylor_exp(A r) {
+  constexpr A coefficient = InverseFactorials<A, D>().value[K];
+  if constexpr (K == D) return coefficient;
+  else return taylor_exp<A, K + 1, D>(r) * r + coefficient;
+}
+
 template <typename A>
 PK_INLINE A exp_nonpositive(A x) {
   using C = ExpNonPositive<A>;
   const A xs = x >= C::lowest ? x : C::lowest;            // never NaN: n below is converted to an integer
   const A n = (xs * C::log2e + C::shifter) - C::shifter;  // round to nearest
   const A r = (xs - n * C::ln2_hi) - n * C::ln2_lo;
-  static constexpr InverseFactorials<A, C::degree> c{};
-  A p = c.value[C::degree];  // Horner
-  for (int k = C::degree - 1; k >= 0; --k) p = p * r + c.value[k];
+  const A p = taylor_exp<A, 0, C::degree>(r);
   const typename C::Bits bits = (typename C::Bits(n) + C::bias) << C::mantissa;
   A scale;
   std::memcpy(&scale, &bits, sizeof scale);
@@ -74,21 +84,48 @@ PK_INLINE A lse_term_cpu(A x, A m) {
   return x == m ? A(1) : e;
 }
 
-// Row maximum and logsumexp of z[0, cols), widened to A.
-template <typename T, typename A = typename Elem<T>::Acc>
-PK_INLINE A row_logsumexp(const T* z, int64_t cols) {
+// max(m, z[0..n)), ignoring NaN (lse_max_step), in kLanes partial maxima.
+template <typename A>
+PK_INLINE A max_of(const A* z, int64_t n, A m) {
   A lane_max[kLanes];
-  for (int j = 0; j < kLanes; ++j) lane_max[j] = A(-INFINITY);
+  for (int j = 0; j < kLanes; ++j) lane_max[j] = m;
   int64_t k = 0;
-  for (; k + kLanes <= cols; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane_max[j] = lse_max_step(lane_max[j], Elem<T>::load(z + k + j));
-  A m = A(-INFINITY);
-  for (; k < cols; ++k) m = lse_max_step(m, Elem<T>::load(z + k));
+  for (; k + kLanes <= n; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane_max[j] = lse_max_step(lane_max[j], z[k + j]);
+  for (; k < n; ++k) m = lse_max_step(m, z[k]);
   for (int j = 0; j < kLanes; ++j) m = lse_max_step(m, lane_max[j]);
+  return m;
+}
+
+// sum_k lse_term(z[k], m) over z[0..n).
+template <typename A>
+PK_INLINE A sum_of_terms(const A* z, int64_t n, A m) {
   A sum = A(0);
 #pragma omp simd reduction(+ : sum)
-  for (k = 0; k < cols; ++k) sum += lse_term_cpu(Elem<T>::load(z + k), m);
-  return lse_finish(m, sum);
+  for (int64_t k = 0; k < n; ++k) sum += lse_term_cpu(z[k], m);
+  return sum;
+}
+
+// Row logsumexp of z[0, cols), widened to A. 16-bit rows are widened a chunk at a time into a
+// float buffer (GCC vectorises neither loop over the 16-bit structs) and run the float loops.
+template <typename T, typename A = typename Elem<T>::Acc>
+PK_INLINE A row_logsumexp(const T* z, int64_t cols) {
+  if constexpr (std::is_same_v<T, A>) {
+    const A m = max_of(z, cols, A(-INFINITY));
+    return lse_finish(m, sum_of_terms(z, cols, m));
+  } else {
+    constexpr int64_t kChunk = 512;
+    A buffer[kChunk];
+    const auto widened = [&](int64_t begin) {
+      const int64_t n = std::min(kChunk, cols - begin);
+      for (int64_t j = 0; j < n; ++j) buffer[j] = Elem<T>::load(z + begin + j);
+      return n;
+    };
+    A m = A(-INFINITY), sum = A(0);
+    for (int64_t k = 0; k < cols; k += kChunk) m = max_of(buffer, widened(k), m);
+    for (int64_t k = 0; k < cols; k += kChunk) sum += sum_of_terms(buffer, widened(k), m);
+    return lse_finish(m, sum);
+  }
 }
 
 template <typename T>
