@@ -58,6 +58,8 @@ def check_inputs(x) -> torch.Tensor:
             f"x must have a batch dim [B, ...] (B examples of shape ...), got shape {tuple(x.shape)}; "
             f"for a single example use x.unsqueeze(0)"
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): there is nothing to measure")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {str(x.dtype).replace('torch.', '')}")
     return x
@@ -224,15 +226,28 @@ def frozen_parameters(model) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def log_likelihood_fn(model: Callable, backend: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def log_likelihood_fn(
+    model: Callable, backend: Optional[str] = None, check_shape: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """x [B, ...] -> log p(x) + log Z = logsumexp of the logits, [B]. Under torch.compile the
     reference logsumexp: fake tensors cannot run the energy op inside torch.func transforms,
-    and the compiler fuses the reference anyway."""
+    and the compiler fuses the reference anyway. check_shape: the output must be [B, K] logits
+    (check_logits; no values read, so no host sync), for callers without a validating forward."""
 
     def log_p(x: torch.Tensor) -> torch.Tensor:
-        return -ops.energy(model(x), backend="reference" if torch.compiler.is_compiling() else backend)
+        logits = check_logits(model(x), x.shape[0]) if check_shape else model(x)
+        return -ops.energy(logits, backend="reference" if torch.compiler.is_compiling() else backend)
 
     return log_p
+
+
+def _dtype_hint(model, x: torch.Tensor) -> str:
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    if dtypes and x.dtype not in dtypes:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        return f"; x is {str(x.dtype).replace('torch.', '')} and the model's parameters are {names}"
+    return ""
 
 
 def validated_logits(model: Callable, x: torch.Tensor, keep_graph: bool = False) -> torch.Tensor:
@@ -253,10 +268,10 @@ def timed_validated_logits(model: Callable, x: torch.Tensor, keep_graph: bool = 
             start = clock()
             out = model(x)
             seconds = clock() - start
-        except Exception as exc:  # most often x lacks its batch dim: say what x was
+        except Exception as exc:  # most often x lacks its batch dim, or is in another dtype: say what x was
             raise RuntimeError(
                 f"the model failed on x of shape {tuple(x.shape)} (x must be a batch [B, ...] "
-                f"of the inputs the model takes): {type(exc).__name__}: {exc}"
+                f"of the inputs the model takes){_dtype_hint(model, x)}: {type(exc).__name__}: {exc}"
             ) from exc
         logits = check_logits(out, x.shape[0])
     if torch.compiler.is_compiling():

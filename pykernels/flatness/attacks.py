@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import check_choice, check_int
+from ._model import check_logits
 from .hvp import prepared
 
 NORMS = ("linf", "l2")
@@ -18,7 +19,7 @@ NORMS = ("linf", "l2")
 def _loss_grad(model: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = x.detach().requires_grad_()
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y, reduction="sum")
+        loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y, reduction="sum")
         return torch.autograd.grad(loss, x)[0]
 
 

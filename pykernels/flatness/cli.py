@@ -62,7 +62,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--radius", type=float, default=1.0, help="landscape radius, in L2 units (default 1.0)")
     p.add_argument("--steps", type=int, default=41, help="landscape grid points per axis (default 41)")
-    p.add_argument("--plot-examples", type=int, default=1, help="examples to plot per direction (default 1)")
+    p.add_argument(
+        "--plot-examples", type=int, default=1, help="examples to plot per direction (default 1; 0: no landscapes)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="compute dtype")
     p.add_argument(
@@ -171,6 +173,22 @@ def _format(rows) -> str:
     return "\n".join(out)
 
 
+def _check_options(args) -> None:
+    """Every option checked before anything is loaded or measured (SystemExit naming the option)."""
+    from .landscape import NAMED_DIRECTIONS
+
+    unknown = [d for d in args.directions.split(",") if d and d not in NAMED_DIRECTIONS]
+    if unknown:
+        raise SystemExit(f"--directions: unknown {unknown}; choose from {NAMED_DIRECTIONS} ('' for none)")
+    minimums = {"examples": 1, "batch_size": 1, "num_probes": 1, "samples": 1, "steps": 2, "plot_examples": 0}
+    for name, minimum in minimums.items():
+        if getattr(args, name) < minimum:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    for name in ("sigma", "radius"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"--{name} must be > 0, got {getattr(args, name)}")
+
+
 def run(args) -> int:
     from .._progress import progress_bar
     from . import (
@@ -189,6 +207,7 @@ def run(args) -> int:
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise SystemExit(f"--measures: unknown {unknown}; choose from {MEASURES}")
+    _check_options(args)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     model = load_model(args.model, args.arch, args.arch_kwargs, args.trust_pickle)
@@ -259,7 +278,7 @@ def run(args) -> int:
         f"{os.path.join(args.out, 'summary.json')}"
     )
     shown = x[: args.plot_examples]
-    for direction in [d for d in args.directions.split(",") if d]:
+    for direction in [d for d in args.directions.split(",") if d] if args.plot_examples else []:
         L = landscape(
             model,
             shown,

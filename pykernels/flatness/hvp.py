@@ -608,6 +608,13 @@ class InputHessian:
         return ops.probe_dots(V, self._matvec_chunk(V), backend=self.backend)
 
 
+def _scalar(loss) -> torch.Tensor:
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        what = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn(model(x), y) must return a scalar tensor (reduce it: mean or sum), got {what}")
+    return loss
+
+
 def forward_adjoint_agrees(model, shape: tuple, like, forward_adjoint, double_backward, report) -> bool:
     """Whether forward_adjoint(R) equals double_backward(R) on random vectors R of `shape` (like's
     dtype and device). A forward-adjoint that cannot run is reported (`report(exc)`) and disagrees."""
@@ -821,10 +828,10 @@ class ParameterHessian:
         self._dtype, self._device = first.dtype, first.device
         self._chunk_given = chunk_size
         self.chunk_size = chunk_size or default_chunk_size(self.dim, self._device)
-        self._loss = lambda: loss_fn(model(x), y)
+        self._loss = lambda: _scalar(loss_fn(model(x), y))
 
         def loss(params):
-            return loss_fn(torch.func.functional_call(model, params, (x,)), y)
+            return _scalar(loss_fn(torch.func.functional_call(model, params, (x,)), y))
 
         self._grad = grad(loss)
         self._graph: Optional[torch.Tensor] = None  # the flat gradient with its graph (double backward)

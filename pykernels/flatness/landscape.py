@@ -228,7 +228,7 @@ def plot_landscape(
     if dims == {1}:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, L in items:
-            ax.plot(L.coords[0].cpu(), L.values[example].cpu(), label=name or None)
+            ax.plot(L.coords[0].cpu().double(), L.values[example].cpu().double(), label=name or None)
         ax.axhline(0.0, color="gray", lw=0.5)
         ax.set_xlabel(label(items[0][1], 0))
         ax.set_ylabel("log p(x + a u) - log p(x)")
@@ -242,7 +242,8 @@ def plot_landscape(
         lo, hi = min(z.min().item() for z in zs), max(z.max().item() for z in zs)
         levels = torch.linspace(lo, hi if hi > lo else lo + 1e-12, 21).tolist()
         for col, ((name, L), z) in enumerate(zip(items, zs)):
-            A, Bg = torch.meshgrid(L.coords[0].cpu(), L.coords[1].cpu(), indexing="ij")
+            # .double(): numpy has no bfloat16
+            A, Bg = torch.meshgrid(L.coords[0].cpu().double(), L.coords[1].cpu().double(), indexing="ij")
             for row, what in enumerate(rows):
                 index = row * n + col + 1
                 if what == "surface":

@@ -107,14 +107,15 @@ def neighborhood_drop(
         base = -ops.energy(validated_logits(model, x), backend=backend)
         B = x.shape[0]
         chunk = chunk_size or default_chunk_size(x[0].numel() * B, x.device)
+        wide = x.dtype if x.dtype == torch.float64 else torch.float32
         drops = []
         for s0 in range(0, samples, chunk):
             c = min(chunk, samples - s0)
-            z = ops.probe_vectors(
-                (c, *x.shape), seed, kind="gaussian", offset=s0 * x.numel(), dtype=x.dtype, device=x.device
+            z = ops.probe_vectors(  # drawn in float32 for a 16-bit x (the probe kernels' precision)
+                (c, *x.shape), seed, kind="gaussian", offset=s0 * x.numel(), dtype=wide, device=x.device
             )
             noise = sigma * z if sigma is not None else eps * torch.erf(z / math.sqrt(2))
-            perturbed = (x.unsqueeze(0) + noise).reshape(c * B, *x.shape[1:])
+            perturbed = (x.unsqueeze(0) + noise.to(x.dtype)).reshape(c * B, *x.shape[1:])
             drops.append(base - log_p(perturbed).reshape(c, B))
         return est._mean_and_stderr(torch.cat(drops))
 
@@ -169,10 +170,10 @@ def _trace(op, num_probes: int, method: str, probes: str, seed: int, progress) -
     return est.hutch_plus_plus(op, num_probes, seed, probes)
 
 
-def _check_k(k, dim: int) -> None:
+def _check_k(k, dim: int, what: str = "the input dimension") -> None:
     check_int("k", k, minimum=1)
     if k > dim:
-        raise ValueError(f"k = {k} is larger than the input dimension D = {dim}: there are only {dim} eigenvalues")
+        raise ValueError(f"k = {k} is larger than {what} D = {dim}: there are only {dim} eigenvalues")
 
 
 def top_eigenvalues(
@@ -209,7 +210,7 @@ def top_eigenvalues(
 
 
 def _eigen(op, k, method, iters, tol, seed, vectors) -> est.Eigen:
-    _check_k(k, op.dim)
+    _check_k(k, op.dim, "the number of parameters" if isinstance(op, ParameterHessian) else "the input dimension")
     if iters is not None:
         check_int("iters", iters, minimum=1)
     if method == "power":

@@ -242,7 +242,9 @@ def probe_vectors(
     device=None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """A new tensor of `shape` filled by fill_probes_."""
+    """A new tensor of `shape` filled by fill_probes_ (dtype float32 or float64)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"probe vectors are float32 or float64, got dtype={str(dtype).replace('torch.', '')}")
     out = torch.empty(tuple(shape), dtype=dtype, device=device)
     return fill_probes_(out, seed, offset=offset, kind=kind, backend=backend)
 

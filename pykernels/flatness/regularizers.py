@@ -50,7 +50,7 @@ def neighborhood_drop_penalty(
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     with measurement_mode(model, train_mode, "neighborhood_drop_penalty"), torch.enable_grad():
-        log_p = log_likelihood_fn(model, backend)
+        log_p = log_likelihood_fn(model, backend, check_shape=True)
         noisy = x.unsqueeze(0) + sigma * torch.randn((samples, *x.shape), dtype=x.dtype, device=x.device)
         both = log_p(torch.cat([x, noisy.reshape(samples * x.shape[0], *x.shape[1:])]))
         base, perturbed = both[: x.shape[0]], both[x.shape[0] :].reshape(samples, x.shape[0])
@@ -62,7 +62,7 @@ def grad_norm_penalty(
 ) -> torch.Tensor:
     check_inputs(x)
     with measurement_mode(model, train_mode, "grad_norm_penalty"), torch.enable_grad():
-        return _input_grad(log_likelihood_fn(model, backend), x).flatten(1).square().sum(1).mean()
+        return _input_grad(log_likelihood_fn(model, backend, check_shape=True), x).flatten(1).square().sum(1).mean()
 
 
 def curvature_penalty(
@@ -86,7 +86,7 @@ def curvature_penalty(
     if not h > 0:
         raise ValueError(f"h must be > 0, got {h}")
     with measurement_mode(model, train_mode, "curvature_penalty"), torch.enable_grad():
-        log_p = log_likelihood_fn(model, backend)
+        log_p = log_likelihood_fn(model, backend, check_shape=True)
         g = _input_grad(log_p, x)
         z = g.detach().sign() if direction == "gradient" else torch.randn_like(x).sign()
         z = z / z.flatten(1).norm(dim=1).clamp(min=1e-12).reshape(-1, *([1] * (x.dim() - 1)))

@@ -158,6 +158,11 @@ def test_curved_model_skips_exact_trace(files, capsys):
         (["--model", "MODEL", "--measures", "trace,curvature"], r"unknown \['curvature'\]"),
         (["--model", "MODEL", "--x-key", "pixels"], "has no key 'pixels'"),
         (["--model", "STATE", "--arch", "nocolon"], "--arch must look like package.module:Factory"),
+        # checked before the model is loaded or anything is measured
+        (["--model", "missing.pt", "--directions", "random,sideways"], r"--directions: unknown \['sideways'\]"),
+        (["--model", "missing.pt", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--model", "missing.pt", "--steps", "1"], "--steps must be >= 2, got 1"),
+        (["--model", "missing.pt", "--radius", "0"], "--radius must be > 0"),
     ],
 )
 def test_bad_arguments(files, extra, pattern):

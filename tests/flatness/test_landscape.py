@@ -105,6 +105,16 @@ def test_plots_are_written(tmp_path):
     assert (tmp_path / "sub" / "1d.png").stat().st_size > 5000
 
 
+def test_16_bit_landscapes_plot(tmp_path):
+    """numpy has no bfloat16: the plot converts the values and the axes."""
+    model, x = small_cnn(nn.GELU).to(torch.bfloat16), inputs(B=2).to(torch.bfloat16)
+    for dims in (1, 2):
+        L = flatness.landscape(model, x, dims=dims, steps=3)
+        assert L.values.dtype == torch.bfloat16
+        flatness.plot_landscape(L, str(tmp_path / f"{dims}d.png"))
+        assert (tmp_path / f"{dims}d.png").stat().st_size > 5000
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, pattern",
     [

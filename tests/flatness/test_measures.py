@@ -286,6 +286,27 @@ def test_parameter_hessian_trace_and_eigenvalues():
         (lambda m, x: flatness.log_likelihood(lambda t: m(t).flatten(), x), ValueError, "2-D logits"),
         (lambda m, x: flatness.hessian_trace(lambda t: m(t) * float("nan"), x), ValueError, "NaN or infinite"),
         (lambda m, x: flatness.exact_trace(lambda t: m(t) + float("inf"), x), ValueError, "NaN or infinite"),
+        (lambda m, x: flatness.neighborhood_drop(m, x[:0], sigma=0.1), ValueError, "empty batch"),
+        (lambda m, x: flatness.hessian_trace(m, x[:0]), ValueError, "empty batch"),
+        (
+            lambda m, x: flatness.log_likelihood(m.half(), x),
+            RuntimeError,
+            "x is float64 and the model's parameters are float16",
+        ),
+        (
+            lambda m, x: flatness.parameter_top_eigenvalues(
+                m, nn.functional.cross_entropy, x, torch.arange(len(x)) % 5, k=10**6
+            ),
+            ValueError,
+            "larger than the number of parameters",
+        ),
+        (
+            lambda m, x: flatness.parameter_hessian_trace(
+                m, lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), x, torch.arange(len(x)) % 5
+            ),
+            ValueError,
+            r"must return a scalar tensor .*got shape \(4,\)",
+        ),
     ],
 )
 def test_bad_input(call, exc, pattern):
@@ -320,3 +341,5 @@ def test_hessian_measures_refuse_16_bit_models_saying_why(measure, dtype):
             call(lambda t: model(t.to(dtype)), inputs(dtype=torch.float32))
     # The first-order measures run in 16-bit.
     assert flatness.grad_norm(model, inputs(dtype=dtype)).dtype == dtype
+    drop = flatness.neighborhood_drop(model, inputs(dtype=dtype), sigma=0.1, samples=4).value
+    assert drop.dtype == dtype and torch.isfinite(drop).all()

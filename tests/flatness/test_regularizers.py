@@ -101,3 +101,24 @@ def test_fgsm_and_pgd():
         flatness.pgd(model, x, y[:2], 0.1)
     with pytest.raises(ValueError, match="norm must be one of"):
         flatness.pgd(model, x, y, 0.1, norm="l1")
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        lambda m, x: flatness.grad_norm_penalty(m, x),
+        lambda m, x: flatness.curvature_penalty(m, x),
+        lambda m, x: flatness.neighborhood_drop_penalty(m, x, 0.1),
+        lambda m, x: flatness.fgsm(m, x, torch.zeros(len(x), dtype=torch.long), 0.1),
+    ],
+    ids=["grad_norm_penalty", "curvature_penalty", "neighborhood_drop_penalty", "fgsm"],
+)
+@pytest.mark.parametrize(
+    "bad", [lambda out: out.sum(1), lambda out: out[:2], lambda out: out[:, None]], ids=["1-D", "2 rows", "3-D"]
+)
+def test_penalties_and_attacks_refuse_outputs_that_are_not_logits(penalty, bad):
+    """As the measures do: a model output that is not [B, K] logits is refused by name, not
+    turned into a number (checked by shape alone: no value is read, so no host sync)."""
+    model, x = small_cnn(), inputs()
+    with pytest.raises(ValueError, match=r"2-D logits \[B, K\]"):
+        penalty(lambda t: bad(model(t)), x)
