@@ -626,10 +626,11 @@ def forward_adjoint_agrees(model, shape: tuple, like, forward_adjoint, double_ba
     except Exception as exc:  # noqa: BLE001  (an op the graph interpreter cannot run: another method)
         report(exc)
         return False
-    # Differences at rounding level, eps |R|^2, agree: with a log-softmax head (log p constant,
-    # H = 0) both sides are rounding noise, whose relative difference means nothing.
+    # Differences below 0.1 eps |R|^2 agree: with a log-softmax head (log p constant, H = 0) both
+    # sides are rounding noise (1e-3 eps |R|^2 on the sweep's model), whose relative difference
+    # means nothing. A real Hessian's quadratic forms are far above that floor.
     reference = double_backward(R)
-    floor = torch.finfo(R.dtype).eps * R.square().sum().item() / _agreement_tolerance(reference.dtype)
+    floor = 0.1 * torch.finfo(R.dtype).eps * R.square().sum().item() / _agreement_tolerance(reference.dtype)
     return forward_adjoint_matches(model, quads, reference, floor)
 
 
