@@ -54,8 +54,8 @@ struct InverseFactorials {
   }
 };
 
-// sum_{k >= K}^{D} r^(k - K) / k!, by Horner, unrolled at compile time (a loop over the
-// coefficients' array kept GCC from vectorising the bfloat16 rows).
+// sum_{k >= K}^{D} r^(k - K) / k!, by Horner, unrolled at compile time: every coefficient
+// is a constant of the instruction stream.
 template <typename A, int K, int D>
 PK_INLINE A taylor_exp(A r) {
   constexpr A coefficient = InverseFactorials<A, D>().value[K];
