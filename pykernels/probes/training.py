@@ -105,15 +105,16 @@ def softmax_weighted_bce(
 
 def cumulative_max_bce(token_logits, labels, lengths, window: int = DEFAULT_WINDOW, reduction: str = "mean"):
     """The paper's cumulative-max alternative (reference implementation): mean over the
-    predictions of BCE(y, max_{s <= t} sigmoid(zbar_s))."""
+    predictions t of BCE(y, max_{s <= t} sigmoid(zbar_s)), the max also over predictions only
+    (s >= M - 1, where zbar_s is a full window's mean)."""
     _check_loss_inputs(token_logits, labels, lengths, window, reduction)
     return _ref.cumulative_max_bce(token_logits, labels, lengths, window, reduction)
 
 
 def annealed_bce(token_logits, labels, lengths, mix: float, window: int = DEFAULT_WINDOW, reduction: str = "mean"):
     """The paper's annealed alternative (reference implementation): mean over the
-    predictions of BCE(y, (1 - mix) sigmoid(zbar_t) + mix max_{s <= t} sigmoid(zbar_s));
-    raise `mix` from 0 to 1 over training."""
+    predictions of BCE(y, (1 - mix) sigmoid(zbar_t) + mix max_{s <= t} sigmoid(zbar_s)), the
+    max over predictions as in cumulative_max_bce; raise `mix` from 0 to 1 over training."""
     _check_loss_inputs(token_logits, labels, lengths, window, reduction)
     if not 0.0 <= float(mix) <= 1.0:
         raise ValueError(f"mix must lie in [0, 1], got {mix}")

@@ -17,7 +17,13 @@ def as_tensor(name: str, value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, np.ndarray) or isinstance(value, (list, tuple)):
-        return torch.as_tensor(np.asarray(value))
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":  # strings, objects, complex: torch cannot hold them
+            raise TypeError(
+                f"{name} must hold numbers, got a numpy array of dtype {array.dtype} "
+                f"(map class names to ids 0..C-1 first, e.g. np.unique(names, return_inverse=True)[1])"
+            )
+        return torch.as_tensor(array)
     raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
 
 

@@ -119,12 +119,15 @@ class ScoreTable:
     def __str__(self) -> str:
         header = ["rank", "model"] + self.methods
         lines = [header]
-        for r in self.rows():
+        rows = self.rows()
+        digits = {m: _distinguishing_digits([r[m] for r in rows]) for m in self.methods}
+        for r in rows:
             first = r[f"{self.methods[0]}_rank"]
             lines.append(
                 [str(first) if first is not None else "-", r["model"]]
                 + [
-                    _fmt_score(r[m]) + (f" ({r[m + '_rank']})" if len(self.methods) > 1 and r[m + "_rank"] else "")
+                    _fmt_score(r[m], digits[m])
+                    + (f" ({r[m + '_rank']})" if len(self.methods) > 1 and r[m + "_rank"] else "")
                     for m in self.methods
                 ]
             )
@@ -142,8 +145,18 @@ class ScoreTable:
     __repr__ = __str__
 
 
-def _fmt_score(v: float) -> str:
-    return "nan" if math.isnan(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:.4e}"
+def _fmt_score(v: float, digits: int = 4) -> str:
+    return "nan" if math.isnan(v) else f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.{digits}e}"
+
+
+def _distinguishing_digits(values: list[float]) -> int:
+    """Significant digits (4 to 12) at which a column's different scores print differently
+    (H-scores of similar models agree to several digits)."""
+    distinct = {v for v in values if not math.isnan(v)}
+    for digits in range(4, 13):
+        if len({_fmt_score(v, digits) for v in distinct}) == len(distinct):
+            return digits
+    return 12
 
 
 # ---- loading a bank ----

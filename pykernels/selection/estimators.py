@@ -37,6 +37,7 @@ transrate, gbc); nce and leep sum over them harmlessly.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -45,10 +46,21 @@ from .._validation import check_choice
 from ._inputs import Labels, Models, as_labels, as_models, require_two_classes
 
 
-def _run(models: Models, fn) -> torch.Tensor:
-    out = torch.empty(len(models.tensors), dtype=torch.float64, device=models.tensors[0].device)
+def _run(models: Models, fn, what: str) -> torch.Tensor:
+    """fn on each group of equally wide models, in float64. A model whose features hold NaN or
+    Inf scores NaN, with a warning, as in parc (its linear algebra would fail or, for 1-NN,
+    silently skip the bad entries), and the others are scored."""
+    out = torch.full((len(models.tensors),), float("nan"), dtype=torch.float64, device=models.tensors[0].device)
+    finite = torch.tensor([bool(torch.isfinite(t).all()) for t in models.tensors])
     for indices, batch in models.groups():
-        out[torch.tensor(indices, device=out.device)] = fn(batch.double())
+        keep = [j for j, i in enumerate(indices) if finite[i]]
+        if keep:
+            rows = torch.tensor([indices[j] for j in keep], device=out.device)
+            out[rows] = fn(batch[keep].double())
+    if not finite.all():
+        bad = (~finite).nonzero().flatten().tolist()
+        which = "the model" if models.single else f"model(s) {bad}"
+        warnings.warn(f"{what} is NaN for {which}: NaN/Inf features", RuntimeWarning, stacklevel=3)
     return out[0] if models.single else out
 
 
@@ -104,7 +116,7 @@ def leep(probs, labels, *, num_classes: Optional[int] = None) -> torch.Tensor:
         eep = (conditional[:, y.classes] * theta).sum(-1)  # [b, N]
         return eep.log().mean(1)
 
-    return _run(models, score)
+    return _run(models, score, "LEEP")
 
 
 def nce(probs, labels, *, num_classes: Optional[int] = None) -> torch.Tensor:
@@ -123,7 +135,7 @@ def nce(probs, labels, *, num_classes: Optional[int] = None) -> torch.Tensor:
         marginal = counts.sum(1, keepdim=True) / n + 1e-5
         return (joint * (joint / marginal).log()).sum((1, 2))
 
-    return _run(models, score)
+    return _run(models, score, "NCE")
 
 
 def hscore(features, labels, *, num_classes: Optional[int] = None) -> torch.Tensor:
@@ -134,7 +146,7 @@ def hscore(features, labels, *, num_classes: Optional[int] = None) -> torch.Tens
         pinv = torch.linalg.pinv(_cov(f), rtol=1e-15, hermitian=True)
         return (pinv * _cov(_class_means(f, y))).sum((1, 2))  # tr(A B) for symmetric B
 
-    return _run(models, score)
+    return _run(models, score, "H-score")
 
 
 def ledoit_wolf(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +180,7 @@ def hscore_shrinkage(features, labels, *, num_classes: Optional[int] = None) -> 
         pinv = torch.linalg.pinv(cov, rtol=1e-15, hermitian=True)
         return (1 - a) * (pinv * _cov(_class_means(f, y))).sum((1, 2))
 
-    return _run(models, score)
+    return _run(models, score, "shrinkage H-score")
 
 
 def logme(features, labels, *, num_classes: Optional[int] = None) -> torch.Tensor:
@@ -213,7 +225,7 @@ def logme(features, labels, *, num_classes: Optional[int] = None) -> torch.Tenso
         ) / n
         return evidence.mean(1)
 
-    return _run(models, score)
+    return _run(models, score, "LogME")
 
 
 def one_nn_cv(features, labels, *, num_classes: Optional[int] = None, rows_per_chunk: int = 1024) -> torch.Tensor:
@@ -231,7 +243,7 @@ def one_nn_cv(features, labels, *, num_classes: Optional[int] = None, rows_per_c
             hits += (y.classes[nearest] == y.classes[rows][None, :]).double().sum(1)
         return 100.0 * hits / n
 
-    return _run(models, score)
+    return _run(models, score, "1-NN accuracy")
 
 
 GAUSSIANS = ("diagonal", "spherical")
@@ -260,7 +272,7 @@ def gbc(features, labels, *, num_classes: Optional[int] = None, gaussian: str = 
         off_diagonal = 1 - torch.eye(present.numel(), dtype=f.dtype, device=f.device)
         return -(coefficient * off_diagonal).sum((1, 2))
 
-    return _run(models, score)
+    return _run(models, score, "GBC")
 
 
 def _coding_rate(z: torch.Tensor, n: int, eps: float) -> torch.Tensor:
@@ -285,4 +297,4 @@ def transrate(features, labels, *, num_classes: Optional[int] = None, eps: float
             within += _coding_rate(zc, zc.shape[1], eps)
         return total - within / len(present)
 
-    return _run(models, score)
+    return _run(models, score, "TransRate")

@@ -84,6 +84,13 @@ def test_table_exports(tmp_path):
     assert "ranked by parc" in text
 
 
+def test_the_printed_table_shows_scores_that_differ_as_different():
+    """Scores that agree to 4 digits (H-scores of similar models) get the digits that tell them apart."""
+    table = ScoreTable(["a", "b", "c"], {"hscore": np.array([3.00012, 3.00017, np.nan])})
+    shown = [line.split()[2] for line in str(table).splitlines()[2:5]]
+    assert shown == ["3.0002", "3.0001", "nan"]
+
+
 def test_nan_scores_rank_last_and_export_as_null():
     table = ScoreTable(["a", "b", "c"], {"parc": np.array([1.0, np.nan, 3.0])})
     assert np.isnan(table.ranks("parc")[1]) and table.order() == [2, 0, 1]

@@ -102,6 +102,22 @@ def test_batched_list_and_single_calls_agree():
         assert method(torch.from_numpy(x[0]), y).dim() == 0
 
 
+@pytest.mark.parametrize("method", [pair[0] for pair in FEATURE_METHODS.values()], ids=list(FEATURE_METHODS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_model_with_non_finite_features_scores_nan_and_the_others_are_scored(method, bad):
+    """As parc: NaN with a warning naming the model, not a linear-algebra error (logme, transrate)
+    or a score that silently skips the entry (1-NN); the other models keep their scores."""
+    x, _, y = bank(seed=3)
+    clean = method(torch.from_numpy(x), y)
+    x[1, 0, 0] = bad
+    with pytest.warns(RuntimeWarning, match=r"NaN for model\(s\) \[1\]: NaN/Inf features"):
+        got = method(torch.from_numpy(x), y)
+    assert torch.isnan(got[1])
+    torch.testing.assert_close(got[[0, 2]], clean[[0, 2]])
+    with pytest.warns(RuntimeWarning, match="NaN for the model"):
+        assert torch.isnan(method(torch.from_numpy(x[1]), y))
+
+
 def test_float32_inputs_are_scored_in_float64():
     x, _, y = bank(seed=10)
     for method, _ in FEATURE_METHODS.values():
@@ -141,6 +157,7 @@ def test_inputs_that_require_grad_give_plain_scores():
             "labels hold class 3 but num_classes is 2",
         ),
         (lambda x, p, y: S.one_nn_cv(torch.from_numpy(x)[:, :2], y[:2]), ValueError, "N=2 samples; at least 3"),
+        (lambda x, p, y: S.parc(x, np.array(["cat", "dog"])[y % 2]), TypeError, "labels must hold numbers.*<U3"),
     ],
 )
 def test_bad_input(call, exc, pattern):
