@@ -56,7 +56,7 @@ def _run(models: Models, fn, what: str) -> torch.Tensor:
         keep = [j for j, i in enumerate(indices) if finite[i]]
         if keep:
             rows = torch.tensor([indices[j] for j in keep], device=out.device)
-            out[rows] = fn(batch[keep].double())
+            out[rows] = fn((batch if len(keep) == len(indices) else batch[keep]).double())  # no copy when all finite
     if not finite.all():
         bad = (~finite).nonzero().flatten().tolist()
         which = "the model" if models.single else f"model(s) {bad}"
