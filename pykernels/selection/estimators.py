@@ -51,7 +51,8 @@ def _run(models: Models, fn, what: str) -> torch.Tensor:
     Inf scores NaN, with a warning, as in parc (its linear algebra would fail or, for 1-NN,
     silently skip the bad entries), and the others are scored."""
     out = torch.full((len(models.tensors),), float("nan"), dtype=torch.float64, device=models.tensors[0].device)
-    finite = torch.tensor([bool(torch.isfinite(t).all()) for t in models.tensors])
+    # one host sync for the bank, not one per model
+    finite = torch.stack([torch.isfinite(t).all().to(out.device) for t in models.tensors]).cpu()
     for indices, batch in models.groups():
         keep = [j for j, i in enumerate(indices) if finite[i]]
         if keep:
