@@ -272,6 +272,50 @@ def _probe_dots_autograd(op):
     return backward, setup_context
 
 
+def _curvature_step_fake(tangents, d1, c2):
+    return tangents.new_empty(tangents.shape[:1])
+
+
+def _curvature_step_vmap(op):
+    """Folds the vmap dim into the rows: tangents [N, R, ...] -> [N * R, ...], written in place
+    through that view (through a contiguous copy, then copied back, when there is no such view).
+    Unbatched factors keep their period P (N * R is a multiple of P); batched ones [N, P, ...]
+    need row n * R + r to meet factor row n * P + r % P, which a period gives only when P == R,
+    so otherwise they are repeated to [N * R, ...]."""
+
+    def rule(info, in_dims, tangents, d1, c2):
+        dim_t, dim_d, dim_c = in_dims
+        if dim_t is None:
+            if dim_d is not None or dim_c is not None:
+                raise RuntimeError(  # as vmap's own in-place check
+                    "curvature_step_: vmap over d1 or c2 but not over tangents would write batched "
+                    "values into unbatched tangents"
+                )
+            return op(tangents, d1, c2), None
+        t = tangents.movedim(dim_t, 0)
+        N, R = t.shape[:2]
+        copied = not t.is_contiguous()
+        rows = (t.contiguous() if copied else t).view(N * R, *t.shape[2:])
+        if dim_d is not None or dim_c is not None:
+            factors = []
+            for f, dim in ((d1, dim_d), (c2, dim_c)):
+                f = f.movedim(dim, 0) if dim is not None else f.expand(N, *f.shape)
+                if f.shape[1] != R:
+                    if f.shape[1] == 0 or R % f.shape[1]:
+                        raise ValueError(
+                            f"curvature_step_: {R} tangent rows are not a multiple of {f.shape[1]} factor rows"
+                        )
+                    f = f.repeat(1, R // f.shape[1], *[1] * (f.dim() - 2))
+                factors.append(f.reshape(N * R, *f.shape[2:]))
+            d1, c2 = factors
+        out = op(rows, d1, c2)
+        if copied:
+            t.copy_(rows.view(t.shape))
+        return out.view(N, R), 0
+
+    return rule
+
+
 # ---- model selection (selection/correlation.py) ----
 
 
@@ -309,6 +353,7 @@ RULES: dict[str, Rules] = {
     "logsumexp_hvp": Rules(_logsumexp_hvp_fake, _logsumexp_hvp_autograd, _logsumexp_hvp_vmap),
     "fill_probes_": Rules(_no_output_fake),
     "probe_dots": Rules(_probe_dots_fake, _probe_dots_autograd),
+    "curvature_step_": Rules(_curvature_step_fake, vmap=_curvature_step_vmap),
     "pairwise_corr_distance": Rules(_pairwise_corr_distance_fake, _pairwise_corr_distance_autograd),
     "spearman": Rules(_per_row_float64_fake),
     "parc_spearman": Rules(_per_row_float64_fake),

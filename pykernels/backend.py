@@ -45,6 +45,7 @@ OP_FAMILY = {
     "logsumexp_hvp": "flatness",
     "fill_probes_": "flatness",
     "probe_dots": "flatness",
+    "curvature_step_": "flatness",
     "pairwise_corr_distance": "parc",
     "spearman": "parc",
     "parc_spearman": "parc",

@@ -234,6 +234,10 @@ def _flatness_samples(device):
             (torch.empty(5, 3, device=device, dtype=torch.float64), -2, 0, "rademacher"),
         ],
         "probe_dots": [(U, _randn(2, 3, 5, seed=63, device=device, dtype=torch.float64))],
+        "curvature_step_": [  # [R, ...] tangents, factor rows with period P = 3, then P = 1
+            (_randn(6, 2, 3, seed=64, device=device), *(_randn(3, 2, 3, seed=s, device=device) for s in (65, 66))),
+            tuple(_randn(n, 7, seed=67 + n, device=device, dtype=torch.float64) for n in (4, 1, 1)),
+        ],
     }
 
 

@@ -4,6 +4,8 @@
 //                   i.e. the Hessian of logsumexp in logit space applied to each tangent
 //   fill_probes     Rademacher / Gaussian probe vectors from (seed, element index)
 //   probe_dots      per-row dot products v . w over [R, D] (R = S*B probe rows)
+//   curvature_step  one elementwise op of a forward tangent pass: q = sum c2 t^2 per row of
+//                   tangents t [R, D], and t *= d1 in place (factor rows repeat with period P)
 //
 // Torch-free. The per-element arithmetic below is shared by the CPU (flatness_cpu.cpp)
 // and CUDA (flatness_cuda.cu) kernels, and the C++ tests check it directly.
@@ -178,6 +180,17 @@ struct ProbeDotsProblem {
   T* out;  // [samples, batch], contiguous
 };
 
+// Row r of the tangents [rows, dim] (contiguous, written in place) takes factor row r % period
+// of d1 and c2 [period, dim] (contiguous): out[r] = sum_j c2 t_j^2, then t *= d1.
+template <typename T>
+struct CurvatureStepProblem {
+  T* tangents;
+  const T* d1;
+  const T* c2;
+  int64_t rows, period, dim;
+  T* out;  // [rows]
+};
+
 // ---- CPU entry points (flatness_cpu.cpp); thread-safe for disjoint row ranges ----
 
 template <typename T>
@@ -194,6 +207,9 @@ void fill_probes_cpu(T* out, int64_t begin, int64_t end, uint64_t seed, uint64_t
 template <typename T>
 void probe_dots_rows_cpu(const ProbeDotsProblem<T>& p, int64_t row_begin, int64_t row_end);
 
+template <typename T>
+void curvature_step_rows_cpu(const CurvatureStepProblem<T>& p, int64_t row_begin, int64_t row_end);
+
 // ---- CUDA entry points (flatness_cuda.cu); `stream` is a cudaStream_t, pointers are
 // device memory, nothing allocates or syncs; throws std::runtime_error on a CUDA error ----
 
@@ -209,5 +225,8 @@ void fill_probes_cuda(T* out, int64_t count, uint64_t seed, uint64_t offset, Pro
 
 template <typename T>
 void probe_dots_cuda(const ProbeDotsProblem<T>& p, void* stream);
+
+template <typename T>
+void curvature_step_cuda(const CurvatureStepProblem<T>& p, void* stream);
 
 }  // namespace pykernels::core

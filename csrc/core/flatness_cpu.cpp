@@ -1,8 +1,8 @@
 // CPU flatness kernels: one row (or probe row) at a time; the torch binding
-// splits rows across threads. Arithmetic lives in flatness.h; the loops keep
-// kLanes independent partial results so the compiler can vectorise them (a
-// single running sum would serialise on the add latency). The row loops are
-// compiled for AVX-512, AVX2 and baseline x86-64 (PK_CPU_CLONES).
+// splits rows across threads. Arithmetic lives in flatness.h. Sums are "omp simd"
+// reductions (vectorised, in lane-wise partial sums; -fopenmp-simd needs no runtime),
+// the running max keeps kLanes partial maxima. The row loops are compiled for
+// AVX-512, AVX2 and baseline x86-64 (PK_CPU_CLONES).
 #include <algorithm>
 #include <type_traits>
 
@@ -130,13 +130,9 @@ PK_INLINE A row_logsumexp(const T* z, int64_t cols) {
 
 template <typename T>
 PK_INLINE T dot(const T* a, const T* b, int64_t n) {
-  T part[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += a[d + j] * b[d + j];
   T total = T(0);
-  for (; d < n; ++d) total += a[d] * b[d];
-  for (int j = 0; j < kLanes; ++j) total += part[j];
+#pragma omp simd reduction(+ : total)
+  for (int64_t d = 0; d < n; ++d) total += a[d] * b[d];
   return total;
 }
 
@@ -206,6 +202,26 @@ PK_INLINE void probe_dots_rows(const ProbeDotsProblem<T>& p, int64_t row_begin, 
   }
 }
 
+// One pass over each row: the tangent is read once and written once, and nothing is allocated
+// (the point of fusing: a fresh S x B x D temporary costs more in page faults than in arithmetic).
+template <typename T>
+PK_INLINE void curvature_step_rows(const CurvatureStepProblem<T>& p, int64_t row_begin, int64_t row_end) {
+  const int64_t n = p.dim;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    T* __restrict__ t = p.tangents + r * n;
+    const T* __restrict__ d1 = p.d1 + (r % p.period) * n;
+    const T* __restrict__ c2 = p.c2 + (r % p.period) * n;
+    T total = T(0);
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = t[j];
+      total += c2[j] * v * v;
+      t[j] = v * d1[j];
+    }
+    p.out[r] = total;
+  }
+}
+
 // The entry points: one multiversioned (PK_CPU_CLONES) function per op and element type.
 #define PK_ROWS_ENTRY(entry, body, Problem, T)                                              \
   namespace {                                                                               \
@@ -226,6 +242,8 @@ PK_ROWS_ENTRY(logsumexp_hvp_rows_cpu, logsumexp_hvp_rows, LseHvpProblem, float)
 PK_ROWS_ENTRY(logsumexp_hvp_rows_cpu, logsumexp_hvp_rows, LseHvpProblem, double)
 PK_ROWS_ENTRY(probe_dots_rows_cpu, probe_dots_rows, ProbeDotsProblem, float)
 PK_ROWS_ENTRY(probe_dots_rows_cpu, probe_dots_rows, ProbeDotsProblem, double)
+PK_ROWS_ENTRY(curvature_step_rows_cpu, curvature_step_rows, CurvatureStepProblem, float)
+PK_ROWS_ENTRY(curvature_step_rows_cpu, curvature_step_rows, CurvatureStepProblem, double)
 #undef PK_ROWS_ENTRY
 #undef PK_INLINE
 

@@ -87,6 +87,24 @@ __global__ void __launch_bounds__(kDotThreads) probe_dots_kernel(ProbeDotsProble
   if (threadIdx.x == 0) p.out[r] = acc;
 }
 
+// One block per tangent row: the row is read and written once; its factor row is r % period.
+template <typename T>
+__global__ void __launch_bounds__(kDotThreads) curvature_step_kernel(CurvatureStepProblem<T> p) {
+  __shared__ T partial[kDotThreads / kWarp];
+  const int64_t r = blockIdx.x;
+  T* t = p.tangents + r * p.dim;
+  const T* d1 = p.d1 + (r % p.period) * p.dim;
+  const T* c2 = p.c2 + (r % p.period) * p.dim;
+  T acc = T(0);
+  for (int64_t j = threadIdx.x; j < p.dim; j += kDotThreads) {
+    const T v = t[j];
+    acc += c2[j] * v * v;
+    t[j] = v * d1[j];
+  }
+  acc = block_sum<kDotThreads>(acc, partial);
+  if (threadIdx.x == 0) p.out[r] = acc;
+}
+
 unsigned row_blocks(int64_t rows) { return unsigned((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
 
 }  // namespace
@@ -126,6 +144,14 @@ void probe_dots_cuda(const ProbeDotsProblem<T>& p, void* stream) {
   cuda_check(cudaGetLastError(), "probe_dots kernel launch");
 }
 
+template <typename T>
+void curvature_step_cuda(const CurvatureStepProblem<T>& p, void* stream) {
+  if (p.rows == 0) return;
+  if (p.rows > 0x7fffffff) throw std::invalid_argument("pykernels curvature_step_ CUDA: more than 2^31 - 1 rows");
+  curvature_step_kernel<T><<<unsigned(p.rows), kDotThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  cuda_check(cudaGetLastError(), "curvature_step kernel launch");
+}
+
 template void energy_cuda(const EnergyProblem<float>&, void*);
 template void energy_cuda(const EnergyProblem<double>&, void*);
 template void energy_cuda(const EnergyProblem<Float16Bits>&, void*);
@@ -136,5 +162,7 @@ template void fill_probes_cuda(float*, int64_t, uint64_t, uint64_t, ProbeKind, v
 template void fill_probes_cuda(double*, int64_t, uint64_t, uint64_t, ProbeKind, void*);
 template void probe_dots_cuda(const ProbeDotsProblem<float>&, void*);
 template void probe_dots_cuda(const ProbeDotsProblem<double>&, void*);
+template void curvature_step_cuda(const CurvatureStepProblem<float>&, void*);
+template void curvature_step_cuda(const CurvatureStepProblem<double>&, void*);
 
 }  // namespace pykernels::core

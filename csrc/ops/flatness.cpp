@@ -68,6 +68,19 @@ at::Tensor probe_dots_cpu(const at::Tensor& v, const at::Tensor& w) {
   return P.out;
 }
 
+at::Tensor curvature_step_cpu(at::Tensor& tangents, const at::Tensor& d1, const at::Tensor& c2) {
+  expect_cpu(tangents, "curvature_step_");
+  PackedCurvatureStep P = pack_curvature_step(tangents, d1, c2);
+  visit_real_dtype(tangents.scalar_type(), "curvature_step_", "tangents", [&](auto tag) {
+    using T = decltype(tag);
+    const auto problem = curvature_step_problem<T>(P);
+    at::parallel_for(0, problem.rows, grain(problem.dim),
+                     [&](int64_t begin, int64_t end) { core::curvature_step_rows_cpu(problem, begin, end); });
+  });
+  finish_curvature_step(P, tangents);
+  return P.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
@@ -75,6 +88,7 @@ TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
   m.impl("logsumexp_hvp", &logsumexp_hvp_cpu);
   m.impl("fill_probes_", &fill_probes_cpu);
   m.impl("probe_dots", &probe_dots_cpu);
+  m.impl("curvature_step_", &curvature_step_cpu);
 }
 
 }  // namespace pykernels::ops

@@ -141,4 +141,38 @@ core::ProbeDotsProblem<T> probe_dots_problem(PackedProbeDots& P) {
           P.w.stride(1), P.v.size(0),   P.v.size(1),   P.v.size(2),   typed_mut<T>(P.out)};
 }
 
+// ---- curvature_step_ ----
+
+struct PackedCurvatureStep {
+  at::Tensor tangents, d1, c2;  // [R, D] (the caller's, or a contiguous copy), [P, D], [P, D]
+  at::Tensor out;               // [R]
+};
+
+inline PackedCurvatureStep pack_curvature_step(const at::Tensor& tangents, const at::Tensor& d1, const at::Tensor& c2) {
+  TORCH_CHECK(tangents.dim() >= 1 && d1.dim() == tangents.dim() && d1.sizes() == c2.sizes() &&
+                  d1.sizes().slice(1) == tangents.sizes().slice(1),
+              "curvature_step_: tangents must be [R, *shape] and d1, c2 [P, *shape], got ", tangents.sizes(), ", ",
+              d1.sizes(), " and ", c2.sizes());
+  const int64_t R = tangents.size(0), P = d1.size(0);
+  TORCH_CHECK(P > 0 ? R % P == 0 : R == 0, "curvature_step_: the ", R, " tangent rows are not a multiple of the ", P,
+              " factor rows");
+  TORCH_CHECK(d1.scalar_type() == tangents.scalar_type() && c2.scalar_type() == tangents.scalar_type() &&
+                  d1.device() == tangents.device() && c2.device() == tangents.device(),
+              "curvature_step_: d1 and c2 must match tangents in dtype and device");
+  const int64_t D = c10::multiply_integers(tangents.sizes().slice(1));
+  return {tangents.contiguous().view({R, D}), d1.contiguous().view({P, D}), c2.contiguous().view({P, D}),
+          at::empty({R}, tangents.options())};
+}
+
+// A strided `tangents` was computed in a contiguous copy: write it back.
+inline void finish_curvature_step(const PackedCurvatureStep& P, at::Tensor& tangents) {
+  if (P.tangents.data_ptr() != tangents.data_ptr()) tangents.copy_(P.tangents.view(tangents.sizes()));
+}
+
+template <typename T>
+core::CurvatureStepProblem<T> curvature_step_problem(PackedCurvatureStep& P) {
+  return {typed_mut<T>(P.tangents), typed<T>(P.d1),     typed<T>(P.c2), P.tangents.size(0), P.d1.size(0),
+          P.tangents.size(1),       typed_mut<T>(P.out)};
+}
+
 }  // namespace pykernels::ops

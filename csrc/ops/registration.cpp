@@ -51,6 +51,7 @@ TORCH_LIBRARY(pykernels, m) {
   m.def("logsumexp_hvp(Tensor logits, Tensor tangents) -> (Tensor, Tensor, Tensor)");
   m.def("fill_probes_(Tensor(a!) out, int seed, int offset, str kind) -> ()");
   m.def("probe_dots(Tensor v, Tensor w) -> Tensor");
+  m.def("curvature_step_(Tensor(a!) tangents, Tensor d1, Tensor c2) -> Tensor");
 
   // Model selection: row-wise Pearson distances, Spearman with average ranks, and PARC's fused
   // distance -> rank -> correlation against same/different-class labels (docs:

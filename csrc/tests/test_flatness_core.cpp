@@ -180,6 +180,27 @@ static void test_probe_dots() {
     }
 }
 
+static void test_curvature_step() {
+  const int64_t R = 6, P = 3, D = 37;  // D odd: a vector remainder; dyadic values: exact sums
+  std::vector<float> t(R * D), d1(P * D), c2(P * D), out(R);
+  for (size_t i = 0; i < t.size(); ++i) t[i] = float(int(i % 9) - 4) / 4.f;
+  for (size_t i = 0; i < d1.size(); ++i) d1[i] = float(int(i % 5) - 2) / 2.f;
+  for (size_t i = 0; i < c2.size(); ++i) c2[i] = float(int(i % 7) - 3) / 8.f;
+  const std::vector<float> before = t;
+  CurvatureStepProblem<float> p{t.data(), d1.data(), c2.data(), R, P, D, out.data()};
+  curvature_step_rows_cpu(p, 0, R);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t f = (r % P) * D;
+    double expect = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      const double v = before[r * D + j];
+      expect += double(c2[f + j]) * v * v;
+      CHECK(t[r * D + j] == float(v * d1[f + j]), "tangent r%lld j%lld", (long long)r, (long long)j);
+    }
+    CHECK(out[r] == float(expect), "term r%lld: %g vs %g", (long long)r, double(out[r]), expect);
+  }
+}
+
 int main() {
   test_energy_special_values();
   test_energy_rows<double>("double", 1e-15);
@@ -190,6 +211,7 @@ int main() {
   test_probe_known_answers();
   test_probe_statistics_and_offsets();
   test_probe_dots();
+  test_curvature_step();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;

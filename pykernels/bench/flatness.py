@@ -32,7 +32,8 @@ flatness_first_call  the same traces on a model seen for the first time (a deep 
     process is warm (torch._dynamo imported: its first import costs about 1.5 s, once).
 flatness_hvp_compiled  one HVP and one gradient, each under torch.compile (the energy in
     its reference form, which Inductor fuses; our ops have no forward-mode rule there).
-energy / logsumexp_hvp / fill_probes / probe_dots  the kernels against plain PyTorch.
+energy / logsumexp_hvp / fill_probes / probe_dots / curvature_step
+                      the kernels against plain PyTorch.
 """
 
 from __future__ import annotations
@@ -512,6 +513,30 @@ def _kernel_cases(ctx: BenchContext, ours: list[str]) -> list[Case]:
             bytes_read=2 * v.numel() * 4,
         )
     )
+    # An activation's tangents in the forward-adjoint pass: S * B rows, factors per example. d1 is
+    # +-1 so that the repeated in-place scaling keeps the tangents' magnitude.
+    S, B, width = (32, 64, 1024) if big else (32, 16, 1024)
+    t = torch.randn(S * B, width, generator=g).to(dev)
+    d1 = (torch.randint(0, 2, (B, width), generator=g) * 2 - 1).float().to(dev)
+    c2 = torch.randn(B, width, generator=g).to(dev)
+
+    def torch_ops():  # what the pass did before the kernel: a temporary the size of t
+        rows = t.view(S, B, width)
+        term = (c2 * rows).mul_(rows).sum(-1)
+        rows.mul_(d1)
+        return term
+
+    cases.append(
+        Case(
+            op="curvature_step",
+            shape=f"S={S} B={B} width={width}",
+            dtype="float32",
+            implementations={b: (lambda b=b: flatness.ops.curvature_step_(t, d1, c2, backend=b)) for b in ours},
+            baselines={"torch ops": torch_ops},
+            bytes_read=t.numel() * 4,
+            notes="bytes: the tangents, read once and written once in place (factors: per example, cached)",
+        )
+    )
     return cases
 
 
@@ -528,6 +553,7 @@ OPS = (
     "logsumexp_hvp",
     "fill_probes",
     "probe_dots",
+    "curvature_step",
 )
 
 

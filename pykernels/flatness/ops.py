@@ -29,6 +29,11 @@ rounded); float64 Gaussians agree to about one ulp (each platform's log / cos).
 probe_dots(v, w)[s, b] = v[s, b] . w[s, b] over the flattened trailing dims: the
 per-example quadratic forms v . Hv of Hutchinson-type estimators.
 
+curvature_step_(t, d1, c2) is one elementwise activation of the forward-adjoint tangent
+pass (pykernels/flatness/_forward_adjoint.py) in one read and one write of the tangents:
+sum c2 t^2 per row, then t *= d1 in place. It has vmap rules (the pass runs under vmap)
+and no autograd.
+
 Supported dtypes: energy float32 / float64 / float16 / bfloat16 (16-bit inputs
 compute in float32); the others float32 / float64.
 """
@@ -262,6 +267,31 @@ def probe_dots(v: torch.Tensor, w: torch.Tensor, *, backend: Optional[str] = Non
     name, kernels = _kernels("probe_dots", v.device, backend)
     v, w = v.reshape(S, B, D), w.reshape(S, B, D)
     return _ProbeDots.apply(v, w, kernels) if _eager(name) else kernels.probe_dots(v, w)
+
+
+def curvature_step_(
+    tangents: torch.Tensor, d1: torch.Tensor, c2: torch.Tensor, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """One elementwise op y = sigma(a) of a forward tangent pass, fused and in place: returns
+    sum c2 t^2 over the trailing dims of each row of tangents t [R, ...] (the op's term of
+    v . H v) and overwrites t with d1 * t (the tangents of y). d1 = sigma'(a) and
+    c2 = lambda * sigma''(a) are [P, ...] with R a multiple of P: row r uses factor row r % P
+    (P = B for [S * B, ...] tangents of B examples). Strided tangents are computed in a
+    contiguous copy and written back."""
+    check_tensor("tangents", tangents, dtypes=REAL_DTYPES)
+    if tangents.dim() == 0:
+        raise ValueError("tangents must be [R, ...], got a 0-dim tensor")
+    for name, factor in (("d1", d1), ("c2", c2)):
+        check_tensor(name, factor, ndim=tangents.dim(), dtypes=(tangents.dtype,), device=tangents.device)
+        if factor.shape[1:] != tangents.shape[1:] or factor.shape != d1.shape:
+            raise ValueError(
+                f"d1 and c2 must be [P, *tangents.shape[1:]] with tangents {tuple(tangents.shape)}, "
+                f"got {tuple(d1.shape)} and {tuple(c2.shape)}"
+            )
+    R, P = tangents.shape[0], d1.shape[0]
+    if R % P if P else R:
+        raise ValueError(f"the {R} tangent rows are not a multiple of the {P} factor rows")
+    return _backend.resolve("curvature_step_", tangents.device, backend)(tangents, d1, c2)
 
 
 def _check_seed(seed) -> None:

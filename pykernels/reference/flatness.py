@@ -134,6 +134,18 @@ def probe_dots(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (v * w).flatten(2).sum(-1)
 
 
+def curvature_step_(tangents: torch.Tensor, d1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """One elementwise op y = sigma(a) of a forward tangent pass, in place. tangents [R, *shape]
+    are the tangents t of a; d1, c2 [P, *shape] (R a multiple of P; row r uses factor row r % P)
+    hold sigma'(a) and lambda * sigma''(a). Returns out[r] = sum c2 t^2 over the trailing dims
+    (that op's term of v . H v) and overwrites the tangents with d1 * t (those of y)."""
+    R, P = tangents.shape[0], d1.shape[0]
+    t = tangents.unflatten(0, (R // P if P else 0, P))  # a view: the writes reach tangents
+    out = (c2 * t * t).reshape(R, math.prod(tangents.shape[1:])).sum(-1)
+    t.mul_(d1)
+    return out
+
+
 def probe_dots_vjp(v, w, grad):
     """(d v, d w) of probe_dots given the output's gradient."""
     return grad.unsqueeze(-1) * w, grad.unsqueeze(-1) * v

@@ -1,7 +1,8 @@
 """Triton flatness kernels, the same arithmetic as csrc/core/flatness.h, registered
-as custom ops pykernels::{energy, logsumexp_hvp, fill_probes_, probe_dots}_triton
-(custom_op + explicit fake kernels, testable under TRITON_INTERPRET=1), with the
-autograd and vmap rules of the compiled ops (pykernels/_ops.py)."""
+as custom ops pykernels::{energy, logsumexp_hvp, probe_dots}_triton and the in-place
+pykernels::{fill_probes, curvature_step}_triton_ (custom_op + explicit fake kernels,
+testable under TRITON_INTERPRET=1), with the autograd and vmap rules of the compiled ops
+(pykernels/_ops.py)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,22 @@ def _probe_dots_kernel(v_ptr, w_ptr, out_ptr, B, D, v_ss, v_sb, w_ss, w_sb, ACC:
     tl.store(out_ptr + r, tl.sum(acc, axis=0))
 
 
+@triton.jit
+def _curvature_step_kernel(t_ptr, d1_ptr, c2_ptr, out_ptr, P, D, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    f = r % P  # the factor row
+    acc = tl.zeros([BLOCK_D], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        ok = ds < D
+        t = tl.load(t_ptr + r * D + ds, mask=ok, other=0.0)
+        c2 = tl.load(c2_ptr + f * D + ds, mask=ok, other=0.0)
+        d1 = tl.load(d1_ptr + f * D + ds, mask=ok, other=0.0)
+        acc += (c2 * t * t).to(ACC)
+        tl.store(t_ptr + r * D + ds, t * d1, mask=ok)
+    tl.store(out_ptr + r, tl.sum(acc, axis=0))
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., K] -> [N, K] with a unit-stride last dim (a view when possible)."""
     K = t.shape[-1]
@@ -247,4 +264,26 @@ def probe_dots_triton(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_ops.register_triton_twins("energy", "logsumexp_hvp", "fill_probes_", "probe_dots")
+@torch.library.custom_op("pykernels::curvature_step_triton_", mutates_args=("tangents",))
+def curvature_step_triton_(tangents: torch.Tensor, d1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    R, P = tangents.shape[0], d1.shape[0]
+    D = math.prod(tangents.shape[1:])
+    rows = tangents.contiguous()  # a strided tangents: computed in a copy, written back below
+    out = torch.empty(R, dtype=tangents.dtype, device=tangents.device)
+    if R:
+        _curvature_step_kernel[(R,)](
+            rows,
+            d1.contiguous(),
+            c2.contiguous(),
+            out,
+            P,
+            D,
+            ACC=_ACC.get(tangents.dtype, tl.float32),
+            BLOCK_D=min(4096, triton.next_power_of_2(max(D, 1))),
+        )
+    if rows is not tangents:
+        tangents.copy_(rows)
+    return out
+
+
+_ops.register_triton_twins("energy", "logsumexp_hvp", "fill_probes_", "probe_dots", "curvature_step_")

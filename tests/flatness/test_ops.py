@@ -51,6 +51,17 @@ def test_reference_energy_and_hvp_by_hand():
     torch.testing.assert_close(h[0], torch.tensor([[0.25, -0.25], [-0.75, 0.75]], dtype=torch.float64))
 
 
+def test_reference_curvature_step_by_hand():
+    t = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]], dtype=torch.float64)
+    d1 = torch.tensor([[2.0, 0.5], [1.0, -1.0]], dtype=torch.float64)  # P = 2: rows 0, 2 | 1, 3
+    c2 = torch.tensor([[1.0, -1.0], [0.5, 0.0]], dtype=torch.float64)
+    q = R.curvature_step_(t, d1, c2)
+    # sum c2 t^2: 1 - 4, 0.5 * 9, 25 - 36, 0.5 * 49; then t *= d1 (in place)
+    torch.testing.assert_close(q, torch.tensor([-3.0, 4.5, -11.0, 24.5], dtype=torch.float64))
+    expect = torch.tensor([[2.0, 1.0], [3.0, -4.0], [10.0, 3.0], [7.0, -8.0]], dtype=torch.float64)
+    torch.testing.assert_close(t, expect)
+
+
 def test_reference_hvp_is_the_logsumexp_hessian():
     z = randn(6, seed=1)
     H = torch.autograd.functional.hessian(lambda z: torch.logsumexp(z, 0), z)
@@ -225,6 +236,89 @@ def test_probe_dots_match_reference(backend, dtype):
         torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=tol * scale)
 
 
+def curvature_cases(dtype, device):
+    """(tangents, d1, c2): odd widths, a multi-dim row shape, P < R, P = R, P = 1, empty, and
+    strided tangents (written back from a copy)."""
+    for rows, period, shape, seed in ((12, 4, (5, 7), 1), (8, 8, (300,), 4), (3, 1, (5001,), 7), (0, 0, (4,), 10)):
+        yield (
+            randn(rows, *shape, seed=seed, dtype=dtype, device=device),
+            randn(period, *shape, seed=seed + 1, dtype=dtype, device=device),
+            randn(period, *shape, seed=seed + 2, dtype=dtype, device=device),
+        )
+    strided = randn(9, 2, 6, seed=13, dtype=dtype, device=device).transpose(1, 2)
+    yield (
+        strided,
+        randn(3, 6, 2, seed=14, dtype=dtype, device=device),
+        randn(3, 6, 2, seed=15, dtype=dtype, device=device),
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_curvature_step_matches_reference(backend, dtype):
+    device = backend_device(backend)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    for t, d1, c2 in curvature_cases(dtype, device):
+        expect_t = t.cpu().double().clone()
+        scale = R.curvature_step_(expect_t.abs(), d1.cpu().double(), c2.cpu().double().abs())  # sum |c2| t^2
+        expect_q = R.curvature_step_(expect_t, d1.cpu().double(), c2.cpu().double())
+        q = ops.curvature_step_(t, d1, c2, backend=backend)
+        assert q.shape == (t.shape[0],) and q.dtype == dtype
+        assert ((q.cpu().double() - expect_q).abs() <= tol * scale).all(), (q, expect_q)
+        torch.testing.assert_close(t.cpu().double(), expect_t, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_curvature_step_under_vmap(backend):
+    """The layouts of the forward-adjoint pass: examples and probes vmapped with factors per
+    example (nested), factors shared by every row (one level), factors batched with the
+    tangents at another period (repeated), and tangents batched along a non-leading dim (copied
+    back). Each writes the tangents in place as the op does without vmap."""
+    device = device_of(backend)
+    S, B, shape = 3, 4, (2, 5)
+    step = lambda t, d, c: ops.curvature_step_(t.unsqueeze(0), d.unsqueeze(0), c.unsqueeze(0), backend=backend)[0]
+    d1, c2 = randn(B, *shape, seed=1, device=device), randn(B, *shape, seed=2, device=device)
+
+    t = randn(S, B, *shape, seed=3, device=device)
+    expect_t = t.clone()
+    expect_q = R.curvature_step_(expect_t.view(S * B, *shape), d1, c2).view(S, B)
+    q = vmap(vmap(step), in_dims=(0, None, None))(t, d1, c2)
+    torch.testing.assert_close(q, expect_q)
+    torch.testing.assert_close(t, expect_t)
+
+    t = randn(S, *shape, seed=4, device=device)
+    expect_t = t.clone()
+    expect_q = R.curvature_step_(expect_t, d1[:1], c2[:1])
+    torch.testing.assert_close(vmap(step, in_dims=(0, None, None))(t, d1[0], c2[0]), expect_q)
+    torch.testing.assert_close(t, expect_t)
+
+    # rows of 2 per vmap entry against 1 factor row each: the factors are repeated
+    t = randn(B, 2, *shape, seed=5, device=device)
+    expect_t = t.clone()
+    expect_q = torch.stack([R.curvature_step_(expect_t[b], d1[b : b + 1], c2[b : b + 1]) for b in range(B)])
+    batched = lambda t, d, c: ops.curvature_step_(t, d.unsqueeze(0), c.unsqueeze(0), backend=backend)
+    torch.testing.assert_close(vmap(batched)(t, d1, c2), expect_q)
+    torch.testing.assert_close(t, expect_t)
+
+    t = randn(*shape[:1], B, *shape[1:], seed=6, device=device)  # the vmap dim second
+    expect_t = t.clone()
+    expect_q = torch.stack(
+        [R.curvature_step_(expect_t[:, b].unsqueeze(0), d1[b : b + 1], c2[b : b + 1])[0] for b in range(B)]
+    )
+    torch.testing.assert_close(vmap(step, in_dims=(1, 0, 0))(t, d1, c2), expect_q)
+    torch.testing.assert_close(t, expect_t)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_curvature_step_refuses_batched_factors_for_unbatched_tangents(backend):
+    device = backend_device(backend)
+    t, d1 = randn(1, 3, device=device), randn(2, 1, 3, device=device)
+    before = t.clone()
+    with pytest.raises(RuntimeError, match="would write batched values into unbatched tangents"):
+        vmap(lambda d: ops.curvature_step_(t, d, d, backend=backend))(d1)
+    assert torch.equal(t, before)
+
+
 # ---------------------------------------------------------------- autograd in every mode
 
 
@@ -362,6 +456,21 @@ def test_torch_compile_backward_through_registered_autograd(backend):
             lambda: ops.probe_dots(torch.ones(2, 3, 4), torch.ones(2, 3, 5)),
             ValueError,
             r"w must have the shape of v \(2, 3, 4\), got \(2, 3, 5\)",
+        ),
+        (
+            lambda: ops.curvature_step_(torch.ones(6, 4), torch.ones(4, 4), torch.ones(4, 4)),
+            ValueError,
+            "the 6 tangent rows are not a multiple of the 4 factor rows",
+        ),
+        (
+            lambda: ops.curvature_step_(torch.ones(6, 4), torch.ones(2, 4), torch.ones(2, 5)),
+            ValueError,
+            r"d1 and c2 must be \[P, \*tangents.shape\[1:\]\] with tangents \(6, 4\), got \(2, 4\) and \(2, 5\)",
+        ),
+        (
+            lambda: ops.curvature_step_(torch.ones(6, 4), torch.ones(2, 4, dtype=torch.float64), torch.ones(2, 4)),
+            TypeError,
+            r"d1 must have dtype in \(float32\)",
         ),
         (lambda: ops.energy(torch.ones(2, 3), backend="gpu"), ValueError, "backend must be one of"),
     ],

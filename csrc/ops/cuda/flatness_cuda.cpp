@@ -50,6 +50,17 @@ at::Tensor probe_dots_cuda(const at::Tensor& v, const at::Tensor& w) {
   return P.out;
 }
 
+at::Tensor curvature_step_cuda(at::Tensor& tangents, const at::Tensor& d1, const at::Tensor& c2) {
+  expect_cuda(tangents, "curvature_step_");
+  const c10::cuda::CUDAGuard guard(tangents.device());
+  PackedCurvatureStep P = pack_curvature_step(tangents, d1, c2);
+  visit_real_dtype(tangents.scalar_type(), "curvature_step_", "tangents", [&](auto tag) {
+    core::curvature_step_cuda(curvature_step_problem<decltype(tag)>(P), current_stream());
+  });
+  finish_curvature_step(P, tangents);
+  return P.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
@@ -57,6 +68,7 @@ TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("logsumexp_hvp", &logsumexp_hvp_cuda);
   m.impl("fill_probes_", &fill_probes_cuda);
   m.impl("probe_dots", &probe_dots_cuda);
+  m.impl("curvature_step_", &curvature_step_cuda);
 }
 
 }  // namespace pykernels::ops
