@@ -12,13 +12,13 @@ and one reverse pass per example, shared by every probe, gives the adjoints:
 forward-over-reverse also runs the tangent backward (about as many FLOPs again).
 Elementwise ops with one x-dependent input (GELU, SiLU, tanh, softplus, ...) get
 sigma'(a) and lambda * sigma''(a) computed once (closed forms for the common activations,
-nested forward mode for the rest), so each probe costs them three multiplies (in place
-where the pass owns the input's tangent). Products of two x-dependent factors (matmul,
-convolution, mul, BatchNorm in eval mode: B(t_a, t_b) once more), softmax, log_softmax,
-logsumexp and LayerNorm have direct rules, and so has max pooling (the tangent gathered at
-the primal's indices); any other op runs through jvp, and a curved one gets its term by
-forward-over-reverse on that op alone (not nested jvp: PyTorch 2.13's forward-over-forward
-through native_layer_norm is wrong).
+nested forward mode for the rest), so each probe costs them one read and one write of its
+tangent (ops.curvature_step_, in place where the pass owns the input's tangent). Products
+of two x-dependent factors (matmul, convolution, mul, BatchNorm in eval mode: B(t_a, t_b)
+once more), softmax, log_softmax, logsumexp and LayerNorm have direct rules, and so has max
+pooling (the tangent gathered at the primal's indices); any other op runs through jvp, and a
+curved one gets its term by forward-over-reverse on that op alone (not nested jvp: PyTorch
+2.13's forward-over-forward through native_layer_norm is wrong).
 
 Input Hessians (ForwardAdjointQuad): the graph is log p of one example, run per example
 under vmap, then per probe under vmap. Parameter Hessians (ParameterForwardAdjointQuad):
@@ -40,10 +40,12 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+from torch._C._functorch import _add_batch_dim, get_unwrapped, is_batchedtensor, maybe_get_bdim, maybe_get_level
 from torch.func import functional_call, functionalize, grad, jvp, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_leaves
 
+from . import ops
 from ._model import log_likelihood_fn
 from ._piecewise import _base_name, _is_piecewise_linear, _structure, per_model
 
@@ -446,9 +448,15 @@ class _Evaluator:
                 continue
             if n.name in d1:
                 t = tan[live[0]]
-                if n.name in c2:
-                    q = q + (c2[n.name] * t).mul_(t).sum()  # in place: see _pair_term
-                tan[n] = _scaled(t, d1[n.name], in_place=mine(live[0], n) and _same_layout(live[0], n))
+                in_place = mine(live[0], n) and _same_layout(live[0], n)
+                term = _fused_step(t, d1[n.name], c2[n.name]) if in_place and n.name in c2 else None
+                if term is not None:
+                    q = q + term
+                    tan[n] = t
+                else:
+                    if n.name in c2:
+                        q = q + (c2[n.name] * t).mul_(t).sum()  # in place: see _pair_term
+                    tan[n] = _scaled(t, d1[n.name], in_place=in_place)
                 owned.add(n)
                 continue
             direct = _linear_tangent(n, env, tan, live, in_place=[a for a in live if mine(a, n)])
@@ -675,6 +683,55 @@ def _scaled(t: torch.Tensor, d: torch.Tensor, in_place: bool) -> torch.Tensor:
         except RuntimeError:  # vmap refuses before writing: t is batched on fewer levels than d
             pass
     return d * t
+
+
+def _fused_step(t: torch.Tensor, d1: torch.Tensor, c2: torch.Tensor) -> Optional[torch.Tensor]:
+    """sum c2 t^2, with t overwritten by d1 * t, in one pass (ops.curvature_step_: no temporary
+    the size of t, whose page faults cost several times the arithmetic on a CPU); None, with t
+    untouched, where the kernel does not apply (16-bit, or t batched on fewer vmap levels than
+    the factors) or is not known to win: on a GPU the caching allocator has no page faults to
+    save, and the CUDA and Triton kernels have not been timed on one yet."""
+    if t.device.type != "cpu" or t.dtype not in ops.REAL_DTYPES:
+        return None
+    direct = _unbatched_step(t, d1, c2)
+    if direct is not None:
+        return direct
+    try:
+        return ops.curvature_step_(t.unsqueeze(0), d1.unsqueeze(0), c2.unsqueeze(0))[0]
+    except RuntimeError:  # refused before writing: see _ops._curvature_step_vmap
+        return None
+
+
+def _levels(x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """x's plain tensor under its vmap wrappers, and their levels, innermost vmap first."""
+    levels = []
+    while is_batchedtensor(x):
+        if maybe_get_bdim(x) != 0:
+            return x, None
+        levels.append(maybe_get_level(x))
+        x = get_unwrapped(x)
+    return x, levels
+
+
+def _unbatched_step(t: torch.Tensor, d1: torch.Tensor, c2: torch.Tensor) -> Optional[torch.Tensor]:
+    """The kernel called once on the tensors under the vmap wrappers, in the layout the pass
+    makes (every vmap dim leading, the factors batched over the inner levels of t's): the op's
+    vmap rules cost about 0.1 ms of Python per level and call, as much as the kernel. None in
+    any other layout."""
+    t_plain, t_levels = _levels(t)
+    d1_plain, d1_levels = _levels(d1)
+    c2_plain, c2_levels = _levels(c2)
+    if not t_levels or d1_levels != c2_levels or d1_levels is None or t_levels[: len(d1_levels)] != d1_levels:
+        return None
+    if not (t_plain.is_contiguous() and t.numel() and d1.shape == c2.shape == t.shape):
+        return None
+    width = t.numel()  # per example, as vmap shows it
+    rows = t_plain.view(-1, width)
+    q = ops.curvature_step_(rows, d1_plain.reshape(-1, width), c2_plain.reshape(-1, width))
+    q = q.view(t_plain.shape[: len(t_levels)])
+    for level in reversed(t_levels):  # the outermost vmap's dim first
+        q = _add_batch_dim(q, 0, level)
+    return q
 
 
 def _linear_tangent(n: torch.fx.Node, env: dict, tan: dict, live: list, in_place=()):

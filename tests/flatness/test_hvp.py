@@ -734,13 +734,18 @@ def test_forward_adjoint_writes_in_place_only_into_tangents_it_alone_holds(monke
     into a tangent another op still reads. Input and parameter space, against double backward."""
     from pykernels.flatness import _forward_adjoint
 
-    flags, scaled = [], _forward_adjoint._scaled
+    flags, scaled, fused = [], _forward_adjoint._scaled, _forward_adjoint._fused_step
 
     def recorded(t, d, in_place):
         flags.append(in_place)
         return scaled(t, d, in_place)
 
+    def recorded_fused(t, d1, c2):  # called only where the pass may write into t
+        flags.append(True)
+        return fused(t, d1, c2)
+
     monkeypatch.setattr(_forward_adjoint, "_scaled", recorded)
+    monkeypatch.setattr(_forward_adjoint, "_fused_step", recorded_fused)
     model, x = _SharedTangents().double().eval(), inputs()
     V = probes(3, x)
     kept = V.clone()
@@ -761,6 +766,40 @@ def test_forward_adjoint_writes_in_place_only_into_tangents_it_alone_holds(monke
     assert torch.equal(W, kept)
     expect = _parameter_quads_by_double_backward(model, loss_fn, x, y, W)
     assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item()
+
+
+def test_forward_adjoint_runs_each_activation_as_one_kernel_call_on_the_unwrapped_tensors(monkeypatch):
+    """The curved activations whose tangent the pass owns run as one curvature_step_ call on the
+    tensors under the vmap wrappers (_unbatched_step), in input space (probes and examples
+    vmapped) and parameter space (probes vmapped); the values equal double backward."""
+    from pykernels.flatness import _forward_adjoint
+
+    direct, unbatched = [], _forward_adjoint._unbatched_step
+
+    def recorded(t, d1, c2):
+        out = unbatched(t, d1, c2)
+        direct.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_forward_adjoint, "_unbatched_step", recorded)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 24), nn.Tanh(), nn.Linear(24, 24), nn.GELU(), nn.Linear(24, 5))
+    model, x = model.double().eval(), inputs()
+    V = probes(4, x)
+    expect = _quads_by_double_backward(model, x, V)
+    got = _forward_adjoint_quads(model, x, V)
+    assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item()
+    assert direct == [True, True]
+
+    direct.clear()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    y, loss_fn = torch.arange(x.shape[0]) % 5, nn.CrossEntropyLoss()
+    W = torch.randn(3, sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(3))
+    got = ParameterHessian(model, loss_fn, x, y, method="forward-adjoint").quad(W.double().unsqueeze(1))
+    expect = _parameter_quads_by_double_backward(model, loss_fn, x, y, W.double())
+    assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item()
+    assert direct and all(direct)
 
 
 @pytest.mark.parametrize(
