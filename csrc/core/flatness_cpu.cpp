@@ -166,7 +166,7 @@ PK_INLINE void logsumexp_hvp_rows(const LseHvpProblem<T>& p, int64_t row_begin, 
 }
 
 template <typename T>
-void fill_probes_cpu(T* out, int64_t begin, int64_t end, uint64_t seed, uint64_t offset, ProbeKind kind) {
+PK_INLINE void fill_probes(T* out, int64_t begin, int64_t end, uint64_t seed, uint64_t offset, ProbeKind kind) {
   const ProbeKey key = probe_key(seed);
   // Elements whose index shares its high 32 bits share probe_bits' block key: hoist
   // it, so the inner loops are pure 32-bit integer arithmetic (vectorised).
@@ -245,9 +245,22 @@ PK_ROWS_ENTRY(probe_dots_rows_cpu, probe_dots_rows, ProbeDotsProblem, double)
 PK_ROWS_ENTRY(curvature_step_rows_cpu, curvature_step_rows, CurvatureStepProblem, float)
 PK_ROWS_ENTRY(curvature_step_rows_cpu, curvature_step_rows, CurvatureStepProblem, double)
 #undef PK_ROWS_ENTRY
-#undef PK_INLINE
 
-template void fill_probes_cpu(float*, int64_t, int64_t, uint64_t, uint64_t, ProbeKind);
-template void fill_probes_cpu(double*, int64_t, int64_t, uint64_t, uint64_t, ProbeKind);
+// The Rademacher hash vectorises (32-bit integer multiplies); the Gaussians' log and cos are libm calls.
+#define PK_FILL_ENTRY(T)                                                                                     \
+  namespace {                                                                                                \
+  PK_CPU_CLONES void fill_probes_simd(T* out, int64_t begin, int64_t end, uint64_t seed, uint64_t offset,    \
+                                      ProbeKind kind) {                                                      \
+    fill_probes(out, begin, end, seed, offset, kind);                                                        \
+  }                                                                                                          \
+  }                                                                                                          \
+  template <>                                                                                                \
+  void fill_probes_cpu(T* out, int64_t begin, int64_t end, uint64_t seed, uint64_t offset, ProbeKind kind) { \
+    fill_probes_simd(out, begin, end, seed, offset, kind);                                                   \
+  }
+PK_FILL_ENTRY(float)
+PK_FILL_ENTRY(double)
+#undef PK_FILL_ENTRY
+#undef PK_INLINE
 
 }  // namespace pykernels::core
