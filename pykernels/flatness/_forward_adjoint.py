@@ -418,8 +418,12 @@ class _Evaluator:
                 c2[n.name] = (adjoint * second).contiguous()
         return out.detach(), (values, adjoints, d1, c2)
 
-    def quad(self, tangents: tuple, values: dict, adjoints: dict, d1: dict, c2: dict) -> torch.Tensor:
-        """v . H v for the seed tangents v (under vmap over probes, and examples if per example)."""
+    def quad(
+        self, tangents: tuple, values: dict, adjoints: dict, d1: dict, c2: dict, differentiable: bool = False
+    ) -> torch.Tensor:
+        """v . H v for the seed tangents v (under vmap over probes, and examples if per example).
+        differentiable: no in-place writes and no fused kernel, so that autograd can take the
+        gradient 2 H v of v . H v with respect to v (ForwardAdjointQuad.products)."""
         g = self.graph
         env = dict(self.constants)
         for n in g.seeds + g.steps:
@@ -430,7 +434,7 @@ class _Evaluator:
         # page faults than in arithmetic on a CPU (the allocator returns freed memory to the OS; on
         # the bench's tanh MLP a fresh 2 MB activation tangent took 0.9 ms, its multiply 0.07 ms).
         owned = set()
-        mine = lambda a, n: a in owned and g.sole_reader.get(a) is n
+        mine = lambda a, n: not differentiable and a in owned and g.sole_reader.get(a) is n
         q = tangents[0].new_zeros(())
         for i, n in enumerate(g.steps):
             for dead in g.dead_after[i - 1] if i else ():
@@ -454,8 +458,8 @@ class _Evaluator:
                     q = q + term
                     tan[n] = t
                 else:
-                    if n.name in c2:
-                        q = q + (c2[n.name] * t).mul_(t).sum()  # in place: see _pair_term
+                    if n.name in c2:  # in place on the temporary (see _pair_term) unless differentiated
+                        q = q + ((c2[n.name] * t) * t if differentiable else (c2[n.name] * t).mul_(t)).sum()
                     tan[n] = _scaled(t, d1[n.name], in_place=in_place)
                 owned.add(n)
                 continue
@@ -600,13 +604,25 @@ class ForwardAdjointQuad:
         key = _graph_key(self.model, self.x)
         return checked_against(self._log_p, prepare, lambda: forget(_graphs, self.model, key))
 
-    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+    def __call__(self, V: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         """V [S, B, ...] (x's shape after S) -> [S, B]."""
         if self._state is None:
             self._state = self._prepared()
-        one = lambda vb, *state: self._evaluator.quad((vb,), *state)
+        one = lambda vb, *state: self._evaluator.quad((vb,), *state, differentiable=differentiable)
         per_probe = vmap(one, in_dims=(0, 0, 0, 0, 0))
         return vmap(per_probe, in_dims=(0, None, None, None, None))(V, *self._state)
+
+    def products(self, V: torch.Tensor) -> torch.Tensor:
+        """H_b v for V [S, B, ...]: half the gradient of v . H v with respect to v, by autograd
+        through the tangent pass (its transposed linear maps plus the second-order terms: about
+        the FLOPs of one more tangent pass, against double backward's recomputed derivatives)."""
+        V = V.detach().requires_grad_()
+        with torch.enable_grad():
+            quads = self(V, differentiable=True)
+            if not quads.requires_grad:  # no term depends on v: nothing curved reaches log p, H = 0
+                return torch.zeros_like(V)
+            (twice,) = torch.autograd.grad(quads.sum(), V)
+        return twice.mul_(0.5)
 
 
 class ParameterForwardAdjointQuad:

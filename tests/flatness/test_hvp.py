@@ -81,8 +81,9 @@ def test_auto_method_picks_gauss_newton_only_for_piecewise_linear_models_and_man
 
 @pytest.mark.parametrize("family", list(SMOOTH_FAMILIES))
 def test_every_exact_method_equals_double_backward_on_each_smooth_family(family):
-    """forward-over-reverse, auto (few and many vectors) and the measures built on them equal
-    double backward and the dense Hessian in float64, BatchNorm-eval and attention included."""
+    """forward-over-reverse, forward-adjoint's products, auto (few and many vectors) and the
+    measures built on them equal double backward and the dense Hessian in float64, BatchNorm-eval
+    and attention included."""
     model, x = SMOOTH_FAMILIES[family](), inputs()
     with twice_differentiable():
         dense = dense_hessians(model, x)
@@ -94,6 +95,7 @@ def test_every_exact_method_equals_double_backward_on_each_smooth_family(family)
     for method, vectors in (
         ("forward-over-reverse", V),
         ("forward-over-reverse-per-example", V),
+        ("forward-adjoint", V),
         ("auto", V),
         ("auto", V[:2]),
     ):
@@ -117,25 +119,33 @@ def tanh_knobs():
     _TanhBackward.backward_item = False
 
 
-@pytest.mark.parametrize(
-    "slow, expect", [("_forward_over_reverse", "double-backward"), ("_double_backward", "forward-over-reverse")]
-)
-def test_auto_times_the_exact_methods_and_keeps_the_fastest(monkeypatch, slow, expect):
+EXACT_PRODUCTS = {
+    "double-backward": "_double_backward",
+    "forward-over-reverse": "_forward_over_reverse",
+    "forward-adjoint": "_forward_adjoint_products",
+}
+
+
+@pytest.mark.parametrize("expect", list(EXACT_PRODUCTS))
+def test_auto_times_the_exact_methods_and_keeps_the_fastest(monkeypatch, expect):
     """With many vectors on a smooth net, "auto" runs double backward untimed on the model's first
     operator, then times the exact methods on the second one's chunk and keeps the fastest: make
-    the forward-over-reverse ones (both batchings) or double backward 0.3 s slower and one of the
-    others must be chosen, give the same products, and be reused from the cache without timing
-    again."""
+    every product method but one (forward-over-reverse: both batchings) 0.3 s slower and that one
+    must be chosen, give the same products, and be reused from the cache without timing again."""
     model, x = small_cnn(nn.Tanh), inputs()
     V = probes(FEW_VECTORS + 1, x)
     expect_values = flatness.hvp(model, x, V, method="double-backward")
-    original = getattr(InputHessian, slow)
 
-    def delayed(self, *args):
-        time.sleep(0.3)
-        return original(self, *args)
+    def delayed(original):
+        def slower(self, *args):
+            time.sleep(0.3)
+            return original(self, *args)
 
-    monkeypatch.setattr(InputHessian, slow, delayed)
+        return slower
+
+    for method, attribute in EXACT_PRODUCTS.items():
+        if method != expect:
+            monkeypatch.setattr(InputHessian, attribute, delayed(getattr(InputHessian, attribute)))
     with prepared(model, x):
         first = InputHessian(model, x)
         torch.testing.assert_close(first.matvec(V.flatten(2)).reshape(V.shape), expect_values)
@@ -144,20 +154,43 @@ def test_auto_times_the_exact_methods_and_keeps_the_fastest(monkeypatch, slow, e
         assert H.method == "auto"
         out = H.matvec(V.flatten(2))
         assert H.method.startswith(expect), H.timings
-        assert set(H.timings) == {"forward-over-reverse", "forward-over-reverse-per-example", "double-backward"}
+        assert set(H.timings) == {"forward-over-reverse", "forward-over-reverse-per-example", *EXACT_PRODUCTS}
         torch.testing.assert_close(out.reshape(V.shape), expect_values)
         again = InputHessian(model, x)
         again.matvec(V.flatten(2))
         assert again.method == H.method and again.timings is None  # from the cache, not timed again
 
 
+def test_auto_drops_forward_adjoint_products_that_differ_from_double_backward(monkeypatch):
+    """Timing keeps forward-adjoint's products only where they equal double backward's on the
+    timed chunk (its quadratic forms may agree while autograd misses a term of their gradient):
+    products made 1.5x too large, and the fastest, must be dropped with a warning."""
+    from pykernels.flatness._forward_adjoint import ForwardAdjointQuad
+
+    model, x = small_cnn(nn.Tanh, seed=11), inputs()
+    V = probes(FEW_VECTORS + 1, x)
+    expect = flatness.hvp(model, x, V, method="double-backward")
+    products, backward = ForwardAdjointQuad.products, InputHessian._double_backward
+    monkeypatch.setattr(ForwardAdjointQuad, "products", lambda self, V: 1.5 * products(self, V))
+    monkeypatch.setattr(InputHessian, "_double_backward", lambda self, Vx: time.sleep(0.2) or backward(self, Vx))
+    with prepared(model, x):
+        InputHessian(model, x).matvec(V.flatten(2))  # the first operator: double backward, untimed
+        H = InputHessian(model, x)
+        with pytest.warns(RuntimeWarning, match="forward-adjoint products differ from double backward"):
+            out = H.matvec(V.flatten(2))
+    assert "forward-adjoint" not in H.timings and H.method != "forward-adjoint", H.timings
+    torch.testing.assert_close(out.reshape(V.shape), expect)
+
+
 def test_auto_timing_is_not_decided_by_a_one_off_cost_of_the_method_timed_first(monkeypatch):
     """The method timed first pays one-off costs (allocator growth, the first transform call).
-    Forward-over-reverse pays 1 s once, double backward 0.3 s on every call: forward-over-reverse
-    is the faster method and must be kept (a single timing round kept double backward)."""
+    Forward-over-reverse pays 1 s once, double backward and forward-adjoint 0.3 s on every call:
+    forward-over-reverse is the faster method and must be kept (a single timing round kept double
+    backward)."""
     model, x = small_cnn(nn.Tanh, seed=7), inputs()
     V = probes(FEW_VECTORS + 1, x)
     forward, backward = InputHessian._forward_over_reverse, InputHessian._double_backward
+    adjoint = InputHessian._forward_adjoint_products
     calls = []
 
     def forward_once_slow(self, *args):
@@ -171,7 +204,13 @@ def test_auto_timing_is_not_decided_by_a_one_off_cost_of_the_method_timed_first(
         return backward(self, Vx)
 
     monkeypatch.setattr(InputHessian, "_forward_over_reverse", forward_once_slow)
+
+    def adjoint_slow(self, Vx, *args):
+        time.sleep(0.3)
+        return adjoint(self, Vx, *args)
+
     monkeypatch.setattr(InputHessian, "_double_backward", backward_slow)
+    monkeypatch.setattr(InputHessian, "_forward_adjoint_products", adjoint_slow)
     with prepared(model, x):
         InputHessian(model, x).matvec(V.flatten(2))  # the first operator: double backward, untimed
         H = InputHessian(model, x)
