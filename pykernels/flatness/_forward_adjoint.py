@@ -42,7 +42,6 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
-from torch._C._functorch import _add_batch_dim, get_unwrapped, is_batchedtensor, maybe_get_bdim, maybe_get_level
 from torch.func import functional_call, functionalize, grad, jvp, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_leaves
@@ -52,6 +51,13 @@ from ._model import log_likelihood_fn
 from ._piecewise import _base_name, _is_piecewise_linear, _structure, per_model
 
 aten = torch.ops.aten
+
+try:  # torch's private vmap internals, for the two fast paths that call kernels under the wrappers
+    from torch._C._functorch import _add_batch_dim, get_unwrapped, is_batchedtensor, maybe_get_bdim, maybe_get_level
+except ImportError:  # a torch without them: nothing looks batched, so those paths step aside
+
+    def is_batchedtensor(x) -> bool:
+        return False
 
 
 def describe(exc: BaseException) -> str:
