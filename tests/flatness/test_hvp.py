@@ -841,6 +841,30 @@ def test_forward_adjoint_runs_each_activation_as_one_kernel_call_on_the_unwrappe
     assert direct and all(direct)
 
 
+def test_forward_adjoint_without_its_fast_paths_equals_double_backward(monkeypatch):
+    """Where torch's vmap internals are missing (or a layout is not the pass's), nothing looks
+    batched: the activations go through curvature_step_'s own vmap rules and the matmuls
+    allocate, with the same values."""
+    from pykernels.flatness import _forward_adjoint
+
+    monkeypatch.setattr(_forward_adjoint, "is_batchedtensor", lambda x: False)
+    steps, fused = [], _forward_adjoint._fused_step
+
+    def recorded(*args):
+        term = fused(*args)
+        steps.append(term is not None)  # the op ran (through its vmap rules)
+        return term
+
+    monkeypatch.setattr(_forward_adjoint, "_fused_step", recorded)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 24), nn.Tanh(), nn.Linear(24, 5)).double().eval()
+    x = inputs()
+    V = probes(4, x)
+    expect = _quads_by_double_backward(model, x, V)
+    got = _forward_adjoint_quads(model, x, V)
+    assert steps and all(steps) and (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item()
+
+
 def test_forward_adjoint_keeps_its_matmul_tangents_buffers_between_calls_per_thread():
     """A matmul's tangent is written into a buffer kept for its node from one call to the next
     (no page faults); calls in turn, chunked calls and two threads at once all give double
