@@ -47,7 +47,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_leaves
 
 from . import ops
-from ._model import log_likelihood_fn
+from ._model import log_likelihood_fn, scalar_loss
 from ._piecewise import _base_name, _is_piecewise_linear, _structure, per_model
 
 aten = torch.ops.aten
@@ -274,9 +274,7 @@ def _capture_loss(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y)
 
     gm = _traced(loss, [state[n] for n in names], x, *((y,) if y_is_input else ()))
     graph = _Graph(gm, range(trainable))
-    value = graph.output.meta.get("val")
-    if not (isinstance(value, torch.Tensor) and value.dim() == 0):
-        raise CaptureFailed("the loss is not a scalar tensor")
+    scalar_loss(graph.output.meta.get("val"))  # the caller's error, raised as such
     return graph
 
 

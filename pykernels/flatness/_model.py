@@ -199,6 +199,18 @@ def _second_order_forms(model):
     return contextlib.nullcontext()
 
 
+class NotScalarLoss(ValueError):
+    """The loss function returned something other than a scalar tensor: the caller's error, raised
+    as is by every method (never reported as a method that failed and fallen back from)."""
+
+
+def scalar_loss(loss) -> torch.Tensor:
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        what = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise NotScalarLoss(f"loss_fn(model(x), y) must return a scalar tensor (reduce it: mean or sum), got {what}")
+    return loss
+
+
 def check_eval_for_compile(model) -> None:
     """Under torch.compile the measures cannot switch a model to eval mode and back (a graph
     break), so a model with any module in train mode is refused with what to do."""

@@ -107,6 +107,7 @@ from . import ops
 from ._forward_adjoint import CaptureFailed, ForwardAdjointQuad, ParameterForwardAdjointQuad, describe, is_captured
 from ._model import (
     TRAIN_MODES,
+    NotScalarLoss,
     check_eval_for_compile,
     check_hessian_dtype,
     check_inputs,
@@ -114,6 +115,7 @@ from ._model import (
     log_likelihood_fn,
     measurement_mode,
     report_once,
+    scalar_loss,
     timed_validated_logits,
     validated_logits,
 )
@@ -641,20 +643,13 @@ class InputHessian:
         return ops.probe_dots(V, self._matvec_chunk(V), backend=self.backend)
 
 
-def _scalar(loss) -> torch.Tensor:
-    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
-        what = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn(model(x), y) must return a scalar tensor (reduce it: mean or sum), got {what}")
-    return loss
-
-
 def forward_adjoint_agrees(model, shape: tuple, like, forward_adjoint, double_backward, report) -> bool:
     """Whether forward_adjoint(R) equals double_backward(R) on random vectors R of `shape` (like's
     dtype and device). A forward-adjoint that cannot run is reported (`report(exc)`) and disagrees."""
     R = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=like.dtype).to(like.device)
     try:
         quads = forward_adjoint(R)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, NotScalarLoss):
         raise
     except Exception as exc:  # noqa: BLE001  (an op the graph interpreter cannot run: another method)
         report(exc)
@@ -865,10 +860,10 @@ class ParameterHessian:
         self._dtype, self._device = first.dtype, first.device
         self._chunk_given = chunk_size
         self.chunk_size = chunk_size or default_chunk_size(self.dim, self._device)
-        self._loss = lambda: _scalar(loss_fn(model(x), y))
+        self._loss = lambda: scalar_loss(loss_fn(model(x), y))
 
         def loss(params):
-            return _scalar(loss_fn(torch.func.functional_call(model, params, (x,)), y))
+            return scalar_loss(loss_fn(torch.func.functional_call(model, params, (x,)), y))
 
         self._grad = grad(loss)
         self._graph: Optional[torch.Tensor] = None  # the flat gradient with its graph (double backward)
@@ -1061,7 +1056,7 @@ class ParameterHessian:
         try:
             op = self._forward_adjoint_operator()
             return self._chunks(flat, op, self._chunk_given or op.default_chunk_size())
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, NotScalarLoss):
             raise
         except Exception as exc:  # noqa: BLE001  (a model error shows again in the products, and is raised there)
             if not fall_back:
