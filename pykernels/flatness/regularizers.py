@@ -52,7 +52,14 @@ def neighborhood_drop_penalty(
     with measurement_mode(model, train_mode, "neighborhood_drop_penalty"), torch.enable_grad():
         log_p = log_likelihood_fn(model, backend, check_shape=True)
         noisy = x.unsqueeze(0) + sigma * torch.randn((samples, *x.shape), dtype=x.dtype, device=x.device)
-        both = log_p(torch.cat([x, noisy.reshape(samples * x.shape[0], *x.shape[1:])]))
+        try:
+            both = log_p(torch.cat([x, noisy.reshape(samples * x.shape[0], *x.shape[1:])]))
+        except ValueError as exc:  # its B is the concatenation's: say so
+            rows = (samples + 1) * x.shape[0]
+            raise ValueError(
+                f"{exc} (neighborhood_drop_penalty calls the model once on x and its {samples} noisy "
+                f"cop{'y' if samples == 1 else 'ies'}, concatenated: {samples + 1} x {x.shape[0]} = {rows} rows)"
+            ) from exc
         base, perturbed = both[: x.shape[0]], both[x.shape[0] :].reshape(samples, x.shape[0])
         return (base - perturbed.mean(0)).square().mean()
 

@@ -122,3 +122,10 @@ def test_penalties_and_attacks_refuse_outputs_that_are_not_logits(penalty, bad):
     model, x = small_cnn(), inputs()
     with pytest.raises(ValueError, match=r"2-D logits \[B, K\]"):
         penalty(lambda t: bad(model(t)), x)
+
+
+def test_neighborhood_drop_penalty_says_which_batch_the_model_got():
+    """Its one forward is on x and the noisy copies concatenated: a shape error names both."""
+    model, x = small_cnn(), inputs()
+    with pytest.raises(ValueError, match=r"B = 12 .*x and its 2 noisy copies, concatenated: 3 x 4 = 12 rows"):
+        flatness.neighborhood_drop_penalty(lambda t: model(t)[:2], x, 0.1, samples=2)
