@@ -27,8 +27,7 @@ per probe under vmap; there every layer's weight times its input is a product of
 factors. Both are ATen graphs captured with make_fx on fake tensors (functionalized: no
 in-place ops), with parameters and buffers as inputs (their current values are used at
 every call), cached per model and shapes. Data-dependent control flow makes the capture
-fail (CaptureFailed), so the caller uses another exact method. On a CPU, matmul tangents go
-into buffers kept between calls (_matmul_into_kept_buffer: per thread, at most KEPT_BYTES).
+fail (CaptureFailed), so the caller uses another exact method.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-import threading
 import weakref
 from collections.abc import Callable
 from typing import Optional
@@ -52,9 +50,9 @@ from ._piecewise import _base_name, _is_piecewise_linear, _structure, per_model
 
 aten = torch.ops.aten
 
-try:  # torch's private vmap internals, for the two fast paths that call kernels under the wrappers
+try:  # torch's private vmap internals, for the fast path that calls the kernel under the wrappers
     from torch._C._functorch import _add_batch_dim, get_unwrapped, is_batchedtensor, maybe_get_bdim, maybe_get_level
-except ImportError:  # a torch without them: nothing looks batched, so those paths step aside
+except ImportError:  # a torch without them: nothing looks batched, so that path steps aside
 
     def is_batchedtensor(x) -> bool:
         return False
@@ -813,8 +811,7 @@ def _product_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     t_bias = tan[bias] if is_live(bias) else None
     parts = []
     if is_live(a):
-        kept = _matmul_into_kept_buffer(n, tan[a], value(b)) if t_bias is None and not is_live(b) else None
-        parts.append(kept if kept is not None else apply(tan[a], value(b), t_bias))
+        parts.append(apply(tan[a], value(b), t_bias))
         t_bias = None
     if is_live(b):
         parts.append(apply(value(a), tan[b], t_bias))
@@ -822,46 +819,6 @@ def _product_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     shape = n.meta["val"].shape
     out = out if out.shape == shape else out.expand(shape)
     return out, _pair_term(n, adjoints, apply(tan[a], tan[b]) if is_live(a) and is_live(b) else None)
-
-
-# Per thread: node -> the buffer its matmul tangent was written into on the last call.
-_kept = threading.local()
-KEPT_BYTES = 64 * 2**20  # per thread, at most
-
-
-def _matmul_into_kept_buffer(n: torch.fx.Node, t: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
-    """t @ w for a matmul node (mm, addmm without a live bias) whose only live factor is t,
-    written into a buffer kept for that node from one call to the next. On a CPU each call's
-    fresh tangents otherwise fault their pages in again (glibc hands freed multi-MB blocks back
-    to the OS): on the bench's tanh MLP that was 1.2 of 8.5 ms a Hutchinson trace. Safe because a
-    node's tangent is computed once per call and every tangent is dead when a call returns (it
-    returns reductions only); kept per thread; not under autograd (products save tangents), not
-    on a GPU (its caching allocator has no such cost). None where it does not apply: t's vmap
-    dims not leading, w batched, a buffer over KEPT_BYTES."""
-    if n.target not in (aten.mm.default, aten.addmm.default) or t.device.type != "cpu" or t.dim() != 2:
-        return None
-    if not isinstance(w, torch.Tensor) or is_batchedtensor(w) or w.dim() != 2 or w.requires_grad:
-        return None
-    plain, levels = _levels(t)
-    if not levels or plain.requires_grad or not plain.is_contiguous() or plain.dtype != w.dtype:
-        return None
-    shape = (*plain.shape[:-1], w.shape[1])
-    if math.prod(shape) * plain.element_size() > KEPT_BYTES:
-        return None
-    buffers = getattr(_kept, "buffers", None)
-    if buffers is None:  # node -> {(shape, dtype): buffer}; a dropped graph drops its buffers
-        buffers = _kept.buffers = weakref.WeakKeyDictionary()
-    mine = buffers.setdefault(n, {})
-    out = mine.get((shape, plain.dtype))
-    if out is None:
-        out = torch.empty(shape, dtype=plain.dtype)
-        held = sum(b.numel() * b.element_size() for kept in buffers.values() for b in kept.values())
-        if held + out.numel() * out.element_size() <= KEPT_BYTES:
-            mine[(shape, plain.dtype)] = out
-    torch.mm(plain.view(-1, plain.shape[-1]), w, out=out.view(-1, w.shape[1]))
-    for level in reversed(levels):  # the outermost vmap's dim first
-        out = _add_batch_dim(out, 0, level)
-    return out
 
 
 def _log_softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
