@@ -1,7 +1,7 @@
 """A/B of one forward-adjoint fast path: hessian_trace with it and with it switched off, in one
 process, the two versions' order alternating every round (an A/B that always runs one version
 second flatters it: on this CPU two identical versions measured 8.6 against 7.0 ms that way).
-torch.func's trace runs first in every round, as in `pykernels bench`.
+torch.func's trace runs first in every round.
 
     python benchmarks/flatness_ab.py [--family tanh-mlp] [--disable _fused_step] [--rounds 20]
 

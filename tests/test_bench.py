@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from pykernels.bench._core import BenchContext
+from pykernels.bench._core import BenchContext, Case, time_interleaved
 from pykernels.bench._runner import collect_cases, run, suite_names
 
 
@@ -34,6 +34,18 @@ def test_ops_filter_builds_only_the_suites_asked_for():
     ctx = BenchContext(device=torch.device("cpu"), quick=True)
     cases = collect_cases(ctx, ["probe_stream_step"])
     assert cases and {c.op for c in cases} == {"probe_stream_step"}
+
+
+def test_interleaved_timing_rotates_the_order_every_round():
+    # A fixed order lets what runs just before a call move its time the same way every round.
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    case = Case("op", "shape", "float32", {"c": fns["c"]}, {"a": fns["a"], "b": fns["b"]}, interleaved_rounds=6)
+    times = time_interleaved(case, BenchContext(device=torch.device("cpu"), quick=True))
+    assert {name: rounds for name, (_, rounds) in times.items()} == {"a": 6, "b": 6, "c": 6}
+    rounds = [calls[i : i + 3] for i in range(3, len(calls), 3)]  # after one warm-up call each
+    assert rounds[:3] == [list("abc"), list("bca"), list("cab")]
+    assert all(sorted(r) == list("abc") for r in rounds)
 
 
 def test_runner_prints_tables_and_writes_results_and_plots(tmp_path):
