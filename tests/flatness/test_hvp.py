@@ -1258,6 +1258,21 @@ def test_forward_adjoint_captures_again_when_python_state_the_forward_reads_chan
         torch.testing.assert_close(got_parameters, _parameter_quads_by_double_backward(model, loss_fn, x, y, W))
 
 
+def test_a_graph_value_equals_the_models_within_rounding_with_equal_infinities_and_never_nan():
+    """The stale-graph comparison: relative to the largest finite value, an equal infinity
+    agrees, a NaN or an infinity of the other sign does not."""
+    from pykernels.flatness._forward_adjoint import _close
+
+    model = torch.tensor([1.0, -2.0, 100.0, float("inf")])
+    assert _close(model + 0.05, model)  # within 1e-3 of 1 + 100
+    assert not _close(model + torch.tensor([0.2, 0, 0, 0]), model)
+    assert not _close(torch.tensor([1.0, -2.0, 100.0, float("-inf")]), model)
+    assert not _close(torch.tensor([1.0, -2.0, float("nan"), float("inf")]), model)
+    assert not _close(model, torch.tensor([1.0, -2.0, float("nan"), float("inf")]))
+    assert _close(model.double() + 1e-7, model.double()) and not _close(model.double() + 1e-5, model.double())
+    assert _close(torch.empty(0), torch.empty(0))
+
+
 def test_forward_adjoint_of_a_plain_callable_follows_a_reassigned_parameter_and_keeps_no_graph():
     """A plain callable's tensors are constants of its graph: a parameter reassigned (not changed
     in place) after the capture shows as another value at x, and the graph is captured again.
