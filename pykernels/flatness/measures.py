@@ -342,7 +342,7 @@ def parameter_hessian_trace(
     check_choice("probes", probes, ops.PROBE_KINDS)
     _check_num_probes(num_probes, method)
     with prepared(model, x, train_mode, "parameter_hessian_trace", freeze=False):
-        H = ParameterHessian(model, loss_fn, x, y, chunk_size=chunk_size, method=hvp)
+        H = ParameterHessian(model, loss_fn, x, y, chunk_size=chunk_size, method=hvp, expected_vectors=num_probes)
         return _trace(H, num_probes, method, probes, seed, None)
 
 
