@@ -292,6 +292,8 @@ class InputHessian:
         self._energy_backend = backend or "reference"
         self._log_p = log_likelihood_fn(model, self._energy_backend)
         self._graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x, its gradient with graph)
+        if expected_vectors is not None:
+            check_int("expected_vectors", expected_vectors, minimum=0)
         self.expected_vectors = expected_vectors  # in all, over every call (None: not said)
         few = expected_vectors is not None and expected_vectors <= FEW_VECTORS
         if method == "double-backward" or method == "auto" and few:
@@ -831,10 +833,9 @@ class ParameterHessian:
     vectors and keeps the fastest (none wins everywhere: the loop on a SiLU ResNet with
     BatchNorm, where convolutions with a batch of weight tangents are slow on a CPU); for
     quadratic forms of more than FEW_VECTORS vectors in a call or in all (expected_vectors;
-    Hutchinson, Hutch++) it takes
-    forward-adjoint, untimed, once its values have equalled double backward's on two random
-    vectors (the fastest on all seven families of `pykernels bench --ops
-    flatness_parameter_trace`). Choices are cached per model, parameter count, input shape,
+    Hutchinson, Hutch++) it takes forward-adjoint, untimed, once its values have equalled double
+    backward's on two random vectors (the fastest on all seven families of `pykernels bench
+    --ops flatness_parameter_trace`). Choices are cached per model, parameter count, input shape,
     dtype and chunk (`timings` shows the times of the products). The gradient graph is built once per
     operator and kept for every later product (Lanczos: one per step)."""
 
@@ -854,6 +855,8 @@ class ParameterHessian:
         check_choice("method", method, PARAMETER_HVP_METHODS)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, minimum=1)
+        if expected_vectors is not None:
+            check_int("expected_vectors", expected_vectors, minimum=0)
         self.expected_vectors = expected_vectors
         self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
         self.params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

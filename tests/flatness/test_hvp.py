@@ -640,6 +640,12 @@ def test_parameter_auto_times_the_methods_once_and_keeps_the_fastest(monkeypatch
             r"NaN or infinite logits for \d example\(s\) \(indices",
         ),
         (lambda m, x: flatness.hvp(m, x, x, train_mode="train"), ValueError, "train_mode must be one of"),
+        (lambda m, x: InputHessian(m, x, expected_vectors="32"), TypeError, "expected_vectors must be an int"),
+        (
+            lambda m, x: ParameterHessian(m, nn.functional.cross_entropy, x, None, expected_vectors=-1),
+            ValueError,
+            "expected_vectors must be >= 0",
+        ),
     ],
 )
 def test_bad_input(call, exc, pattern):
