@@ -281,6 +281,8 @@ class InputHessian:
         check_choice("method", method, HVP_METHODS)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, minimum=1)
+        if expected_vectors is not None:
+            check_int("expected_vectors", expected_vectors, minimum=0)
         check_hessian_dtype(x.dtype, "x")
         self.model, self.x, self.backend = model, x.detach(), backend
         self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
@@ -292,8 +294,6 @@ class InputHessian:
         self._energy_backend = backend or "reference"
         self._log_p = log_likelihood_fn(model, self._energy_backend)
         self._graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x, its gradient with graph)
-        if expected_vectors is not None:
-            check_int("expected_vectors", expected_vectors, minimum=0)
         self.expected_vectors = expected_vectors  # in all, over every call (None: not said)
         few = expected_vectors is not None and expected_vectors <= FEW_VECTORS
         if method == "double-backward" or method == "auto" and few:
