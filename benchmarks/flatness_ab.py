@@ -1,7 +1,7 @@
 """A/B of one forward-adjoint fast path: hessian_trace with it and with it switched off, in one
-process, the two versions' order alternating every round (an A/B that always runs one version
-second flatters it: on this CPU two identical versions measured 8.6 against 7.0 ms that way).
-torch.func's trace runs first in every round.
+process, with torch.func's trace, the order of the three rotated every round (an A/B that always
+runs one version second flatters it: on this CPU two identical versions measured 8.6 against
+7.0 ms that way).
 
     python benchmarks/flatness_ab.py [--family tanh-mlp] [--disable _fused_step] [--rounds 20]
 
@@ -13,14 +13,13 @@ core (taskset -c 0) on an otherwise idle machine.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import pykernels
 from pykernels import flatness
 from pykernels.bench import flatness as bench
+from pykernels.bench._core import rotated_medians_ms
 from pykernels.flatness import _forward_adjoint
 
 SWITCHES = ("_fused_step", "_unbatched_step")
@@ -46,18 +45,8 @@ def main() -> None:
     torch_func = lambda: bench.torch_func_hutchinson(model, x, V)  # noqa: E731
     with_it, without = trace(True).value, trace(False).value
     assert torch.allclose(with_it, without, rtol=1e-4, atol=1e-6), "the two versions disagree"
-    times = {"torch.func": [], "with": [], "without": []}
-    for _ in range(2):  # warm-up
-        torch_func(), trace(True), trace(False)
-    for r in range(args.rounds):
-        start = time.perf_counter()
-        torch_func()
-        times["torch.func"].append(time.perf_counter() - start)
-        for enabled in (True, False) if r % 2 == 0 else (False, True):
-            start = time.perf_counter()
-            trace(enabled)
-            times["with" if enabled else "without"].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    fns = {"torch.func": torch_func, "with": lambda: trace(True), "without": lambda: trace(False)}
+    medians = rotated_medians_ms(fns, args.rounds)
     print(
         f"{args.family}, {args.disable}: with {medians['with']:.2f} ms, without {medians['without']:.2f} ms, "
         f"torch.func {medians['torch.func']:.2f} ms (medians of {args.rounds} rounds)"

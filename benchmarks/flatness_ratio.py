@@ -11,14 +11,13 @@ pykernels.bench.flatness.FAMILIES.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import pykernels
 from pykernels import flatness
 from pykernels.bench import flatness as bench
+from pykernels.bench._core import rotated_medians_ms
 from pykernels.flatness import estimators
 
 
@@ -42,15 +41,7 @@ def main() -> None:
         operator = bench.TorchFuncHessian(model, x)
         theirs = lambda: estimators.hutch_plus_plus(operator, S, 0).value  # noqa: E731
     assert torch.allclose(ours().value, theirs(), rtol=1e-3, atol=1e-5), "the two estimates disagree"
-    for _ in range(3):  # warm-up
-        ours(), theirs()
-    times = {"ours": [], "torch.func": []}
-    for r in range(args.rounds):
-        for name, fn in (("ours", ours), ("torch.func", theirs))[:: 1 if r % 2 else -1]:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    medians = rotated_medians_ms({"ours": ours, "torch.func": theirs}, args.rounds, warm_up=3)
     print(
         f"{args.family} {args.method} chunk_size={args.chunk_size}: ours {medians['ours']:.2f} ms, "
         f"torch.func {medians['torch.func']:.2f} ms, {medians['torch.func'] / medians['ours']:.2f}x "

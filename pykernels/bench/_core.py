@@ -123,16 +123,32 @@ def time_interleaved(case: Case, ctx: BenchContext) -> dict[str, Any]:
             times[name] = []
         except Exception as exc:  # reported in its row; the others still run
             times[name] = exc
-    live = [name for name in fns if isinstance(times[name], list)]
-    for r in range(case.interleaved_rounds if live else 0):
-        shift = r % len(live)
-        for name in live[shift:] + live[:shift]:
-            _sync(ctx.device)
+    live = {name: fns[name] for name in fns if isinstance(times[name], list)}
+    times |= rotated_times(live, case.interleaved_rounds, lambda: _sync(ctx.device))
+    return {name: (statistics.median(t), len(t)) if isinstance(t, list) else t for name, t in times.items()}
+
+
+def rotated_times(fns: dict[str, Callable], rounds: int, sync: Callable = lambda: None) -> dict[str, list]:
+    """{name: seconds of each round}: every callable once a round, the order rotated every round
+    (see time_interleaved); no warm-up. For the A/B scripts of benchmarks/ too."""
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(rounds if names else 0):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync()
             start = time.perf_counter()
             fns[name]()
-            _sync(ctx.device)
+            sync()
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), len(t)) if isinstance(t, list) else t for name, t in times.items()}
+    return times
+
+
+def rotated_medians_ms(fns: dict[str, Callable], rounds: int, warm_up: int = 2) -> dict[str, float]:
+    """{name: median milliseconds} of rotated_times, after warm_up calls of each callable."""
+    for _ in range(warm_up):
+        for fn in fns.values():
+            fn()
+    return {name: statistics.median(t) * 1e3 for name, t in rotated_times(fns, rounds).items()}
 
 
 def run_case(case: Case, ctx: BenchContext) -> list[Measurement]:
