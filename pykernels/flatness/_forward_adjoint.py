@@ -15,8 +15,10 @@ sigma'(a) and lambda * sigma''(a) computed once (closed forms for the common act
 nested forward mode for the rest), so each probe costs them one read and one write of its
 tangent (ops.curvature_step_, in place where the pass owns the input's tangent). Products
 of two x-dependent factors (matmul, convolution, mul, BatchNorm in eval mode: B(t_a, t_b)
-once more), softmax, log_softmax, logsumexp and LayerNorm have direct rules, and so has max
-pooling (the tangent gathered at the primal's indices); any other op runs through jvp, and a
+once more; a matmul's term as whichever association writes the smallest matrix), softmax
+(through the same kernel), log_softmax, logsumexp, LayerNorm and nll_loss have direct rules,
+and so has max pooling (the tangent gathered at the primal's indices); linear ops (views,
+clone, scalings) map the tangent alone; any other op runs through jvp, and a
 curved one gets its term by forward-over-reverse on that op alone (not nested jvp: PyTorch
 2.13's forward-over-forward through native_layer_norm is wrong).
 
@@ -33,6 +35,7 @@ fail (CaptureFailed), so the caller uses another exact method.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 import weakref
@@ -98,6 +101,9 @@ _HOMOGENEOUS = {
 
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default}
+# Ops whose tangent may be the input's tangent itself, or a view of it (the graph is functional:
+# a copy for the primal's layout is not needed by the tangents, whose rules take any strides).
+_ALIASES = _VIEWS | {aten.clone.default}
 
 # Elementwise ops whose tangent _linear_tangent forms directly.
 _LINEAR_ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default}
@@ -156,7 +162,7 @@ class _Graph:
             for n in self.steps
             if n.target is not operator.getitem
             and torch.Tag.pointwise in getattr(n.target, "tags", ())
-            and n.target not in _LINEAR_ELEMENTWISE
+            and n.target not in _LINEAR_ELEMENTWISE | _HOMOGENEOUS  # linear: no derivatives to keep
             and _floating(n)
             and len([a for a in _tensor_nodes(n.args) if a in self.live]) == 1
             and not _tensor_nodes(n.kwargs)
@@ -476,12 +482,12 @@ class _Evaluator:
             direct = _linear_tangent(n, env, tan, live, in_place=[a for a in live if mine(a, n)])
             if direct is not None:
                 tan[n] = direct
-                if n.target in _VIEWS and mine(live[0], n) or n.target in _LINEAR_ELEMENTWISE and len(live) == 2:
+                if n.target in _ALIASES and mine(live[0], n) or n.target in _LINEAR_ELEMENTWISE and len(live) == 2:
                     owned.add(n)
                 continue
             # A direct rule; for a multi-output op only where its other outputs go unused (the
             # rules give them zero tangents: LayerNorm's mean and rstd, eval BatchNorm's empties).
-            rule = _RULES.get(n.target)
+            rule = (_RULES if differentiable else _FUSED_RULES).get(n.target)
             result = rule(n, env, tan, adjoints) if rule and (_outputs(n) == 1 or n in g.first_output_only) else None
             if result is not None:
                 tan[n], term = result
@@ -775,6 +781,8 @@ def _linear_tangent(n: torch.fx.Node, env: dict, tan: dict, live: list, in_place
     if target in _VIEWS and live == [args[0]] and not n.kwargs:
         # a tangent need not have its primal's strides (expand, transposes): reshape, not view
         return aten.reshape.default(tan[args[0]], args[1])
+    if target is aten.clone.default and live == [args[0]]:
+        return tan[args[0]]
     if target in _HOMOGENEOUS and live == [args[0]]:
         return _call(n, env, {args[0]: tan[args[0]]})
     if target in (aten.add.Tensor, aten.sub.Tensor) and set(n.kwargs) <= {"alpha"}:
@@ -824,15 +832,47 @@ def _product_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
         apply = lambda u, w, t_bias=None: n.target(u, w)
     t_bias = tan[bias] if is_live(bias) else None
     parts = []
-    if is_live(a):
+    joined = is_live(a) and is_live(b) and n.target in _MATRIX_PRODUCTS and _joined_pays(tan[a], tan[b])
+    if joined:  # B(t_a, b) + B(a, t_b) as one product, [t_a, a] @ [b; t_b]
+        parts.append(apply(torch.cat([tan[a], value(a)], -1), torch.cat([value(b), tan[b]], -2), t_bias))
+    elif is_live(a):
         parts.append(apply(tan[a], value(b), t_bias))
         t_bias = None
-    if is_live(b):
+    if is_live(b) and not joined:
         parts.append(apply(value(a), tan[b], t_bias))
     out = parts[0] if len(parts) == 1 else parts[0].add_(parts[1])  # in place: see _pair_term
     shape = n.meta["val"].shape
     out = out if out.shape == shape else out.expand(shape)
-    return out, _pair_term(n, adjoints, apply(tan[a], tan[b]) if is_live(a) and is_live(b) else None)
+    if not (is_live(a) and is_live(b)):
+        return out, 0
+    if n.target in _MATRIX_PRODUCTS:
+        return out, _matrix_pair_term(tan[a], tan[b], adjoints.get(_key(n, 0)))
+    return out, _pair_term(n, adjoints, apply(tan[a], tan[b]))
+
+
+def _joined_pays(t_a: torch.Tensor, t_b: torch.Tensor) -> bool:
+    """Whether [t_a, a] @ [b; t_b] (copies of the factors, one product written) costs less memory
+    traffic than t_a @ b + a @ t_b (two products written and added): where the [m, n] product is
+    larger than its [m, k] and [k, n] factors (attention's per-head and projection matrices in
+    parameter space; not an MLP's square layers, 0.8x there)."""
+    m, k, n = t_a.shape[-2], t_a.shape[-1], t_b.shape[-1]
+    return m * k + k * n < m * n
+
+
+def _matrix_pair_term(t_a: torch.Tensor, t_b: torch.Tensor, weight: Optional[torch.Tensor]):
+    """2 <lambda, t_a @ t_b> (mm, bmm, addmm), associated so that the matrix product written is
+    the smallest of t_a @ t_b [m, n], lambda @ t_b^T [m, k] and t_a^T @ lambda [k, n]: the same
+    FLOPs, but on a CPU writing a large product of a short inner dimension costs more than its
+    arithmetic (a linear layer's weight and input in parameter space: [1024, 96] against [32, 96]
+    per probe; attention's scores: 16 x 16 against 16 x 8)."""
+    if weight is None:
+        return 0
+    m, k, n = t_a.shape[-2], t_a.shape[-1], t_b.shape[-1]
+    if m * n <= min(m * k, k * n):
+        return 2 * (t_a @ t_b).mul_(weight).sum()
+    if m * k <= k * n:
+        return 2 * (weight @ t_b.transpose(-1, -2)).mul_(t_a).sum()
+    return 2 * (t_a.transpose(-1, -2) @ weight).mul_(t_b).sum()
 
 
 def _log_softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
@@ -867,9 +907,11 @@ def _log_softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict)
     return tangent, (row_weight * variance).sum()
 
 
-def _softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
+def _softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict, fused: bool = False):
     """softmax s of one live input along dim: tangent s u with u = t - <s, t>, and
-    <lambda, D^2 s[t, t]> = sum lambda s (u^2 - <s, u^2>) (per row)."""
+    <lambda, D^2 s[t, t]> = sum lambda s (u^2 - <s, u^2>) (per row) = sum c u^2 with
+    c = lambda s - s <lambda, s>, the same for every probe. fused: the term and the tangent in
+    one pass over u (ops.curvature_step_, writing s u into u), as an elementwise op's."""
     if n.kwargs or n.args[0] not in tan:
         return None
     extra = n.args[2] if len(n.args) > 2 else None  # _softmax's half_to_float, _safe_softmax's dtype
@@ -877,21 +919,24 @@ def _softmax_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
         return None
     s, t, dim = env[n], tan[n.args[0]], n.args[1]
     u = t - (s * t).sum(dim, keepdim=True)
-    tangent = s * u
     adjoint = adjoints.get(_key(n, 0))
     if adjoint is None:
-        return tangent, 0
+        return s * u, 0
     weighted = adjoint * s
-    spread = (s * u * u).sum(dim, keepdim=True)
-    return tangent, (weighted * u * u).sum() - (weighted.sum(dim, keepdim=True) * spread).sum()
+    c = weighted - s * weighted.sum(dim, keepdim=True)
+    term = _fused_step(u, s, c) if fused else None
+    if term is not None:
+        return u, term
+    return s * u, (c * u * u).sum()
 
 
 def _layer_norm_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     """native_layer_norm, out = x_hat * w + b with x_hat = (x - mean) * r over the normalised dims,
     r = 1 / sqrt(var + eps). With t_c = t - mean(t) and a = mean(x_hat t_c) per row:
     t_x_hat = r (t_c - x_hat a) and D^2 x_hat[t, t] = r^2 (x_hat (3 a^2 - mean(t_c^2)) - 2 a t_c);
-    x_hat * w is a product (2 <lambda, t_x_hat t_w>). The caller checks that the mean and rstd
-    outputs are unused."""
+    x_hat * w is a product (2 <lambda, t_x_hat t_w>, summed over the rows before t_w multiplies).
+    The output's tangent is built in place on the fresh t_x_hat.
+    The caller checks that the mean and rstd outputs are unused."""
     if n.kwargs:
         return None
     x, shape, weight, bias, _ = n.args
@@ -900,25 +945,29 @@ def _layer_norm_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     dims = list(range(env[x].dim() - len(shape), env[x].dim()))
     _, mean, rstd = env[n]
     x_hat = (env[x] - mean) * rstd
-    live_weight = weight is not None and weight in tan
+    w = None if weight is None else env[weight]
+    t_w = tan.get(weight) if weight is not None else None
     out, term = None, 0
     if x in tan:
         t_c = tan[x] - tan[x].mean(dims, keepdim=True)
         a = (x_hat * t_c).mean(dims, keepdim=True)
-        t_x_hat = rstd * (t_c - x_hat * a)
-        out = t_x_hat if weight is None else t_x_hat * env[weight]
+        out = (x_hat * a).sub_(t_c).mul_(-rstd)  # t_x_hat; in place on temporaries (addcmul_ has no vmap rule)
         adjoint = adjoints.get(_key(n, 0))
         if adjoint is not None:
-            scaled = adjoint if weight is None else adjoint * env[weight]
+            scaled = adjoint if w is None else adjoint * w
             curvature = (scaled * x_hat).sum(dims, keepdim=True) * (3 * a * a - (t_c * t_c).mean(dims, keepdim=True))
             curvature = curvature - 2 * a * (scaled * t_c).sum(dims, keepdim=True)
             term = (rstd * rstd * curvature).sum()
-            if live_weight:
-                term = term + 2 * (adjoint * t_x_hat * tan[weight]).sum()
-    if live_weight:
-        out = x_hat * tan[weight] if out is None else out + x_hat * tan[weight]
+            if t_w is not None:
+                weighted = adjoint * out
+                rows = list(range(dims[0]))  # none: sum([]) would sum over every dim
+                term = term + 2 * ((weighted.sum(rows) if rows else weighted) * t_w).sum()
+        if w is not None:
+            out = out.mul_(w)
+    if t_w is not None:
+        out = x_hat * t_w if out is None else out.add_(x_hat * t_w)
     if bias is not None and bias in tan:
-        out = tan[bias].expand(env[n][0].shape) if out is None else out + tan[bias]
+        out = tan[bias].expand(env[n][0].shape) if out is None else out.add_(tan[bias])
     if out is None:
         return None
     return (out, torch.zeros_like(mean), torch.zeros_like(rstd)), term
@@ -939,6 +988,15 @@ def _mse_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
     tangent = reduce(2 * (env[a] - env[b]) * t)
     adjoint = adjoints.get(_key(n, 0))
     return tangent, 0 if adjoint is None else (adjoint * reduce(2 * t * t)).sum()
+
+
+def _nll_loss_tangent(n: torch.fx.Node, env: dict, tan: dict, adjoints: dict):
+    """nll_loss_forward (and 2d) is linear in its input: the tangent is the op on the tangent, the
+    total weight's is zero. Direct: the generic jvp costs each probe chunk several ms under vmap."""
+    if n.kwargs or n.args[0] not in tan or any(m in tan for m in _tensor_nodes(n.args[1:])):
+        return None
+    out = _call(n, env, {n.args[0]: tan[n.args[0]]})[0]
+    return (out, torch.zeros_like(env[n][1])), 0
 
 
 def _dims(dims, rank: int) -> list[int]:
@@ -1009,6 +1067,7 @@ _PRODUCTS = {
     aten.addmm.default: (1, 2, 0),
     aten.convolution.default: (0, 1, 2),
 }
+_MATRIX_PRODUCTS = {aten.mm.default, aten.bmm.default, aten.addmm.default}
 
 # op -> its direct rule: (n, env, tangents, adjoints) -> (tangent, <lambda, D^2 op[t, t]>) or None
 _RULES = (
@@ -1018,10 +1077,16 @@ _RULES = (
         aten._softmax.default: _softmax_tangent,
         aten._safe_softmax.default: _softmax_tangent,
         aten.mse_loss.default: _mse_tangent,
+        aten.nll_loss_forward.default: _nll_loss_tangent,
+        aten.nll_loss2d_forward.default: _nll_loss_tangent,
         aten.native_layer_norm.default: _layer_norm_tangent,
         aten._native_batch_norm_legit_no_training.default: _batch_norm_eval_tangent,
         aten.native_batch_norm.default: _batch_norm_eval_tangent,
     }
     | dict.fromkeys(_PRODUCTS, _product_tangent)
     | dict.fromkeys(_MAX_POOLS, _max_pool_tangent)
+)
+# ... where the pass may write into its fresh temporaries (not differentiated: see quad)
+_FUSED_RULES = _RULES | dict.fromkeys(
+    (aten._softmax.default, aten._safe_softmax.default), functools.partial(_softmax_tangent, fused=True)
 )

@@ -1130,6 +1130,21 @@ PARAMETER_LOSSES = {
 }
 
 
+class _LayerNormOfAWholeTensor(nn.Module):
+    """A LayerNorm whose input has no row dims (the batch mean, normalised over all of it), and
+    one over every dim but the batch: the live weight's term then sums over no rows or one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = nn.Linear(36, 8), nn.Linear(8, 5)
+        self.pooled, self.rows = nn.LayerNorm(8), nn.LayerNorm([1, 6, 6])
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(self.rows(x).flatten(1)))
+        return self.head(h + self.pooled(h.mean(0)))
+
+
 @pytest.mark.parametrize("loss_name", list(PARAMETER_LOSSES))
 @pytest.mark.parametrize(
     "family",
@@ -1142,6 +1157,7 @@ PARAMETER_LOSSES = {
         "partly-frozen",
         "lstm",
         "max-pools",
+        "whole-tensor-layernorm",
     ],
 )
 def test_parameter_forward_adjoint_quads_equal_double_backward(family, loss_name):
@@ -1162,6 +1178,8 @@ def test_parameter_forward_adjoint_quads_equal_double_backward(family, loss_name
         model = LSTMClassifier().double()
     elif family == "max-pools":
         model = _MaxPools().double()
+    elif family == "whole-tensor-layernorm":
+        model = _LayerNormOfAWholeTensor().double()
     elif family == "cnn-instancenorm":  # batch norm on a reshaped input: its tangents need a reshape, not a view
         torch.manual_seed(0)
         model = nn.Sequential(
