@@ -4,6 +4,7 @@ parameters, and the log-likelihood log p(x) = logsumexp f(x) (up to log Z)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -191,12 +192,70 @@ class _SecondOrderForms(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# Models seen calling F.hardsigmoid as a function (no Hardsigmoid module shows it): measured
+# under _SecondOrderForms from then on.
+_calls_hardsigmoid: weakref.WeakSet = weakref.WeakSet()
+
+
+def _takes_second_order_forms(model) -> bool:
+    """The model has a Hardsigmoid module (MobileNetV3's squeeze-excitation blocks) or was seen
+    calling F.hardsigmoid."""
+    with contextlib.suppress(TypeError):  # not weak-referenceable: never marked
+        if model in _calls_hardsigmoid:
+            return True
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, torch.nn.Hardsigmoid) for m in model.modules())
+
+
 def _second_order_forms(model):
-    """_SecondOrderForms while measuring a model that has a Hardsigmoid module (MobileNetV3's
-    squeeze-excitation blocks): only then, since a function mode costs every op a Python call."""
-    if isinstance(model, torch.nn.Module) and any(isinstance(m, torch.nn.Hardsigmoid) for m in model.modules()):
-        return _SecondOrderForms()
-    return contextlib.nullcontext()
+    """_SecondOrderForms while measuring a model that needs them: only then, since a function
+    mode costs every op a Python call."""
+    return _SecondOrderForms() if _takes_second_order_forms(model) else contextlib.nullcontext()
+
+
+def mark_calls_hardsigmoid(model) -> bool:
+    """Marks the model as calling F.hardsigmoid, so that it is measured under _SecondOrderForms;
+    False where that changes nothing (it has the forms already) or it cannot be marked (not
+    weak-referenceable)."""
+    if _takes_second_order_forms(model):
+        return False
+    try:
+        _calls_hardsigmoid.add(model)
+    except TypeError:
+        return False
+    return True
+
+
+def with_second_order_forms(measure: Callable) -> Callable:
+    """measure(model, ...), run once more under _SecondOrderForms when PyTorch had no second
+    derivative for an F.hardsigmoid the model calls (the model is marked: its later calls take
+    the forms from the start). A call that succeeds costs nothing more."""
+
+    @functools.wraps(measure)
+    def measured(model, *args, **kwargs):
+        try:
+            return measure(model, *args, **kwargs)
+        except (RuntimeError, NotImplementedError) as exc:
+            # PyTorch's errors for hardsigmoid's second derivative: double backward, forward mode
+            if "hardsigmoid_backward" not in str(exc) or not mark_calls_hardsigmoid(model):
+                raise
+        return measure(model, *args, **kwargs)
+
+    return measured
+
+
+def graph_calls_hardsigmoid(output: torch.Tensor) -> bool:
+    """output's autograd graph holds hardsigmoid, whose backward has no derivative in PyTorch: a
+    loss built on output's gradient could not be differentiated (curvature_penalty's)."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("HardsigmoidBackward"):
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 class NotScalarLoss(ValueError):

@@ -118,6 +118,7 @@ from ._model import (
     scalar_loss,
     timed_validated_logits,
     validated_logits,
+    with_second_order_forms,
 )
 from ._piecewise import curved_ops_cached, forward_ops_cached
 
@@ -753,6 +754,7 @@ def prepared(model, x, train_mode: str = "eval", what: str = "measure", freeze: 
         yield
 
 
+@with_second_order_forms
 def hvp(
     model: Callable,
     x: torch.Tensor,

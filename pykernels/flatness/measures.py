@@ -48,7 +48,7 @@ from .._progress import progress_callback
 from .._validation import check_choice, check_int
 from . import estimators as est
 from . import ops
-from ._model import check_hessian_dtype, log_likelihood_fn, validated_logits
+from ._model import check_hessian_dtype, log_likelihood_fn, validated_logits, with_second_order_forms
 from ._piecewise import curved_ops_cached
 from .estimators import Estimate
 from .hvp import ParameterHessian, default_chunk_size, input_hessian, input_jacobian, prepared
@@ -129,6 +129,7 @@ def _check_num_probes(num_probes, method: str) -> None:
         )
 
 
+@with_second_order_forms
 def hessian_trace(
     model: Callable,
     x: torch.Tensor,
@@ -176,6 +177,7 @@ def _check_k(k, dim: int, what: str = "the input dimension") -> None:
         raise ValueError(f"k = {k} is larger than {what} D = {dim}: there are only {dim} eigenvalues")
 
 
+@with_second_order_forms
 def top_eigenvalues(
     model: Callable,
     x: torch.Tensor,
@@ -221,6 +223,7 @@ def _eigen(op, k, method, iters, tol, seed, vectors) -> est.Eigen:
     return est.lanczos_eigen(op, k, steps, seed, vectors)
 
 
+@with_second_order_forms
 def exact_trace(
     model: Callable,
     x: torch.Tensor,
@@ -278,6 +281,7 @@ class SpectralDensity(NamedTuple):
     weights: torch.Tensor  # [B, starts * steps], sum to 1 per example
 
 
+@with_second_order_forms
 def spectral_density(
     model: Callable,
     x: torch.Tensor,
@@ -319,6 +323,7 @@ def spectral_density(
 # ---- parameter space (a bonus: the same estimators on the loss Hessian over weights) ----
 
 
+@with_second_order_forms
 def parameter_hessian_trace(
     model: torch.nn.Module,
     loss_fn: Callable,
@@ -346,6 +351,7 @@ def parameter_hessian_trace(
         return _trace(H, num_probes, method, probes, seed, None)
 
 
+@with_second_order_forms
 def parameter_top_eigenvalues(
     model: torch.nn.Module,
     loss_fn: Callable,

@@ -26,14 +26,28 @@ from typing import Optional
 import torch
 
 from .._validation import check_choice, check_int
-from ._model import check_inputs, log_likelihood_fn, measurement_mode
+from ._model import check_inputs, graph_calls_hardsigmoid, log_likelihood_fn, mark_calls_hardsigmoid, measurement_mode
 
 CURVATURE_DIRECTIONS = ("gradient", "random")
 
 
-def _input_grad(log_p, x: torch.Tensor) -> torch.Tensor:
+def _input_grad(log_p, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of sum log p(x) with its graph, and that sum."""
     x = x if x.requires_grad else x.detach().requires_grad_()
-    return torch.autograd.grad(log_p(x).sum(), x, create_graph=True)[0]
+    total = log_p(x).sum()
+    return torch.autograd.grad(total, x, create_graph=True)[0], total
+
+
+def _twice_differentiable(model, train_mode: str, what: str, compute: Callable) -> torch.Tensor:
+    """compute() -> (penalty, the sum of log p its gradient came from), under measurement_mode;
+    again under the second-order forms if the model called F.hardsigmoid, whose gradient PyTorch
+    cannot differentiate: the caller's backward through the penalty would fail."""
+    with measurement_mode(model, train_mode, what), torch.enable_grad():
+        penalty, total = compute()
+    if graph_calls_hardsigmoid(total) and mark_calls_hardsigmoid(model):
+        with measurement_mode(model, train_mode, what), torch.enable_grad():
+            penalty, _ = compute()
+    return penalty
 
 
 def neighborhood_drop_penalty(
@@ -68,8 +82,12 @@ def grad_norm_penalty(
     model: Callable, x: torch.Tensor, *, backend: Optional[str] = None, train_mode: str = "eval"
 ) -> torch.Tensor:
     check_inputs(x)
-    with measurement_mode(model, train_mode, "grad_norm_penalty"), torch.enable_grad():
-        return _input_grad(log_likelihood_fn(model, backend, check_shape=True), x).flatten(1).square().sum(1).mean()
+
+    def compute():
+        g, total = _input_grad(log_likelihood_fn(model, backend, check_shape=True), x)
+        return g.flatten(1).square().sum(1).mean(), total
+
+    return _twice_differentiable(model, train_mode, "grad_norm_penalty", compute)
 
 
 def curvature_penalty(
@@ -92,10 +110,13 @@ def curvature_penalty(
     check_choice("direction", direction, CURVATURE_DIRECTIONS)
     if not h > 0:
         raise ValueError(f"h must be > 0, got {h}")
-    with measurement_mode(model, train_mode, "curvature_penalty"), torch.enable_grad():
+
+    def compute():
         log_p = log_likelihood_fn(model, backend, check_shape=True)
-        g = _input_grad(log_p, x)
+        g, total = _input_grad(log_p, x)
         z = g.detach().sign() if direction == "gradient" else torch.randn_like(x).sign()
         z = z / z.flatten(1).norm(dim=1).clamp(min=1e-12).reshape(-1, *([1] * (x.dim() - 1)))
-        g_shifted = _input_grad(log_p, x.detach() + h * z)
-        return ((g_shifted - g) / h).flatten(1).square().sum(1).mean()
+        g_shifted, _ = _input_grad(log_p, x.detach() + h * z)
+        return ((g_shifted - g) / h).flatten(1).square().sum(1).mean(), total
+
+    return _twice_differentiable(model, train_mode, "curvature_penalty", compute)

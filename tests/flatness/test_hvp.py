@@ -352,6 +352,45 @@ def test_models_with_hardsigmoid_get_second_derivatives():
     torch.testing.assert_close(model.gate(a), nn.functional.hardsigmoid(a), rtol=0, atol=0)
 
 
+class _FunctionalHardsigmoid(nn.Module):
+    """F.hardsigmoid called as a function: no Hardsigmoid module tells the measures it is there."""
+
+    def forward(self, a):
+        return nn.functional.hardsigmoid(a)
+
+
+def test_models_calling_hardsigmoid_as_a_function_get_second_derivatives():
+    """A smooth model that calls F.hardsigmoid itself: every measure that takes second
+    derivatives (traces by every method, the top eigenvalue, one-shot products, the parameter
+    trace, the curvature penalty and its gradient) equals the relu6 twin's, on its first call
+    and after."""
+    model, x = _SqueezeExcitation(_FunctionalHardsigmoid()).double().eval(), inputs() * 4 - 2
+    twin = _SqueezeExcitation(_Relu6Sigmoid()).double().eval()
+    twin.load_state_dict(model.state_dict())
+    expect = flatness.hessian_trace(twin, x, 12, hvp="double-backward").value
+    assert expect.abs().max() > 1e-4
+    for method in ("double-backward", "auto", "auto", "forward-over-reverse", "forward-adjoint"):
+        fresh = _SqueezeExcitation(_FunctionalHardsigmoid()).double().eval()  # each method on a first call too
+        fresh.load_state_dict(model.state_dict())
+        for m in (fresh, model):
+            torch.testing.assert_close(flatness.hessian_trace(m, x, 12, hvp=method).value, expect)
+    torch.testing.assert_close(flatness.top_eigenvalues(model, x, 1), flatness.top_eigenvalues(twin, x, 1))
+    V = probes(3, x)
+    torch.testing.assert_close(flatness.hvp(model, x, V), flatness.hvp(twin, x, V))
+    y = torch.arange(x.shape[0]) % 3
+    loss_fn = nn.functional.cross_entropy
+    torch.testing.assert_close(
+        flatness.parameter_hessian_trace(model, loss_fn, x, y, 6).value,
+        flatness.parameter_hessian_trace(twin, loss_fn, x, y, 6).value,
+    )
+    penalties = []
+    for m in (_SqueezeExcitation(_FunctionalHardsigmoid()).double().eval(), twin):
+        m.load_state_dict(model.state_dict())
+        penalty = flatness.curvature_penalty(m, x, 0.1)
+        penalties.append((penalty, torch.autograd.grad(penalty, list(m.parameters()))))
+    torch.testing.assert_close(penalties[0], penalties[1])
+
+
 def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
     model, x = small_cnn(nn.ReLU), inputs()
     V = probes(7, x).flatten(2)
