@@ -44,7 +44,7 @@ def _twice_differentiable(model, train_mode: str, what: str, compute: Callable) 
     cannot differentiate: the caller's backward through the penalty would fail."""
     with measurement_mode(model, train_mode, what), torch.enable_grad():
         penalty, total = compute()
-    if graph_calls_hardsigmoid(total) and mark_calls_hardsigmoid(model):
+    if not torch.compiler.is_compiling() and graph_calls_hardsigmoid(total) and mark_calls_hardsigmoid(model):
         with measurement_mode(model, train_mode, what), torch.enable_grad():
             penalty, _ = compute()
     return penalty
