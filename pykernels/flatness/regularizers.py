@@ -27,6 +27,7 @@ import torch
 
 from .._validation import check_choice, check_int
 from ._model import check_inputs, graph_calls_hardsigmoid, log_likelihood_fn, mark_calls_hardsigmoid, measurement_mode
+from .hvp import twice_differentiable
 
 CURVATURE_DIRECTIONS = ("gradient", "random")
 
@@ -39,13 +40,14 @@ def _input_grad(log_p, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _twice_differentiable(model, train_mode: str, what: str, compute: Callable) -> torch.Tensor:
-    """compute() -> (penalty, the sum of log p its gradient came from), under measurement_mode;
-    again under the second-order forms if the model called F.hardsigmoid, whose gradient PyTorch
-    cannot differentiate: the caller's backward through the penalty would fail."""
-    with measurement_mode(model, train_mode, what), torch.enable_grad():
+    """compute() -> (penalty, the sum of log p its gradient came from), under measurement_mode
+    and attention's math form (the fused attention kernels have no double backward); again
+    under the second-order forms if the model called F.hardsigmoid, whose gradient PyTorch
+    cannot differentiate either: the caller's backward through the penalty would fail."""
+    with measurement_mode(model, train_mode, what), twice_differentiable(), torch.enable_grad():
         penalty, total = compute()
     if not torch.compiler.is_compiling() and graph_calls_hardsigmoid(total) and mark_calls_hardsigmoid(model):
-        with measurement_mode(model, train_mode, what), torch.enable_grad():
+        with measurement_mode(model, train_mode, what), twice_differentiable(), torch.enable_grad():
             penalty, _ = compute()
     return penalty
 

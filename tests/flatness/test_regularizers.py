@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from pykernels import flatness
-from tests.flatness.models import inputs, small_cnn
+from pykernels.flatness.hvp import twice_differentiable
+from tests.flatness.models import SMOOTH_FAMILIES, inputs, small_cnn
 
 
 def test_grad_norm_penalty_is_the_mean_squared_grad_norm_and_trains():
@@ -56,6 +57,22 @@ def test_curvature_penalty_gradients_are_what_its_docstring_says():
     xf = x.clone().requires_grad_()
     through_shift = torch.autograd.grad(penalty(xf, True), xf)[0]
     assert (through_shift - got[0]).abs().max() > 1e-3 * got[0].abs().max()
+
+
+@pytest.mark.parametrize("penalty", ["grad_norm_penalty", "curvature_penalty"])
+def test_gradient_penalties_of_an_attention_model_can_be_differentiated(penalty):
+    """The fused attention kernels PyTorch picks have no double backward: the penalties build
+    their graph through attention's math form, so the caller's backward runs, and gives what
+    the math form gives."""
+    model, x = SMOOTH_FAMILIES["attention"](), inputs()
+    params = list(model.parameters())
+    got = getattr(flatness, penalty)(model, x)
+    grads = torch.autograd.grad(got, params)
+    with twice_differentiable():
+        want = getattr(flatness, penalty)(model, x)
+        expect = torch.autograd.grad(want, params)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grads, expect)
 
 
 def test_neighborhood_drop_penalty_is_the_squared_monte_carlo_drop():
