@@ -5,8 +5,10 @@
 #   ./dev.sh test           everything CI checks: build, lint, C++ core tests (ctest),
 #                           nvcc compile of every .cu (sm_80, sm_90), the Triton kernels
 #                           compiled for sm_80/sm_90, the C++-host
-#                           operator library, pytest (with the bounded fuzz profile),
-#                           the sanitizer build, and the CUDA extension build
+#                           operator library, pytest (with the bounded fuzz profile, one
+#                           worker per core), the sanitizer build, the wheel, the vLLM tests
+#                           and the CUDA extension build (the vLLM and CUDA torch installs
+#                           run in the background from the start; logs in build/)
 #   ./dev.sh fuzz [args]    the property-based suite (tests/fuzz) with its long profile
 #   ./dev.sh sanitize       ASan + UBSan build of the C++ cores and the CPU operator
 #                           library: ctest, then the CPU op tests against it
@@ -22,6 +24,7 @@
 #   ./dev.sh wheel-check    only build the wheel, install it into a fresh venv, smoke-test it
 #
 # Environment: PYTHON (default python3), PYKERNELS_VENV (default .venv),
+# PYKERNELS_TEST_WORKERS (pytest workers, default one per core up to 8; 0: one process),
 # PYKERNELS_REQUIRE_CUDA_BUILD=1 (CI) makes a missing nvcc an error, not a skip.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -114,15 +117,20 @@ cpp_tests() {
 }
 
 python_tests() {
-  step "pytest"
+  # One pytest worker per core (pytest-xdist, at most 8; PYKERNELS_TEST_WORKERS=0 runs in one
+  # process, for --pdb), each torch on one thread: two workers on two cores take half the time
+  # of one process on both, whose tests are mostly too small to use a second thread.
+  local workers=${PYKERNELS_TEST_WORKERS:-$(nproc)}
+  [ "$workers" -le 8 ] || workers=8
+  step "pytest ($workers workers)"
   # cpu and triton must run here: a broken build fails instead of skipping.
   # The vLLM tests run in their own venv (vllm_tests).
   PYKERNELS_REQUIRE_BACKENDS="cpu triton" \
-  PYKERNELS_CPP_HOST_LIBRARY="$PWD/build/cmake/libpykernels_ops.so" \
-    "$VENV/bin/python" -m pytest tests -q -m "not vllm" "$@"
+  PYKERNELS_CPP_HOST_LIBRARY="$PWD/build/cmake/libpykernels_ops.so" OMP_NUM_THREADS=1 \
+    "$VENV/bin/python" -m pytest tests -q -m "not vllm" -n "$workers" --dist worksteal "$@"
 }
 
-vllm_tests() {
+vllm_install() {
   [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
   if ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
     step "installing $VLLM_PIN in $VLLM_VENV"
@@ -130,6 +138,10 @@ vllm_tests() {
     # pip also pulls CUDA builds of these, which break `import transformers` next to a +cpu torch.
     "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
   fi
+}
+
+vllm_tests() {
+  background_done vllm_install
   if ! "$VLLM_VENV/bin/python" -m pip show -q pykernels >/dev/null 2>&1; then
     # Editable: registers the vllm.general_plugins entry point that vLLM's processes load.
     PYKERNELS_NO_EXTENSION=1 quiet build/install_vllm.log \
@@ -181,16 +193,54 @@ sanitize() {
     -k "(cpu or survives_bad_input) and not triton and not cuda"
 }
 
+cuda_install() {
+  command -v nvcc >/dev/null 2>&1 || return 0  # cuda_build says what is missing
+  step "installing $CUDA_TORCH in $CUDA_VENV"
+  [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
+  "$CUDA_VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$CUDA_VENV/bin/python" "$CUDA_TORCH"
+  pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 tqdm==4.70.1 ninja==1.13.2 setuptools==84.2.1 wheel
+}
+
+# The later stages' installs (vLLM, the CUDA torch: minutes of download and unpacking, little
+# CPU) run in the background from the start of `./dev.sh test`, while the CPU builds and tests;
+# background_done waits for one (or runs it, when nothing started it) and fails with its log.
+declare -A BACKGROUND=()
+start_in_background() {
+  mkdir -p build
+  local name
+  set -m  # each in its own process group, which the trap below can stop whole (pip included)
+  for name in "$@"; do
+    "$name" > "build/$name.log" 2>&1 &
+    BACKGROUND[$name]=$!
+  done
+  set +m
+}
+background_done() {
+  local name=$1
+  if [ -z "${BACKGROUND[$name]:-}" ]; then
+    "$name"
+    return
+  fi
+  if ! wait "${BACKGROUND[$name]}"; then
+    echo "--- tail of build/$name.log:"
+    tail -40 "build/$name.log"
+    echo "FAILED: $name (in the background; log: build/$name.log)"
+    exit 1
+  fi
+  unset "BACKGROUND[$name]"
+  cat "build/$name.log"
+}
+# A failed stage must not leave its background installs running.
+trap 'for pid in "${BACKGROUND[@]}"; do kill -- "-$pid" 2>/dev/null || true; done' EXIT
+
 cuda_build() {
   if ! command -v nvcc >/dev/null 2>&1; then
     # CI sets PYKERNELS_REQUIRE_CUDA_BUILD=1: there a missing nvcc is a failure.
     echo "nvcc not found: the CUDA extension build is skipped"
     [ "${PYKERNELS_REQUIRE_CUDA_BUILD:-0}" != 1 ]; return
   fi
+  background_done cuda_install
   step "CUDA extension against $CUDA_TORCH in $CUDA_VENV"
-  [ -x "$CUDA_VENV/bin/python" ] || "$PYTHON" -m venv "$CUDA_VENV"
-  "$CUDA_VENV/bin/python" -c "import torch" 2>/dev/null || pip_install "$CUDA_VENV/bin/python" "$CUDA_TORCH"
-  pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 tqdm==4.70.1 ninja==1.13.2 setuptools==84.2.1 wheel
   # The toolkit root: the folder above nvcc's bin/ when it holds the headers
   # (nvcc may be a wrapper outside the toolkit), else /usr/local/cuda.
   local nvcc_home
@@ -230,7 +280,9 @@ case "$cmd" in
   lint) setup; lint ;;
   format) setup; format ;;
   cpp-tests) setup; cpp_tests ;;
-  test) setup; lint; cpp_tests; python_tests "$@"; sanitize; wheel_check; vllm_tests; cuda_build ;;
+  test)
+    start_in_background vllm_install cuda_install
+    setup; lint; cpp_tests; python_tests "$@"; sanitize; wheel_check; vllm_tests; cuda_build ;;
   bench) setup; "$VENV/bin/pykernels" bench "$@" ;;
   fuzz) setup; fuzz "$@" ;;
   sanitize) setup; sanitize ;;
