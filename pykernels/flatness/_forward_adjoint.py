@@ -205,6 +205,28 @@ def _traced(f: Callable, *inputs) -> torch.fx.GraphModule:
         raise CaptureFailed(describe(exc)) from exc
     if _mutating(gm):
         raise CaptureFailed(f"in-place ops left in the graph: {sorted({str(n.target) for n in _mutating(gm)})}")
+    return _vmappable_slice_writes(gm)
+
+
+def _vmappable_slice_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """What functionalization makes of a write into a slice (`buf[:, 8:] = h`: copy, then
+    slice_scatter), rewritten so that vmap runs it: PyTorch 2.13's batching rule of slice_scatter
+    overflows on an open end (INT64_MAX: "cannot be represented as a SymInt"), which becomes the
+    dim's size, and copy has no batching rule (the fallback loops over the batch), so a copy of a
+    value already in the destination's shape and dtype becomes that value."""
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.kwargs:
+            continue
+        if n.target is aten.slice_scatter.default and len(n.args) >= 5 and isinstance(n.args[4], int):
+            dim, size = n.args[2], n.args[0].meta["val"].shape
+            if n.args[4] > size[dim]:
+                n.args = (*n.args[:4], size[dim], *n.args[5:])
+        elif n.target is aten.copy.default and len(n.args) == 2:
+            dst, src = (a.meta.get("val") for a in n.args)
+            if (dst.shape, dst.dtype, dst.device) == (src.shape, src.dtype, src.device):
+                n.replace_all_uses_with(n.args[1])
+                gm.graph.erase_node(n)
+    gm.recompile()
     return gm
 
 
@@ -783,6 +805,9 @@ def _linear_tangent(n: torch.fx.Node, env: dict, tan: dict, live: list, in_place
         return aten.reshape.default(tan[args[0]], args[1])
     if target is aten.clone.default and live == [args[0]]:
         return tan[args[0]]
+    if target is aten.slice_scatter.default and not n.kwargs:  # linear in the buffer and the slice
+        base, src = (tan[a] if a in tan else torch.zeros_like(env[a]) for a in args[:2])
+        return target(base, src, *args[2:])
     if target in _HOMOGENEOUS and live == [args[0]]:
         return _call(n, env, {args[0]: tan[args[0]]})
     if target in (aten.add.Tensor, aten.sub.Tensor) and set(n.kwargs) <= {"alpha"}:
