@@ -113,10 +113,13 @@ def curvature_penalty(
     if not h > 0:
         raise ValueError(f"h must be > 0, got {h}")
 
+    # Drawn once: compute() runs twice on a first call of a model that calls F.hardsigmoid.
+    random_signs = torch.randn_like(x).sign() if direction == "random" else None
+
     def compute():
         log_p = log_likelihood_fn(model, backend, check_shape=True)
         g, total = _input_grad(log_p, x)
-        z = g.detach().sign() if direction == "gradient" else torch.randn_like(x).sign()
+        z = g.detach().sign() if random_signs is None else random_signs
         z = z / z.flatten(1).norm(dim=1).clamp(min=1e-12).reshape(-1, *([1] * (x.dim() - 1)))
         g_shifted, _ = _input_grad(log_p, x.detach() + h * z)
         return ((g_shifted - g) / h).flatten(1).square().sum(1).mean(), total

@@ -402,12 +402,14 @@ def test_models_calling_hardsigmoid_as_a_function_get_second_derivatives():
         flatness.parameter_hessian_trace(model, loss_fn, x, y, 6).value,
         flatness.parameter_hessian_trace(twin, loss_fn, x, y, 6).value,
     )
-    penalties = []
-    for m in (_SqueezeExcitation(_FunctionalHardsigmoid()).double().eval(), twin):
-        m.load_state_dict(model.state_dict())
-        penalty = flatness.curvature_penalty(m, x, 0.1)
-        penalties.append((penalty, torch.autograd.grad(penalty, list(m.parameters()))))
-    torch.testing.assert_close(penalties[0], penalties[1])
+    for direction in ("gradient", "random"):  # random: one draw on the first call too, as the twin's
+        penalties = []
+        for m in (_SqueezeExcitation(_FunctionalHardsigmoid()).double().eval(), twin):
+            m.load_state_dict(model.state_dict())
+            torch.manual_seed(7)
+            penalty = flatness.curvature_penalty(m, x, 0.1, direction=direction)
+            penalties.append((penalty, torch.autograd.grad(penalty, list(m.parameters())), torch.rand(())))
+        torch.testing.assert_close(penalties[0], penalties[1])
 
 
 def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
