@@ -8,7 +8,8 @@
 #                           operator library, pytest (with the bounded fuzz profile, one
 #                           worker per core), the sanitizer build, the wheel, the vLLM tests
 #                           and the CUDA extension build (the vLLM and CUDA torch installs
-#                           run in the background from the start; logs in build/)
+#                           run in the background from the start, the CUDA build beside the
+#                           vLLM tests; their logs: build/background-*.log)
 #   ./dev.sh fuzz [args]    the property-based suite (tests/fuzz) with its long profile
 #   ./dev.sh sanitize       ASan + UBSan build of the C++ cores and the CPU operator
 #                           library: ctest, then the CPU op tests against it
@@ -201,8 +202,9 @@ cuda_install() {
   pip_install "$CUDA_VENV/bin/python" numpy==2.4.6 tqdm==4.70.1 ninja==1.13.2 setuptools==84.2.1 wheel
 }
 
-# The later stages' installs (vLLM, the CUDA torch: minutes of download and unpacking, little
-# CPU) run in the background from the start of `./dev.sh test`, while the CPU builds and tests;
+# `./dev.sh test` runs some stages in the background, where the CPU has room for them: the
+# vLLM and CUDA torch installs (minutes of download and unpacking) from the start, and the CUDA
+# extension build beside the vLLM tests (which keep about one core of two busy).
 # background_done waits for one (or runs it, when nothing started it) and fails with its log.
 declare -A BACKGROUND=()
 start_in_background() {
@@ -210,27 +212,27 @@ start_in_background() {
   local name
   set -m  # each in its own process group, which the trap below can stop whole (pip included)
   for name in "$@"; do
-    "$name" > "build/$name.log" 2>&1 &
+    "$name" > "build/background-$name.log" 2>&1 &
     BACKGROUND[$name]=$!
   done
   set +m
 }
 background_done() {
-  local name=$1
+  local name=$1 log=build/background-$1.log
   if [ -z "${BACKGROUND[$name]:-}" ]; then
     "$name"
     return
   fi
   if ! wait "${BACKGROUND[$name]}"; then
-    echo "--- tail of build/$name.log:"
-    tail -40 "build/$name.log"
-    echo "FAILED: $name (in the background; log: build/$name.log)"
+    echo "--- tail of $log:"
+    tail -40 "$log"
+    echo "FAILED: $name (in the background; log: $log)"
     exit 1
   fi
   unset "BACKGROUND[$name]"
-  cat "build/$name.log"
+  cat "$log"
 }
-# A failed stage must not leave its background installs running.
+# A failed stage must not leave the background stages running.
 trap 'for pid in "${BACKGROUND[@]}"; do kill -- "-$pid" 2>/dev/null || true; done' EXIT
 
 cuda_build() {
@@ -239,7 +241,6 @@ cuda_build() {
     echo "nvcc not found: the CUDA extension build is skipped"
     [ "${PYKERNELS_REQUIRE_CUDA_BUILD:-0}" != 1 ]; return
   fi
-  background_done cuda_install
   step "CUDA extension against $CUDA_TORCH in $CUDA_VENV"
   # The toolkit root: the folder above nvcc's bin/ when it holds the headers
   # (nvcc may be a wrapper outside the toolkit), else /usr/local/cuda.
@@ -282,11 +283,14 @@ case "$cmd" in
   cpp-tests) setup; cpp_tests ;;
   test)
     start_in_background vllm_install cuda_install
-    setup; lint; cpp_tests; python_tests "$@"; sanitize; wheel_check; vllm_tests; cuda_build ;;
+    setup; lint; cpp_tests; python_tests "$@"; sanitize; wheel_check
+    background_done cuda_install
+    MAX_JOBS=1 start_in_background cuda_build  # one compiler: the vLLM tests keep the other core
+    vllm_tests; background_done cuda_build ;;
   bench) setup; "$VENV/bin/pykernels" bench "$@" ;;
   fuzz) setup; fuzz "$@" ;;
   sanitize) setup; sanitize ;;
-  cuda-build) cuda_build ;;
+  cuda-build) background_done cuda_install; cuda_build ;;
   wheel-check) setup; wheel_check ;;
   vllm-test) setup; vllm_tests "$@" ;;
   *) echo "usage: ./dev.sh [test|lint|format|cpp-tests|bench|fuzz|sanitize|setup|cuda-build|wheel-check|vllm-test] [args]"; exit 2 ;;
