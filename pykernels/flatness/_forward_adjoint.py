@@ -210,24 +210,48 @@ def _traced(f: Callable, *inputs) -> torch.fx.GraphModule:
 
 def _vmappable_slice_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """What functionalization makes of a write into a slice (`buf[:, 8:] = h`: copy, then
-    slice_scatter), rewritten so that vmap runs it: PyTorch 2.13's batching rule of slice_scatter
-    overflows on an open end (INT64_MAX: "cannot be represented as a SymInt"), which becomes the
-    dim's size, and copy has no batching rule (the fallback loops over the batch), so a copy of a
-    value already in the destination's shape and dtype becomes that value."""
-    for n in list(gm.graph.nodes):
+    slice_scatter; `buf[:, 0] = h`: select_scatter), rewritten for vmap's rules in PyTorch 2.13:
+    - slice_scatter fails on an open end (INT64_MAX, "cannot be represented as a SymInt") or a
+      negative start: both become indices in [0, size];
+    - select_scatter's backward under vmap is wrong (the source's gradient summed over the
+      whole dim: 16x too large into a dim of 16): it becomes a slice_scatter of width one;
+    - copy has no batching rule (the fallback loops over the batch): a copy of a value already
+      in the destination's shape and dtype becomes that value."""
+    graph = gm.graph
+    for n in list(graph.nodes):
         if n.op != "call_function" or n.kwargs:
             continue
-        if n.target is aten.slice_scatter.default and len(n.args) >= 5 and isinstance(n.args[4], int):
-            dim, size = n.args[2], n.args[0].meta["val"].shape
-            if n.args[4] > size[dim]:
-                n.args = (*n.args[:4], size[dim], *n.args[5:])
+        values = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in n.args[:2]]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            continue
+        if n.target is aten.slice_scatter.default:
+            base, src, dim, start, end, step = (*n.args, *(0, None, None, 1)[len(n.args) - 2 :])
+            size = values[0].shape[dim]
+            n.args = (base, src, dim, _in_range(start, size, 0), _in_range(end, size, size), step)
+        elif n.target is aten.select_scatter.default:
+            base, src, dim, i = n.args
+            i = _in_range(i, values[0].shape[dim], None)
+            with graph.inserting_before(n):
+                column = graph.call_function(aten.unsqueeze.default, (src, dim))
+                column.meta["val"] = values[1].unsqueeze(dim)
+                width_one = graph.call_function(aten.slice_scatter.default, (base, column, dim, i, i + 1, 1))
+            width_one.meta = dict(n.meta)
+            n.replace_all_uses_with(width_one)
+            graph.erase_node(n)
         elif n.target is aten.copy.default and len(n.args) == 2:
-            dst, src = (a.meta.get("val") for a in n.args)
+            dst, src = values
             if (dst.shape, dst.dtype, dst.device) == (src.shape, src.dtype, src.device):
                 n.replace_all_uses_with(n.args[1])
-                gm.graph.erase_node(n)
+                graph.erase_node(n)
     gm.recompile()
     return gm
+
+
+def _in_range(index: Optional[int], size: int, default: Optional[int]) -> Optional[int]:
+    """A Python slice index (negative: from the end, None: default) as one in [0, size]."""
+    if index is None:
+        return default
+    return min(max(index + size if index < 0 else index, 0), size)
 
 
 def _mutating(gm: torch.fx.GraphModule) -> list:

@@ -275,8 +275,9 @@ class _SliceWrites(nn.Module):
 
 
 class _SliceWritesBothWays(nn.Module):
-    """Writes into slices as model code does: x-dependent values into a fresh buffer (a step, then
-    an open end over part of it) and a constant into a slice of an x-dependent tensor."""
+    """Writes into slices as model code does: x-dependent values into a fresh buffer (a step, a
+    negative start with an open end over part of it, one column) and a constant into a slice of
+    an x-dependent tensor."""
 
     def __init__(self):
         super().__init__()
@@ -287,7 +288,8 @@ class _SliceWritesBothWays(nn.Module):
         h = torch.tanh(self.fc1(x.flatten(1)))
         buf = torch.zeros(x.shape[0], 16, dtype=x.dtype)
         buf[:, ::2] = h
-        buf[:, 9:] = h[:, 1:] ** 2
+        buf[:, -7:] = h[:, 1:] ** 2
+        buf[:, 1] = 3 * h[:, 0]
         out = torch.tanh(buf) * 1.5
         out[:, 3:5] = 0.5
         return self.fc2(out)
@@ -760,7 +762,7 @@ def test_forward_adjoint_quads_equal_double_backward(family):
         model = LSTMClassifier().double().eval()
     elif family == "max-pools":
         model = _MaxPools().double().eval()
-    elif family == "slice-writes":  # PyTorch's vmap of slice_scatter fails on an open end: rewritten
+    elif family == "slice-writes":  # PyTorch's vmap rules of slice_scatter and select_scatter: rewritten
         model = _SliceWritesBothWays().double()
     else:
         model = SMOOTH_FAMILIES[family]()
