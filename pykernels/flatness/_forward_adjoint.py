@@ -39,7 +39,7 @@ import functools
 import math
 import operator
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -193,19 +193,34 @@ def _traced(f: Callable, *inputs) -> torch.fx.GraphModule:
     """make_fx of f on fake tensors, functionalized (no in-place ops); CaptureFailed if it cannot be.
     Ops that decompose below the functionalization (nn.LSTM's cell: sigmoid_, add_) leave in-place
     ops in the graph, which would overwrite the values the tangents are taken at: such a graph is
-    traced once more, through functionalize, and refused if that leaves any."""
+    traced once more, through functionalize, and refused if that leaves any. oneDNN is off while
+    tracing: with it, a float32 nn.LSTM on a CPU is one mkldnn_rnn_layer op, which has no forward
+    mode and no vmap rule; without it, its cells' matmuls and activations."""
     try:
         trace = lambda g: make_fx(
             functionalize(g, remove="mutations"), tracing_mode="fake", _allow_non_fake_inputs=True
         )
-        gm = trace(f)(*inputs)
-        if _mutating(gm):
-            gm = trace(gm)(*inputs)
+        with _onednn_off():
+            gm = trace(f)(*inputs)
+            if _mutating(gm):
+                gm = trace(gm)(*inputs)
     except Exception as exc:  # noqa: BLE001  (any failure means: not capturable, another method is used)
         raise CaptureFailed(describe(exc)) from exc
     if _mutating(gm):
         raise CaptureFailed(f"in-place ops left in the graph: {sorted({str(n.target) for n in _mutating(gm)})}")
     return _vmappable_slice_writes(gm)
+
+
+@contextlib.contextmanager
+def _onednn_off() -> Iterator[None]:
+    """torch.backends.mkldnn.enabled = False for the body (mkldnn.flags() would also reset the
+    user's other oneDNN settings, warning about TF32)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 def _vmappable_slice_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -216,10 +231,15 @@ def _vmappable_slice_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     - select_scatter's backward under vmap is wrong (the source's gradient summed over the
       whole dim: 16x too large into a dim of 16): it becomes a slice_scatter of width one;
     - copy has no batching rule (the fallback loops over the batch): a copy of a value already
-      in the destination's shape and dtype becomes that value."""
+      in the destination's shape and dtype becomes that value;
+    - nor has fill (`out[:, 3:5] = 0.5`; the fallback also prints a warning per call): the value
+      expanded to the shape, which no longer depends on the tensor it overwrote."""
     graph = gm.graph
     for n in list(graph.nodes):
         if n.op != "call_function" or n.kwargs:
+            continue
+        if n.target in _FILLS:
+            _expand_fill(graph, n)
             continue
         values = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in n.args[:2]]
         if not all(isinstance(v, torch.Tensor) for v in values):
@@ -245,6 +265,30 @@ def _vmappable_slice_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 graph.erase_node(n)
     gm.recompile()
     return gm
+
+
+_FILLS = {aten.fill.Scalar, aten.fill.Tensor, aten.zero.default}
+
+
+def _expand_fill(graph: torch.fx.Graph, n: torch.fx.Node) -> None:
+    """fill(t, value) (zero(t): value 0) as the value, in t's dtype, expanded to t's shape."""
+    filled = n.meta.get("val")
+    if not isinstance(filled, torch.Tensor):
+        return
+    value = n.args[1] if n.target is not aten.zero.default else 0
+    with graph.inserting_before(n):
+        if not isinstance(value, torch.fx.Node):  # a number
+            value = graph.call_function(
+                aten.scalar_tensor.default, (value,), {"dtype": filled.dtype, "device": filled.device}
+            )
+            value.meta["val"] = filled.new_empty(())
+        elif getattr(value.meta.get("val"), "dtype", None) != filled.dtype:  # a 0-dim tensor
+            value = graph.call_function(aten._to_copy.default, (value,), {"dtype": filled.dtype})
+            value.meta["val"] = filled.new_empty(())
+        expanded = graph.call_function(aten.expand.default, (value, list(filled.shape)))
+    expanded.meta = dict(n.meta)
+    n.replace_all_uses_with(expanded)
+    graph.erase_node(n)
 
 
 def _in_range(index: Optional[int], size: int, default: Optional[int]) -> Optional[int]:

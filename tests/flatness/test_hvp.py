@@ -1,6 +1,7 @@
 """Input-space Hessian-vector products of log p: every method against double
 backward and the dense Hessian, per-example independence, fallbacks, train mode."""
 
+import copy
 import sys
 import time
 import warnings
@@ -276,8 +277,8 @@ class _SliceWrites(nn.Module):
 
 class _SliceWritesBothWays(nn.Module):
     """Writes into slices as model code does: x-dependent values into a fresh buffer (a step, a
-    negative start with an open end over part of it, one column) and a constant into a slice of
-    an x-dependent tensor."""
+    negative start with an open end over part of it, one column) and constants into slices and
+    a column of an x-dependent tensor (assigned, zeroed, filled)."""
 
     def __init__(self):
         super().__init__()
@@ -292,7 +293,23 @@ class _SliceWritesBothWays(nn.Module):
         buf[:, 1] = 3 * h[:, 0]
         out = torch.tanh(buf) * 1.5
         out[:, 3:5] = 0.5
+        out[:, 5:7].zero_()
+        out[:, 9].fill_(-2.0)
         return self.fc2(out)
+
+
+def test_slice_writes_and_fills_take_no_vmap_fallback(capfd):
+    """PyTorch 2.13's vmap has no batching rule for copy or fill: its fallback loops over the
+    examples and prints a warning on stderr at every call. The captured graph is rewritten so
+    that none is taken, in the primal pass or the tangent pass."""
+    model, x = _SliceWritesBothWays().double(), inputs()
+    V = probes(3, x)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # forward-adjoint ran, not a fallback from it
+        _forward_adjoint_quads(model, x, V)
+    err = capfd.readouterr().err
+    assert "batching rule" not in err, err
 
 
 def test_values_written_into_a_slice_of_a_fresh_buffer_carry_their_dependence_on_x():
@@ -747,7 +764,31 @@ def test_forward_adjoint_quads_equal_double_backward(family):
     """v . H v from one tangent pass and the adjoints equals double backward in float64 on every
     family: BatchNorm-eval, attention (LayerNorm, whose nested forward mode PyTorch gets wrong,
     softmax, products of two x-dependent tensors), in-place ops, a plain callable."""
-    x = inputs()
+    model, x = _forward_adjoint_family(family), inputs()
+    V = probes(5, x)
+    expect = _quads_by_double_backward(model, x, V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback report: the method itself ran
+        got = _forward_adjoint_quads(model, x, V)
+    assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item(), family
+
+
+@pytest.mark.parametrize("family", [*SMOOTH_FAMILIES, "lstm", "max-pools", "slice-writes"])
+def test_forward_adjoint_quads_in_float32_match_double_backward_in_float64(family):
+    """The same in float32, what models run in: the fused kernel's float32 path, the in-place
+    tangents and the stale-graph check's float32 tolerance, against float64 double backward."""
+    model, x = _forward_adjoint_family(family), inputs()
+    V = probes(5, x)
+    expect = _quads_by_double_backward(model, x, V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _forward_adjoint_quads(copy.deepcopy(model).float(), x.float(), V.float())
+    assert got.dtype == torch.float32
+    assert (got.double() - expect).abs().max().item() <= 1e-5 * expect.abs().max().item(), family
+
+
+def _forward_adjoint_family(family):
+    """A float64 model of test_forward_adjoint_quads_equal_double_backward's families."""
     if family == "cnn-relu":
         model = small_cnn(nn.ReLU)
     elif family == "residual-in-place-square":
@@ -766,12 +807,7 @@ def test_forward_adjoint_quads_equal_double_backward(family):
         model = _SliceWritesBothWays().double()
     else:
         model = SMOOTH_FAMILIES[family]()
-    V = probes(5, x)
-    expect = _quads_by_double_backward(model, x, V)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no fallback report: the method itself ran
-        got = _forward_adjoint_quads(model, x, V)
-    assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item(), family
+    return model
 
 
 class _MaxPools(nn.Module):
@@ -1267,6 +1303,25 @@ def test_parameter_forward_adjoint_quads_equal_double_backward(family, loss_name
         got = H.quad(V.unsqueeze(1))
     assert got.shape == (4, 1)
     assert (got - expect).abs().max().item() <= 1e-10 * expect.abs().max().item(), (family, loss_name)
+
+
+@pytest.mark.parametrize("family", [*SMOOTH_FAMILIES, "lstm", "slice-writes"])
+def test_parameter_forward_adjoint_quads_in_float32_match_double_backward_in_float64(family):
+    """The same in float32 under cross-entropy: a float32 nn.LSTM on a CPU runs as oneDNN's
+    mkldnn_rnn_layer, which has no forward mode; the captured graph takes its cells instead."""
+    model = _forward_adjoint_family(family)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    x, y = inputs(), torch.arange(4) % 5
+    loss_fn = nn.functional.cross_entropy
+    V = torch.randn(4, sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(3))
+    expect = _parameter_quads_by_double_backward(model, loss_fn, x, y, V.double())
+    model32 = copy.deepcopy(model).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = ParameterHessian(model32, loss_fn, x.float(), y, method="forward-adjoint").quad(V.unsqueeze(1))
+    assert got.dtype == torch.float32
+    assert (got.double() - expect).abs().max().item() <= 1e-5 * expect.abs().max().item(), family
 
 
 def test_parameter_forward_adjoint_uses_the_current_weights():
