@@ -597,8 +597,35 @@ class InputHessian:
         return (g[0] - g[1]) / (2 * h)
 
     def _logit_tangents(self, Vx):
-        """J v for every vector: the logits (once) and [S, B, K] logit tangents."""
-        return vmap(lambda v: jvp(self.model, (self.x,), (v,)), out_dims=(None, 0))(Vx)
+        """The logits and J v for every vector, [S, B, K]: by forward mode, or from J where it is
+        formed. Where forward mode cannot run the model (an op without a forward-mode rule: the
+        fused eval attention of nn.MultiheadAttention and TransformerEncoderLayer, oneDNN's float32
+        LSTM), J is formed from K reverse passes from then on: the same operator."""
+        if not self._use_jacobian:
+            try:
+                return vmap(lambda v: jvp(self.model, (self.x,), (v,)), out_dims=(None, 0))(Vx)
+            except (RuntimeError, NotImplementedError) as exc:
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                elements = self.logits.shape[1] * self.batch * self.dim
+                if elements > JACOBIAN_BUDGET:
+                    raise RuntimeError(
+                        f"gauss-newton: forward mode failed on this model ({describe(exc)}), and its "
+                        f"Jacobian ({elements} elements) is over the {JACOBIAN_BUDGET} it may hold: "
+                        f"pass fewer examples at a time"
+                    ) from exc
+                try:
+                    self.jacobian()
+                except Exception:
+                    raise exc  # noqa: B904  (forward mode's error, with the reverse passes' as its context)
+                report_once(
+                    self.model,
+                    "hvp-fallback:gauss-newton",
+                    f"pykernels.flatness: forward-mode AD failed on this model ({describe(exc)}); "
+                    f"gauss-newton forms the Jacobian from {self.logits.shape[1]} reverse passes instead",
+                )
+                self._use_jacobian = True
+        return self.logits, torch.einsum("bkd,sbd->sbk", self.jacobian(), Vx.flatten(2))
 
     def jacobian(self) -> torch.Tensor:
         """J of the logits, [B, K, D] (formed once)."""
@@ -607,13 +634,10 @@ class InputHessian:
         return self._jacobian
 
     def _gauss_newton(self, Vx):
-        if self._use_jacobian:
-            J = self.jacobian()
-            U = torch.einsum("bkd,sbd->sbk", J, Vx.flatten(2))
-            AU = ops.logsumexp_hvp(self.logits, U, backend=self.backend)[2]
-            return torch.einsum("bkd,sbk->sbd", J, AU).reshape(Vx.shape)
         logits, U = self._logit_tangents(Vx)
         AU = ops.logsumexp_hvp(logits, U, backend=self.backend)[2]
+        if self._use_jacobian:
+            return torch.einsum("bkd,sbk->sbd", self.jacobian(), AU).reshape(Vx.shape)
         _, pullback = vjp(self.model, self.x)
         return vmap(lambda a: pullback(a)[0])(AU)
 
@@ -629,10 +653,7 @@ class InputHessian:
         out = []
         for i in range(0, V.shape[0], self.chunk_size):
             chunk = V[i : i + self.chunk_size]
-            if self._use_jacobian:
-                logits, U = self.logits, torch.einsum("bkd,sbd->sbk", self.jacobian(), chunk)
-            else:
-                logits, U = self._logit_tangents(chunk.reshape(-1, self.batch, *self.shape))
+            logits, U = self._logit_tangents(chunk.reshape(-1, self.batch, *self.shape))
             AU = ops.logsumexp_hvp(logits, U, backend=self.backend)[2]
             out.append(ops.probe_dots(U, AU, backend=self.backend))
         return torch.cat(out)

@@ -2,6 +2,7 @@
 backward and the dense Hessian, per-example independence, fallbacks, train mode."""
 
 import copy
+import importlib
 import sys
 import time
 import warnings
@@ -440,6 +441,34 @@ def test_gauss_newton_with_the_jacobian_formed_once_equals_the_jvp_path():
         assert with_jacobian._use_jacobian and not per_vector._use_jacobian
         torch.testing.assert_close(with_jacobian.matvec(V), per_vector.matvec(V))
         torch.testing.assert_close(with_jacobian.quad(V), per_vector.quad(V))
+
+
+def test_gauss_newton_forms_the_jacobian_where_forward_mode_cannot_run_the_model():
+    """nn.MultiheadAttention in eval with frozen weights takes PyTorch's fused attention, which
+    has no forward-mode rule: Gauss-Newton's J v then comes from J formed by K reverse passes
+    (reported once), and its products and quadratic forms equal J^T (diag s - s s^T) J from
+    autograd's dense Jacobians."""
+    model, x = SMOOTH_FAMILIES["attention"]().eval(), inputs()
+    V = probes(3, x)
+    J = torch.stack(
+        [torch.autograd.functional.jacobian(lambda t: model(t.reshape(1, *x.shape[1:]))[0], xb.flatten()) for xb in x]
+    )  # [B, K, D]
+    s = torch.softmax(model(x), -1)
+    A = torch.diag_embed(s) - s.unsqueeze(2) * s.unsqueeze(1)
+    expect = torch.einsum("bkd,bkl,ble,sbe->sbd", J, A, J, V.flatten(2)).reshape(V.shape)
+    with pytest.warns(RuntimeWarning, match="gauss-newton forms the Jacobian from 5 reverse passes"):
+        got = flatness.hvp(model, x, V, method="gauss-newton")
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
+    with prepared(model, x):
+        quads = InputHessian(model, x, method="gauss-newton").quad(V.flatten(2))
+    torch.testing.assert_close(quads, (expect * V).flatten(2).sum(-1), rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_without_forward_mode_refuses_a_jacobian_over_its_budget(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("pykernels.flatness.hvp"), "JACOBIAN_BUDGET", 100)
+    model, x = SMOOTH_FAMILIES["attention"]().eval(), inputs()  # J: 5 x 4 x 36 elements
+    with pytest.raises(RuntimeError, match=r"forward mode failed .* Jacobian \(720 elements\) is over the 100"):
+        flatness.hvp(model, x, probes(2, x), method="gauss-newton")
 
 
 @pytest.mark.parametrize("method", ["auto", "double-backward"])
