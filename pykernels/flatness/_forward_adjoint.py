@@ -746,8 +746,8 @@ class ParameterForwardAdjointQuad:
     factors (a layer's weight and its input, both depending on the parameters) are the usual
     curved ops here, and cost one product of the two tangents each."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, loss: Callable):
-        """loss(): the loss evaluated by the model itself; the cached graph must give the same,
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y, loss: torch.Tensor):
+        """loss: the loss evaluated by the model itself; the cached graph must give the same,
         else it is captured again (see checked_against)."""
         names, trainable = _trainable_first(model)
         state = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -782,9 +782,7 @@ class ParameterForwardAdjointQuad:
                 self._forget()
                 self._evaluator = None
 
-            with torch.no_grad():
-                expected = self._loss().detach()
-            self._state = checked_against(expected, prepare, forget)
+            self._state = checked_against(self._loss, prepare, forget)
         sizes = [p.numel() for p in self._params]
 
         def one(v):

@@ -905,6 +905,7 @@ class ParameterHessian:
         self.method = "double-backward" if method == "forward-adjoint" else method
         self.quad_method = method  # v . H v: "forward-adjoint", from the products, or "auto"
         self._forward_adjoint: Optional[ParameterForwardAdjointQuad] = None
+        self._expected_loss: Optional[torch.Tensor] = None  # the model's own, for forward-adjoint's check
         self.timings: Optional[dict[str, float]] = None
         self._key = (self.dim, tuple(x.shape), self._dtype, self._device)
 
@@ -1072,6 +1073,7 @@ class ParameterHessian:
             if cached is not None:
                 self.quad_method = cached
                 return self._quad(flat)
+        self._model_loss()
         if self._forward_adjoint_agrees():
             self.quad_method = "forward-adjoint"
             out = self._forward_adjoint_quad(flat)
@@ -1083,10 +1085,22 @@ class ParameterHessian:
 
     def _forward_adjoint_operator(self) -> ParameterForwardAdjointQuad:
         if self._forward_adjoint is None:
-            self._forward_adjoint = ParameterForwardAdjointQuad(self.model, self.loss_fn, self.x, self.y, self._loss)
+            self._forward_adjoint = ParameterForwardAdjointQuad(
+                self.model, self.loss_fn, self.x, self.y, self._model_loss()
+            )
         return self._forward_adjoint
 
+    def _model_loss(self) -> torch.Tensor:
+        """The loss by the model itself (forward-adjoint's graph must give the same), computed before
+        forward-adjoint runs: an error of the model or of loss_fn (labels that do not fit the
+        logits) is then raised as it is, not reported as forward-adjoint's and retried."""
+        if self._expected_loss is None:
+            with torch.no_grad():
+                self._expected_loss = self._loss().detach()
+        return self._expected_loss
+
     def _forward_adjoint_quad(self, flat: torch.Tensor, fall_back: bool = True) -> torch.Tensor:
+        self._model_loss()
         try:
             op = self._forward_adjoint_operator()
             return self._chunks(flat, op, self._chunk_given or op.default_chunk_size())

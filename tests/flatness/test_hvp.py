@@ -1353,6 +1353,16 @@ def test_parameter_forward_adjoint_quads_in_float32_match_double_backward_in_flo
     assert (got.double() - expect).abs().max().item() <= 1e-5 * expect.abs().max().item(), family
 
 
+@pytest.mark.parametrize("hvp", ["auto", "forward-adjoint"])
+def test_labels_the_loss_refuses_raise_its_own_error_without_a_fallback_report(hvp):
+    model, x = SMOOTH_FAMILIES["mlp-tanh"](), inputs()
+    y = torch.arange(x.shape[0] + 1) % 5  # one label too many
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match="Expected input batch_size"):
+            flatness.parameter_hessian_trace(model, nn.functional.cross_entropy, x, y, 12, hvp=hvp)
+
+
 def test_parameter_forward_adjoint_uses_the_current_weights():
     """The loss's graph is captured once per model and loss; weights changed in place after
     that give the new Hessian."""
