@@ -1077,8 +1077,9 @@ class ParameterHessian:
         if self._forward_adjoint_agrees():
             self.quad_method = "forward-adjoint"
             out = self._forward_adjoint_quad(flat)
-        else:
-            self.quad_method, out = self.method, self._chunks(flat, self._product_quads)
+        else:  # the products; their method is chosen as they run where it is "auto"
+            out = self._chunks(flat, self._product_quads)
+            self.quad_method = self.method  # never "auto" here: that would choose again, forever
         with contextlib.suppress(TypeError):
             _parameter_choice.setdefault(self.model, {})[key] = self.quad_method
         return out
@@ -1110,8 +1111,9 @@ class ParameterHessian:
             if not fall_back:
                 raise
             report_forward_adjoint_failure(self.model, exc)
-            self.quad_method = self.method
-            return self._chunks(flat, self._product_quads)
+            out = self._chunks(flat, self._product_quads)
+            self.quad_method = self.method  # chosen by now (see _chosen_quad)
+            return out
 
     def _forward_adjoint_agrees(self) -> bool:
         """forward-adjoint's v . H v against double backward's on two random vectors (see

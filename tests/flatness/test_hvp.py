@@ -1353,6 +1353,26 @@ def test_parameter_forward_adjoint_quads_in_float32_match_double_backward_in_flo
     assert (got.double() - expect).abs().max().item() <= 1e-5 * expect.abs().max().item(), family
 
 
+def test_parameter_traces_take_the_products_again_once_forward_adjoint_was_dropped():
+    """A loss whose graph cannot be captured (an autograd.Function without a functionalization
+    rule): "auto" drops forward-adjoint and caches the product method it timed. The model's later
+    traces, and later chunks of one, take that method; they chose again before, without end
+    (RecursionError from the second call on)."""
+    model, x = NoForwardModeNet().double().eval(), inputs()
+    y = torch.arange(x.shape[0]) % 5
+    loss_fn = nn.functional.cross_entropy
+    with pytest.warns(RuntimeWarning, match="forward-adjoint graph could not be captured"):
+        first = flatness.parameter_hessian_trace(model, loss_fn, x, y, 12, seed=3).value
+    for chunk_size in (None, 4):
+        again = flatness.parameter_hessian_trace(model, loss_fn, x, y, 12, seed=3, chunk_size=chunk_size).value
+        torch.testing.assert_close(again, first)
+    V = torch.randn(12, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with prepared(model, x, freeze=False):
+        H = ParameterHessian(model, loss_fn, x, y)
+        torch.testing.assert_close(H.quad(V), H.quad(V))
+        assert H.quad_method in ("double-backward", "double-backward-loop", "forward-over-reverse"), H.quad_method
+
+
 @pytest.mark.parametrize("hvp", ["auto", "forward-adjoint"])
 def test_labels_the_loss_refuses_raise_its_own_error_without_a_fallback_report(hvp):
     model, x = SMOOTH_FAMILIES["mlp-tanh"](), inputs()
