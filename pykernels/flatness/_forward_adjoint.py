@@ -308,9 +308,9 @@ def _capture(model: Callable, x: torch.Tensor) -> _Graph:
     names = _tensor_names(model)
 
     def log_p_one(flat, xb):
-        if isinstance(model, torch.nn.Module):
+        if _swaps_tensors(model):
             forward = lambda z: functional_call(model, dict(zip(names, flat)), (z,))
-        else:  # a plain callable: its tensors are constants of the graph
+        else:  # a plain callable or a TorchScript module: its tensors are constants of the graph
             forward = model
         return log_likelihood_fn(forward, "reference")(xb.unsqueeze(0))[0]
 
@@ -318,14 +318,21 @@ def _capture(model: Callable, x: torch.Tensor) -> _Graph:
     return _Graph(gm, range(len(names), len(names) + 1))
 
 
+def _swaps_tensors(model) -> bool:
+    """The graph takes the model's parameters and buffers as inputs (functional_call), so that one
+    graph serves later weights; TorchScript modules refuse functional_call ("The stateless API
+    can't be used with Jitted modules") and, like plain callables, have theirs baked in."""
+    return isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule)
+
+
 def _tensor_names(model) -> list[str]:
-    if not isinstance(model, torch.nn.Module):
+    if not _swaps_tensors(model):
         return []
     return [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
 
 
 def _tensors(model) -> list[torch.Tensor]:
-    if not isinstance(model, torch.nn.Module):
+    if not _swaps_tensors(model):
         return []
     return [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
 

@@ -505,6 +505,26 @@ def test_torchscript_model():
     torch.testing.assert_close(flatness.hvp(scripted, x, V), flatness.hvp(model, x, V, method="double-backward"))
 
 
+@pytest.mark.parametrize("family", ["mlp-tanh", "resnet-silu-batchnorm", "lstm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_forward_adjoint_captures_torchscript_models(family, dtype):
+    """A TorchScript module refuses functional_call: its graph is captured as a plain callable's,
+    with its tensors as constants (`pykernels flatness --model` takes TorchScript files). It fell
+    back to double backward, with a warning, before."""
+    model = torch.jit.script(_forward_adjoint_family(family).to(dtype).eval())
+    x = inputs(dtype=dtype)
+    V = probes(5, x)
+    expect = _quads_by_double_backward(model, x, V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _forward_adjoint_quads(model, x, V)
+        traces = flatness.hessian_trace(model, x, FEW_VECTORS + 4).value
+    expect_traces = flatness.hessian_trace(model, x, FEW_VECTORS + 4, hvp="double-backward").value
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert (got - expect).abs().max().item() <= tol * expect.abs().max().item()
+    assert (traces - expect_traces).abs().max().item() <= tol * expect_traces.abs().max().item()
+
+
 def test_model_without_forward_mode_falls_back_once_to_double_backward():
     model, x = NoForwardModeNet().double().eval(), inputs()
     V = probes(2, x)
